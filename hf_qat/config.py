@@ -1,0 +1,354 @@
+"""QATConfig: what to quantize, how, and when to switch from full precision to QAT.
+
+Every field is validated when the config is built; an error names the field, the value it got and
+the values it allows. ``to_dict`` / ``from_dict`` / ``to_json_string`` / ``save_pretrained`` /
+``from_pretrained`` round-trip the config (the callback writes ``qat_config.json`` into the trainer's
+output dir and every checkpoint). ``QATConfig.from_preset(name)`` gives the settings of
+:data:`PRESETS`, each one matching an export format exactly (METHOD.md section 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .errors import QATConfigError
+
+TERNARY_BITS = 1.58
+ALLOWED_BITS = (1, TERNARY_BITS, 2, 3, 4, 5, 6, 8)
+ALLOWED_SCALE_DTYPES = ("float16", "bfloat16", "float32")
+ALLOWED_GROUP_STRINGS = ("channel", "tensor")
+ALLOWED_SCALE_GRAD_MODES = ("paretoq", "lsq")
+ALLOWED_DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+ALLOWED_STRATEGIES = ("paper", "law")
+MAX_GROUP_SIZE = 1 << 16
+CONFIG_NAME = "qat_config.json"
+
+GroupSize = Union[int, str]
+Start = Union[str, int, float]
+
+
+def _allowed_bits_text() -> str:
+    return "1, 1.58 (or 'ternary'), 2, 3, 4, 5, 6, 8"
+
+
+def normalize_bits(value: Any, field_name: str = "bits") -> float | int:
+    """Return ``value`` as one of :data:`ALLOWED_BITS` (1.58 for ternary) or raise QATConfigError."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("ternary", "1.58", "1.5", "b1.58"):
+            return TERNARY_BITS
+        try:
+            value = float(text)
+        except ValueError:
+            raise QATConfigError(field_name, value, _allowed_bits_text()) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise QATConfigError(field_name, value, _allowed_bits_text())
+    if math.isclose(value, TERNARY_BITS, abs_tol=0.01) or math.isclose(value, math.log2(3), abs_tol=1e-6):
+        return TERNARY_BITS
+    if float(value).is_integer() and int(value) in ALLOWED_BITS:
+        return int(value)
+    raise QATConfigError(field_name, value, _allowed_bits_text())
+
+
+def bits_label(bits: float | int) -> str:
+    """'ternary' for 1.58, else the integer as text ('4')."""
+    return "ternary" if bits == TERNARY_BITS else str(int(bits))
+
+
+def _check_name_list(field_name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+        raise QATConfigError(field_name, value, "None, a module name / regex, or a non-empty list of them")
+    return list(value)
+
+
+@dataclass
+class QATConfig:
+    """Quantization-aware training settings (the names and meanings are the public contract).
+
+    Args:
+        bits: weight bit width: 1, 1.58 (or "ternary"), 2, 3, 4, 5, 6, 8.
+        method: "auto" (binary for 1 bit, seq for ternary and 2 bits, lsq for 3..8), or a registered
+            quantizer: "lsq", "seq", "binary", "absmax" (the non-learnable round-to-nearest baseline).
+        group_size: scales per group of this many consecutive input columns (a power of two), or
+            "channel" (one scale per output row), or "tensor" (one scale per weight matrix).
+        target_modules: None = every nn.Linear except the LM head; else a list of module names,
+            name suffixes ("q_proj") or regexes (full match) selecting nn.Linear modules.
+        exclude_modules: names/suffixes/regexes removed from the targets.
+        embedding_bits: also quantize the input embedding and the LM head (kept tied when tied).
+        embedding_method: quantizer for the embeddings; "auto" = lsq, and needs embedding_bits >= 4.
+        activation_bits: 8 = int8 per-token dynamic activation fake-quant on the targeted Linears.
+        start: "auto" (the planner chooses), an int (the optimizer step at which QAT starts), or a
+            float in [0, 1] (the QAT fraction f: QAT starts at step round((1 - f) * max_steps)).
+        pretrained_tokens: tokens the checkpoint was already trained on in full precision (the
+            planner counts them as FP tokens).
+        fuse_cooldown: use the paper's fused schedule (LR stays at its stable value until the switch,
+            then decays over the QAT phase); False gives the classic schedule.
+        scale_dtype: scales are rounded to this dtype in the forward pass (exact export).
+        scale_lr_multiplier: the scales' learning rate is the base LR times this.
+        reset_optimizer_state: clear the optimizer state of the quantized weights at the switch.
+        scale_grad_mode: "paretoq" (g = 1/sqrt(numel(W) * Qp)) or "lsq" (g = 1/sqrt(n_per_scale * Qp)).
+        log_quant_error: log ``qat/weight_error`` (mean relative squared quantization error).
+        decay_shape: shape of the LR decay: "linear", "cosine" or "1-sqrt".
+        min_lr_ratio: the LR decays to ``min_lr_ratio * learning_rate``.
+        fp_cooldown_fraction: classic schedule only: the FP cooldown takes this fraction of the FP steps.
+        qat_warmup_fraction: classic schedule only: the QAT re-warmup takes this fraction of QAT steps.
+        manage_schedule: let the callback install the LR schedule (True by default; False keeps the
+            Trainer's ``lr_scheduler_type``).
+        strategy: how start="auto" chooses the fraction: "paper" (the fitted formula of
+            arXiv 2509.22935) or "law" (minimise a fitted loss law, ``law_path``).
+        law_path: a fitted law JSON (``hf-qat fit``) for strategy="law" and predicted losses.
+        sequence_length: tokens per training example, for the planner's tokens per step (default:
+            the length of the first training example's input_ids).
+        count_quantized_params_only: the planner's N counts only the quantized weights (default:
+            every parameter, tied tensors once).
+    """
+
+    bits: float | int | str = 4
+    method: str = "auto"
+    group_size: GroupSize = 32
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    embedding_bits: float | int | str | None = None
+    embedding_method: str = "auto"
+    activation_bits: int | None = None
+    start: Start = "auto"
+    pretrained_tokens: float | int | None = None
+    fuse_cooldown: bool = True
+    scale_dtype: str = "float16"
+    scale_lr_multiplier: float = 1.0
+    reset_optimizer_state: bool = False
+    scale_grad_mode: str = "paretoq"
+    log_quant_error: bool = True
+    decay_shape: str = "linear"
+    min_lr_ratio: float = 0.0
+    fp_cooldown_fraction: float = 0.2
+    qat_warmup_fraction: float = 0.05
+    manage_schedule: bool = True
+    strategy: str = "paper"
+    law_path: str | None = None
+    sequence_length: int | None = None
+    count_quantized_params_only: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .quantizers import available_quantizers, get_quantizer_class
+
+        self.bits = normalize_bits(self.bits)
+        if not isinstance(self.method, str) or (self.method != "auto" and self.method not in available_quantizers()):
+            raise QATConfigError("method", self.method, ", ".join(["auto", *available_quantizers()]))
+        get_quantizer_class(self.resolved_method).check_bits(self.bits, field_name="bits", method_field="method")
+
+        self.group_size = self._check_group_size(self.group_size)
+        self.target_modules = _check_name_list("target_modules", self.target_modules)
+        self.exclude_modules = _check_name_list("exclude_modules", self.exclude_modules)
+
+        if self.embedding_bits is not None:
+            self.embedding_bits = normalize_bits(self.embedding_bits, "embedding_bits")
+        if not isinstance(self.embedding_method, str) or (
+            self.embedding_method != "auto" and self.embedding_method not in available_quantizers()
+        ):
+            raise QATConfigError("embedding_method", self.embedding_method, ", ".join(["auto", *available_quantizers()]))
+        if self.embedding_bits is not None:
+            if self.embedding_method == "auto" and self.embedding_bits < 4:
+                raise QATConfigError(
+                    "embedding_bits",
+                    self.embedding_bits,
+                    "4, 5, 6 or 8 with embedding_method='auto' (the paper quantizes embeddings at no fewer "
+                    "than 4 bits; name embedding_method explicitly to go lower)",
+                )
+            get_quantizer_class(self.resolved_embedding_method).check_bits(
+                self.embedding_bits, field_name="embedding_bits", method_field="embedding_method"
+            )
+
+        if self.activation_bits is not None and (
+            isinstance(self.activation_bits, bool) or self.activation_bits != 8
+        ):
+            raise QATConfigError("activation_bits", self.activation_bits, "None or 8 (int8 per-token dynamic)")
+        if self.activation_bits is not None:
+            self.activation_bits = 8
+
+        self.start = self._check_start(self.start)
+        if self.pretrained_tokens is not None:
+            if isinstance(self.pretrained_tokens, bool) or not isinstance(self.pretrained_tokens, (int, float)) or not (
+                math.isfinite(self.pretrained_tokens) and self.pretrained_tokens >= 0
+            ):
+                raise QATConfigError("pretrained_tokens", self.pretrained_tokens, "None or a finite number >= 0")
+        for name in ("fuse_cooldown", "reset_optimizer_state", "log_quant_error", "manage_schedule",
+                     "count_quantized_params_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise QATConfigError(name, getattr(self, name), "True or False")
+        if self.scale_dtype not in ALLOWED_SCALE_DTYPES:
+            raise QATConfigError("scale_dtype", self.scale_dtype, ", ".join(ALLOWED_SCALE_DTYPES))
+        if isinstance(self.scale_lr_multiplier, bool) or not isinstance(self.scale_lr_multiplier, (int, float)) or not (
+            math.isfinite(self.scale_lr_multiplier) and self.scale_lr_multiplier > 0
+        ):
+            raise QATConfigError("scale_lr_multiplier", self.scale_lr_multiplier, "a finite number > 0")
+        if self.scale_grad_mode not in ALLOWED_SCALE_GRAD_MODES:
+            raise QATConfigError("scale_grad_mode", self.scale_grad_mode, ", ".join(ALLOWED_SCALE_GRAD_MODES))
+        if self.decay_shape not in ALLOWED_DECAY_SHAPES:
+            raise QATConfigError("decay_shape", self.decay_shape, ", ".join(ALLOWED_DECAY_SHAPES))
+        for name in ("min_lr_ratio", "fp_cooldown_fraction", "qat_warmup_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < 1.0 or (
+                name == "min_lr_ratio" and value == 1.0
+            )):
+                raise QATConfigError(name, value, "a number in [0, 1)" if name != "min_lr_ratio" else "a number in [0, 1]")
+        if self.strategy not in ALLOWED_STRATEGIES:
+            raise QATConfigError("strategy", self.strategy, ", ".join(ALLOWED_STRATEGIES))
+        if self.strategy == "law" and self.law_path is None:
+            raise QATConfigError("law_path", None, "the path of a fitted law JSON when strategy='law'")
+        if self.sequence_length is not None and (
+            isinstance(self.sequence_length, bool) or not isinstance(self.sequence_length, int) or self.sequence_length < 1
+        ):
+            raise QATConfigError("sequence_length", self.sequence_length, "None or an int >= 1")
+        if not isinstance(self.extra, dict):
+            raise QATConfigError("extra", self.extra, "a dict of JSON-serialisable values")
+
+    # ------------------------------------------------------------------ validation helpers
+    @staticmethod
+    def _check_group_size(value: Any) -> GroupSize:
+        allowed = "a power of two between 2 and 65536, 'channel' or 'tensor'"
+        if isinstance(value, str):
+            if value in ALLOWED_GROUP_STRINGS:
+                return value
+            if value.isdigit():
+                value = int(value)
+            else:
+                raise QATConfigError("group_size", value, allowed)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise QATConfigError("group_size", value, allowed)
+        if value < 2 or value > MAX_GROUP_SIZE or value & (value - 1):
+            raise QATConfigError("group_size", value, allowed)
+        return value
+
+    @staticmethod
+    def _check_start(value: Any) -> Start:
+        allowed = "'auto', an int step >= 0, or a float QAT fraction in [0, 1]"
+        if isinstance(value, str):
+            if value == "auto":
+                return value
+            raise QATConfigError("start", value, allowed)
+        if isinstance(value, bool):
+            raise QATConfigError("start", value, allowed)
+        if isinstance(value, int):
+            if value < 0:
+                raise QATConfigError("start", value, allowed)
+            return value
+        if isinstance(value, float):
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise QATConfigError("start", value, allowed)
+            return value
+        raise QATConfigError("start", value, allowed)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def resolved_method(self) -> str:
+        """The quantizer family the weights use ("auto" resolved by bit width)."""
+        return auto_method(self.bits) if self.method == "auto" else self.method
+
+    @property
+    def resolved_embedding_method(self) -> str:
+        return "lsq" if self.embedding_method == "auto" else self.embedding_method
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QATConfig":
+        if isinstance(data, QATConfig):
+            return data
+        if not isinstance(data, dict):
+            raise QATConfigError("config", data, "a dict of QATConfig fields")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise QATConfigError(unknown[0], data[unknown[0]], "a QATConfig field: " + ", ".join(sorted(names)))
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_string(cls, text: str) -> "QATConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise QATConfigError("config", text[:80], f"valid JSON ({err})") from None
+        return cls.from_dict(data)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        """Write ``qat_config.json`` into ``directory``; returns its path."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "QATConfig":
+        """Read a config from a directory holding ``qat_config.json`` or from the JSON file itself."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_json_string(fh.read())
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "QATConfig":
+        """A config from :data:`PRESETS` with ``overrides`` applied."""
+        if name not in PRESETS:
+            raise QATConfigError("preset", name, ", ".join(sorted(PRESETS)))
+        return cls(**{**PRESETS[name], **overrides})
+
+    def replace(self, **changes: Any) -> "QATConfig":
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+def auto_method(bits: float | int) -> str:
+    """method="auto": binary for 1 bit, seq for ternary and 2 bits, lsq for 3..8 bits."""
+    if bits == 1:
+        return "binary"
+    if bits in (TERNARY_BITS, 2):
+        return "seq"
+    return "lsq"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 4-bit weights, groups of 32, fp16 scales: GGUF Q4_0 and compressed-tensors pack-quantized.
+    "w4g32": {"bits": 4, "group_size": 32, "scale_dtype": "float16"},
+    # 4-bit weights per output channel: compressed-tensors channel strategy.
+    "w4-channel": {"bits": 4, "group_size": "channel"},
+    # int8 per-token activations + 4-bit weights in groups of 32: the common mobile target.
+    "a8w4": {"bits": 4, "group_size": 32, "activation_bits": 8},
+    # 8-bit weights, groups of 32, fp16 scales: GGUF Q8_0.
+    "w8g32": {"bits": 8, "group_size": 32, "scale_dtype": "float16"},
+    # 2-bit SEQ weights, groups of 32: compressed-tensors on the 4-bit grid, or the native format.
+    "w2g32": {"bits": 2, "group_size": 32},
+    # ternary per tensor with int8 activations: transformers BitNet, exact.
+    "ternary-bitnet": {"bits": TERNARY_BITS, "group_size": "tensor", "activation_bits": 8, "scale_dtype": "float32"},
+    # ternary in groups of 256 with fp16 scales: GGUF TQ2_0 / TQ1_0.
+    "ternary-g256": {"bits": TERNARY_BITS, "group_size": 256, "scale_dtype": "float16"},
+    # 1-bit weights per output channel (native format).
+    "binary": {"bits": 1, "group_size": "channel"},
+}

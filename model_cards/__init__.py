@@ -1,0 +1,1 @@
+"""Jinja templates for the README.md (model card) of exported checkpoints."""

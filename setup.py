@@ -1,0 +1,53 @@
+"""Installs hf_qat, its console script `hf-qat`, and kernels/ as the subpackage `hf_qat.kernels`.
+
+kernels/ lives at the top of the repository (DESIGN.md) but is installed inside hf_qat: a top-level
+package named "kernels" would collide with the Hugging Face `kernels` package. model_cards/ (the Jinja
+templates of exported checkpoints' README.md) is installed the same way, as `hf_qat.model_cards`.
+"""
+
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["hf_qat", "hf_qat.*"]) + ["hf_qat.kernels", "hf_qat.model_cards"]
+
+setup(
+    name="hf_qat",
+    version="0.1.0",
+    description="Compute-optimal quantization-aware training for Hugging Face Transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"hf_qat.kernels": "kernels", "hf_qat.model_cards": "model_cards"},
+    package_data={"hf_qat.model_cards": ["*.jinja"]},
+    install_requires=[
+        # torch is not pinned here: install the build for your hardware first (README).
+        "torch>=2.4",
+        "transformers>=5.0",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.30",
+        "numpy",
+        "scipy>=1.10",
+        "pyyaml",
+        "jinja2",
+        "tqdm",
+        "rich",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "export": ["compressed-tensors>=0.20", "gguf>=0.17"],
+        "peft": ["peft>=0.15"],
+        "data": ["datasets>=3.0"],
+        "plot": ["matplotlib>=3.7"],
+        "dev": [
+            "pytest>=8",
+            "triton>=3.0",
+            "compressed-tensors>=0.20",
+            "gguf>=0.17",
+            "peft>=0.15",
+            "datasets>=3.0",
+            "matplotlib>=3.7",
+        ],
+    },
+    entry_points={"console_scripts": ["hf-qat=hf_qat.cli:main"]},
+)
