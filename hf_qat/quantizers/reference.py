@@ -1,0 +1,183 @@
+"""The PyTorch reference of weight and activation fake quantization: the specification.
+
+The Triton kernels in ``hf_qat.kernels`` must reproduce these functions bit for bit, so every
+operation here is spelled out in fp32 in a fixed order:
+
+* Scales (:func:`prepare_scales`, shared by both engines): ``s_r = fp32(dtype(max(s, 1e-5)))`` and
+  ``step = fp32(dtype(s_r * level))`` with ``dtype`` the configured scale dtype.
+* Forward (:func:`fake_quantize_forward`): ``r = w / s_r`` (IEEE division), the Grid's code rule,
+  ``value = step * code`` in fp32, cast to the weight dtype.
+* Backward (:func:`fake_quantize_backward`): the weight gradient is the output gradient where the
+  Grid's mask holds (elementwise, exact); the scale gradient sums ``grad * factor`` over each group
+  with :func:`tree_sum` (zero-pad to a power of two, then add adjacent pairs level by level), then
+  :func:`finish_scale_grad` (shared) sums rows by the same tree for per-tensor scales, multiplies by
+  g, zeroes it where the clamp at 1e-5 was active and casts to the scale's dtype.
+
+A fixed-order tree is what makes the reduction reproducible: any kernel that tiles a row into
+aligned power-of-two blocks, tree-sums each block and tree-sums the block sums computes exactly the
+same additions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import SCALE_MIN, Grid, ScaleLayout
+
+_SCALE_MIN_F32 = float(torch.tensor(SCALE_MIN, dtype=torch.float32))
+
+
+@dataclass(frozen=True)
+class WeightQuantSpec:
+    """Everything the fake-quant math of one weight needs (hashable, so kernels can key on it).
+
+    Attributes:
+        grid: the family's elementwise rule.
+        group_size: int, "channel" or "tensor".
+        scale_dtype: the dtype scales are rounded to in the forward pass.
+        grad_scale: ParetoQ's g, multiplied into the scale gradient.
+        learnable: False for absmax (no scale gradient, scale recomputed from the weight).
+    """
+
+    grid: Grid
+    group_size: int | str
+    scale_dtype: torch.dtype
+    grad_scale: float
+    learnable: bool = True
+
+    @property
+    def layout(self) -> ScaleLayout:
+        return ScaleLayout(self.group_size)
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def tree_sum(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
+    """Sum along ``dim`` as a pairwise tree: zero-pad to a power of two, add adjacent pairs.
+
+    ``[a, b, c]`` sums as ``(a + b) + (c + 0)``. Deterministic, and reproducible by any engine that
+    tree-sums aligned power-of-two blocks and then tree-sums the block sums.
+    """
+    x = x.movedim(dim, -1)
+    n = x.shape[-1]
+    width = next_power_of_two(n)
+    if width != n:
+        x = torch.nn.functional.pad(x, (0, width - n))
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    out = x.movedim(-1, dim)
+    return out if keepdim else out.squeeze(dim)
+
+
+def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 ``x`` rounded (to nearest even) to ``dtype`` and back to fp32."""
+    return x.to(dtype).to(torch.float32)
+
+
+def prepare_scales(scale: torch.Tensor, grid: Grid, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s_r, step)``, both fp32 and shaped like ``scale``: the rounded scale that divides the weight
+    and the rounded step that multiplies the integer code."""
+    s_r = round_to_dtype(scale.detach().float().clamp(min=SCALE_MIN), scale_dtype)
+    step = s_r if grid.level == 1.0 else round_to_dtype(s_r * grid.level, scale_dtype)
+    return s_r, step
+
+
+def _ratio(weight: torch.Tensor, s_r: torch.Tensor, layout: ScaleLayout) -> torch.Tensor:
+    """``r = w / s_r`` as fp32 ``[R, n_groups, G]``."""
+    return layout.group_view(weight.float()) / s_r.unsqueeze(-1)
+
+
+def grid_codes(r: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The integer code of every ``r`` (fp32 tensor holding integers)."""
+    if grid.sign:
+        return torch.where(r >= 0, 1.0, -1.0)
+    q = torch.round(r.clamp(grid.clip_lo, grid.clip_hi) * grid.mul + grid.add)
+    if grid.code_mul == 1 and grid.code_add == 0:
+        return q
+    return q * grid.code_mul + grid.code_add
+
+
+def fake_quantize_forward(
+    weight: torch.Tensor, s_r: torch.Tensor, step: torch.Tensor, grid: Grid, layout: ScaleLayout
+) -> torch.Tensor:
+    """The fake-quantized weight ``step * code`` in the weight's dtype, shaped like ``weight``."""
+    codes = grid_codes(_ratio(weight, s_r, layout), grid)
+    return (codes * step.unsqueeze(-1)).reshape(weight.shape).to(weight.dtype)
+
+
+def fake_quantize_backward(
+    grad_output: torch.Tensor,
+    weight: torch.Tensor,
+    s_r: torch.Tensor,
+    step: torch.Tensor,
+    grid: Grid,
+    layout: ScaleLayout,
+    need_scale_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(grad_weight, group_sums)``: the clipped straight-through weight gradient (weight dtype) and,
+    when asked, ``sum(grad * factor)`` per row and group, fp32 ``[R, n_groups]``."""
+    r = _ratio(weight, s_r, layout)
+    mask = ((r >= grid.mask_lo) & (r <= grid.mask_hi)).reshape(weight.shape)
+    grad_weight = torch.where(mask, grad_output, torch.zeros((), dtype=grad_output.dtype))
+    if not need_scale_grad:
+        return grad_weight, None
+    codes = grid_codes(r, grid)
+    if grid.sign:
+        factor = codes
+    else:
+        inside = codes * grid.level - r
+        factor = torch.where(r < grid.clip_lo, grid.grad_lo, torch.where(r > grid.clip_hi, grid.grad_hi, inside))
+    contrib = layout.group_view(grad_output.float()) * factor
+    return grad_weight, tree_sum(contrib, dim=-1)
+
+
+def finish_scale_grad(group_sums: torch.Tensor, scale: torch.Tensor, grad_scale: float) -> torch.Tensor:
+    """Shared by both engines: ``[R, n_groups]`` group sums -> the gradient of ``scale`` (its dtype).
+
+    Per-tensor scales (one row) tree-sum the rows; then ``* g`` and the clamp's zero gradient below
+    1e-5.
+    """
+    if scale.shape[0] == 1 and group_sums.shape[0] > 1:
+        group_sums = tree_sum(group_sums, dim=0, keepdim=True)
+    grad = group_sums * torch.tensor(grad_scale, dtype=torch.float32, device=group_sums.device)
+    grad = torch.where(scale.detach().float() >= _SCALE_MIN_F32, grad, torch.zeros((), device=grad.device))
+    return grad.to(scale.dtype)
+
+
+def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, spec: WeightQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes int8 [R, C], step fp32 [scale shape])``: what export packs. ``step * codes`` equals
+    :func:`fake_quantize_weight` exactly (in fp32)."""
+    s_r, step = prepare_scales(scale, spec.grid, spec.scale_dtype)
+    codes = grid_codes(_ratio(weight.detach(), s_r, spec.layout), spec.grid)
+    return codes.reshape(weight.shape).to(torch.int8), step
+
+
+def fake_quantize_weight(weight: torch.Tensor, scale: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor:
+    """Forward only, end to end in PyTorch (export checks, metrics, tests)."""
+    s_r, step = prepare_scales(scale, spec.grid, spec.scale_dtype)
+    return fake_quantize_forward(weight, s_r, step, spec.grid, spec.layout)
+
+
+# ---------------------------------------------------------------------------------------- activations
+ACTIVATION_QMAX = 127.0
+
+
+def activation_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-token int8 scale ``127 / max(max|x|, 1e-5)`` over the last dim, fp32 ``[..., 1]``.
+
+    Written as ``reciprocal(m) * 127`` (what ``127 / m`` evaluates to in PyTorch, and so in
+    transformers' BitNet layers), so that a BitNet export reproduces it.
+    """
+    return x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-5).reciprocal() * ACTIVATION_QMAX
+
+
+def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """int8 per-token dynamic fake quantization: ``clamp(round(x * a), -128, 127) / a`` in fp32,
+    cast back to ``x.dtype`` (the straight-through gradient is the identity)."""
+    scale = activation_scale(x)
+    q = torch.round(x.float() * scale).clamp(-128.0, 127.0)
+    return (q / scale).to(x.dtype)

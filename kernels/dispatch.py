@@ -1,0 +1,145 @@
+"""The one dispatch point: Triton kernels for CUDA tensors, the PyTorch reference otherwise.
+
+``HF_QAT_BACKEND=auto|triton|torch`` (read on every call) overrides the choice. Forcing ``triton``
+where Triton cannot run (not installed, or a CPU tensor without ``TRITON_INTERPRET=1``) raises; it
+never falls back silently.
+
+The autograd Functions here are the only place that calls an engine. Scale rounding before the
+kernels and the scale-gradient finish after them are shared PyTorch code (``prepare_scales`` /
+``finish_scale_grad``), so the engines differ only in the elementwise pass and its reductions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Protocol
+
+import torch
+
+from hf_qat.quantizers.reference import (
+    WeightQuantSpec,
+    fake_quantize_activation,
+    fake_quantize_backward,
+    fake_quantize_forward,
+    finish_scale_grad,
+    prepare_scales,
+)
+
+BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "HF_QAT_BACKEND"
+
+
+class Engine(Protocol):
+    name: str
+
+    def weight_forward(self, weight: torch.Tensor, s_r: torch.Tensor, step: torch.Tensor,
+                       spec: WeightQuantSpec) -> torch.Tensor: ...
+
+    def weight_backward(self, grad_output: torch.Tensor, weight: torch.Tensor, s_r: torch.Tensor,
+                        step: torch.Tensor, spec: WeightQuantSpec,
+                        need_scale_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def activation_forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchEngine:
+    """The reference (hf_qat.quantizers.reference) as an engine."""
+
+    name = "torch"
+
+    def weight_forward(self, weight, s_r, step, spec):
+        return fake_quantize_forward(weight, s_r, step, spec.grid, spec.layout)
+
+    def weight_backward(self, grad_output, weight, s_r, step, spec, need_scale_grad):
+        return fake_quantize_backward(grad_output, weight, s_r, step, spec.grid, spec.layout, need_scale_grad)
+
+    def activation_forward(self, x):
+        return fake_quantize_activation(x)
+
+
+_TORCH = TorchEngine()
+_TRITON = None
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_engine():
+    global _TRITON
+    if _TRITON is None:
+        from .triton_engine import TritonEngine
+
+        _TRITON = TritonEngine()
+    return _TRITON
+
+
+def requested_backend() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+    return value
+
+
+def select_engine(tensor: torch.Tensor) -> Engine:
+    """The engine for ``tensor`` under the current ``HF_QAT_BACKEND``."""
+    backend = requested_backend()
+    if backend == "torch":
+        return _TORCH
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{ENV_VAR}=triton but triton is not installed (pip install triton)")
+        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"{ENV_VAR}=triton but the tensor is on {tensor.device}: Triton runs CUDA tensors, or CPU "
+                "tensors only under TRITON_INTERPRET=1 (slow, for tests)"
+            )
+        return _triton_engine()
+    return _triton_engine() if tensor.is_cuda and triton_available() else _TORCH
+
+
+class WeightFakeQuant(torch.autograd.Function):
+    """``weight [R, C]``, ``scale [scale shape]`` -> the fake-quantized weight (weight dtype)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor:
+        engine = select_engine(weight)
+        s_r, step = prepare_scales(scale, spec.grid, spec.scale_dtype)
+        ctx.save_for_backward(weight, scale, s_r, step)
+        ctx.spec = spec
+        ctx.engine = engine
+        return engine.weight_forward(weight.contiguous(), s_r, step, spec)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        weight, scale, s_r, step = ctx.saved_tensors
+        spec: WeightQuantSpec = ctx.spec
+        need_scale_grad = bool(ctx.needs_input_grad[1]) and spec.learnable
+        grad_weight, group_sums = ctx.engine.weight_backward(
+            grad_output.contiguous(), weight.contiguous(), s_r, step, spec, need_scale_grad
+        )
+        grad_scale = finish_scale_grad(group_sums, scale, spec.grad_scale) if need_scale_grad else None
+        return (grad_weight if ctx.needs_input_grad[0] else None), grad_scale, None
+
+
+class ActivationFakeQuant(torch.autograd.Function):
+    """int8 per-token fake quantization with the straight-through (identity) gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return select_engine(x).activation_forward(x.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output
+
+
+def weight_fake_quant(weight: torch.Tensor, scale: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor:
+    """Differentiable weight fake quantization through the selected engine."""
+    return WeightFakeQuant.apply(weight, scale, spec)
+
+
+def activation_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable int8 per-token activation fake quantization through the selected engine."""
+    return ActivationFakeQuant.apply(x)
