@@ -1,0 +1,53 @@
+"""hf_qat: compute-optimal quantization-aware training for Hugging Face Transformers.
+
+Public API (DESIGN.md)::
+
+    from hf_qat import QATConfig, QATCallback, plan_qat, export_checkpoint
+
+The method follows "Compute-Optimal Quantization-Aware Training" (arXiv 2509.22935) with the ParetoQ
+quantizers (arXiv 2502.02631).
+"""
+
+from .config import PRESETS, QATConfig
+from .convert import (
+    activate_qat,
+    get_qat_config,
+    initialize_scales,
+    is_qat_active,
+    prepare_model_for_qat,
+    ptq,
+    qat_modules,
+    quantization_error,
+    remove_qat,
+    set_qat_active,
+)
+from .errors import QATConfigError, QATModelError, QATRuntimeError
+from .modules import QATEmbedding, QATLinear
+from .quantizers import Quantizer, available_quantizers, register_quantizer
+from .callback import QATCallback  # noqa: E402  (imports transformers)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "QATCallback",
+    "QATConfig",
+    "QATConfigError",
+    "QATEmbedding",
+    "QATLinear",
+    "QATModelError",
+    "QATRuntimeError",
+    "Quantizer",
+    "activate_qat",
+    "available_quantizers",
+    "get_qat_config",
+    "initialize_scales",
+    "is_qat_active",
+    "prepare_model_for_qat",
+    "ptq",
+    "qat_modules",
+    "quantization_error",
+    "register_quantizer",
+    "remove_qat",
+    "set_qat_active",
+]
