@@ -1,0 +1,34 @@
+"""2-process DDP on CPU (gloo) through the Trainer: identical ranks after the switch, and the same
+result as one process with the same global batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import run_distributed as run
+
+pytestmark = pytest.mark.slow
+
+
+def test_ddp_ranks_identical_and_equal_to_single_process(tmp_path):
+    run(tmp_path / "ddp", 2, "--embedding-bits", "4")
+    run(tmp_path / "single", 1, "--embedding-bits", "4")
+    r0 = torch.load(tmp_path / "ddp" / "rank0.pt")
+    r1 = torch.load(tmp_path / "ddp" / "rank1.pt")
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    assert r0["world"] == 2 and single["world"] == 1
+
+    state0, state1 = r0["state"], r1["state"]
+    assert sorted(state0) == sorted(state1)
+    for name in state0:
+        assert torch.equal(state0[name], state1[name]), name
+    scales = [n for n in state0 if n.endswith("weight_scale")]
+    assert scales and all(bool(state0[n.replace("weight_scale", "qat_active")]) for n in scales)
+    assert all(not torch.equal(state0[n], torch.ones_like(state0[n])) for n in scales)
+
+    for name in state0:
+        torch.testing.assert_close(state0[name].float(), single["state"][name].float(), rtol=0, atol=1e-4, msg=name)
+    assert len(r0["losses"]) == len(single["losses"]) == 12
+    for a, b in zip(r0["losses"], single["losses"]):
+        assert abs(a - b) <= 1e-4

@@ -1,0 +1,85 @@
+"""Shared test utilities: tiny models built from configs, data the tests make, Trainer arguments.
+
+Nothing here downloads anything (DESIGN.md rule 6).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+VOCAB = 64
+SEQ = 16
+
+
+def tiny_llama_config(tie: bool = True, vocab: int = VOCAB, hidden: int = 32, layers: int = 2) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+
+
+def tiny_llama(seed: int = 0, **kwargs) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**kwargs))
+
+
+def token_dataset(n: int = 256, seq: int = SEQ, vocab: int = VOCAB, seed: int = 1) -> list[dict]:
+    """Sequences from a fixed random bigram chain (learnable, so losses move)."""
+    g = torch.Generator().manual_seed(seed)
+    transition = torch.softmax(torch.randn(vocab, vocab, generator=g) * 3, dim=-1)
+    rows = []
+    for _ in range(n):
+        tok = [int(torch.randint(0, vocab, (1,), generator=g))]
+        for _ in range(seq - 1):
+            tok.append(int(torch.multinomial(transition[tok[-1]], 1, generator=g)))
+        ids = torch.tensor(tok)
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    return rows
+
+
+def training_args(output_dir, max_steps: int = 20, **overrides) -> TrainingArguments:
+    kwargs = dict(
+        use_cpu=True, report_to=[], max_steps=max_steps, per_device_train_batch_size=4,
+        learning_rate=1e-3, logging_steps=5, save_strategy="no", disable_tqdm=True, seed=0,
+        weight_decay=0.1, warmup_steps=2, lr_scheduler_type="linear", train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(str(output_dir), **kwargs)
+
+
+def make_trainer(output_dir, callbacks=(), model=None, data=None, **arg_overrides) -> Trainer:
+    return Trainer(
+        model=model if model is not None else tiny_llama(),
+        args=training_args(output_dir, **arg_overrides),
+        train_dataset=data if data is not None else token_dataset(),
+        callbacks=list(callbacks),
+    )
+
+
+def state_dict_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+DISTRIBUTED_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed", "train_script.py")
+
+
+def run_distributed(out_dir, nproc: int, *script_args: str, timeout: int = 600) -> None:
+    """Run tests/distributed/train_script.py in ``nproc`` CPU processes (torchrun, gloo), or plainly
+    for ``nproc == 1``; raise with its output if it fails."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    if nproc == 1:
+        cmd = [sys.executable, DISTRIBUTED_SCRIPT, "--out", str(out_dir), *script_args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               DISTRIBUTED_SCRIPT, "--out", str(out_dir), *script_args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

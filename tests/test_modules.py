@@ -1,0 +1,137 @@
+"""QATLinear / QATEmbedding and the install/remove functions of hf_qat.convert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hf_qat
+from hf_qat import QATConfig, QATEmbedding, QATLinear, prepare_model_for_qat
+from hf_qat.convert import find_targets, qat_modules
+from hf_qat.quantizers.reference import fake_quantize_activation, quantize_codes
+from helpers import tiny_llama
+
+INPUT = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def test_dormant_model_is_bit_identical_and_keeps_parameter_objects():
+    model = tiny_llama(tie=True)
+    before = model(INPUT).logits
+    params = {name: p for name, p in model.named_parameters()}
+    prepare_model_for_qat(model, QATConfig(bits=4, group_size=16, embedding_bits=4, start=0))
+    assert torch.equal(model(INPUT).logits, before)
+    for name, p in model.named_parameters():
+        if not name.endswith("weight_scale"):
+            assert p is params[name], name
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert isinstance(model.model.embed_tokens, QATEmbedding) and isinstance(model.lm_head, QATLinear)
+
+
+def test_default_targets_are_every_linear_but_the_head():
+    model = tiny_llama(tie=False)
+    targets = find_targets(model, QATConfig(start=0))
+    assert "lm_head" not in targets and len(targets) == 2 * 7
+    only = find_targets(model, QATConfig(start=0, target_modules=["q_proj", r"model\.layers\.1\.mlp\..*"],
+                                         exclude_modules=["model.layers.1.mlp.down_proj"]))
+    assert sorted(only) == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj",
+                            "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(bits=4, group_size=16), dict(bits=2, group_size="channel"), dict(bits="ternary", group_size="tensor"),
+    dict(bits=1, group_size=8), dict(bits=8, group_size=32, method="absmax"),
+])
+def test_active_layers_compute_with_weights_on_the_grid(cfg):
+    model = tiny_llama()
+    prepare_model_for_qat(model, QATConfig(start=0, **cfg))
+    hf_qat.activate_qat(model)
+    layer = model.model.layers[0].mlp.up_proj
+    captured = {}
+    handle = layer.register_forward_hook(lambda m, i, o: captured.update(x=i[0], y=o))
+    model(INPUT)
+    handle.remove()
+    codes, step = quantize_codes(layer.weight, layer.current_scale(), layer.qat_spec)
+    rows, groups = step.shape
+    expanded = step.repeat_interleave(layer.weight.shape[1] // groups, dim=1).expand_as(layer.weight)
+    assert set(codes.unique().tolist()) <= set(layer.qat_spec.grid.codes)
+    torch.testing.assert_close(captured["y"], captured["x"] @ (codes.float() * expanded).T, rtol=0, atol=1e-6)
+
+
+def test_scales_start_from_the_family_rule_and_get_gradients():
+    model = tiny_llama()
+    prepare_model_for_qat(model, QATConfig(bits=4, group_size=16, start=0))
+    layer = model.model.layers[0].self_attn.o_proj
+    assert not layer.is_scale_initialized and torch.equal(layer.weight_scale, torch.ones_like(layer.weight_scale))
+    hf_qat.activate_qat(model)
+    expected = layer.weight.detach().view(32, 2, 16).abs().amax(-1) / 7
+    assert torch.equal(layer.weight_scale.detach(), expected)
+    assert bool(layer.qat_initialized) and bool(layer.qat_active)
+    model(INPUT, labels=INPUT).loss.backward()
+    assert layer.weight_scale.grad is not None and layer.weight_scale.grad.abs().sum() > 0
+
+
+def test_lazy_initialisation_in_a_single_process_forward():
+    model = tiny_llama(tie=True)
+    prepare_model_for_qat(model, QATConfig(bits=4, group_size=16, embedding_bits=8, start=0))
+    hf_qat.set_qat_active(model, True)
+    model(INPUT)
+    assert all(m.is_scale_initialized for _, m in qat_modules(model))
+    scale = model.lm_head.weight_scale.detach().clone()
+    with torch.no_grad():
+        model.lm_head.weight_scale.mul_(2)
+    model.model(INPUT)  # the embedding alone runs: its tied head must not re-initialise the shared scale
+    assert torch.equal(model.lm_head.weight_scale.detach(), scale * 2)
+
+
+def test_activation_fake_quant_only_on_targeted_linears():
+    model = tiny_llama()
+    prepare_model_for_qat(model, QATConfig(bits=8, group_size=16, activation_bits=8, start=0))
+    hf_qat.activate_qat(model)
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, 64)
+    expected = nn.functional.linear(fake_quantize_activation(x), layer.fake_quantized_weight())
+    assert torch.equal(layer(x), expected)
+    x.requires_grad_(True)
+    layer(x).sum().backward()  # straight-through: the gradient w.r.t. x is W_q^T 1
+    torch.testing.assert_close(x.grad, layer.fake_quantized_weight().detach().sum(0).expand_as(x))
+
+
+def test_state_survives_save_and_load_into_a_fresh_prepared_model():
+    cfg = QATConfig(bits=4, group_size=16, embedding_bits=4, start=0)
+    model = prepare_model_for_qat(tiny_llama(), cfg)
+    hf_qat.activate_qat(model)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight_scale.mul_(1.25)
+    reference = model(INPUT).logits
+    fresh = prepare_model_for_qat(tiny_llama(seed=9), cfg)
+    fresh.load_state_dict(model.state_dict())
+    assert hf_qat.is_qat_active(fresh)
+    assert all(m.is_scale_initialized for _, m in qat_modules(fresh))
+    assert torch.equal(fresh(INPUT).logits, reference)
+
+
+def test_ptq_matches_activation_without_training():
+    cfg = QATConfig(bits=2, group_size=16, start=0)
+    a = hf_qat.ptq(tiny_llama(), cfg)
+    b = prepare_model_for_qat(tiny_llama(), cfg)
+    hf_qat.activate_qat(b)
+    assert torch.equal(a(INPUT).logits, b(INPUT).logits)
+    assert not torch.equal(a(INPUT).logits, tiny_llama()(INPUT).logits)
+    assert 0 < hf_qat.quantization_error(a) < 1
+
+
+def test_remove_qat_restores_plain_modules_and_can_bake_weights():
+    model = tiny_llama(tie=True)
+    plain = model(INPUT).logits
+    cfg = QATConfig(bits=4, group_size=16, embedding_bits=4, start=0)
+    prepare_model_for_qat(model, cfg)
+    hf_qat.remove_qat(model)
+    assert not any(True for _ in qat_modules(model)) and hf_qat.get_qat_config(model) is None
+    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear and torch.equal(model(INPUT).logits, plain)
+
+    hf_qat.ptq(model, cfg)
+    quantized = model(INPUT).logits
+    hf_qat.remove_qat(model, bake_weights=True)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model(INPUT).logits, quantized)
