@@ -3,22 +3,29 @@
 What it does, and when (transformers' Trainer, see INTEGRATION.md):
 
 * ``on_init_end`` (inside ``Trainer.__init__``, before the optimizer exists and before DDP/FSDP2
-  wrap the model): installs the dormant QAT modules (``prepare_model_for_qat``), and attaches to the
-  Trainer that is being built so that the optimizer it creates holds the scales in their own
-  param group (no weight decay, LR times ``scale_lr_multiplier``). The group exists from the first
-  optimizer, so checkpoints of optimizer and scheduler state load back unchanged on resume. The
-  callback also moves itself first in the callback list, so the ``qat/*`` values it adds to a log
-  reach the reporting callbacks.
-* ``on_train_begin``: resolves the switch step from ``start`` (an int step, a QAT fraction, or
-  "auto"), checks the distributed setup, writes ``qat_config.json`` to the output dir.
+  wrap the model): installs the dormant QAT modules (``prepare_model_for_qat``) and attaches to the
+  Trainer being built:
+    - the optimizer it creates holds the scales in their own param group (no weight decay, LR times
+      ``scale_lr_multiplier``);
+    - the scheduler it creates is the two-phase schedule (fused cooldown by default) around the
+      planned switch step, unless ``manage_schedule=False``;
+  both exist from the start, so optimizer and scheduler checkpoints load back unchanged on resume.
+  The callback also moves itself first in the callback list, so the ``qat/*`` values it adds to a
+  log reach the reporting callbacks.
+* When the scheduler is built (or at ``on_train_begin``): the plan. ``start="auto"`` asks the
+  planner (:func:`hf_qat.plan_qat`) with N = the model's parameters (tied tensors once; or only the
+  quantized weights with ``count_quantized_params_only``) and tokens per step =
+  ``per_device_train_batch_size * gradient_accumulation_steps * world_size * sequence_length``, where
+  the sequence length is ``QATConfig.sequence_length`` or the length of the first training example's
+  ``input_ids``. The plan is logged and written to ``qat_plan.json`` in the output dir.
 * ``on_step_begin``: at the switch step, turns QAT on and initialises the scales from the full
   weights on every rank (optionally clears the optimizer state of the quantized weights).
 * ``on_log``: adds ``qat/active`` and ``qat/weight_error``.
-* ``on_save``: writes ``qat_config.json`` into the checkpoint folder.
+* ``on_save``: writes ``qat_config.json`` and ``qat_plan.json`` into the checkpoint folder.
 
 Resuming: the switch state lives in the model (``qat_active`` / ``qat_initialized`` buffers and
-the scales are in every checkpoint), and the switch step is recomputed from the config and
-``max_steps``, so a run resumed from a checkpoint before or after the switch continues exactly.
+the scales are in every checkpoint), and the plan is recomputed from the same config, arguments and
+data, so a run resumed from a checkpoint before or after the switch continues exactly.
 """
 
 from __future__ import annotations
@@ -45,10 +52,13 @@ from .convert import (
     quantization_error,
 )
 from .errors import QATConfigError, QATRuntimeError
+from .planner import Plan, QATScalingLaw, plan_qat
+from .schedule import lambda_lr, make_schedule
 
 logger = logging.getLogger("hf_qat")
 
 SCALE_GROUP_KEY = "hf_qat_scales"
+PLAN_NAME = "qat_plan.json"
 
 
 def scale_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -59,6 +69,29 @@ def scale_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
         if scale is not None and scale.requires_grad:
             seen.setdefault(id(scale), scale)
     return list(seen.values())
+
+
+def count_parameters(model: torch.nn.Module, quantized_only: bool = False) -> int:
+    """N for the planner: every parameter once (tied tensors once, QAT scales excluded), or only the
+    quantized weights."""
+    scales = {id(p) for p in scale_parameters(model)}
+    if quantized_only:
+        weights = {id(m.weight): m.weight for _, m in qat_modules(model)}
+        return sum(p.numel() for p in weights.values())
+    return sum(p.numel() for p in model.parameters() if id(p) not in scales)
+
+
+def tokens_per_step(args: TrainingArguments, sequence_length: int | None, train_dataset=None) -> int:
+    """Tokens per optimizer step: batch per device x accumulation x world size x sequence length."""
+    if sequence_length is None:
+        try:
+            sequence_length = len(train_dataset[0]["input_ids"])
+        except (TypeError, KeyError, IndexError, NotImplementedError):
+            raise QATConfigError(
+                "sequence_length", None, "the tokens per training example",
+                detail="start='auto' could not read input_ids from the first training example; set it explicitly",
+            ) from None
+    return int(args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * sequence_length)
 
 
 def add_scale_param_group(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lr_multiplier: float) -> bool:
@@ -96,7 +129,7 @@ def resolve_switch_step(start: Any, max_steps: int) -> int:
     if isinstance(start, float):
         if start == 0.0:
             raise QATConfigError("start", start, "a QAT fraction in (0, 1]", detail="0.0 means no QAT: remove QATCallback")
-        return int(round((1.0 - start) * max_steps))
+        return min(int(round((1.0 - start) * max_steps)), max_steps - 1)
     if isinstance(start, int):
         if start >= max_steps:
             raise QATConfigError(
@@ -127,6 +160,10 @@ class QATCallback(TrainerCallback, ExportableState):
         config: a QATConfig, a dict of its fields, or a path to a ``qat_config.json``; None builds
             ``QATConfig(**overrides)``.
         **overrides: QATConfig fields applied on top of ``config``.
+
+    Attributes:
+        switch_step: the optimizer step at which QAT starts (known once training begins).
+        plan: the :class:`hf_qat.planner.Plan` of the run (None when it could not be computed).
     """
 
     def __init__(self, config: QATConfig | dict | str | os.PathLike | None = None, **overrides: Any) -> None:
@@ -143,13 +180,15 @@ class QATCallback(TrainerCallback, ExportableState):
             raise TypeError(f"QATCallback(config=...) takes a QATConfig, a dict or a path, got {type(config).__name__}")
         self.config: QATConfig = config
         self.switch_step: int | None = None
+        self.plan: Plan | None = None
+        self._planned_steps: int | None = None
         self._trainer: weakref.ref[Trainer] | None = None
 
     # ------------------------------------------------------------------ ExportableState
     def state(self) -> dict:
         return {"args": {"config": self.config.to_dict()}, "attributes": {"switch_step": self.switch_step}}
 
-    # ------------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------------ attaching to the Trainer
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         if model is None:
             raise QATRuntimeError("QATCallback.on_init_end got no model")
@@ -158,12 +197,14 @@ class QATCallback(TrainerCallback, ExportableState):
         if trainer is not None:
             self._attach(trainer)
         else:
-            logger.warning("hf_qat: QATCallback is not inside a Trainer's __init__; the scales stay in the default param groups")
+            logger.warning("hf_qat: QATCallback is not inside a Trainer's __init__; the scales stay in the default "
+                           "param groups and the Trainer's LR schedule is kept")
 
     def _attach(self, trainer: Trainer) -> None:
         if self._trainer is not None and self._trainer() is trainer:
             return
         original_create_optimizer = trainer.create_optimizer
+        original_create_scheduler = trainer.create_scheduler
         config = self.config
 
         def create_optimizer(model=None):
@@ -173,42 +214,90 @@ class QATCallback(TrainerCallback, ExportableState):
                 add_scale_param_group(optimizer, model if model is not None else trainer.model, config.scale_lr_multiplier)
             return optimizer
 
+        def create_scheduler(num_training_steps: int, optimizer=None):
+            if not config.manage_schedule or trainer.lr_scheduler is not None:
+                return original_create_scheduler(num_training_steps, optimizer)
+            self._resolve(trainer.args, num_training_steps, trainer.model, trainer.train_dataset)
+            multiplier = make_schedule(
+                num_training_steps, self.switch_step, warmup_steps=trainer.args.get_warmup_steps(num_training_steps),
+                fuse_cooldown=config.fuse_cooldown, decay_shape=config.decay_shape, min_lr_ratio=config.min_lr_ratio,
+                fp_cooldown_fraction=config.fp_cooldown_fraction, qat_warmup_fraction=config.qat_warmup_fraction,
+            )
+            trainer.lr_scheduler = lambda_lr(optimizer if optimizer is not None else trainer.optimizer, multiplier)
+            trainer._created_lr_scheduler = True
+            return trainer.lr_scheduler
+
         trainer.create_optimizer = create_optimizer
+        trainer.create_scheduler = create_scheduler
         callbacks = trainer.callback_handler.callbacks
         if self in callbacks:
             callbacks.remove(self)
             callbacks.insert(0, self)
         self._trainer = weakref.ref(trainer)
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    # ------------------------------------------------------------------ the plan
+    def _resolve(self, args: TrainingArguments, max_steps: int, model, train_dataset) -> None:
+        """Set ``switch_step`` (and ``plan``) for a run of ``max_steps`` optimizer steps."""
+        if self._planned_steps == max_steps:
+            return
+        cfg = self.config
+        tps = None
+        if cfg.sequence_length is not None or train_dataset is not None:
+            try:
+                tps = tokens_per_step(args, cfg.sequence_length, train_dataset)
+            except QATConfigError:
+                if cfg.start == "auto":
+                    raise
+        if cfg.start == "auto":
+            law = QATScalingLaw.load(cfg.law_path) if cfg.law_path else None
+            self.plan = plan_qat(
+                count_parameters(model, cfg.count_quantized_params_only), tps * max_steps, cfg.bits,
+                total_steps=max_steps, tokens_per_step=tps, law=law, strategy=cfg.strategy,
+                pretrained_tokens=cfg.pretrained_tokens,
+            )
+            self.switch_step = self.plan.switch_step
+        else:
+            self.switch_step = resolve_switch_step(cfg.start, max_steps)
+            if tps is not None:
+                run_fraction = (max_steps - self.switch_step) / max_steps
+                self.plan = plan_qat(
+                    count_parameters(model, cfg.count_quantized_params_only), tps * max_steps, cfg.bits,
+                    total_steps=max_steps, tokens_per_step=tps, strategy="fixed", fraction=run_fraction,
+                    pretrained_tokens=cfg.pretrained_tokens,
+                    law=QATScalingLaw.load(cfg.law_path) if cfg.law_path else None,
+                )
+                self.plan.switch_step = self.switch_step
+        self._planned_steps = max_steps
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if model is None or get_qat_config(model) is None:
             raise QATRuntimeError(
                 "the model holds no QAT modules: pass QATCallback to the Trainer's constructor "
                 "(Trainer(..., callbacks=[QATCallback(cfg)])), not trainer.add_callback() after it, so that "
                 "it can install them before the model is wrapped and the optimizer built"
             )
-        self.switch_step = self._resolve_switch_step(state.max_steps)
-        self._check_optimizer(optimizer)
+        dataset = getattr(train_dataloader, "dataset", None)
+        self._resolve(args, state.max_steps, model, dataset)
+        self._check_optimizer(optimizer, model)
         self._check_ddp()
         if is_qat_active(model) and state.global_step < self.switch_step:
             logger.warning(
                 "hf_qat: the resumed model already has QAT on, but this config switches at step %d (now %d)",
                 self.switch_step, state.global_step,
             )
+        if self.plan is not None:
+            logger.info("hf_qat plan: %s", self.plan.summary())
+            for warning in self.plan.warnings:
+                logger.warning("hf_qat plan: %s", warning)
+        else:
+            logger.info("hf_qat: QAT starts at step %d of %d", self.switch_step, state.max_steps)
         if state.is_world_process_zero:
-            self._write_config(args.output_dir)
-        logger.info("hf_qat: QAT starts at step %d of %d", self.switch_step, state.max_steps)
+            self._write_files(args.output_dir, state.max_steps)
 
-    def _resolve_switch_step(self, max_steps: int) -> int:
-        if self.config.start == "auto":
-            raise NotImplementedError(
-                "QATConfig.start='auto' needs the planner; give start as an int step or a float QAT fraction"
-            )
-        return resolve_switch_step(self.config.start, max_steps)
-
-    def _check_optimizer(self, optimizer) -> None:
+    def _check_optimizer(self, optimizer, model) -> None:
         groups = getattr(optimizer, "param_groups", None)
-        if groups is not None and not any(g.get(SCALE_GROUP_KEY) for g in groups):
+        if groups is not None and scale_parameters(model) and not any(g.get(SCALE_GROUP_KEY) for g in groups):
             logger.warning(
                 "hf_qat: the scales are in the Trainer's default param groups (weight decay applies to them); "
                 "pass QATCallback to the Trainer's constructor so it can give them their own group"
@@ -256,10 +345,11 @@ class QATCallback(TrainerCallback, ExportableState):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self._write_config(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+            self._write_files(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"), state.max_steps)
 
-    def _write_config(self, directory: str) -> None:
+    def _write_files(self, directory: str, max_steps: int) -> None:
         os.makedirs(directory, exist_ok=True)
         self.config.save_pretrained(directory)
-        with open(os.path.join(directory, "qat_state.json"), "w", encoding="utf-8") as fh:
-            json.dump({"switch_step": self.switch_step}, fh, indent=2)
+        plan = self.plan.to_dict() if self.plan is not None else {"switch_step": self.switch_step, "total_steps": max_steps}
+        with open(os.path.join(directory, PLAN_NAME), "w", encoding="utf-8") as fh:
+            json.dump(plan, fh, indent=2)

@@ -38,6 +38,7 @@ def _allowed_bits_text() -> str:
 
 def normalize_bits(value: Any, field_name: str = "bits") -> float | int:
     """Return ``value`` as one of :data:`ALLOWED_BITS` (1.58 for ternary) or raise QATConfigError."""
+    original = value
     if isinstance(value, str):
         text = value.strip().lower()
         if text in ("ternary", "1.58", "1.5", "b1.58"):
@@ -45,14 +46,14 @@ def normalize_bits(value: Any, field_name: str = "bits") -> float | int:
         try:
             value = float(text)
         except ValueError:
-            raise QATConfigError(field_name, value, _allowed_bits_text()) from None
+            raise QATConfigError(field_name, original, _allowed_bits_text()) from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise QATConfigError(field_name, value, _allowed_bits_text())
+        raise QATConfigError(field_name, original, _allowed_bits_text())
     if math.isclose(value, TERNARY_BITS, abs_tol=0.01) or math.isclose(value, math.log2(3), abs_tol=1e-6):
         return TERNARY_BITS
     if float(value).is_integer() and int(value) in ALLOWED_BITS:
         return int(value)
-    raise QATConfigError(field_name, value, _allowed_bits_text())
+    raise QATConfigError(field_name, original, _allowed_bits_text())
 
 
 def bits_label(bits: float | int) -> str:

@@ -6,7 +6,6 @@ import torch
 # Tests run on CPU, deterministically; the Triton tests set TRITON_INTERPRET themselves.
 os.environ.setdefault("HF_QAT_BACKEND", "auto")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,182 @@
+"""The ``hf-qat`` command line: plan | fit | best-bits | export | demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from .config import bits_label, normalize_bits
+from .units import human, parse_bytes, parse_count
+
+console = Console()
+
+
+def _bits(text: str):
+    try:
+        return normalize_bits(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _count(text: str) -> float:
+    try:
+        return parse_count(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _size(text: str) -> float:
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+# ---------------------------------------------------------------------------------------- plan
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .planner import QATScalingLaw, plan_qat
+
+    law = QATScalingLaw.load(args.law) if args.law else None
+    strategy = args.strategy or ("law" if law is not None else "paper")
+    plan = plan_qat(
+        num_params=args.params, total_tokens=args.tokens, bits=args.bits, total_steps=args.steps,
+        tokens_per_step=args.tokens_per_step, law=law, strategy=strategy, pretrained_tokens=args.pretrained_tokens,
+    )
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        _print_plan(plan)
+    if args.plot:
+        from .plots import plot_plan
+
+        console.print(f"plot written to {plot_plan(plan, args.plot, law)}")
+    return 0
+
+
+def _print_plan(plan) -> None:
+    console.print(
+        f"[bold]{bits_label(plan.bits)}-bit QAT plan[/bold] for {human(plan.num_params)} parameters, "
+        f"{human(plan.total_tokens)} tokens"
+        + (f" after {human(plan.pretrained_tokens)} pretrained tokens" if plan.pretrained_tokens else "")
+    )
+    console.print(
+        f"tokens per parameter byte S = {plan.tokens_per_param_byte:.4g}; D_total = {human(plan.d_total)}; "
+        f"optimal QAT fraction {plan.qat_fraction:.3f} of D_total ({plan.strategy})"
+    )
+    table = Table(show_header=True, header_style="bold")
+    for column in ("schedule", "QAT share", "switch step", "QAT tokens", "pred. loss"):
+        table.add_column(column, justify="right" if column != "schedule" else "left", no_wrap=True)
+    steps = "-" if plan.switch_step is None else f"{plan.switch_step} / {plan.total_steps}"
+    loss = "-" if plan.predicted_loss is None else f"{plan.predicted_loss:.4f}"
+    table.add_row(f"planner ({plan.strategy})", f"{plan.run_qat_fraction:.3f}", steps, human(plan.qat_tokens), loss,
+                  style="bold green")
+    names = {"paretoq_10pct": "ParetoQ 10%", "switch_at_half": "half (torchtune)",
+             "qat_from_start": "QAT from start", "ptq": "PTQ"}
+    for name, row in plan.baselines.items():
+        table.add_row(names.get(name, name), f"{row['run_qat_fraction']:.3f}",
+                      "-" if "switch_step" not in row else f"{row['switch_step']} / {plan.total_steps}",
+                      human(row["qat_tokens"]), "-" if "predicted_loss" not in row else f"{row['predicted_loss']:.4f}")
+    console.print(table)
+    if plan.optimal_qat_tokens > plan.qat_tokens:
+        console.print(f"the optimum wants {human(plan.optimal_qat_tokens)} QAT tokens")
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+# ---------------------------------------------------------------------------------------- fit
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .planner import QATScalingLaw, load_runs
+
+    runs = load_runs(args.runs)
+    law = QATScalingLaw.fit(runs, starts=args.starts, bootstrap=args.bootstrap, seed=args.seed)
+    path = law.save(args.output)
+    diag = law.diagnostics
+    table = Table("parameter", "value", show_header=True, header_style="bold")
+    for name, value in law.params.items():
+        table.add_row(name, f"{value:.6g}")
+    console.print(table)
+    console.print(
+        f"{diag['runs']} runs fitted in {diag['fit_seconds']:.1f} s ({diag['starts']} starts); mean |relative error| "
+        f"{diag['mean_abs_relative_error']:.3%}, max {diag['max_abs_relative_error']:.3%}"
+    )
+    console.print(f"law written to {path}")
+    if args.plot:
+        from .plots import plot_fit
+
+        console.print(f"plot written to {plot_fit(law, runs, args.plot)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- best bits
+def cmd_best_bits(args: argparse.Namespace) -> int:
+    from .planner import QATScalingLaw
+
+    law = QATScalingLaw.load(args.law)
+    choice = law.best_bits(args.memory, args.tokens, candidates=args.candidates)
+    table = Table(show_header=True, header_style="bold")
+    for column in ("bits", "parameters", "optimal QAT fraction", "predicted loss"):
+        table.add_column(column, justify="right")
+    for row in choice.candidates:
+        style = "bold green" if row is choice.best else None
+        table.add_row(bits_label(row["bits"]), human(row["num_params"]), f"{row['qat_fraction']:.3f}",
+                      f"{row['predicted_loss']:.4f}", style=style)
+    console.print(f"best bit width for {human(args.memory, 'B')} of weights and {human(args.tokens)} tokens: "
+                  f"[bold]{bits_label(choice.best['bits'])}[/bold]")
+    console.print(table)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-qat", description="Compute-optimal quantization-aware training")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="when to switch to QAT (the paper's formula or a fitted law)")
+    p.add_argument("--params", type=_count, required=True, help="model parameters, e.g. 135M")
+    p.add_argument("--tokens", type=_count, required=True, help="training tokens of this run, e.g. 10B")
+    p.add_argument("--bits", type=_bits, required=True, help="1, 1.58/ternary, 2, 3, 4, 5, 6, 8")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of the run")
+    p.add_argument("--tokens-per-step", type=_count, default=None)
+    p.add_argument("--pretrained-tokens", type=_count, default=None, help="FP tokens the checkpoint already saw")
+    p.add_argument("--law", default=None, help="a fitted law JSON (hf-qat fit)")
+    p.add_argument("--strategy", choices=["paper", "law"], default=None, help="default: law with --law, else paper")
+    p.add_argument("--plot", default=None, help="write a PNG")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
+    f = sub.add_parser("fit", help="fit the loss law to runs (CSV or JSONL: num_params,fp_tokens,qat_tokens,bits,loss)")
+    f.add_argument("runs")
+    f.add_argument("-o", "--output", required=True, help="law JSON to write")
+    f.add_argument("--starts", type=int, default=24)
+    f.add_argument("--bootstrap", type=int, default=0, help="bootstrap refits for prediction intervals")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--plot", default=None, help="write a PNG of predicted against observed loss")
+    f.set_defaults(func=cmd_fit)
+
+    b = sub.add_parser("best-bits", help="the bit width with the lowest predicted loss under a memory budget")
+    b.add_argument("--memory", type=_size, required=True, help="bytes for the quantized weights, e.g. 1GB")
+    b.add_argument("--tokens", type=_count, required=True)
+    b.add_argument("--law", required=True)
+    b.add_argument("--candidates", type=lambda t: [_bits(x) for x in t.split(",")],
+                   default=[1, 1.58, 2, 3, 4, 6, 8], help="comma-separated bit widths")
+    b.set_defaults(func=cmd_best_bits)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""plan_qat: how many of a run's tokens go to QAT, and at which optimizer step QAT starts.
+
+Token accounting (METHOD.md sections 1-2): a run trains on ``total_tokens`` new tokens; a pretrained
+checkpoint already saw ``pretrained_tokens`` in full precision. The planner works on
+``D_total = pretrained_tokens + total_tokens``: the optimal QAT fraction f of D_total gives the
+optimal QAT tokens ``f * D_total``. They are taken from the end of this run; when they exceed the
+run, QAT starts at step 0 and the plan says how many QAT tokens the optimum would want.
+
+Strategies: "paper" (the fitted formula f_hat = exp(-a / ln S_total), arXiv 2509.22935), "law" (the
+fraction that minimises a fitted :class:`QATScalingLaw`), "fixed" (a given fraction of this run).
+Baselines for comparison: ParetoQ's 10 % QAT, torchtune's switch at half, QAT from step 0, PTQ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..config import bits_label, normalize_bits
+from .fraction import PAPER_A, optimal_qat_fraction, range_warning, tokens_per_parameter_byte
+from .law import QATScalingLaw
+
+STRATEGIES = ("paper", "law", "fixed")
+BASELINES = {"paretoq_10pct": 0.1, "switch_at_half": 0.5, "qat_from_start": 1.0, "ptq": 0.0}
+
+
+@dataclass
+class Plan:
+    """A QAT plan. Fractions of ``qat_fraction`` refer to D_total (pretrained + this run); those of
+    ``run_qat_fraction`` to this run's tokens and steps."""
+
+    strategy: str
+    num_params: float
+    bits: float | int
+    total_tokens: float
+    pretrained_tokens: float
+    d_total: float
+    tokens_per_param_byte: float
+    qat_fraction: float
+    optimal_qat_tokens: float
+    qat_tokens: float
+    fp_tokens: float
+    run_fp_tokens: float
+    run_qat_fraction: float
+    total_steps: int | None = None
+    tokens_per_step: float | None = None
+    switch_step: int | None = None
+    predicted_loss: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | os.PathLike) -> str:
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2)
+        return path
+
+    def summary(self) -> str:
+        """One line for logs."""
+        step = f", switch at step {self.switch_step} of {self.total_steps}" if self.switch_step is not None else ""
+        loss = f", predicted loss {self.predicted_loss:.4f}" if self.predicted_loss is not None else ""
+        return (
+            f"{bits_label(self.bits)}-bit QAT on {self.run_qat_fraction:.1%} of the run "
+            f"({self.qat_tokens:.3g} of {self.total_tokens:.3g} tokens; optimal fraction {self.qat_fraction:.3f} of "
+            f"D_total={self.d_total:.3g}, S={self.tokens_per_param_byte:.3g}{step}{loss})"
+        )
+
+
+def _steps(total_tokens: float, total_steps: int | None, tokens_per_step: float | None) -> tuple[int | None, float | None]:
+    if total_steps is not None and total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    if tokens_per_step is not None and tokens_per_step <= 0:
+        raise ValueError(f"tokens_per_step must be > 0, got {tokens_per_step}")
+    if total_steps is None and tokens_per_step is not None:
+        total_steps = max(1, int(round(total_tokens / tokens_per_step)))
+    if tokens_per_step is None and total_steps is not None:
+        tokens_per_step = total_tokens / total_steps
+    return total_steps, tokens_per_step
+
+
+def switch_step_for(run_qat_fraction: float, total_steps: int) -> int:
+    """round((1 - f) * total_steps) (METHOD.md section 1)."""
+    return int(round((1.0 - run_qat_fraction) * total_steps))
+
+
+def plan_qat(
+    num_params: float,
+    total_tokens: float,
+    bits: float | int | str,
+    total_steps: int | None = None,
+    tokens_per_step: float | None = None,
+    law: QATScalingLaw | str | os.PathLike | None = None,
+    strategy: str = "paper",
+    fraction: float | None = None,
+    pretrained_tokens: float | None = None,
+    a: float = PAPER_A,
+) -> Plan:
+    """Plan the QAT phase of a run.
+
+    Args:
+        num_params: N, the model's parameters (the paper counts all of them, tied tensors once).
+        total_tokens: the tokens of this run.
+        bits: the weight bit width (1, 1.58/"ternary", 2, 3, 4, 5, 6, 8).
+        total_steps / tokens_per_step: give either to get ``switch_step``.
+        law: a fitted :class:`QATScalingLaw` (or its JSON path) for ``predicted_loss`` and strategy "law".
+        strategy: "paper", "law" or "fixed" (with ``fraction``, of this run).
+        pretrained_tokens: FP tokens the starting checkpoint already saw (counted in D_total).
+        a: the constant of the paper's formula.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not allowed; allowed: {', '.join(STRATEGIES)}")
+    bits = normalize_bits(bits)
+    if not (num_params > 0 and math.isfinite(num_params)):
+        raise ValueError(f"num_params must be a finite number > 0, got {num_params}")
+    if not (total_tokens > 0 and math.isfinite(total_tokens)):
+        raise ValueError(f"total_tokens must be a finite number > 0, got {total_tokens}")
+    pretrained = float(pretrained_tokens or 0.0)
+    if pretrained < 0:
+        raise ValueError(f"pretrained_tokens must be >= 0, got {pretrained_tokens}")
+    if isinstance(law, (str, os.PathLike)):
+        law = QATScalingLaw.load(law)
+    if strategy == "law" and law is None:
+        raise ValueError("strategy='law' needs a fitted law (law=QATScalingLaw or a law JSON path)")
+    if strategy == "fixed" and (fraction is None or not 0.0 <= fraction <= 1.0):
+        raise ValueError(f"strategy='fixed' needs fraction in [0, 1] (of this run), got {fraction}")
+
+    total_steps, tokens_per_step = _steps(total_tokens, total_steps, tokens_per_step)
+    d_total = pretrained + float(total_tokens)
+    s_total = tokens_per_parameter_byte(num_params, d_total, bits)
+    warnings: list[str] = []
+    if strategy != "fixed" and (text := range_warning(s_total)):
+        warnings.append(text)
+
+    if strategy == "paper":
+        f = optimal_qat_fraction(s_total, a)
+    elif strategy == "law":
+        f = law.optimal_fraction(num_params, d_total, bits, pretrained_tokens=pretrained)
+    else:
+        f = fraction * total_tokens / d_total
+    optimal_qat_tokens = f * d_total
+    qat_tokens = min(optimal_qat_tokens, float(total_tokens))
+    if optimal_qat_tokens > total_tokens * (1 + 1e-12):
+        warnings.append(
+            f"the optimum wants {optimal_qat_tokens:.3g} QAT tokens but this run has {total_tokens:.3g}: QAT starts at "
+            "step 0 (train longer to reach the optimum)"
+        )
+    run_f = qat_tokens / total_tokens
+    switch = None
+    if total_steps is not None:
+        switch = switch_step_for(run_f, total_steps)
+        if switch >= total_steps:
+            switch = total_steps - 1
+            warnings.append(
+                f"the optimal fraction {f:.3g} gives no whole QAT step in {total_steps} steps; QAT runs for the last step only"
+            )
+    plan = Plan(
+        strategy=strategy, num_params=float(num_params), bits=bits, total_tokens=float(total_tokens),
+        pretrained_tokens=pretrained, d_total=d_total, tokens_per_param_byte=s_total, qat_fraction=f,
+        optimal_qat_tokens=optimal_qat_tokens, qat_tokens=qat_tokens, fp_tokens=d_total - qat_tokens,
+        run_fp_tokens=float(total_tokens) - qat_tokens, run_qat_fraction=run_f, total_steps=total_steps,
+        tokens_per_step=tokens_per_step, switch_step=switch, warnings=warnings,
+    )
+    if law is not None:
+        plan.predicted_loss = float(law.predict(num_params, plan.fp_tokens, plan.qat_tokens, bits))
+    for name, run_fraction in BASELINES.items():
+        qat = run_fraction * total_tokens
+        row: dict[str, Any] = {"run_qat_fraction": run_fraction, "qat_tokens": qat}
+        if total_steps is not None:
+            row["switch_step"] = min(switch_step_for(run_fraction, total_steps), total_steps)
+        if law is not None:
+            row["predicted_loss"] = float(law.predict(num_params, d_total - qat, qat, bits))
+        plan.baselines[name] = row
+    return plan

@@ -1,0 +1,63 @@
+import pytest
+
+from hf_qat.planner import BASELINES, QATScalingLaw, plan_qat
+
+TRUE = dict(E=1.8, A=400.0, alpha=0.34, B=410.0, beta=0.28, theta=0.3, kappa=1.0, phi=0.5, chi=0.8, psi=0.05,
+            omega=0.3, lam=20.0, mu=0.7, nu=0.05, xi=0.9, rho=0.1)
+
+
+def test_plan_fields_and_switch_step():
+    plan = plan_qat(num_params=135e6, total_tokens=10e9, bits=4, total_steps=20_000)
+    assert plan.tokens_per_param_byte == pytest.approx(10e9 / (135e6 * 0.5))
+    assert plan.qat_tokens == pytest.approx(plan.qat_fraction * 10e9)
+    assert plan.fp_tokens + plan.qat_tokens == pytest.approx(10e9)
+    assert plan.switch_step == round((1 - plan.qat_fraction) * 20_000)
+    assert plan.tokens_per_step == pytest.approx(5e5) and plan.warnings == []
+    assert set(plan.baselines) == set(BASELINES)
+    assert plan.baselines["paretoq_10pct"]["switch_step"] == 18_000
+    assert plan.baselines["switch_at_half"]["switch_step"] == 10_000
+    assert plan.baselines["qat_from_start"]["switch_step"] == 0
+    assert plan_qat(135e6, 10e9, 4, tokens_per_step=1e6).total_steps == 10_000
+
+
+def test_pretrained_tokens_count_as_fp_tokens():
+    plan = plan_qat(num_params=135e6, total_tokens=50e9, bits=4, total_steps=5000, pretrained_tokens=50e9)
+    assert plan.d_total == pytest.approx(100e9)
+    assert plan.optimal_qat_tokens == pytest.approx(plan.qat_fraction * 100e9)
+    assert plan.qat_tokens == pytest.approx(plan.optimal_qat_tokens)
+    assert plan.run_qat_fraction == pytest.approx(plan.qat_tokens / 50e9)
+    assert plan.switch_step == round((1 - plan.run_qat_fraction) * 5000)
+    # A short finetune of a long-pretrained model: QAT from step 0, and the plan says what it wanted.
+    short = plan_qat(num_params=135e6, total_tokens=1e9, bits=4, total_steps=1000, pretrained_tokens=2e12)
+    assert short.switch_step == 0 and short.qat_tokens == 1e9
+    assert short.optimal_qat_tokens > 1e9 and any("QAT starts at step 0" in w for w in short.warnings)
+
+
+def test_outside_the_fitted_range_warns_but_answers():
+    plan = plan_qat(num_params=1e6, total_tokens=2e6, bits=4, total_steps=100)
+    assert plan.warnings and "extrapolation" in plan.warnings[0]
+    assert 0 <= plan.qat_fraction < 1 and plan.switch_step == 99  # at least one QAT step
+
+
+def test_law_strategy_and_predicted_losses():
+    law = QATScalingLaw(TRUE)
+    plan = plan_qat(1e8, 1e10, 4, total_steps=1000, law=law, strategy="law")
+    assert plan.qat_fraction == pytest.approx(law.optimal_fraction(1e8, 1e10, 4))
+    assert plan.predicted_loss == pytest.approx(law.predict(1e8, plan.fp_tokens, plan.qat_tokens, 4))
+    for row in plan.baselines.values():
+        assert row["predicted_loss"] >= plan.predicted_loss - 1e-12
+    paper = plan_qat(1e8, 1e10, 4, total_steps=1000, law=law)
+    assert paper.predicted_loss is not None and paper.strategy == "paper"
+
+
+def test_fixed_strategy_and_errors():
+    plan = plan_qat(1e8, 1e10, 2, total_steps=100, strategy="fixed", fraction=0.3)
+    assert plan.switch_step == 70 and plan.run_qat_fraction == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="strategy='law' needs a fitted law"):
+        plan_qat(1e8, 1e10, 2, strategy="law")
+    with pytest.raises(ValueError, match="strategy='magic'"):
+        plan_qat(1e8, 1e10, 2, strategy="magic")
+    with pytest.raises(ValueError, match="num_params"):
+        plan_qat(0, 1e10, 2)
+    with pytest.raises(ValueError, match="bits"):
+        plan_qat(1e8, 1e10, 7)
