@@ -13,7 +13,7 @@ from hf_qat.cli import main
 from hf_qat.units import human, parse_bytes, parse_count
 
 sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "planner"))
-from test_law import TRUE, synthetic_runs  # noqa: E402
+from test_law import synthetic_runs  # noqa: E402
 
 
 def assert_png(path, min_bytes=8_000):

@@ -2,7 +2,7 @@
 bit width under a memory budget."""
 
 from .fraction import FITTED_RANGE, PAPER_A, effective_bits, optimal_qat_fraction, range_warning, tokens_per_parameter_byte
-from .law import BitsChoice, QATScalingLaw, Runs, load_runs
+from .law import ILLUSTRATIVE_PARAMS, BitsChoice, QATScalingLaw, Runs, load_runs
 from .plan import BASELINES, Plan, plan_qat, switch_step_for
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "switch_step_for",
     "PAPER_A",
     "BitsChoice",
+    "ILLUSTRATIVE_PARAMS",
     "QATScalingLaw",
     "Runs",
     "effective_bits",

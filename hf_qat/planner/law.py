@@ -53,6 +53,12 @@ TERM_EXPONENTS = {
 HUBER_DELTA = 1e-3
 RUN_KEYS = ("num_params", "fp_tokens", "qat_tokens", "bits", "loss")
 
+# An ILLUSTRATIVE law, not fitted on real runs: Chinchilla-like constants plus quantization terms
+# chosen so that the optimal QAT fraction grows with tokens per parameter byte (about 0.14 at S=30 to
+# 0.8 at S=1e5), as the paper reports. For examples, simulations and tests of the fitter.
+ILLUSTRATIVE_PARAMS = dict(E=1.8, A=400.0, alpha=0.34, B=410.0, beta=0.28, theta=0.3, kappa=1.0, phi=0.5,
+                           chi=0.8, psi=0.05, omega=0.3, lam=20.0, mu=0.7, nu=0.05, xi=0.9, rho=0.1)
+
 
 # ---------------------------------------------------------------------------------------- runs
 @dataclass
@@ -281,6 +287,33 @@ class QATScalingLaw:
         ]
         lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
         return float(lo), float(hi)
+
+    def simulate_runs(
+        self,
+        sizes: Sequence[float],
+        bits: Sequence,
+        tokens_per_param: Sequence[float],
+        fractions: Sequence[float],
+        noise: float = 0.0,
+        seed: int = 0,
+        fp_only: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Runs whose losses this law predicts, times ``1 + noise * N(0, 1)``: every size x budget
+        (``tokens_per_param * size`` tokens) x bit width x QAT fraction, plus one FP-only run per size
+        and budget when ``fp_only``."""
+        rng = np.random.default_rng(seed)
+        runs = []
+        for n in sizes:
+            for per_param in tokens_per_param:
+                d = per_param * n
+                if fp_only:
+                    loss = float(self.predict(n, d, 0.0, None)) * (1 + noise * rng.standard_normal())
+                    runs.append(dict(num_params=n, fp_tokens=d, qat_tokens=0.0, bits=None, loss=loss))
+                for b in bits:
+                    for f in fractions:
+                        loss = float(self.predict(n, (1 - f) * d, f * d, b)) * (1 + noise * rng.standard_normal())
+                        runs.append(dict(num_params=n, fp_tokens=(1 - f) * d, qat_tokens=f * d, bits=b, loss=loss))
+        return runs
 
     def loss_curve(self, num_params: float, total_tokens: float, bits, fractions: np.ndarray,
                    pretrained_tokens: float = 0.0) -> np.ndarray:

@@ -7,10 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from hf_qat.planner import QATScalingLaw, load_runs
+from hf_qat.planner import ILLUSTRATIVE_PARAMS, QATScalingLaw, load_runs
 
-TRUE = dict(E=1.8, A=400.0, alpha=0.34, B=410.0, beta=0.28, theta=0.3, kappa=1.0, phi=0.5, chi=0.8, psi=0.05,
-            omega=0.3, lam=20.0, mu=0.7, nu=0.05, xi=0.9, rho=0.1)
+TRUE = ILLUSTRATIVE_PARAMS
 SIZES = (3e7, 1e8, 3e8)
 BITS = (1, 2, 4, 6)
 BUDGETS = (10, 30, 100, 300, 1000)  # tokens per parameter
@@ -19,18 +18,7 @@ FRACTIONS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)
 
 def synthetic_runs(noise=0.002, seed=0):
     truth = QATScalingLaw(TRUE)
-    rng = np.random.default_rng(seed)
-    runs = []
-    for n in SIZES:
-        for d_per_n in BUDGETS:
-            d = d_per_n * n
-            runs.append(dict(num_params=n, fp_tokens=d, qat_tokens=0.0, bits=None,
-                             loss=truth.predict(n, d, 0.0, None) * (1 + noise * rng.standard_normal())))
-            for bits in BITS:
-                for f in FRACTIONS:
-                    loss = truth.predict(n, (1 - f) * d, f * d, bits) * (1 + noise * rng.standard_normal())
-                    runs.append(dict(num_params=n, fp_tokens=(1 - f) * d, qat_tokens=f * d, bits=bits, loss=loss))
-    return truth, runs
+    return truth, truth.simulate_runs(SIZES, BITS, BUDGETS, FRACTIONS, noise=noise, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,8 @@
 import pytest
 
-from hf_qat.planner import BASELINES, QATScalingLaw, plan_qat
+from hf_qat.planner import BASELINES, ILLUSTRATIVE_PARAMS, QATScalingLaw, plan_qat
 
-TRUE = dict(E=1.8, A=400.0, alpha=0.34, B=410.0, beta=0.28, theta=0.3, kappa=1.0, phi=0.5, chi=0.8, psi=0.05,
-            omega=0.3, lam=20.0, mu=0.7, nu=0.05, xi=0.9, rho=0.1)
+TRUE = ILLUSTRATIVE_PARAMS
 
 
 def test_plan_fields_and_switch_step():
