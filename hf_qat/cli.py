@@ -131,6 +131,17 @@ def cmd_best_bits(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import DemoSettings, run_demo
+
+    overrides = {k: v for k, v in {"bits": args.bits, "steps": args.steps, "output_dir": args.output_dir,
+                                   "export_format": args.format}.items() if v is not None}
+    settings = DemoSettings.quick(**overrides) if args.quick else DemoSettings(**overrides)
+    result = run_demo(settings)
+    return 0 if result.losses["qat"] < result.losses["ptq"] else 1
+
+
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-qat", description="Compute-optimal quantization-aware training")
@@ -165,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--candidates", type=lambda t: [_bits(x) for x in t.split(",")],
                    default=[1, 1.58, 2, 3, 4, 6, 8], help="comma-separated bit widths")
     b.set_defaults(func=cmd_best_bits)
+
+    d = sub.add_parser("demo", help="train a small model FP then QAT on offline text, compare with FP and PTQ, export")
+    d.add_argument("--quick", action="store_true", help="a shortened run (CI)")
+    d.add_argument("--bits", type=_bits, default=None, help="weight bits (default 2)")
+    d.add_argument("--steps", type=int, default=None, help="optimizer steps of each run")
+    d.add_argument("--format", default=None, help="export format (default: auto)")
+    d.add_argument("--output-dir", default=None, help="where runs and the export go (default hf_qat_demo_out)")
+    d.set_defaults(func=cmd_demo)
     return parser
 
 

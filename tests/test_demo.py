@@ -1,0 +1,36 @@
+"""The main job, shortened: FP, PTQ and planned QAT on offline text; QAT beats PTQ at 2 bits."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from hf_qat.demo.corpus import load_stdlib_corpus, make_blocks, train_tokenizer
+from hf_qat.demo.run import DemoSettings, run_demo
+
+pytestmark = pytest.mark.slow
+
+
+def test_corpus_and_tokenizer_are_offline_and_deterministic():
+    a = load_stdlib_corpus(200_000, 20_000)
+    b = load_stdlib_corpus(200_000, 20_000)
+    assert a.train_text == b.train_text and a.eval_text and a.train_bytes >= 200_000
+    tok = train_tokenizer(a.train_text, 300)
+    blocks = make_blocks(a.train_text, tok, 64)
+    assert blocks.shape[1] == 64 and int(blocks.max()) < 300
+    assert tok.decode(tok("def f(x):\n    return x")["input_ids"]) == "def f(x):\n    return x"
+
+
+def test_quick_demo_qat_beats_ptq_at_two_bits(tmp_path):
+    result = run_demo(DemoSettings.quick(output_dir=str(tmp_path)))
+    losses = result.losses
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses["qat"] < losses["ptq"]
+    assert losses["fp"] < losses["ptq"]
+    assert 0 < result.switch_step < result.settings["steps"]
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["losses"] == losses
+    if "exported" in losses:
+        assert abs(losses["exported"] - losses["qat"]) < 1e-3
