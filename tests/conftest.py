@@ -3,7 +3,10 @@ import os
 import pytest
 import torch
 
-# Tests run on CPU, deterministically; the Triton tests set TRITON_INTERPRET themselves.
+# Without a GPU, Triton kernels run under the interpreter (slow, exact). It must be set before any
+# kernel module is imported: triton.jit reads it when it decorates.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_QAT_BACKEND", "auto")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

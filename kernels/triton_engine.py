@@ -1,0 +1,19 @@
+"""The Triton engine behind ``hf_qat.kernels.dispatch``: same interface as the PyTorch reference."""
+
+from __future__ import annotations
+
+from .activation_fake_quant import activation_fake_quant_forward
+from .weight_fake_quant import fake_quant_backward, fake_quant_forward
+
+
+class TritonEngine:
+    name = "triton"
+
+    def weight_forward(self, weight, s_r, step, spec):
+        return fake_quant_forward(weight, s_r, step, spec)
+
+    def weight_backward(self, grad_output, weight, s_r, step, spec, need_scale_grad):
+        return fake_quant_backward(grad_output, weight, s_r, step, spec, need_scale_grad)
+
+    def activation_forward(self, x):
+        return activation_fake_quant_forward(x)

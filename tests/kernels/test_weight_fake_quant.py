@@ -1,0 +1,74 @@
+"""Triton kernels against the PyTorch reference, bit for bit (interpreted on CPU, compiled on GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_qat.config import TERNARY_BITS
+from hf_qat.kernels.dispatch import TorchEngine
+from hf_qat.quantizers import ScaleLayout, get_quantizer
+from hf_qat.quantizers.reference import WeightQuantSpec, finish_scale_grad, prepare_scales
+
+triton = pytest.importorskip("triton")
+from hf_qat.kernels.triton_engine import TritonEngine  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FAMILIES = [("binary", 1), ("seq", TERNARY_BITS), ("seq", 2), ("lsq", 2), ("lsq", 3), ("lsq", 4), ("lsq", 8),
+            ("absmax", 4)]
+# (rows, cols, group): odd row counts, widths that are not powers of two, tiles that do not divide.
+SHAPES = [(5, 96, 32), (7, 48, 16), (3, 200, "channel"), (9, 72, "tensor"), (6, 1536, 512), (4, 40, 8),
+          (33, 1100, "channel")]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that -0.0 != +0.0 and every ulp counts."""
+    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def case(family, bits, rows, cols, group, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(rows, cols, generator=gen) * 0.05)
+    weight[0, 1] = 0.5
+    weight[-1, -1] = 0.0
+    weight = weight.to(dtype)
+    quantizer = get_quantizer(family, bits)
+    layout = ScaleLayout(group)
+    scale = quantizer.init_scale(layout.scale_view(weight.float()))
+    scale = (scale * (0.6 + 0.8 * torch.rand(scale.shape, generator=gen))).to(dtype)
+    spec = WeightQuantSpec(quantizer.grid(), group, torch.float16 if dtype != torch.bfloat16 else torch.bfloat16,
+                           quantizer.grad_scale(weight.numel(), scale.numel(), "paretoq"), quantizer.learnable)
+    grad = (torch.randn(rows, cols, generator=gen)).to(dtype)
+    return weight.to(DEVICE), scale.to(DEVICE), grad.to(DEVICE), spec
+
+
+@pytest.mark.parametrize("family,bits", FAMILIES)
+@pytest.mark.parametrize("rows,cols,group", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_and_both_gradients_are_bit_exact(family, bits, rows, cols, group, dtype):
+    weight, scale, grad, spec = case(family, bits, rows, cols, group, dtype)
+    s_r, step = prepare_scales(scale, spec.grid, spec.scale_dtype)
+    ref, tri = TorchEngine(), TritonEngine()
+    assert torch.equal(bits_of(tri.weight_forward(weight, s_r, step, spec)), bits_of(ref.weight_forward(weight, s_r, step, spec)))
+    gw_ref, sums_ref = ref.weight_backward(grad, weight, s_r, step, spec, spec.learnable)
+    gw_tri, sums_tri = tri.weight_backward(grad, weight, s_r, step, spec, spec.learnable)
+    assert torch.equal(bits_of(gw_tri), bits_of(gw_ref))
+    if spec.learnable:
+        gs_ref = finish_scale_grad(sums_ref, scale, spec.grad_scale)
+        gs_tri = finish_scale_grad(sums_tri, scale, spec.grad_scale)
+        assert torch.equal(bits_of(gs_tri), bits_of(gs_ref))
+    else:
+        assert sums_ref is None and sums_tri is None
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 48), (5, 5000), (1, 33), (2, 4, 1536)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_activation_fake_quant_is_bit_exact(shape, dtype):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3).to(dtype).to(DEVICE)
+    x.view(-1)[0] = 0.0
+    ref = TorchEngine().activation_forward(x)
+    tri = TritonEngine().activation_forward(x)
+    assert torch.equal(bits_of(tri), bits_of(ref))
+    zero_row = torch.zeros(2, 16, dtype=dtype, device=DEVICE)  # the 1e-5 clamp
+    assert torch.equal(bits_of(TritonEngine().activation_forward(zero_row)), bits_of(TorchEngine().activation_forward(zero_row)))
