@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from .pack import dequantize_reference
 from hf_qat.quantizers.reference import (
     WeightQuantSpec,
     fake_quantize_activation,
@@ -42,6 +43,9 @@ class Engine(Protocol):
 
     def activation_forward(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    def dequantize(self, packed: torch.Tensor, bits: int, cols: int, table: torch.Tensor, step: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor: ...
+
 
 class TorchEngine:
     """The reference (hf_qat.quantizers.reference) as an engine."""
@@ -56,6 +60,9 @@ class TorchEngine:
 
     def activation_forward(self, x):
         return fake_quantize_activation(x)
+
+    def dequantize(self, packed, bits, cols, table, step, dtype):
+        return dequantize_reference(packed, bits, cols, table, step, dtype)
 
 
 _TORCH = TorchEngine()
@@ -138,6 +145,12 @@ class ActivationFakeQuant(torch.autograd.Function):
 def weight_fake_quant(weight: torch.Tensor, scale: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor:
     """Differentiable weight fake quantization through the selected engine."""
     return WeightFakeQuant.apply(weight, scale, spec)
+
+
+def dequantize_packed(packed: torch.Tensor, bits: int, cols: int, table: torch.Tensor, step: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """A packed low-bit weight (``kernels.pack`` layout) as a dense ``[rows, cols]`` tensor of ``dtype``."""
+    return select_engine(packed).dequantize(packed, bits, cols, table, step, dtype)
 
 
 def activation_fake_quant(x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .activation_fake_quant import activation_fake_quant_forward
+from .unpack_dequant import unpack_dequantize
 from .weight_fake_quant import fake_quant_backward, fake_quant_forward
 
 
@@ -17,3 +18,6 @@ class TritonEngine:
 
     def activation_forward(self, x):
         return activation_fake_quant_forward(x)
+
+    def dequantize(self, packed, bits, cols, table, step, dtype):
+        return unpack_dequantize(packed, bits, cols, table, step, dtype)
