@@ -54,10 +54,17 @@ def _codes(r, SIGN: tl.constexpr, CLIP_LO: tl.constexpr, CLIP_HI: tl.constexpr, 
            ADD: tl.constexpr, CODE_MUL: tl.constexpr, CODE_ADD: tl.constexpr):
     if SIGN:
         return tl.where(r >= 0, 1.0, -1.0)
-    q = _round_half_even(tl.minimum(tl.maximum(r, CLIP_LO), CLIP_HI) * MUL + ADD)
-    if CODE_MUL == 1 and CODE_ADD == 0:
-        return q
-    return q * CODE_MUL + CODE_ADD
+    q = tl.minimum(tl.maximum(r, CLIP_LO), CLIP_HI)
+    if MUL != 1.0:
+        q = q * MUL
+    if ADD != 0.0:
+        q = q + ADD
+    q = _round_half_even(q)
+    if CODE_MUL != 1:
+        q = q * CODE_MUL
+    if CODE_ADD != 0:
+        q = q + CODE_ADD
+    return q
 
 
 @triton.jit
@@ -123,7 +130,9 @@ def _fake_quant_bwd_kernel(
         if SIGN:
             factor = code
         else:
-            factor = tl.where(r < CLIP_LO, GRAD_LO, tl.where(r > CLIP_HI, GRAD_HI, code * LEVEL - r))
+            if LEVEL != 1.0:
+                code = code * LEVEL
+            factor = tl.where(r < CLIP_LO, GRAD_LO, tl.where(r > CLIP_HI, GRAD_HI, code - r))
         contrib = tl.where(mask, grad_raw.to(tl.float32) * factor, 0.0)
         if GROUP_MODE:
             sums = _tree_last(tl.reshape(contrib, [BR * (BC // G), G]), BR * (BC // G), G, LOG2_G)

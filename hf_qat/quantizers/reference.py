@@ -87,26 +87,39 @@ def prepare_scales(scale: torch.Tensor, grid: Grid, scale_dtype: torch.dtype) ->
 
 
 def _ratio(weight: torch.Tensor, s_r: torch.Tensor, layout: ScaleLayout) -> torch.Tensor:
-    """``r = w / s_r`` as fp32 ``[R, n_groups, G]``."""
-    return layout.group_view(weight.float()) / s_r.unsqueeze(-1)
+    """``r = w / s_r`` as a new fp32 tensor ``[R, n_groups, G]``."""
+    return torch.div(layout.group_view(weight.float()), s_r.unsqueeze(-1))
+
+
+def _codes_(q: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Turn ``q = clamp(r, clip_lo, clip_hi)`` (modified in place) into the codes of a non-sign grid.
+    Multiplications by 1 and additions of 0 are not performed (so -0.0 stays -0.0)."""
+    if grid.mul != 1.0:
+        q.mul_(grid.mul)
+    if grid.add != 0.0:
+        q.add_(grid.add)
+    q.round_()
+    if grid.code_mul != 1:
+        q.mul_(grid.code_mul)
+    if grid.code_add != 0:
+        q.add_(grid.code_add)
+    return q
 
 
 def grid_codes(r: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """The integer code of every ``r`` (fp32 tensor holding integers)."""
+    """The integer code of every ``r`` (a new fp32 tensor holding integers)."""
     if grid.sign:
         return torch.where(r >= 0, 1.0, -1.0)
-    q = torch.round(r.clamp(grid.clip_lo, grid.clip_hi) * grid.mul + grid.add)
-    if grid.code_mul == 1 and grid.code_add == 0:
-        return q
-    return q * grid.code_mul + grid.code_add
+    return _codes_(r.clamp(grid.clip_lo, grid.clip_hi), grid)
 
 
 def fake_quantize_forward(
     weight: torch.Tensor, s_r: torch.Tensor, step: torch.Tensor, grid: Grid, layout: ScaleLayout
 ) -> torch.Tensor:
     """The fake-quantized weight ``step * code`` in the weight's dtype, shaped like ``weight``."""
-    codes = grid_codes(_ratio(weight, s_r, layout), grid)
-    return (codes * step.unsqueeze(-1)).reshape(weight.shape).to(weight.dtype)
+    r = _ratio(weight, s_r, layout)
+    codes = torch.where(r >= 0, 1.0, -1.0) if grid.sign else _codes_(r.clamp_(grid.clip_lo, grid.clip_hi), grid)
+    return codes.mul_(step.unsqueeze(-1)).reshape(weight.shape).to(weight.dtype)
 
 
 def fake_quantize_backward(
@@ -121,18 +134,31 @@ def fake_quantize_backward(
     """``(grad_weight, group_sums)``: the clipped straight-through weight gradient (weight dtype) and,
     when asked, ``sum(grad * factor)`` per row and group, fp32 ``[R, n_groups]``."""
     r = _ratio(weight, s_r, layout)
-    mask = ((r >= grid.mask_lo) & (r <= grid.mask_hi)).reshape(weight.shape)
-    grad_weight = torch.where(mask, grad_output, torch.zeros((), dtype=grad_output.dtype))
+    zero = torch.zeros((), dtype=grad_output.dtype)
+    if grid.sign:
+        mask = (r >= grid.mask_lo) & (r <= grid.mask_hi)
+        clamped = None
+    else:
+        clamped = r.clamp(grid.clip_lo, grid.clip_hi)
+        if grid.mask_lo == -float("inf"):
+            mask = None
+        elif (grid.mask_lo, grid.mask_hi) == (grid.clip_lo, grid.clip_hi):
+            mask = clamped == r  # lo <= r <= hi, from the clamp the codes need anyway
+        else:
+            mask = (r >= grid.mask_lo) & (r <= grid.mask_hi)
+    grad_weight = grad_output if mask is None else torch.where(mask.view(weight.shape), grad_output, zero)
     if not need_scale_grad:
         return grad_weight, None
-    codes = grid_codes(r, grid)
     if grid.sign:
-        factor = codes
+        factor = torch.where(r >= 0, 1.0, -1.0)
     else:
-        inside = codes * grid.level - r
-        factor = torch.where(r < grid.clip_lo, grid.grad_lo, torch.where(r > grid.clip_hi, grid.grad_hi, inside))
-    contrib = layout.group_view(grad_output.float()) * factor
-    return grad_weight, tree_sum(contrib, dim=-1)
+        factor = _codes_(clamped, grid)
+        if grid.level != 1.0:
+            factor.mul_(grid.level)
+        factor.sub_(r)  # code * level - r inside the clip range
+        factor.masked_fill_(r < grid.clip_lo, grid.grad_lo).masked_fill_(r > grid.clip_hi, grid.grad_hi)
+    factor.mul_(layout.group_view(grad_output.float()))
+    return grad_weight, tree_sum(factor, dim=-1)
 
 
 def finish_scale_grad(group_sums: torch.Tensor, scale: torch.Tensor, grad_scale: float) -> torch.Tensor:
@@ -143,8 +169,8 @@ def finish_scale_grad(group_sums: torch.Tensor, scale: torch.Tensor, grad_scale:
     """
     if scale.shape[0] == 1 and group_sums.shape[0] > 1:
         group_sums = tree_sum(group_sums, dim=0, keepdim=True)
-    grad = group_sums * torch.tensor(grad_scale, dtype=torch.float32, device=group_sums.device)
-    grad = torch.where(scale.detach().float() >= _SCALE_MIN_F32, grad, torch.zeros((), device=grad.device))
+    grad = group_sums * float(torch.tensor(grad_scale, dtype=torch.float32))  # g rounded to fp32 first
+    grad.masked_fill_(scale.detach().float() < _SCALE_MIN_F32, 0.0)
     return grad.to(scale.dtype)
 
 
