@@ -8,7 +8,7 @@ compressed-tensors' ``pack-quantized`` layout (values ``q + 2^(b-1)`` in b-bit f
 the lowest bits) whenever ``cols * b`` is a multiple of 32.
 
 A packed weight is dequantized through a code table: ``weight = table[u] * step`` in fp32, cast to
-the weight dtype (``dequantize_reference``; the Triton kernel in ``unpack_dequant.py`` matches it).
+the weight dtype (``dequantize_reference``; the Triton kernel in ``triton_unpack.py`` matches it).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .activation_fake_quant import activation_fake_quant_forward
-from .unpack_dequant import unpack_dequantize
-from .weight_fake_quant import fake_quant_backward, fake_quant_forward
+from .triton_activation_quant import activation_fake_quant_forward
+from .triton_unpack import unpack_dequantize
+from .triton_weight_quant import fake_quant_backward, fake_quant_forward
 
 
 class TritonEngine:

@@ -54,7 +54,7 @@ def test_out_of_range_values_are_refused():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_triton_dequant_matches_reference(bits, table, dtype):
     pytest.importorskip("triton")
-    from hf_qat.kernels.unpack_dequant import unpack_dequantize
+    from hf_qat.kernels.triton_unpack import unpack_dequantize
 
     gen = torch.Generator().manual_seed(bits)
     rows, cols = 7, 96

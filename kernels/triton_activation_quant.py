@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .weight_fake_quant import OUT_KINDS, _round_half_even, _to_out_dtype
+from .triton_weight_quant import OUT_KINDS, _round_half_even, _to_out_dtype
 
 
 @triton.jit
