@@ -25,6 +25,8 @@ from .errors import QATConfigError, QATModelError, QATRuntimeError
 from .modules import QATEmbedding, QATLinear
 from .quantizers import Quantizer, available_quantizers, register_quantizer
 from .callback import QATCallback  # noqa: E402  (imports transformers)
+from .export import export_checkpoint, load_exported  # noqa: E402  (registers the native format's quantizer)
+from .planner import plan_qat  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -40,6 +42,9 @@ __all__ = [
     "Quantizer",
     "activate_qat",
     "available_quantizers",
+    "export_checkpoint",
+    "load_exported",
+    "plan_qat",
     "get_qat_config",
     "initialize_scales",
     "is_qat_active",

@@ -83,3 +83,43 @@ def run_distributed(out_dir, nproc: int, *script_args: str, timeout: int = 600) 
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+
+
+def qat_trained_model(cfg, steps: int = 3, seed: int = 0, lr: float = 1e-2, **model_kwargs):
+    """A tiny Llama after ``steps`` AdamW steps of QAT (from step 0) with QATConfig ``cfg``."""
+    import hf_qat
+
+    model = tiny_llama(seed=seed, **model_kwargs)
+    hf_qat.prepare_model_for_qat(model, cfg)
+    hf_qat.activate_qat(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    data = token_dataset(n=steps * 4, vocab=model.config.vocab_size)
+    for step in range(steps):
+        batch = torch.stack([row["input_ids"] for row in data[step * 4:(step + 1) * 4]])
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+RELOAD_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+kwargs = {'gguf_file': 'model.gguf'} if sys.argv[2] == 'gguf' else {}
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], **kwargs)
+assert 'hf_qat' not in sys.modules, 'hf_qat was imported'
+with torch.no_grad():
+    torch.save(model(torch.load(sys.argv[3])).logits, sys.argv[4])
+"""
+
+
+def logits_in_fresh_process(directory, fmt: str, input_ids: torch.Tensor, tmp_path) -> torch.Tensor:
+    """Load an export with plain transformers in a new Python process that never imports hf_qat."""
+    x_path, out_path = str(tmp_path / "x.pt"), str(tmp_path / "logits.pt")
+    torch.save(input_ids, x_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(directory), fmt, x_path, out_path],
+                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"reload of {directory} failed:\n{proc.stderr[-6000:]}")
+    return torch.load(out_path)

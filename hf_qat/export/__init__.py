@@ -1,0 +1,26 @@
+"""Low-bit checkpoints that serve without hf_qat (compressed-tensors, GGUF, BitNet) and the native format.
+
+``export_checkpoint(model, out_dir, format=...)`` packs the integer codes the QAT model computed with
+(never re-quantizes), writes a model card and a manifest, and can push the folder to the Hub.
+Importing this package registers the native format's transformers quantizer.
+"""
+
+from . import bitnet, compressed_tensors, gguf, native  # noqa: F401  (registers the formats)
+from .api import choose_format, export_checkpoint, load_exported, load_qat_checkpoint
+from .base import FORMATS, ExportFormatError, ExportInfo
+from .layers import QuantizedLayer, collect_layers
+from .native_quantizer import register as _register_native_quantizer
+
+_register_native_quantizer()
+
+__all__ = [
+    "FORMATS",
+    "ExportFormatError",
+    "ExportInfo",
+    "QuantizedLayer",
+    "choose_format",
+    "collect_layers",
+    "export_checkpoint",
+    "load_exported",
+    "load_qat_checkpoint",
+]

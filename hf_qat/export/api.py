@@ -1,0 +1,169 @@
+"""export_checkpoint and load_exported: the entry points of hf_qat.export."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import CONFIG_NAME, QATConfig
+from ..convert import get_qat_config, prepare_model_for_qat
+from ..distributed import world_size
+from .base import (
+    MANIFEST_NAME,
+    ExportFormat,
+    ExportInfo,
+    check_layers,
+    dedupe_shared,
+    get_format,
+    verify_manifest,
+    write_manifest,
+)
+from .layers import QuantizedLayer, collect_layers
+
+PLAN_NAME = "qat_plan.json"
+
+
+def choose_format(layers: list[QuantizedLayer]) -> str:
+    """"auto": compressed-tensors when every layer is a METHOD.md section-6 row it serves (LSQ 4/8-bit or
+    SEQ 2-bit, group or channel scales, Linear layers), BitNet for per-tensor ternary with int8
+    activations, else the native format."""
+    from .bitnet import BitNetFormat
+    from .compressed_tensors import CompressedTensorsFormat
+
+    ct = CompressedTensorsFormat()
+    if all(ct.problem(layer) is None and ct.native_width(layer) for layer in layers):
+        return ct.name
+    bitnet = BitNetFormat()
+    if all(bitnet.problem(layer) is None for layer in layers) and all(layer.activation_bits == 8 for layer in layers):
+        return bitnet.name
+    return "hf-qat"
+
+
+def load_qat_checkpoint(directory: str, **kwargs: Any) -> nn.Module:
+    """A QAT model from a Trainer checkpoint or output dir (``qat_config.json`` + safetensors): the
+    model built from its config, QAT modules installed, every tensor (scales, switch state) loaded."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a checkpoint of a QAT run")
+    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    prepare_model_for_qat(model, QATConfig.from_pretrained(directory))
+    state = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            state.update(load_file(os.path.join(directory, name)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    qat_missing = [k for k in missing if k.endswith(("weight_scale", "qat_active", "qat_initialized"))]
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    qat_missing = [k for k in qat_missing if k.replace("weight_scale", "weight") not in tied]
+    if qat_missing or unexpected:
+        raise ValueError(f"{directory} does not match its {CONFIG_NAME}: missing {qat_missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
+def _expected_bytes(fmt: ExportFormat, layers: list[QuantizedLayer], others: dict[str, torch.Tensor]) -> int:
+    total = sum(t.numel() * t.element_size() for t in dedupe_shared(others).values())
+    for layer in layers:
+        total += int(layer.codes.numel() * fmt.storage_bits(layer) / 8)
+        total += fmt.scale_bytes(layer)
+        total += 0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size()
+    return total
+
+
+def export_checkpoint(
+    model_or_dir: nn.Module | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    format: str = "auto",
+    tokenizer=None,
+    push_to_hub: str | None = None,
+    private: bool = True,
+    token: str | None = None,
+    card: dict[str, Any] | None = None,
+    base_model: str | None = None,
+) -> ExportInfo:
+    """Write a low-bit checkpoint of a QAT model (or of a QAT checkpoint directory).
+
+    Args:
+        model_or_dir: a model prepared by hf_qat (after the switch), or a checkpoint directory of a
+            QAT run (it holds ``qat_config.json``).
+        out_dir: the directory to write.
+        format: "compressed-tensors" (transformers + vLLM), "gguf" (llama.cpp), "bitnet"
+            (transformers BitNet), "hf-qat" (native: every setting; needs hf_qat to load), or
+            "auto". A format that cannot represent the model exactly is an error naming those that can.
+        tokenizer: saved alongside (required for GGUF, which embeds it).
+        push_to_hub: a repo id ("user/model") to upload the folder to in one commit.
+        private / token: for the upload (token defaults to the environment / cached login).
+        card: extra fields for the model card (``eval`` results, ``training_tokens``, ``description``).
+        base_model: the model this was quantized from (for the card's ``base_model``).
+
+    Under DDP/FSDP2 call it on every rank: weights are gathered on every rank, rank 0 writes.
+    """
+    model = load_qat_checkpoint(os.fspath(model_or_dir)) if isinstance(model_or_dir, (str, os.PathLike)) else model_or_dir
+    if isinstance(model_or_dir, (str, os.PathLike)) and base_model is None:
+        base_model = getattr(model.config, "_name_or_path", None)
+    layers, others = collect_layers(model)
+    name = choose_format(layers) if format == "auto" else format
+    fmt = get_format(name)
+    check_layers(fmt, layers)
+    fmt.check_model(model, layers)
+    out_dir = os.fspath(out_dir)
+    rank_zero = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    info = ExportInfo(format=name, path=out_dir)
+    if rank_zero:
+        os.makedirs(out_dir, exist_ok=True)
+        info = fmt.write(model, layers, others, out_dir, tokenizer=tokenizer)
+        info.expected_bytes = _expected_bytes(fmt, layers, others)
+        if tokenizer is not None and name != "gguf":
+            info.files += [f for f in tokenizer.save_pretrained(out_dir) if os.path.isfile(f)]
+            info.files = [os.path.relpath(f, out_dir) if os.path.isabs(f) else f for f in info.files]
+        cfg = get_qat_config(model)
+        plan = _find_plan(model_or_dir)
+        from .card import write_model_card
+
+        info.files.append(write_model_card(out_dir, fmt, info, cfg, plan, card or {}, base_model))
+        write_manifest(out_dir, info, {"qat_config": cfg.to_dict() if cfg else None, "plan": plan,
+                                       "hf_qat_version": _version()})
+        if push_to_hub:
+            from .hub import push_folder
+
+            push_folder(out_dir, push_to_hub, private=private, token=token)
+    if world_size() > 1:
+        torch.distributed.barrier()
+    return info
+
+
+def _find_plan(model_or_dir) -> dict | None:
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        path = os.path.join(os.fspath(model_or_dir), PLAN_NAME)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+    plan = getattr(model_or_dir, "_hf_qat_plan", None)
+    return plan.to_dict() if plan is not None else None
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def load_exported(directory: str | os.PathLike, verify: bool = True, **kwargs: Any) -> nn.Module:
+    """Load an export (any format) after checking every file against the manifest's sha256.
+
+    ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (GGUF exports load through transformers'
+    GGUF reader, which dequantizes).
+    """
+    from transformers import AutoModelForCausalLM
+
+    directory = os.fspath(directory)
+    manifest = verify_manifest(directory) if verify else json.load(open(os.path.join(directory, MANIFEST_NAME)))
+    if manifest["format"] == "gguf":
+        gguf_file = next(f for f in manifest["files"] if f.endswith(".gguf"))
+        return AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(directory, **kwargs)

@@ -1,0 +1,216 @@
+"""The pieces every export format shares: the format interface and registry, writing tensors and the
+model config, and the manifest (``hf_qat_export.json``: format, QAT config, plan, and the sha256 of
+every file, so that ``load_exported`` refuses a corrupt or modified checkpoint)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import QATModelError
+from .layers import QuantizedLayer
+
+MANIFEST_NAME = "hf_qat_export.json"
+
+
+class ExportFormatError(ValueError):
+    """A layer's quantization cannot be written exactly in the requested format."""
+
+
+@dataclass
+class ExportInfo:
+    """What an export wrote.
+
+    Attributes:
+        format: the format's name.
+        path: the output directory.
+        files: the files written (relative to ``path``).
+        weight_bytes: bytes of all tensors written.
+        expected_bytes: quantized weights at the format's storage bits + scales + other tensors.
+        exact: whether the loaded model reproduces the QAT model exactly (up to matmul rounding).
+        notes: what the user should know (e.g. activation quantization a loader does not replicate).
+    """
+
+    format: str
+    path: str
+    files: list[str] = field(default_factory=list)
+    weight_bytes: int = 0
+    expected_bytes: int = 0
+    exact: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+class ExportFormat:
+    """One export format. Subclasses set ``name`` and implement :meth:`problem` and :meth:`write`."""
+
+    name: ClassVar[str] = ""
+    library_name: ClassVar[str] = "transformers"
+    needs_hf_qat: ClassVar[bool] = False
+    tags: ClassVar[tuple[str, ...]] = ()
+
+    def problem(self, layer: QuantizedLayer) -> str | None:
+        """Why ``layer`` cannot be written exactly in this format, or None if it can."""
+        raise NotImplementedError
+
+    def storage_bits(self, layer: QuantizedLayer) -> float:
+        """Bits per weight this format stores for ``layer`` (for the size check)."""
+        raise NotImplementedError
+
+    def scale_bytes(self, layer: QuantizedLayer) -> int:
+        """Bytes of the scales this format stores for ``layer`` (default: in the scale dtype)."""
+        return 0 if layer.tied_to else layer.step.numel() * torch.empty((), dtype=layer.scale_dtype).element_size()
+
+    def check_model(self, model: nn.Module, layers: list[QuantizedLayer]) -> None:
+        """Model-level requirements (architecture, tokenizer...); raise ExportFormatError."""
+
+    def write(self, model: nn.Module, layers: list[QuantizedLayer], others: dict[str, torch.Tensor], out_dir: str,
+              tokenizer=None) -> ExportInfo:
+        raise NotImplementedError
+
+
+FORMATS: dict[str, type[ExportFormat]] = {}
+
+
+def register_format(cls: type[ExportFormat]) -> type[ExportFormat]:
+    FORMATS[cls.name] = cls
+    return cls
+
+
+def get_format(name: str) -> ExportFormat:
+    if name not in FORMATS:
+        raise ValueError(f"export format {name!r} is not known; formats: {', '.join(['auto', *FORMATS])}")
+    return FORMATS[name]()
+
+
+def formats_that_can(layers: list[QuantizedLayer]) -> list[str]:
+    return [name for name, cls in FORMATS.items() if all(cls().problem(layer) is None for layer in layers)]
+
+
+def check_layers(fmt: ExportFormat, layers: list[QuantizedLayer]) -> None:
+    """Raise ExportFormatError listing the first layers ``fmt`` cannot write and the formats that can."""
+    problems = [(layer.name, p) for layer in layers if (p := fmt.problem(layer)) is not None]
+    if problems:
+        shown = "; ".join(f"{name}: {p}" for name, p in problems[:3])
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        able = formats_that_can(layers)
+        raise ExportFormatError(
+            f"format {fmt.name!r} cannot represent this model exactly: {shown}{more}. "
+            f"Formats that can: {', '.join(able) if able else 'none'}"
+        )
+
+
+# ---------------------------------------------------------------------------------------- writing
+def dedupe_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later keys whose tensor shares storage with an earlier one (tied weights: written once)."""
+    seen: set[tuple[int, int, tuple]] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if ident in seen and tensor.numel():
+            continue
+        seen.add(ident)
+        out[key] = tensor.contiguous()
+    return out
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_size: str | int = "4GB") -> list[str]:
+    """Write safetensors (sharded with an index when large); returns the file names."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    tensors = dedupe_shared(tensors)
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    files = []
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: tensors[k] for k in keys}, os.path.join(out_dir, filename), metadata={"format": "pt"})
+        files.append(filename)
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": split.tensor_to_filename}
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
+            json.dump(index, fh, indent=2)
+        files.append("model.safetensors.index.json")
+    return files
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in dedupe_shared(tensors).values())
+
+
+def write_model_config(model: nn.Module, out_dir: str, quantization_config: dict[str, Any] | None,
+                       **overrides: Any) -> list[str]:
+    """config.json (with ``quantization_config``) and generation_config.json of ``model``."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise QATModelError("export needs a transformers model (with a .config)")
+    config = config.__class__.from_dict(config.to_dict())
+    # Record the dtype: without it transformers' dtype="auto" takes the first floating tensor of the
+    # checkpoint, which may be an fp16 scale.
+    config.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if quantization_config is None:
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+    else:
+        config.quantization_config = quantization_config
+    config.save_pretrained(out_dir)
+    files = ["config.json"]
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(out_dir)
+        files.append("generation_config.json")
+    return files
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ---------------------------------------------------------------------------------------- manifest
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(out_dir: str, info: ExportInfo, extra: dict[str, Any]) -> str:
+    files = {}
+    for name in sorted(set(info.files)):
+        path = os.path.join(out_dir, name)
+        files[name] = {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+    data = {"format": info.format, "exact": info.exact, "notes": info.notes, "weight_bytes": info.weight_bytes,
+            "expected_bytes": info.expected_bytes, "files": files, **extra}
+    path = os.path.join(out_dir, MANIFEST_NAME)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+    return path
+
+
+def verify_manifest(directory: str) -> dict[str, Any]:
+    """Check every file the manifest lists against its sha256; raise a clear error otherwise."""
+    path = os.path.join(directory, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} has no {MANIFEST_NAME}: it was not written by hf_qat export_checkpoint")
+    with open(path, encoding="utf-8") as fh:
+        manifest = json.load(fh)
+    for name, meta in manifest["files"].items():
+        file = os.path.join(directory, name)
+        if not os.path.isfile(file):
+            raise ValueError(f"exported checkpoint {directory} is incomplete: {name} is missing")
+        size = os.path.getsize(file)
+        if size != meta["bytes"]:
+            raise ValueError(f"exported checkpoint {directory} is corrupt: {name} has {size} bytes, the export wrote "
+                             f"{meta['bytes']} (truncated or modified)")
+        if sha256_file(file) != meta["sha256"]:
+            raise ValueError(f"exported checkpoint {directory} is corrupt: {name} does not match the sha256 the export "
+                             "recorded (modified after export)")
+    return manifest

@@ -1,0 +1,100 @@
+"""compressed-tensors ``pack-quantized`` (transformers with the compressed-tensors package, and vLLM).
+
+Per Linear: ``weight_packed`` int32 ``[out, ceil(in * b / 32)]`` (codes + 2^(b-1) in b-bit fields,
+element 0 lowest: ``kernels.pack.pack_int32``), ``weight_scale`` ``[out, groups]`` (or ``[out, 1]`` per
+channel) in the weight dtype, ``weight_shape``. compressed-tensors dequantizes ``q * scale`` in the
+scale's dtype: exactly the QAT weight when the step is representable in the weight dtype.
+
+Exact grids: LSQ 4/8-bit, SEQ 2-bit (odd codes -3..3 with step s/4 on the 4-bit grid), and any grid
+whose codes fit 4 or 8 signed bits (ternary, binary, 3/5/6-bit) in a wider container. Only 4- and
+8-bit containers are written (other widths straddle int32 words in compressed-tensors 0.20).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.pack import pack_int32
+from .base import ExportFormat, ExportInfo, register_format, save_tensors, tensor_bytes, write_model_config
+from .layers import QuantizedLayer
+
+
+def _container_bits(layer: QuantizedLayer) -> int | None:
+    lo, hi = min(layer.grid.codes), max(layer.grid.codes)
+    for bits in (4, 8):
+        if -(1 << (bits - 1)) <= lo and hi <= (1 << (bits - 1)) - 1:
+            return bits
+    return None
+
+
+@register_format
+class CompressedTensorsFormat(ExportFormat):
+    name = "compressed-tensors"
+    tags = ("compressed-tensors",)
+
+    def problem(self, layer: QuantizedLayer) -> str | None:
+        if layer.kind != "linear" or layer.tied_to is not None:
+            return "compressed-tensors pack-quantized stores Linear layers only (not quantized embeddings)"
+        if _container_bits(layer) is None:
+            return "its codes do not fit signed 4 or 8 bits"
+        if layer.group_size == "tensor":
+            return "per-tensor scales are not written to compressed-tensors here (use group or channel scales)"
+        if not torch.equal(layer.step.to(layer.dtype).float(), layer.step):
+            return (f"its steps (rounded to {layer.scale_dtype}) are not representable in the weight dtype {layer.dtype}, "
+                    "where compressed-tensors stores scales; train with scale_dtype matching the weights or export in float32")
+        return None
+
+    def native_width(self, layer: QuantizedLayer) -> bool:
+        """True for the METHOD.md rows: the container is the trained width (LSQ 4/8) or SEQ 2-bit."""
+        return (layer.method in ("lsq", "absmax") and layer.bits in (4, 8)) or (layer.method == "seq" and layer.bits == 2)
+
+    def storage_bits(self, layer: QuantizedLayer) -> float:
+        return float(_container_bits(layer))
+
+    def scale_bytes(self, layer: QuantizedLayer) -> int:
+        return layer.step.numel() * torch.empty((), dtype=layer.dtype).element_size()  # stored in the weight dtype
+
+    def write(self, model: nn.Module, layers, others, out_dir, tokenizer=None) -> ExportInfo:
+        tensors = dict(others)
+        groups: dict[tuple, list[str]] = {}
+        notes = []
+        for layer in layers:
+            bits = _container_bits(layer)
+            rows, cols = layer.shape
+            tensors[f"{layer.name}.weight_packed"] = pack_int32(layer.codes.to(torch.int64) + (1 << (bits - 1)), bits)
+            tensors[f"{layer.name}.weight_scale"] = layer.step.to(layer.dtype)
+            tensors[f"{layer.name}.weight_shape"] = torch.tensor([rows, cols], dtype=torch.int64)
+            if layer.bias is not None:
+                tensors[f"{layer.name}.bias"] = layer.bias
+            key = (bits, layer.group_size, layer.activation_bits)
+            groups.setdefault(key, []).append(layer.name)
+            if bits != {1: 1, 1.58: 2}.get(layer.bits, layer.bits) and not self.native_width(layer):
+                notes.append(f"{layer.name}: {layer.bits}-bit codes stored in a {bits}-bit container")
+        config_groups = {}
+        exact = True
+        single = len(groups) == 1
+        for i, ((bits, group_size, act_bits), names) in enumerate(groups.items()):
+            weights = {"num_bits": bits, "type": "int", "symmetric": True, "dynamic": False,
+                       "strategy": "channel" if group_size == "channel" else "group",
+                       "group_size": None if group_size == "channel" else group_size}
+            scheme = {"targets": ["Linear"] if single else names, "weights": weights, "input_activations": None,
+                      "output_activations": None}
+            if act_bits:
+                scheme["input_activations"] = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True,
+                                               "strategy": "token"}
+                exact = False
+            config_groups[f"group_{i}"] = scheme
+        if not exact:
+            notes.append("int8 activations: compressed-tensors computes the per-token scale as max|x|/127 where QAT used "
+                         "127/max|x|; results agree up to that rounding, not bit for bit")
+        quantized = {layer.name for layer in layers}
+        ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and n not in quantized]
+        quantization_config = {
+            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": config_groups, "ignore": ignore, "kv_cache_scheme": None,
+        }
+        files = write_model_config(model, out_dir, quantization_config)
+        files += save_tensors(tensors, out_dir)
+        return ExportInfo(format=self.name, path=out_dir, files=files, weight_bytes=tensor_bytes(tensors), exact=exact,
+                          notes=sorted(set(notes)))

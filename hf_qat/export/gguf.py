@@ -1,0 +1,199 @@
+"""GGUF for llama.cpp: Q4_0, Q8_0 and TQ2_0 blocks written from the QAT integers (never re-quantized).
+
+* Q4_0: blocks of 32 along the input dim: fp16 ``d`` then 16 bytes; byte j holds element j (low nibble)
+  and j + 16 (high nibble) as ``q + 8``. Exact for LSQ 4-bit, groups of 32, fp16 scales.
+* Q8_0: fp16 ``d`` then 32 int8. Exact for LSQ 8-bit, groups of 32, fp16 scales.
+* TQ2_0: blocks of 256: 64 bytes of 2-bit codes ``q + 1`` (byte ``c*32 + m`` holds elements
+  ``c*128 + l*32 + m`` at bits ``2l``), then fp16 ``d``. Exact for ternary, groups of 256, fp16 scales.
+
+The file is runnable by llama.cpp: llama.cpp tensor names (gguf's TensorNameMap), the Llama q/k row
+permutation llama.cpp applies (rows move with their group scales), the architecture metadata and the
+tokenizer (a byte-level BPE tokenizer as ``gpt2``). Norms and unquantized weights are F32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from ..config import TERNARY_BITS
+from .base import ExportFormat, ExportFormatError, ExportInfo, register_format, tensor_bytes, write_model_config
+from .layers import QuantizedLayer
+
+Q4_0, Q8_0, TQ2_0 = "Q4_0", "Q8_0", "TQ2_0"
+BLOCK = {Q4_0: 32, Q8_0: 32, TQ2_0: 256}
+BYTES = {Q4_0: 18, Q8_0: 34, TQ2_0: 66}
+
+
+def gguf_type(layer: QuantizedLayer) -> str | None:
+    """The GGML block type that stores ``layer`` exactly, or None."""
+    codes = layer.grid.codes
+    if layer.scale_dtype != torch.float16:
+        return None
+    if layer.grid.level == 1.0 and codes == list(range(-8, 8)) and layer.group_size == 32:
+        return Q4_0
+    if layer.grid.level == 1.0 and codes == list(range(-128, 128)) and layer.group_size == 32:
+        return Q8_0
+    if layer.bits == TERNARY_BITS and codes == [-1, 0, 1] and layer.group_size == 256:
+        return TQ2_0
+    return None
+
+
+def pack_blocks(codes: torch.Tensor, step: torch.Tensor, qtype: str) -> np.ndarray:
+    """``codes int8 [R, C]`` and fp16-exact ``step [R, C / block]`` -> the raw GGUF blocks ``uint8 [R, bytes]``."""
+    rows, cols = codes.shape
+    block = BLOCK[qtype]
+    q = codes.to(torch.int16).view(rows, cols // block, block)
+    d = step.to(torch.float16).contiguous().view(torch.uint8).view(rows, cols // block, 2)
+    if qtype == Q4_0:
+        u = (q + 8).to(torch.uint8)
+        qs = u[..., :16] | (u[..., 16:] << 4)
+        out = torch.cat([d, qs], dim=-1)
+    elif qtype == Q8_0:
+        out = torch.cat([d, q.to(torch.int8).view(torch.uint8)], dim=-1)
+    else:
+        u = (q + 1).to(torch.uint8).view(rows, cols // block, 2, 4, 32)
+        qs = u[..., 0, :] | (u[..., 1, :] << 2) | (u[..., 2, :] << 4) | (u[..., 3, :] << 6)
+        out = torch.cat([qs.reshape(rows, cols // block, 64), d], dim=-1)
+    return out.reshape(rows, -1).numpy()
+
+
+def _permute_qk(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's row order for Llama q/k projections (a row permutation)."""
+    rows = t.shape[0]
+    return t.reshape(n_head, 2, rows // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+@register_format
+class GGUFFormat(ExportFormat):
+    name = "gguf"
+    library_name = "gguf"
+    tags = ("gguf", "llama.cpp")
+
+    def problem(self, layer: QuantizedLayer) -> str | None:
+        if gguf_type(layer) is None:
+            return ("GGUF holds Q4_0 (4-bit LSQ, groups of 32), Q8_0 (8-bit, groups of 32) and TQ2_0 (ternary, groups "
+                    "of 256), all with fp16 scales")
+        if layer.activation_bits:
+            return "llama.cpp does not fake-quantize activations as int8 per token"
+        return None
+
+    def storage_bits(self, layer: QuantizedLayer) -> float:
+        qtype = gguf_type(layer)
+        return 8.0 * BYTES[qtype] / BLOCK[qtype] - 16.0 / BLOCK[qtype]  # the fp16 d is counted with the scales
+
+    def scale_bytes(self, layer: QuantizedLayer) -> int:
+        return 0 if layer.tied_to else 2 * layer.step.numel()  # fp16 d per block
+
+    def check_model(self, model, layers) -> None:
+        if getattr(model.config, "model_type", None) != "llama":
+            raise ExportFormatError(f"GGUF export writes the llama architecture; this model is "
+                                    f"{getattr(model.config, 'model_type', None)!r}. Formats that can: compressed-tensors, hf-qat")
+
+    def write(self, model, layers, others, out_dir, tokenizer=None) -> ExportInfo:
+        import gguf
+
+        if tokenizer is None:
+            raise ExportFormatError("GGUF embeds the tokenizer: pass export_checkpoint(..., tokenizer=...)")
+        cfg = model.config
+        n_blocks = cfg.num_hidden_layers
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
+        path = os.path.join(out_dir, "model.gguf")
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_name(getattr(cfg, "_name_or_path", None) or "hf_qat export")
+        writer.add_context_length(cfg.max_position_embeddings)
+        writer.add_embedding_length(cfg.hidden_size)
+        writer.add_block_count(n_blocks)
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count(cfg.num_attention_heads)
+        writer.add_head_count_kv(cfg.num_key_value_heads)
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters.get("rope_theta", 10000.0)))
+        writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+        writer.add_vocab_size(cfg.vocab_size)
+        _add_tokenizer(writer, tokenizer, cfg.vocab_size)
+
+        written: dict[str, torch.Tensor] = {}
+
+        def gguf_name(key: str) -> str:
+            name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise ExportFormatError(f"no llama.cpp name for {key}")
+            return name
+
+        def permutation(key: str):
+            if key.endswith("q_proj.weight") or key.endswith("q_proj"):
+                return cfg.num_attention_heads
+            if key.endswith("k_proj.weight") or key.endswith("k_proj"):
+                return cfg.num_key_value_heads
+            return None
+
+        for layer in layers:
+            if layer.tied_to:
+                continue
+            codes, step = layer.codes, layer.step
+            heads = permutation(layer.name)
+            if heads:
+                codes, step = _permute_qk(codes, heads), _permute_qk(step, heads)
+            qtype = gguf_type(layer)
+            raw = pack_blocks(codes, step, qtype)
+            writer.add_tensor(gguf_name(f"{layer.name}.weight"), raw, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
+            written[layer.name] = torch.from_numpy(raw)
+            if layer.bias is not None:
+                raise ExportFormatError(f"{layer.name} has a bias, which the llama GGUF layout has no place for")
+        for key, tensor in others.items():
+            if key == "lm_head.weight" and (getattr(cfg, "tie_word_embeddings", False) or "model.embed_tokens.weight" in others
+                                            and tensor.data_ptr() == others["model.embed_tokens.weight"].data_ptr()):
+                continue
+            t = tensor.float()
+            heads = permutation(key)
+            if heads:
+                t = _permute_qk(t, heads)
+            writer.add_tensor(gguf_name(key), t.numpy())
+            written[key] = t
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        files = write_model_config(model, out_dir, None)
+        return ExportInfo(format=self.name, path=out_dir, files=["model.gguf", *files], weight_bytes=tensor_bytes(written))
+
+
+def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer as llama.cpp's ``gpt2`` model (tokens, types, merges, special ids)."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportFormatError("GGUF export needs a fast (tokenizers-backed) BPE tokenizer")
+    spec = json.loads(backend.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise ExportFormatError(f"GGUF export writes byte-level BPE tokenizers; this one is {model.get('type')!r}")
+    vocab = {**model["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
+    tokens = [None] * vocab_size
+    for token, index in vocab.items():
+        if index < vocab_size:
+            tokens[index] = token
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    types = []
+    for i, token in enumerate(tokens):
+        if token is None:
+            tokens[i] = f"[PAD{i}]"
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for attr, adder in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                        ("pad_token_id", writer.add_pad_token_id)):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            adder(value)

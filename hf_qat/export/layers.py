@@ -1,0 +1,107 @@
+"""What every export starts from: the integer codes and steps of each quantized layer, and the rest.
+
+Export is packing, never re-quantization (DESIGN.md rule 4): the codes are the ones the QAT forward
+pass used (``quantize_codes`` on the current weight and scale), and ``step * code`` is exactly the
+weight the QAT model computed with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..convert import get_qat_config, qat_modules
+from ..distributed import full_tensor
+from ..errors import QATModelError
+from ..modules import QATEmbedding
+from ..quantizers import Grid
+from ..quantizers.reference import quantize_codes
+
+QAT_STATE_SUFFIXES = ("weight_scale", "qat_active", "qat_initialized")
+
+
+@dataclass
+class QuantizedLayer:
+    """One quantized weight as the formats see it.
+
+    Attributes:
+        name: module name ("model.layers.0.self_attn.q_proj").
+        kind: "linear" or "embedding".
+        codes: int8 ``[R, C]`` integer codes of ``grid``.
+        step: fp32 ``[R or 1, n_groups]``: the weight is ``step * code`` (in fp32), cast to ``dtype``.
+        grid, bits, method, group_size: the quantizer (``bits`` as configured, 1.58 for ternary).
+        scale_dtype: what steps were rounded to in the forward pass.
+        dtype: the weight's dtype.
+        bias: the bias (linear layers), or None.
+        activation_bits: 8 when the layer fake-quantized its input.
+        tied_to: for an LM head that shares its weight with the input embedding, that module's name.
+    """
+
+    name: str
+    kind: str
+    codes: torch.Tensor
+    step: torch.Tensor
+    grid: Grid
+    bits: float | int
+    method: str
+    group_size: int | str
+    scale_dtype: torch.dtype
+    dtype: torch.dtype
+    bias: torch.Tensor | None
+    activation_bits: int | None
+    tied_to: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``step * code`` in fp32 cast to ``dtype`` (default: the weight's dtype)."""
+        rows, cols = self.shape
+        per = cols // self.step.shape[1]
+        step = self.step.repeat_interleave(per, dim=1).expand(rows, cols)
+        return (self.codes.float() * step).to(dtype or self.dtype)
+
+
+def collect_layers(model: nn.Module) -> tuple[list[QuantizedLayer], dict[str, torch.Tensor]]:
+    """The quantized layers of a QAT model, and its other tensors by state-dict key (QAT state,
+    quantized weights and their biases excluded). Under FSDP2, call on every rank (it all-gathers)."""
+    if get_qat_config(model) is None:
+        raise QATModelError("the model has no QAT modules: export a model prepared by hf_qat (QATCallback, "
+                            "prepare_model_for_qat or ptq)")
+    layers: list[QuantizedLayer] = []
+    names_of_weight: dict[int, str] = {}
+    covered: set[str] = set()
+    for name, module in qat_modules(model):
+        if not (module.is_qat_active and module.is_scale_initialized):
+            raise QATModelError(
+                f"{name} has not switched to QAT yet (the run ended before the switch step?): there is no "
+                "trained low-bit weight to export. Train past the switch, or call hf_qat.ptq(model, cfg) to "
+                "export a round-to-nearest model"
+            )
+        kind = "embedding" if isinstance(module, QATEmbedding) else "linear"
+        covered.update({f"{name}.weight", f"{name}.bias"})
+        tied_to = names_of_weight.get(id(module.weight))
+        weight = full_tensor(module.weight).detach()
+        if module.weight_scale is None:
+            scale = module.quantizer.init_scale(module.qat_layout.scale_view(weight.float()))
+        else:
+            scale = full_tensor(module.weight_scale).detach()
+        codes, step = quantize_codes(weight, scale, module.qat_spec)
+        bias = getattr(module, "bias", None)
+        layers.append(QuantizedLayer(
+            name=name, kind=kind, codes=codes.cpu(), step=step.cpu(), grid=module.qat_spec.grid,
+            bits=module.quantizer.bits, method=module.quantizer.name, group_size=module.qat_layout.group_size,
+            scale_dtype=module.qat_spec.scale_dtype, dtype=weight.dtype,
+            bias=None if bias is None else full_tensor(bias).detach().cpu(),
+            activation_bits=getattr(module, "activation_bits", None), tied_to=tied_to,
+        ))
+        names_of_weight.setdefault(id(module.weight), name)
+    others = {}
+    for key, value in model.state_dict().items():
+        if key in covered or key.endswith(QAT_STATE_SUFFIXES):
+            continue
+        others[key] = full_tensor(value).detach().cpu()
+    return layers, others

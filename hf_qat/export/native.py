@@ -1,0 +1,61 @@
+"""The native format ("hf-qat"): every setting, packed at its own bit width.
+
+Per quantized layer: ``<name>.weight_packed`` (uint8, the code indices in the ``kernels.pack``
+bitstream at ``ceil(log2(#codes))`` bits: 1 for binary, 2 for ternary and 2-bit, b for b-bit LSQ) and
+``<name>.weight_step`` (the per-group steps, in the scale dtype they were rounded to). An LM head tied
+to the quantized embedding stores nothing of its own. Loads through the transformers quantizer that
+importing hf_qat registers (``native_quantizer.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..convert import get_qat_config
+from ..kernels.pack import pack_bits
+from .base import ExportFormat, ExportInfo, dtype_name, register_format, save_tensors, tensor_bytes, write_model_config
+from .layers import QuantizedLayer
+from .native_quantizer import FORMAT_VERSION, QUANT_METHOD
+from .packed_modules import index_bits
+
+
+def code_indices(codes: torch.Tensor, table: list[int]) -> torch.Tensor:
+    """Position of every code in the sorted code table."""
+    return torch.searchsorted(torch.tensor(table, dtype=torch.float32), codes.float().contiguous())
+
+
+@register_format
+class NativeFormat(ExportFormat):
+    name = "hf-qat"
+    needs_hf_qat = True
+    tags = ("hf_qat",)
+
+    def problem(self, layer: QuantizedLayer) -> str | None:
+        return None
+
+    def storage_bits(self, layer: QuantizedLayer) -> float:
+        return 0.0 if layer.tied_to else float(index_bits(len(layer.grid.codes)))
+
+    def write(self, model, layers, others, out_dir, tokenizer=None) -> ExportInfo:
+        tensors = dict(others)
+        modules = {}
+        for layer in layers:
+            table = layer.grid.codes
+            modules[layer.name] = {
+                "kind": layer.kind, "shape": list(layer.shape), "scale_shape": list(layer.step.shape),
+                "codes": table, "storage_bits": index_bits(len(table)), "bits": layer.bits, "method": layer.method,
+                "group_size": layer.group_size, "scale_dtype": dtype_name(layer.scale_dtype),
+                "activation_bits": layer.activation_bits, "bias": layer.bias is not None, "tied_to": layer.tied_to,
+            }
+            if layer.tied_to is None:
+                tensors[f"{layer.name}.weight_packed"] = pack_bits(code_indices(layer.codes, table), index_bits(len(table)))
+                tensors[f"{layer.name}.weight_step"] = layer.step.to(layer.scale_dtype)
+            if layer.bias is not None:
+                tensors[f"{layer.name}.bias"] = layer.bias
+        cfg = get_qat_config(model)
+        quantization_config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "modules": modules,
+                               "qat_config": cfg.to_dict() if cfg else {}}
+        overrides = {"tie_word_embeddings": False} if any(layer.tied_to for layer in layers) else {}
+        files = write_model_config(model, out_dir, quantization_config, **overrides)
+        files += save_tensors(tensors, out_dir)
+        return ExportInfo(format=self.name, path=out_dir, files=files, weight_bytes=tensor_bytes(tensors))

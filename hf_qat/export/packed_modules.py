@@ -1,0 +1,135 @@
+"""Low-bit layers of the native format: packed integer codes + steps, dequantized in the forward pass.
+
+A layer's weight is ``code_table[u] * step`` (fp32) cast to the compute dtype, where ``u`` are the
+packed code indices (``hf_qat.kernels.pack`` layout) and ``step`` the per-group steps: exactly the weight
+the QAT model computed with. Dequantization goes through ``hf_qat.kernels.dequantize_packed`` (a Triton
+kernel on CUDA, PyTorch elsewhere).
+
+Buffers are named like the checkpoint keys (``weight_packed``, ``weight_step``), so transformers fills
+them when it loads a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import QATModelError
+from ..kernels import activation_fake_quant, dequantize_packed
+from ..kernels.pack import packed_bytes_per_row
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def index_bits(n_codes: int) -> int:
+    """Bits per stored index for a code table of ``n_codes`` entries."""
+    return max(1, math.ceil(math.log2(n_codes)))
+
+
+class PackedWeight(nn.Module):
+    """The packed weight of one layer and its dequantization (shared by the layer types below).
+
+    ``spec`` is the layer's entry of the native ``quantization_config["modules"]``.
+    """
+
+    def __init__(self, spec: dict[str, Any], dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        rows, cols = spec["shape"]
+        self.rows, self.cols = rows, cols
+        self.code_table = tuple(float(c) for c in spec["codes"])
+        self.storage_bits = index_bits(len(self.code_table))
+        if spec.get("storage_bits", self.storage_bits) != self.storage_bits:
+            raise QATModelError(f"storage_bits {spec['storage_bits']} does not fit a table of {len(self.code_table)} codes")
+        self.compute_dtype = dtype
+        self.activation_bits = spec.get("activation_bits")
+        self.register_buffer("weight_packed", torch.empty(
+            (rows, packed_bytes_per_row(cols, self.storage_bits)), dtype=torch.uint8, device=device))
+        self.register_buffer("weight_step", torch.empty(tuple(spec["scale_shape"]), dtype=_DTYPES[spec["scale_dtype"]],
+                                                        device=device))
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        if device not in self._tables:
+            self._tables[device] = torch.tensor(self.code_table, dtype=torch.float32, device=device)
+        return self._tables[device]
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense ``[rows, cols]`` weight in the compute dtype."""
+        packed = self.weight_packed
+        return dequantize_packed(packed, self.storage_bits, self.cols, self._table(packed.device), self.weight_step,
+                                 self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.rows}x{self.cols}, {len(self.code_table)} codes in {self.storage_bits} bits"
+
+
+class PackedLinear(PackedWeight):
+    """nn.Linear with a packed low-bit weight (and int8 per-token activations when trained so)."""
+
+    def __init__(self, spec: dict[str, Any], dtype: torch.dtype, device=None) -> None:
+        super().__init__(spec, dtype, device)
+        self.in_features, self.out_features = self.cols, self.rows
+        if spec.get("bias"):
+            self.bias = nn.Parameter(torch.empty(self.rows, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.activation_bits is not None:
+            input = activation_fake_quant(input)
+        return F.linear(input, self.dequantize(), self.bias)
+
+
+class PackedEmbedding(PackedWeight):
+    """nn.Embedding with a packed low-bit table."""
+
+    def __init__(self, spec: dict[str, Any], dtype: torch.dtype, device=None, padding_idx: int | None = None) -> None:
+        super().__init__(spec, dtype, device)
+        self.num_embeddings, self.embedding_dim = self.rows, self.cols
+        self.padding_idx = padding_idx
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input, self.dequantize(), self.padding_idx)
+
+
+class TiedPackedHead(nn.Module):
+    """An LM head that shares the packed table of the input embedding (stored once)."""
+
+    def __init__(self, embedding: PackedEmbedding, bias: bool, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # not a submodule: its tensors belong to the embedding
+        self.in_features, self.out_features = embedding.cols, embedding.rows
+        self.bias = nn.Parameter(torch.empty(embedding.rows, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.embedding.dequantize(), self.bias)
+
+
+def replace_with_packed(model: nn.Module, modules: dict[str, dict[str, Any]], dtype: torch.dtype) -> None:
+    """Swap the layers named in ``modules`` (the native quantization_config) for packed ones, checking
+    that each exists with the shape the config records."""
+    names = dict(model.named_modules())
+    built: dict[str, PackedEmbedding] = {}
+    for name, spec in sorted(modules.items(), key=lambda item: item[1].get("tied_to") is not None):
+        if name not in names:
+            raise QATModelError(f"the hf_qat quantization_config names {name}, which this model does not have")
+        old = names[name]
+        weight = getattr(old, "weight", None)
+        if weight is None or tuple(weight.shape) != tuple(spec["shape"]):
+            raise QATModelError(
+                f"the hf_qat quantization_config says {name} is {tuple(spec['shape'])}, but the model's layer is "
+                f"{None if weight is None else tuple(weight.shape)}: config and model disagree"
+            )
+        device = weight.device
+        if spec.get("tied_to"):
+            new: nn.Module = TiedPackedHead(built[spec["tied_to"]], bool(spec.get("bias")), dtype, device)
+        elif spec["kind"] == "embedding":
+            new = built[name] = PackedEmbedding(spec, dtype, device, getattr(old, "padding_idx", None))
+        else:
+            new = PackedLinear(spec, dtype, device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

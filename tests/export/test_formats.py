@@ -1,0 +1,130 @@
+"""Each export format: train a tiny model with QAT, export, reload WITHOUT hf_qat in a fresh process
+(native format: with it), and get the QAT model's logits; sizes match the bit budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hf_qat
+from hf_qat import QATConfig
+from hf_qat.demo.corpus import train_tokenizer
+from hf_qat.export import export_checkpoint, load_exported
+from helpers import logits_in_fresh_process, qat_trained_model
+
+INPUT = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(["def f(x):\n    return x + 1\n" * 40, "class A:\n    pass\n" * 40], 64)
+
+
+def reference_logits(model):
+    with torch.no_grad():
+        return model(INPUT).logits
+
+
+def assert_size(info):
+    assert info.expected_bytes > 0
+    assert abs(info.weight_bytes - info.expected_bytes) <= 0.05 * info.expected_bytes, (info.weight_bytes, info.expected_bytes)
+
+
+@pytest.mark.parametrize("cfg,model_kwargs", [
+    (dict(bits=4, group_size=32), dict(hidden=64)),
+    (dict(bits=8, group_size="channel"), dict()),
+    (dict(bits=2, group_size=16), dict()),  # SEQ 2-bit on the 4-bit grid, step s/4
+], ids=["lsq4-g32", "lsq8-channel", "seq2-g16"])
+def test_compressed_tensors_reloads_without_hf_qat(cfg, model_kwargs, tmp_path):
+    model = qat_trained_model(QATConfig(start=0, **cfg), **model_kwargs)
+    info = export_checkpoint(model, tmp_path / "ct", format="compressed-tensors")
+    assert info.exact and info.format == "compressed-tensors"
+    got = logits_in_fresh_process(tmp_path / "ct", "compressed-tensors", INPUT, tmp_path)
+    torch.testing.assert_close(got, reference_logits(model), rtol=0, atol=1e-5)
+    assert_size(info)
+
+
+def test_native_format_every_setting_and_tied_embeddings(tmp_path):
+    for i, cfg in enumerate([dict(bits=1, group_size="channel"), dict(bits="ternary", group_size=8, activation_bits=8),
+                             dict(bits=3, group_size=16, embedding_bits=5), dict(bits=6, group_size="tensor", embedding_bits=8)]):
+        model = qat_trained_model(QATConfig(start=0, **cfg), tie=True)
+        out = tmp_path / f"native{i}"
+        info = export_checkpoint(model, out, format="hf-qat")
+        reloaded = load_exported(out)
+        with torch.no_grad():
+            assert torch.equal(reloaded(INPUT).logits, reference_logits(model)), cfg
+        assert_size(info)
+        if cfg.get("embedding_bits"):
+            assert reloaded.lm_head.embedding is reloaded.model.embed_tokens  # the tie survives, stored once
+
+
+def test_bitnet_reloads_without_hf_qat(tmp_path):
+    model = qat_trained_model(QATConfig(start=0, bits="ternary", group_size="tensor", activation_bits=8))
+    info = export_checkpoint(model, tmp_path / "bitnet", format="bitnet")
+    assert info.exact and not info.notes
+    got = logits_in_fresh_process(tmp_path / "bitnet", "bitnet", INPUT, tmp_path)
+    torch.testing.assert_close(got, reference_logits(model), rtol=1e-5, atol=1e-5)
+    assert_size(info)
+
+
+def test_bitnet_without_activation_quantization_says_so(tmp_path):
+    model = qat_trained_model(QATConfig(start=0, bits="ternary", group_size="tensor"))
+    info = export_checkpoint(model, tmp_path / "bitnet", format="bitnet")
+    assert not info.exact and "int8 per token" in info.notes[0]
+    assert "int8 per token" in (tmp_path / "bitnet" / "README.md").read_text()
+
+
+def _gguf_blocks(raw: np.ndarray, qtype: str):
+    """Independent reading of GGUF blocks: (d per block, integer codes)."""
+    if qtype == "Q4_0":
+        blocks = raw.reshape(-1, 18)
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)[:, 0]
+        qs = blocks[:, 2:]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int16) - 8
+        return d, q
+    if qtype == "Q8_0":
+        blocks = raw.reshape(-1, 34)
+        return blocks[:, :2].copy().view(np.float16).astype(np.float32)[:, 0], blocks[:, 2:].copy().view(np.int8).astype(np.int16)
+    blocks = raw.reshape(-1, 66)
+    d = blocks[:, 64:].copy().view(np.float16).astype(np.float32)[:, 0]
+    qs = blocks[:, :64].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    return d, (qs & 3).reshape(-1, 256).astype(np.int16) - 1
+
+
+@pytest.mark.parametrize("cfg,model_kwargs,qtype", [
+    (dict(bits=4, group_size=32, embedding_bits=4), dict(hidden=64, tie=True), "Q4_0"),
+    (dict(bits=8, group_size=32), dict(hidden=64, tie=False), "Q8_0"),
+    (dict(bits="ternary", group_size=256), dict(hidden=256, tie=True), "TQ2_0"),
+])
+def test_gguf_blocks_read_back_and_transformers_reproduces_logits(cfg, model_kwargs, qtype, tokenizer, tmp_path):
+    import gguf
+
+    model = qat_trained_model(QATConfig(start=0, scale_dtype="float16", **cfg), **model_kwargs)
+    info = export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer)
+    reader = gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    assert bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
+    layer = model.model.layers[1].mlp.down_proj  # not permuted: rows in the HF order
+    codes, step = hf_qat.quantizers.reference.quantize_codes(layer.weight, layer.current_scale(), layer.qat_spec)
+    t = tensors["blk.1.ffn_down.weight"]
+    assert t.tensor_type.name == qtype
+    d, q = _gguf_blocks(np.asarray(t.data).reshape(-1), qtype)
+    block = 32 if qtype != "TQ2_0" else 256
+    assert np.array_equal(q.reshape(codes.shape), codes.numpy())
+    assert np.array_equal(d.reshape(step.shape), step.numpy())
+    dequantized = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(layer.weight.shape)
+    assert np.array_equal(dequantized, layer.fake_quantized_weight().detach().numpy())
+    assert block and ("output.weight" in tensors) == (not model_kwargs["tie"])
+    got = logits_in_fresh_process(tmp_path / "gguf", "gguf", INPUT, tmp_path)
+    torch.testing.assert_close(got, reference_logits(model), rtol=0, atol=1e-5)
+    assert_size(info)
+
+
+def test_auto_picks_a_format_that_serves_without_hf_qat(tmp_path):
+    model = qat_trained_model(QATConfig(start=0, bits=4, group_size=16))
+    assert export_checkpoint(model, tmp_path / "a", format="auto").format == "compressed-tensors"
+    model = qat_trained_model(QATConfig(start=0, bits="ternary", group_size="tensor", activation_bits=8))
+    assert export_checkpoint(model, tmp_path / "b", format="auto").format == "bitnet"
+    model = qat_trained_model(QATConfig(start=0, bits=3, group_size=16, embedding_bits=4))
+    assert export_checkpoint(model, tmp_path / "c", format="auto").format == "hf-qat"
