@@ -59,6 +59,7 @@ logger = logging.getLogger("hf_qat")
 
 SCALE_GROUP_KEY = "hf_qat_scales"
 PLAN_NAME = "qat_plan.json"
+PLAN_ATTR = "_hf_qat_plan"
 
 
 def scale_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -287,6 +288,7 @@ class QATCallback(TrainerCallback, ExportableState):
                 self.switch_step, state.global_step,
             )
         if self.plan is not None:
+            setattr(model, PLAN_ATTR, self.plan)  # the export's model card reads it
             logger.info("hf_qat plan: %s", self.plan.summary())
             for warning in self.plan.warnings:
                 logger.warning("hf_qat plan: %s", warning)

@@ -68,18 +68,20 @@ def state_dict_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 DISTRIBUTED_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed", "train_script.py")
+FSDP_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed", "fsdp_script.py")
 
 
-def run_distributed(out_dir, nproc: int, *script_args: str, timeout: int = 600) -> None:
-    """Run tests/distributed/train_script.py in ``nproc`` CPU processes (torchrun, gloo), or plainly
-    for ``nproc == 1``; raise with its output if it fails."""
+def run_distributed(out_dir, nproc: int, *script_args: str, script: str = DISTRIBUTED_SCRIPT, timeout: int = 600) -> None:
+    """Run a tests/distributed script in ``nproc`` CPU processes (torchrun, gloo), or plainly for
+    ``nproc == 1``; raise with its output if it fails."""
+    os.makedirs(out_dir, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env["OMP_NUM_THREADS"] = "1"
     if nproc == 1:
-        cmd = [sys.executable, DISTRIBUTED_SCRIPT, "--out", str(out_dir), *script_args]
+        cmd = [sys.executable, script, "--out", str(out_dir), *script_args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               DISTRIBUTED_SCRIPT, "--out", str(out_dir), *script_args]
+               script, "--out", str(out_dir), *script_args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

@@ -28,6 +28,7 @@ from rich.table import Table
 from ..callback import QATCallback
 from ..config import QATConfig, bits_label
 from ..convert import ptq
+from ..export import export_checkpoint, load_exported
 from .corpus import BlockDataset, load_stdlib_corpus, make_blocks, train_tokenizer
 
 console = Console()
@@ -188,17 +189,18 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
 
 
 def _export_step(settings: DemoSettings, model, tokenizer, eval_blocks, result: DemoResult) -> None:
-    """Export the QAT model, reload it from disk with plain transformers, evaluate it."""
-    try:
-        from ..export import export_checkpoint, load_exported
-    except ImportError:
-        return
+    """Export the QAT model, reload it from disk (checksums verified) with transformers, evaluate it."""
     t0 = time.perf_counter()
     out = os.path.join(settings.output_dir, "export")
-    info = export_checkpoint(model, out, format=settings.export_format, tokenizer=tokenizer)
+    card = {"eval": {"held-out loss (QAT)": result.losses["qat"], "held-out loss (PTQ)": result.losses["ptq"],
+                     "held-out loss (FP)": result.losses["fp"]},
+            "training_tokens": result.train_tokens,
+            "description": "A small Llama trained from scratch by `hf-qat demo` on the Python standard library."}
+    info = export_checkpoint(model, out, format=settings.export_format, tokenizer=tokenizer, card=card)
     reloaded = load_exported(out)
     result.losses["exported"] = evaluate(reloaded, eval_blocks)
-    result.export = {"format": info.format, "path": out, "bytes": info.weight_bytes}
+    result.export = {"format": info.format, "path": out, "bytes": info.weight_bytes, "expected_bytes": info.expected_bytes,
+                     "exact": info.exact}
     result.seconds["export"] = time.perf_counter() - t0
 
 
@@ -218,7 +220,7 @@ def print_table(result: DemoResult) -> None:
         console.print(f"[yellow]planner warning:[/yellow] {warning}")
     table = Table(show_header=True, header_style="bold")
     for column in ("model", "held-out loss", "perplexity", "time (s)"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=column == "model")
     rows = [("FP (full precision)", "fp", "fp"), (f"PTQ {bits}-bit", "ptq", "ptq"),
             (f"QAT {bits}-bit (planned, fused cooldown)", "qat", "qat")]
     if "exported" in result.losses:
@@ -228,4 +230,7 @@ def print_table(result: DemoResult) -> None:
         table.add_row(label, f"{loss:.4f}", f"{math.exp(loss):.2f}", f"{result.seconds.get(time_key, 0):.1f}")
     console.print(table)
     verdict = "below" if result.losses["qat"] < result.losses["ptq"] else "NOT below"
+    if result.export:
+        console.print(f"export: {result.export['format']} in {result.export['path']}, "
+                      f"{result.export['bytes'] / 1e3:.1f} KB of tensors")
     console.print(f"QAT loss is {verdict} PTQ loss at {bits} bits; wall time {result.seconds.get('total', 0):.0f} s")

@@ -143,7 +143,9 @@ def _find_plan(model_or_dir) -> dict | None:
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as fh:
                 return json.load(fh)
-    plan = getattr(model_or_dir, "_hf_qat_plan", None)
+    from ..callback import PLAN_ATTR
+
+    plan = getattr(model_or_dir, PLAN_ATTR, None)
     return plan.to_dict() if plan is not None else None
 
 

@@ -1,0 +1,85 @@
+"""Run by tests/distributed/test_fsdp.py under torchrun (gloo, CPU), or alone: QAT under FSDP2.
+
+accelerate enables FSDP only on GPUs, so on CPU this drives ``fully_shard`` directly with hf_qat's
+public pieces, exactly as the Trainer integration does: QAT layers installed before wrapping, the
+scales in their own param group, ``activate_qat`` at the switch (it all-gathers the weights and writes
+each rank's shard of the scales), export gathering on every rank and writing on rank 0.
+
+Writes ``rank{r}.pt`` (full state dict gathered on that rank, losses) and an hf-qat export into --out.
+Global batch = 4 sequences per step, split across ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from helpers import tiny_llama, token_dataset  # noqa: E402
+
+import hf_qat  # noqa: E402
+from hf_qat.callback import add_scale_param_group  # noqa: E402
+from hf_qat.distributed import full_tensor  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--start", type=int, default=4)
+    args = parser.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo")
+
+    model = tiny_llama(tie=True)
+    cfg = hf_qat.QATConfig(bits=4, group_size=16, start=args.start, embedding_bits=4)
+    hf_qat.prepare_model_for_qat(model, cfg)
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert hf_qat.distributed.is_dtensor(model.model.layers[0].self_attn.q_proj.weight_scale)
+    decay = [p for n, p in model.named_parameters() if "norm" not in n]
+    rest = [p for n, p in model.named_parameters() if "norm" in n]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=3e-3)
+    assert add_scale_param_group(optimizer, model, lr_multiplier=1.0)
+
+    data = token_dataset(n=4 * args.steps)
+    per_rank = 4 // world
+    losses = []
+    for step in range(args.steps):
+        if step == args.start:
+            hf_qat.activate_qat(model)
+        rows = data[step * 4 + rank * per_rank: step * 4 + (rank + 1) * per_rank]
+        batch = torch.stack([r["input_ids"] for r in rows])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        logged = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(logged)
+            logged /= world
+        losses.append(float(logged))
+
+    state = {k: full_tensor(v).detach().clone() for k, v in model.state_dict().items()}
+    torch.save({"state": state, "losses": losses, "world": world}, os.path.join(args.out, f"rank{rank}.pt"))
+    hf_qat.export_checkpoint(model, os.path.join(args.out, "export"), format="hf-qat")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""2-process FSDP2 (fully_shard, gloo, CPU): identical ranks after the switch, the same losses as one
+process with the same global batch, and an export identical to a single-process export of the same model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hf_qat
+from helpers import FSDP_SCRIPT, run_distributed, tiny_llama
+
+pytestmark = pytest.mark.slow
+
+
+def test_fsdp2_ranks_losses_and_export(tmp_path):
+    run_distributed(tmp_path / "fsdp", 2, script=FSDP_SCRIPT)
+    run_distributed(tmp_path / "single", 1, script=FSDP_SCRIPT)
+    r0, r1 = torch.load(tmp_path / "fsdp" / "rank0.pt"), torch.load(tmp_path / "fsdp" / "rank1.pt")
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    assert r0["world"] == 2 and single["world"] == 1
+
+    # Every rank gathers the same full weights and scales after the switch.
+    assert sorted(r0["state"]) == sorted(r1["state"])
+    for name in r0["state"]:
+        assert torch.equal(r0["state"][name], r1["state"][name]), name
+    scales = [n for n in r0["state"] if n.endswith("weight_scale")]
+    assert scales and all(bool(r0["state"][n.replace("weight_scale", "qat_active")]) for n in scales)
+
+    # The same losses as one process with the same global batch.
+    assert len(r0["losses"]) == len(single["losses"]) == 10
+    for a, b in zip(r0["losses"], single["losses"]):
+        assert abs(a - b) <= 1e-4
+
+    # The export written from the sharded model equals a single-process export of the same weights.
+    model = tiny_llama(tie=True)
+    hf_qat.prepare_model_for_qat(model, hf_qat.QATConfig(bits=4, group_size=16, start=4, embedding_bits=4))
+    model.load_state_dict(r0["state"])
+    hf_qat.export_checkpoint(model, tmp_path / "reference", format="hf-qat")
+    sharded = load_file(tmp_path / "fsdp" / "export" / "model.safetensors")
+    reference = load_file(tmp_path / "reference" / "model.safetensors")
+    assert sorted(sharded) == sorted(reference)
+    for key in reference:
+        assert torch.equal(sharded[key], reference[key]), key
+    config = json.loads((tmp_path / "fsdp" / "export" / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((tmp_path / "reference" / "config.json").read_text())["quantization_config"]
