@@ -25,6 +25,7 @@ ALLOWED_GROUP_STRINGS = ("channel", "tensor")
 ALLOWED_SCALE_GRAD_MODES = ("paretoq", "lsq")
 ALLOWED_DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 ALLOWED_STRATEGIES = ("paper", "law")
+ALLOWED_LORA_MODES = ("merged", "base")
 MAX_GROUP_SIZE = 1 << 16
 CONFIG_NAME = "qat_config.json"
 
@@ -111,6 +112,8 @@ class QATConfig:
             the length of the first training example's input_ids).
         count_quantized_params_only: the planner's N counts only the quantized weights (default:
             every parameter, tied tensors once).
+        lora_mode: with PEFT LoRA: "merged" fake-quantizes W + the adapters' delta (merge_and_unload
+            then exports exactly), "base" only the frozen base weight (adapters stay full precision).
     """
 
     bits: float | int | str = 4
@@ -138,6 +141,7 @@ class QATConfig:
     law_path: str | None = None
     sequence_length: int | None = None
     count_quantized_params_only: bool = False
+    lora_mode: str = "merged"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -211,6 +215,8 @@ class QATConfig:
             isinstance(self.sequence_length, bool) or not isinstance(self.sequence_length, int) or self.sequence_length < 1
         ):
             raise QATConfigError("sequence_length", self.sequence_length, "None or an int >= 1")
+        if self.lora_mode not in ALLOWED_LORA_MODES:
+            raise QATConfigError("lora_mode", self.lora_mode, ", ".join(ALLOWED_LORA_MODES))
         if not isinstance(self.extra, dict):
             raise QATConfigError("extra", self.extra, "a dict of JSON-serialisable values")
 

@@ -40,6 +40,11 @@ def name_matches(name: str, pattern: str) -> bool:
         return False
 
 
+def _unwrapped_name(name: str) -> str:
+    """PEFT puts the original layer at ``<name>.base_layer``: match user patterns against ``<name>``."""
+    return name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+
+
 def _plain_forward(module: nn.Module, base: type[nn.Module]) -> bool:
     """True if ``module`` is a ``base`` whose class keeps ``base.forward`` (hf_qat can replace it)."""
     return isinstance(module, base) and type(module).forward is base.forward
@@ -98,7 +103,7 @@ def find_targets(model: nn.Module, config: QATConfig) -> dict[str, nn.Linear]:
     else:
         candidates = {}
         for pattern in config.target_modules:
-            hits = {n: m for n, m in linears.items() if name_matches(n, pattern)}
+            hits = {n: m for n, m in linears.items() if name_matches(_unwrapped_name(n), pattern)}
             if not hits:
                 raise QATModelError(
                     f"QATConfig.target_modules entry {pattern!r} matches no nn.Linear in the model; "
@@ -107,7 +112,7 @@ def find_targets(model: nn.Module, config: QATConfig) -> dict[str, nn.Linear]:
             candidates.update(hits)
 
     for pattern in config.exclude_modules or []:
-        hits = [n for n in linears if name_matches(n, pattern)]
+        hits = [n for n in linears if name_matches(_unwrapped_name(n), pattern)]
         if not hits:
             raise QATModelError(
                 f"QATConfig.exclude_modules entry {pattern!r} matches no nn.Linear in the model; "
@@ -169,6 +174,7 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
     existing = get_qat_config(model)
     if existing is not None or any(True for _ in qat_modules(model)):
         if existing is not None and existing.to_dict() == config.to_dict():
+            _link_adapters(model, config)
             return model
         raise QATModelError(
             "the model already holds QAT modules prepared with another config; call "
@@ -188,9 +194,22 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
         replacements.update(_embedding_replacements(model, config, common))
 
     _replace_modules(model, replacements)
-    setattr(model, CONFIG_ATTR, config)
+    for holder in _config_holders(model):
+        setattr(holder, CONFIG_ATTR, config)
+    _link_adapters(model, config)
     logger.info("hf_qat: %d layers prepared for QAT (%s)", len(replacements), config.resolved_method)
     return model
+
+
+def _link_adapters(model: nn.Module, config: QATConfig) -> None:
+    """With PEFT LoRA: link adapters to the QAT layers (lora_mode) and keep the scales trainable even
+    if PEFT froze the base model after the QAT layers were installed."""
+    from .lora import attach_lora
+
+    if attach_lora(model, config.lora_mode):
+        for _, module in qat_modules(model):
+            if module.weight_scale is not None:
+                module.weight_scale.requires_grad_(True)
 
 
 def _embedding_replacements(model: nn.Module, config: QATConfig, common: dict) -> dict[int, nn.Module]:
@@ -226,6 +245,13 @@ def _embedding_replacements(model: nn.Module, config: QATConfig, common: dict) -
 
 
 # ---------------------------------------------------------------------------------------- state
+def _config_holders(model: nn.Module) -> list[nn.Module]:
+    """The model, and the transformers model inside a PEFT wrapper (what merge_and_unload returns)."""
+    getter = getattr(model, "get_base_model", None)
+    inner = getter() if callable(getter) else None
+    return [model] if inner is None or inner is model else [model, inner]
+
+
 def get_qat_config(model: nn.Module) -> QATConfig | None:
     """The QATConfig a model was prepared with (None if it was not)."""
     return getattr(model, CONFIG_ATTR, None)
@@ -300,12 +326,13 @@ def remove_qat(model: nn.Module, bake_weights: bool = False) -> nn.Module:
     for _, module in qat_modules(model):
         if bake_weights and module.is_qat_active and id(module.weight) not in baked:
             with torch.no_grad():
-                module.weight.copy_(fake_quantize_weight(module.weight, module.current_scale(), module.qat_spec))
+                module.weight.copy_(fake_quantize_weight(module.effective_weight(), module.current_scale(), module.qat_spec))
             baked.add(id(module.weight))
         replacements[id(module)] = module.to_linear() if isinstance(module, QATLinear) else module.to_embedding()
     _replace_modules(model, replacements)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    for holder in _config_holders(model):
+        if CONFIG_ATTR in holder.__dict__:
+            delattr(holder, CONFIG_ATTR)
     return model
 
 
@@ -321,7 +348,7 @@ def quantization_error(model: nn.Module) -> float:
         if not module.is_scale_initialized or id(module.weight) in seen:
             continue
         seen.add(id(module.weight))
-        weight = full_tensor(module.weight).float()
+        weight = module._full_effective_weight().float()
         if module.weight_scale is None:
             scale = module.quantizer.init_scale(module.qat_layout.scale_view(weight))
         else:

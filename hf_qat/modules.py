@@ -83,6 +83,8 @@ class QATWeightMixin:
         # Modules that share this module's scale Parameter (a tied embedding and LM head); kept out of
         # the module tree.
         object.__setattr__(self, "_qat_scale_sharers", ())
+        # A callable returning a tensor added to the weight before quantization (LoRA merged mode).
+        object.__setattr__(self, "_qat_weight_delta", None)
 
     # ------------------------------------------------------------------ state
     @property
@@ -107,6 +109,21 @@ class QATWeightMixin:
         self._qat_active = bool(self.qat_active.item())
         self._qat_initialized = bool(self.qat_initialized.item())
 
+    # ------------------------------------------------------------------ the quantized weight
+    def set_weight_delta(self, delta_fn) -> None:
+        """Quantize ``weight + delta_fn()`` instead of ``weight`` (``delta_fn`` may return None)."""
+        object.__setattr__(self, "_qat_weight_delta", delta_fn)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight that gets quantized: the weight, plus the LoRA delta in merged mode."""
+        delta = self._qat_weight_delta() if self._qat_weight_delta is not None else None
+        return self.weight if delta is None else self.weight + delta
+
+    def _full_effective_weight(self) -> torch.Tensor:
+        delta = self._qat_weight_delta() if self._qat_weight_delta is not None else None
+        weight = full_tensor(self.weight)
+        return weight if delta is None else weight + full_tensor(delta)
+
     # ------------------------------------------------------------------ scales
     def compute_initial_scale(self, weight: torch.Tensor) -> torch.Tensor:
         """The family's first scale from the FULL ``weight`` (fp32, scale shape); raises on NaN/Inf."""
@@ -122,7 +139,7 @@ class QATWeightMixin:
     def initialize_scale_(self) -> None:
         """Set ``weight_scale`` from the full weight (collective under FSDP2: call on every rank)."""
         if self.weight_scale is not None:
-            write_full_(self.weight_scale, self.compute_initial_scale(full_tensor(self.weight)))
+            write_full_(self.weight_scale, self.compute_initial_scale(self._full_effective_weight().detach()))
         self._mark_initialized()
 
     def current_scale(self) -> torch.Tensor:
@@ -130,13 +147,13 @@ class QATWeightMixin:
         from the current weight."""
         if self.weight_scale is not None:
             return self.weight_scale
-        return self.quantizer.init_scale(self.qat_layout.scale_view(self.weight.detach().float()))
+        return self.quantizer.init_scale(self.qat_layout.scale_view(self.effective_weight().detach().float()))
 
     def fake_quantized_weight(self) -> torch.Tensor:
         """The weight as the QAT forward pass sees it (differentiable w.r.t. weight and scale)."""
         if not self._qat_initialized:
             self._initialize_in_forward()
-        return weight_fake_quant(self.weight, self.current_scale(), self.qat_spec)
+        return weight_fake_quant(self.effective_weight(), self.current_scale(), self.qat_spec)
 
     def _initialize_in_forward(self) -> None:
         if world_size() > 1 or is_dtensor(self.weight):

@@ -15,6 +15,7 @@ from torch import nn
 from ..convert import get_qat_config, qat_modules
 from ..distributed import full_tensor
 from ..errors import QATModelError
+from ..lora import has_unmerged_adapters
 from ..modules import QATEmbedding
 from ..quantizers import Grid
 from ..quantizers.reference import quantize_codes
@@ -71,6 +72,9 @@ def collect_layers(model: nn.Module) -> tuple[list[QuantizedLayer], dict[str, to
     if get_qat_config(model) is None:
         raise QATModelError("the model has no QAT modules: export a model prepared by hf_qat (QATCallback, "
                             "prepare_model_for_qat or ptq)")
+    if has_unmerged_adapters(model):
+        raise QATModelError("the model holds unmerged PEFT adapters: call model.merge_and_unload() first "
+                            "(lora_mode='merged' exports exactly), or export the base model and save the adapters with PEFT")
     layers: list[QuantizedLayer] = []
     names_of_weight: dict[int, str] = {}
     covered: set[str] = set()
@@ -84,7 +88,7 @@ def collect_layers(model: nn.Module) -> tuple[list[QuantizedLayer], dict[str, to
         kind = "embedding" if isinstance(module, QATEmbedding) else "linear"
         covered.update({f"{name}.weight", f"{name}.bias"})
         tied_to = names_of_weight.get(id(module.weight))
-        weight = full_tensor(module.weight).detach()
+        weight = module._full_effective_weight().detach()
         if module.weight_scale is None:
             scale = module.quantizer.init_scale(module.qat_layout.scale_view(weight.float()))
         else:

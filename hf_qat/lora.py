@@ -1,0 +1,94 @@
+"""PEFT LoRA on QAT layers: which weight is fake-quantized.
+
+``QATConfig(lora_mode=...)``:
+
+* ``"merged"`` (default): the merged weight ``W + sum(scaling * B @ A)`` is fake-quantized, exactly as
+  PEFT's ``merge_and_unload`` will add it. After training, ``model.merge_and_unload()`` gives a plain
+  QAT model that computes what the model with adapters computed, bit for bit, and exports exactly.
+  Needs ``lora_dropout=0`` and plain LoRA (no DoRA or LoRA bias): a merged weight cannot drop inputs.
+* ``"base"``: only the frozen base weight is fake-quantized and the adapters run in full precision on
+  top (QLoRA style). Keep the adapters separate (PEFT ``save_pretrained``): merging them moves the
+  weights off the grid.
+
+Apply PEFT first and pass ``QATCallback`` to the Trainer (or call ``prepare_model_for_qat`` on the
+PEFT model): the QAT layers are installed inside PEFT's ``base_layer`` and the scales stay trainable.
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+
+import torch
+from torch import nn
+
+from .errors import QATModelError
+from .modules import QATLinear
+
+LORA_MODES = ("merged", "base")
+
+
+def _lora_linear_type():
+    try:
+        from peft.tuners.lora import Linear
+    except ImportError:
+        return None
+    return Linear
+
+
+def attach_lora(model: nn.Module, mode: str) -> int:
+    """Link every PEFT LoRA Linear that wraps a QATLinear to it according to ``mode``; returns how many."""
+    lora_linear = _lora_linear_type()
+    if lora_linear is None:
+        return 0
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, lora_linear) and isinstance(module.get_base_layer(), QATLinear):
+            if mode == "merged":
+                _quantize_merged_weight(module, name)
+            count += 1
+    return count
+
+
+def _quantize_merged_weight(layer: nn.Module, name: str) -> None:
+    if getattr(layer, "_hf_qat_merged_mode", False):
+        return
+    for adapter in layer.lora_A:
+        if not isinstance(layer.lora_dropout[adapter], nn.Identity):
+            raise QATModelError(f"{name}: lora_mode='merged' needs lora_dropout=0 (a merged weight cannot drop inputs); "
+                                "set LoraConfig(lora_dropout=0.0) or QATConfig(lora_mode='base')")
+        if adapter in getattr(layer, "lora_variant", {}) or layer.lora_bias.get(adapter, False):
+            raise QATModelError(f"{name}: lora_mode='merged' supports plain LoRA (no DoRA / variants, no lora_bias)")
+    base: QATLinear = layer.get_base_layer()
+    owner = weakref.ref(layer)
+
+    def delta() -> torch.Tensor | None:
+        lora = owner()
+        if lora is None or lora.merged or lora.disable_adapters:
+            return None
+        total = None
+        for adapter in lora.active_adapters:
+            if adapter in lora.lora_A:
+                d = lora.get_delta_weight(adapter)
+                total = d if total is None else total + d
+        return total
+
+    base.set_weight_delta(delta)
+    layer.forward = types.MethodType(_merged_forward, layer)
+    layer._hf_qat_merged_mode = True
+
+
+def _merged_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Once QAT is on: the base layer alone, which quantizes W + delta. Before it: PEFT's forward."""
+    base = self.get_base_layer()
+    if not base.is_qat_active or self.disable_adapters or self.merged:
+        return type(self).forward(self, x, *args, **kwargs)
+    return base(x)
+
+
+def has_unmerged_adapters(model: nn.Module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    return any(isinstance(m, BaseTunerLayer) and not m.merged for m in model.modules())

@@ -1,0 +1,101 @@
+"""PEFT LoRA with QAT: the merged weight is quantized, so merge_and_unload and export are exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_qat
+from hf_qat import QATCallback, QATConfig, QATModelError
+from hf_qat.export import export_checkpoint, load_exported
+from helpers import make_trainer, tiny_llama, token_dataset
+
+peft = pytest.importorskip("peft")
+INPUT = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def lora_model(dropout: float = 0.0):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=dropout)
+    return peft.get_peft_model(tiny_llama(), config)
+
+
+def train_steps(model, steps=3):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    data = token_dataset(n=steps * 4)
+    for step in range(steps):
+        batch = torch.stack([r["input_ids"] for r in data[step * 4:(step + 1) * 4]])
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_merged_mode_merge_and_export_reproduce_the_model_with_adapters(tmp_path):
+    model = lora_model()
+    hf_qat.prepare_model_for_qat(model, QATConfig(bits=4, group_size=16, start=0, lora_mode="merged"))
+    base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(base, hf_qat.QATLinear) and base.weight_scale.requires_grad
+    hf_qat.activate_qat(model)
+    train_steps(model)
+    lora_b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert lora_b.abs().sum() > 0 and base.weight_scale.grad is None  # trained; zero_grad ran
+    with torch.no_grad():
+        with_adapters = model(INPUT).logits
+    with pytest.raises(QATModelError, match="merge_and_unload"):
+        export_checkpoint(model, tmp_path / "unmerged", format="hf-qat")
+    merged = model.merge_and_unload()
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, hf_qat.QATLinear)
+    with torch.no_grad():
+        assert torch.equal(merged(INPUT).logits, with_adapters)
+    export_checkpoint(merged, tmp_path / "export", format="hf-qat")
+    with torch.no_grad():
+        assert torch.equal(load_exported(tmp_path / "export")(INPUT).logits, with_adapters)
+
+
+def test_merged_mode_quantizes_w_plus_delta():
+    model = lora_model()
+    hf_qat.prepare_model_for_qat(model, QATConfig(bits=4, group_size=16, start=0))
+    layer = model.base_model.model.model.layers[1].mlp.up_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    hf_qat.activate_qat(model)
+    x = torch.randn(3, 32)
+    base = layer.base_layer
+    merged = base.weight + layer.get_delta_weight("default")
+    expected = torch.nn.functional.linear(
+        x, hf_qat.quantizers.reference.fake_quantize_weight(merged, base.weight_scale, base.qat_spec))
+    assert torch.equal(layer(x), expected)
+
+
+def test_base_mode_keeps_full_precision_adapters_on_a_quantized_base():
+    model = lora_model()
+    hf_qat.prepare_model_for_qat(model, QATConfig(bits=4, group_size=16, start=0, lora_mode="base"))
+    layer = model.base_model.model.model.layers[1].mlp.up_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    hf_qat.activate_qat(model)
+    x = torch.randn(3, 32)
+    expected = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_merged_mode_refuses_lora_dropout():
+    with pytest.raises(QATModelError, match="lora_dropout=0"):
+        hf_qat.prepare_model_for_qat(lora_model(dropout=0.1), QATConfig(bits=4, group_size=16, start=0))
+
+
+def test_trainer_with_lora_and_qat_callback(tmp_path):
+    model = lora_model()
+    callback = QATCallback(bits=4, group_size=16, start=4)
+    trainer = make_trainer(tmp_path, [callback], model=model, max_steps=8)
+    trainer.train()
+    groups = trainer.optimizer.param_groups
+    scale_group = next(g for g in groups if g.get("hf_qat_scales"))
+    assert scale_group["params"] and all(p.requires_grad for p in scale_group["params"])
+    lora_params = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora_params
+    assert hf_qat.is_qat_active(model)
+    with torch.no_grad():
+        before = model(INPUT).logits
+        merged = model.merge_and_unload()
+        assert torch.equal(merged(INPUT).logits, before)
