@@ -30,7 +30,6 @@ data, so a run resumed from a checkpoint before or after the switch continues ex
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -52,6 +51,7 @@ from .convert import (
     quantization_error,
 )
 from .errors import QATConfigError, QATRuntimeError
+from .jsonio import write_json
 from .planner import Plan, QATScalingLaw, plan_qat
 from .schedule import lambda_lr, make_schedule
 
@@ -353,5 +353,4 @@ class QATCallback(TrainerCallback, ExportableState):
         os.makedirs(directory, exist_ok=True)
         self.config.save_pretrained(directory)
         plan = self.plan.to_dict() if self.plan is not None else {"switch_step": self.switch_step, "total_steps": max_steps}
-        with open(os.path.join(directory, PLAN_NAME), "w", encoding="utf-8") as fh:
-            json.dump(plan, fh, indent=2)
+        write_json(os.path.join(directory, PLAN_NAME), plan)

@@ -45,12 +45,7 @@ def plot_plan(plan: Plan, path: str, law: QATScalingLaw | None = None) -> str:
         ax.set_xlabel("tokens per parameter byte S")
         ax.set_ylabel("optimal QAT fraction")
     ax.set_title(f"{plan.num_params:.3g} params, {plan.d_total:.3g} tokens, {plan.bits} bits")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path)
 
 
 def plot_fit(law: QATScalingLaw, runs, path: str) -> str:
@@ -68,6 +63,10 @@ def plot_fit(law: QATScalingLaw, runs, path: str) -> str:
     ax.set_xlabel("observed loss")
     ax.set_ylabel("predicted loss")
     ax.set_title(f"law fit: mean |rel. error| {law.diagnostics.get('mean_abs_relative_error', float('nan')):.2%}")
+    return _finish(plt, fig, ax, path)
+
+
+def _finish(plt, fig, ax, path: str) -> str:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize, minimize_scalar, nnls
 
+from ..jsonio import write_json
 from ..config import TERNARY_BITS, normalize_bits
 from .fraction import effective_bits
 
@@ -377,11 +378,7 @@ class QATScalingLaw:
                 "bootstrap_params": self.bootstrap_params}
 
     def save(self, path: str | os.PathLike) -> str:
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2)
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "QATScalingLaw":

@@ -13,12 +13,12 @@ Baselines for comparison: ParetoQ's 10 % QAT, torchtune's switch at half, QAT fr
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..jsonio import write_json
 from ..config import bits_label, normalize_bits
 from .fraction import PAPER_A, optimal_qat_fraction, range_warning, tokens_per_parameter_byte
 from .law import QATScalingLaw
@@ -56,11 +56,7 @@ class Plan:
         return asdict(self)
 
     def save(self, path: str | os.PathLike) -> str:
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2)
-        return path
+        return write_json(path, self.to_dict())
 
     def summary(self) -> str:
         """One line for logs."""
