@@ -182,6 +182,13 @@ class QATConfig:
             self.activation_bits = 8
 
         self.start = self._check_start(self.start)
+        if isinstance(self.pretrained_tokens, str):  # "2T", "2e12" (YAML reads 2.0e12 as text)
+            from .units import parse_count
+
+            try:
+                self.pretrained_tokens = parse_count(self.pretrained_tokens)
+            except ValueError:
+                raise QATConfigError("pretrained_tokens", self.pretrained_tokens, "None or a number >= 0 (e.g. 2e12 or '2T')") from None
         if self.pretrained_tokens is not None:
             if isinstance(self.pretrained_tokens, bool) or not isinstance(self.pretrained_tokens, (int, float)) or not (
                 math.isfinite(self.pretrained_tokens) and self.pretrained_tokens >= 0

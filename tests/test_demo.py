@@ -20,6 +20,8 @@ def test_corpus_and_tokenizer_are_offline_and_deterministic():
     tok = train_tokenizer(a.train_text, 300)
     blocks = make_blocks(a.train_text, tok, 64)
     assert blocks.shape[1] == 64 and int(blocks.max()) < 300
+    with pytest.raises(ValueError, match="vocab_size must be >= 257"):
+        train_tokenizer(a.train_text, 128)
     assert tok.decode(tok("def f(x):\n    return x")["input_ids"]) == "def f(x):\n    return x"
 
 

@@ -69,6 +69,10 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if vocab_size < 257:
+        raise ValueError(f"a byte-level BPE vocabulary holds the 256 bytes and <|endoftext|>: vocab_size must be >= 257, "
+                         f"got {vocab_size}")
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
