@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import QATConfig
-from .distributed import full_tensor
+from .distributed import full_tensor, write_full_
 from .errors import QATModelError
 from .modules import QAT_MODULE_TYPES, QATEmbedding, QATLinear, QATWeightMixin
 from .quantizers import get_quantizer
@@ -171,6 +171,9 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
     config = QATConfig.from_dict(config) if isinstance(config, dict) else config
     if not isinstance(config, QATConfig):
         raise TypeError(f"config must be a QATConfig or a dict, got {type(config).__name__}")
+    from .export.packed_modules import unpack_packed_layers
+
+    restored = unpack_packed_layers(model)  # a loaded native checkpoint: back to trainable layers
     existing = get_qat_config(model)
     if existing is not None or any(True for _ in qat_modules(model)):
         if existing is not None and existing.to_dict() == config.to_dict():
@@ -197,8 +200,21 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
     for holder in _config_holders(model):
         setattr(holder, CONFIG_ATTR, config)
     _link_adapters(model, config)
+    if restored is not None and restored[0] == config.to_dict():
+        _resume_from_steps(model, restored[1])
     logger.info("hf_qat: %d layers prepared for QAT (%s)", len(replacements), config.resolved_method)
     return model
+
+
+def _resume_from_steps(model: nn.Module, steps: dict[str, torch.Tensor]) -> None:
+    """A native checkpoint re-prepared with the config it was trained with continues its QAT: scales
+    from the stored steps (s = step / level) and QAT on."""
+    for name, module in qat_modules(model):
+        step = steps.get(name)
+        if step is not None and module.weight_scale is not None:
+            write_full_(module.weight_scale, step / module.qat_spec.grid.level)
+        module.set_qat_active(True)
+        module._mark_initialized()
 
 
 def _link_adapters(model: nn.Module, config: QATConfig) -> None:

@@ -9,12 +9,16 @@ from . import bitnet, compressed_tensors, gguf, native  # noqa: F401  (registers
 from .api import choose_format, export_checkpoint, load_exported, load_qat_checkpoint
 from .base import FORMATS, ExportFormatError, ExportInfo
 from .layers import QuantizedLayer, collect_layers
+from .packed_modules import PackedEmbedding, PackedLinear, TiedPackedHead
 from .native_quantizer import register as _register_native_quantizer
 
 _register_native_quantizer()
 
 __all__ = [
     "FORMATS",
+    "PackedEmbedding",
+    "PackedLinear",
+    "TiedPackedHead",
     "ExportFormatError",
     "ExportInfo",
     "QuantizedLayer",

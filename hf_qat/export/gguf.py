@@ -82,6 +82,8 @@ class GGUFFormat(ExportFormat):
         return None
 
     def storage_bits(self, layer: QuantizedLayer) -> float:
+        if layer.tied_to:
+            return 0.0  # llama.cpp reads a tied output from token_embd
         qtype = gguf_type(layer)
         return 8.0 * BYTES[qtype] / BLOCK[qtype] - 16.0 / BLOCK[qtype]  # the fp16 d is counted with the scales
 
@@ -174,6 +176,9 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     if model.get("type") != "BPE":
         raise ExportFormatError(f"GGUF export writes byte-level BPE tokenizers; this one is {model.get('type')!r}")
     vocab = {**model["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
+    if max(vocab.values()) >= vocab_size:
+        raise ExportFormatError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocabulary is "
+                                f"{vocab_size}: they do not belong together")
     tokens = [None] * vocab_size
     for token, index in vocab.items():
         if index < vocab_size:

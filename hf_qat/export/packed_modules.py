@@ -133,3 +133,47 @@ def replace_with_packed(model: nn.Module, modules: dict[str, dict[str, Any]], dt
             new = PackedLinear(spec, dtype, device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def unpack_packed_layers(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """Turn the packed layers of a loaded native checkpoint back into plain nn.Linear / nn.Embedding
+    holding the dequantized weights (trainable, exactly what the packed model computed with), and clear
+    the model's quantization marks. Returns ``(qat_config dict, steps by layer name)``, or None when the
+    model holds no packed layers."""
+    packed = {name: m for name, m in model.named_modules() if isinstance(m, (PackedWeight, TiedPackedHead))}
+    if not packed:
+        return None
+    quantization_config = getattr(model.config, "quantization_config", None)
+    qat_config = (quantization_config.qat_config if hasattr(quantization_config, "qat_config")
+                  else (quantization_config or {}).get("qat_config", {}))
+    steps: dict[str, torch.Tensor] = {}
+    plain: dict[str, nn.Module] = {}
+    for name, module in sorted(packed.items(), key=lambda item: isinstance(item[1], TiedPackedHead)):
+        if isinstance(module, TiedPackedHead):
+            source = next(n for n, m in packed.items() if m is module.embedding)
+            new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                            device="meta")
+            new.weight = plain[source].weight
+            if module.bias is not None:
+                new.bias = module.bias
+        else:
+            weight = nn.Parameter(module.dequantize().detach().clone())
+            steps[name] = module.weight_step.detach().float().clone()
+            if isinstance(module, PackedEmbedding):
+                new = nn.Embedding(module.rows, module.cols, padding_idx=module.padding_idx, device="meta")
+            else:
+                new = nn.Linear(module.cols, module.rows, bias=module.bias is not None, device="meta")
+                if module.bias is not None:
+                    new.bias = module.bias
+            new.weight = weight
+        plain[name] = new
+    for name, new in plain.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    if any(isinstance(m, TiedPackedHead) for m in packed.values()):
+        model.config.tie_word_embeddings = True
+    model.is_quantized = False
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return qat_config, steps

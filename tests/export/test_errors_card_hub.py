@@ -41,10 +41,14 @@ def test_bf16_weights_with_fp16_scales_cannot_go_to_compressed_tensors(tmp_path)
     export_checkpoint(model, tmp_path / "native", format="hf-qat")  # the native format keeps fp16 steps
 
 
-def test_gguf_needs_a_tokenizer_and_a_llama(tmp_path):
+def test_gguf_needs_a_matching_tokenizer(tmp_path):
+    from hf_qat.demo.corpus import train_tokenizer
+
     model = qat_trained_model(QATConfig(start=0, bits=4, group_size=32), hidden=64)
     with pytest.raises(ExportFormatError, match="pass export_checkpoint\\(..., tokenizer=...\\)"):
         export_checkpoint(model, tmp_path / "g", format="gguf")
+    with pytest.raises(ExportFormatError, match="model's vocabulary is 64"):
+        export_checkpoint(model, tmp_path / "h", format="gguf", tokenizer=train_tokenizer(["def f(): pass\n" * 20], 300))
 
 
 def test_export_before_the_switch_is_refused(tmp_path):

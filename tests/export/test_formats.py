@@ -18,7 +18,7 @@ INPUT = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3)
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer(["def f(x):\n    return x + 1\n" * 40, "class A:\n    pass\n" * 40], 64)
+    return train_tokenizer(["def f(x):\n    return x + 1\n" * 40, "class A:\n    pass\n" * 40], 320)
 
 
 def reference_logits(model):
@@ -93,9 +93,9 @@ def _gguf_blocks(raw: np.ndarray, qtype: str):
 
 
 @pytest.mark.parametrize("cfg,model_kwargs,qtype", [
-    (dict(bits=4, group_size=32, embedding_bits=4), dict(hidden=64, tie=True), "Q4_0"),
-    (dict(bits=8, group_size=32), dict(hidden=64, tie=False), "Q8_0"),
-    (dict(bits="ternary", group_size=256), dict(hidden=256, tie=True), "TQ2_0"),
+    (dict(bits=4, group_size=32, embedding_bits=4), dict(hidden=64, tie=True, vocab=320), "Q4_0"),
+    (dict(bits=8, group_size=32), dict(hidden=64, tie=False, vocab=320), "Q8_0"),
+    (dict(bits="ternary", group_size=256), dict(hidden=256, tie=True, vocab=320), "TQ2_0"),
 ])
 def test_gguf_blocks_read_back_and_transformers_reproduces_logits(cfg, model_kwargs, qtype, tokenizer, tmp_path):
     import gguf
