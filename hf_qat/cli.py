@@ -131,6 +131,27 @@ def cmd_best_bits(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    import os
+
+    from .export import export_checkpoint
+
+    tokenizer = None
+    source = args.tokenizer or (args.checkpoint if os.path.isfile(os.path.join(args.checkpoint, "tokenizer_config.json")) else None)
+    if source:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    info = export_checkpoint(args.checkpoint, args.out_dir, format=args.format, tokenizer=tokenizer,
+                             push_to_hub=args.push_to_hub, private=not args.public, base_model=args.base_model)
+    console.print(f"exported {info.format} to {info.path}: {info.weight_bytes / 1e6:.2f} MB of tensors "
+                  f"(expected {info.expected_bytes / 1e6:.2f} MB); exact: {info.exact}")
+    for note in info.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import DemoSettings, run_demo
@@ -176,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--candidates", type=lambda t: [_bits(x) for x in t.split(",")],
                    default=[1, 1.58, 2, 3, 4, 6, 8], help="comma-separated bit widths")
     b.set_defaults(func=cmd_best_bits)
+
+    e = sub.add_parser("export", help="write a low-bit checkpoint from a QAT checkpoint directory")
+    e.add_argument("checkpoint", help="a Trainer checkpoint or output dir of a QAT run (holds qat_config.json)")
+    e.add_argument("out_dir")
+    e.add_argument("--format", default="auto", help="auto, compressed-tensors, gguf, bitnet, hf-qat")
+    e.add_argument("--tokenizer", default=None, help="tokenizer id or path (default: the checkpoint's, if saved)")
+    e.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
+    e.add_argument("--public", action="store_true", help="create the Hub repo public (default private)")
+    e.add_argument("--base-model", default=None, help="the model this was quantized from (model card)")
+    e.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="train a small model FP then QAT on offline text, compare with FP and PTQ, export")
     d.add_argument("--quick", action="store_true", help="a shortened run (CI)")

@@ -92,3 +92,18 @@ def test_console_script_is_installed():
     proc = subprocess.run([sys.executable, "-m", "hf_qat.cli", "plan", "--params", "86M", "--tokens", "2.3e9",
                            "--bits", "6"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "0.152" in proc.stdout
+
+
+def test_export_command_writes_a_checkpoint_from_a_run_directory(tmp_path, capsys):
+    from hf_qat import QATCallback, QATConfig
+    from hf_qat.export import load_exported
+    from helpers import make_trainer
+
+    trainer = make_trainer(tmp_path / "run", [QATCallback(QATConfig(bits=4, group_size=16, start=3))], max_steps=6,
+                           save_strategy="steps", save_steps=6)
+    trainer.train()
+    assert main(["export", str(tmp_path / "run" / "checkpoint-6"), str(tmp_path / "out"), "--format", "compressed-tensors"]) == 0
+    assert "exported compressed-tensors" in capsys.readouterr().out
+    assert load_exported(tmp_path / "out") is not None
+    assert main(["export", str(tmp_path / "run" / "checkpoint-6"), str(tmp_path / "bad"), "--format", "gguf"]) == 2
+    assert "cannot represent" in capsys.readouterr().out
