@@ -13,12 +13,12 @@ from ..config import CONFIG_NAME, QATConfig
 from ..convert import get_qat_config, prepare_model_for_qat
 from ..distributed import world_size
 from .base import (
-    MANIFEST_NAME,
     ExportFormat,
     ExportInfo,
     check_layers,
     dedupe_shared,
     get_format,
+    read_manifest,
     verify_manifest,
     write_manifest,
 )
@@ -119,8 +119,8 @@ def export_checkpoint(
         info = fmt.write(model, layers, others, out_dir, tokenizer=tokenizer)
         info.expected_bytes = _expected_bytes(fmt, layers, others)
         if tokenizer is not None and name != "gguf":
-            info.files += [f for f in tokenizer.save_pretrained(out_dir) if os.path.isfile(f)]
-            info.files = [os.path.relpath(f, out_dir) if os.path.isabs(f) else f for f in info.files]
+            saved = [f for f in tokenizer.save_pretrained(out_dir) if os.path.isfile(f)]
+            info.files += [os.path.relpath(os.path.abspath(f), os.path.abspath(out_dir)) for f in saved]
         cfg = get_qat_config(model)
         plan = _find_plan(model_or_dir)
         from .card import write_model_card
@@ -164,7 +164,7 @@ def load_exported(directory: str | os.PathLike, verify: bool = True, **kwargs: A
     from transformers import AutoModelForCausalLM
 
     directory = os.fspath(directory)
-    manifest = verify_manifest(directory) if verify else json.load(open(os.path.join(directory, MANIFEST_NAME)))
+    manifest = verify_manifest(directory) if verify else read_manifest(directory)
     if manifest["format"] == "gguf":
         gguf_file = next(f for f in manifest["files"] if f.endswith(".gguf"))
         return AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, **kwargs)

@@ -195,13 +195,17 @@ def write_manifest(out_dir: str, info: ExportInfo, extra: dict[str, Any]) -> str
     return path
 
 
-def verify_manifest(directory: str) -> dict[str, Any]:
-    """Check every file the manifest lists against its sha256; raise a clear error otherwise."""
+def read_manifest(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, MANIFEST_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory} has no {MANIFEST_NAME}: it was not written by hf_qat export_checkpoint")
     with open(path, encoding="utf-8") as fh:
-        manifest = json.load(fh)
+        return json.load(fh)
+
+
+def verify_manifest(directory: str) -> dict[str, Any]:
+    """Check every file the manifest lists against its sha256; raise a clear error otherwise."""
+    manifest = read_manifest(directory)
     for name, meta in manifest["files"].items():
         file = os.path.join(directory, name)
         if not os.path.isfile(file):

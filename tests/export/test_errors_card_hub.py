@@ -183,3 +183,15 @@ def test_export_from_a_trainer_checkpoint_directory(tmp_path):
         assert torch.equal(load_exported(tmp_path / "export")(INPUT).logits, expected)
     manifest = json.loads((tmp_path / "export" / "hf_qat_export.json").read_text())
     assert manifest["plan"]["switch_step"] == 4 and info.format == "hf-qat"
+
+
+def test_export_to_a_relative_directory_with_a_tokenizer(tmp_path, monkeypatch):
+    from hf_qat.demo.corpus import train_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    model = qat_trained_model(QATConfig(start=0, bits=4, group_size=16))
+    info = export_checkpoint(model, "out/export", format="compressed-tensors",
+                             tokenizer=train_tokenizer(["def f(): pass\n" * 20], 300))
+    assert "tokenizer.json" in info.files and "tokenizer_config.json" in info.files
+    assert all(not f.startswith("out") for f in info.files)
+    assert load_exported("out/export") is not None
