@@ -66,8 +66,9 @@ def test_identical_to_plain_trainer_before_the_switch_and_on_grid_after(tmp_path
 
 
 @pytest.mark.parametrize("resume_step", [5, 15])
-def test_resume_before_and_after_the_switch_is_exact(tmp_path, resume_step):
-    cfg = QATConfig(**CFG, embedding_bits=4)
+@pytest.mark.parametrize("manage_schedule", [False, True], ids=["trainer-schedule", "fused-schedule"])
+def test_resume_before_and_after_the_switch_is_exact(tmp_path, resume_step, manage_schedule):
+    cfg = QATConfig(**{**CFG, "manage_schedule": manage_schedule}, embedding_bits=4)
     full = make_trainer(tmp_path, [QATCallback(cfg)], save_strategy="steps", save_steps=5)
     full.train()
     expected = state_dict_copy(full.model)
