@@ -183,6 +183,7 @@ class QATCallback(TrainerCallback, ExportableState):
         self.switch_step: int | None = None
         self.plan: Plan | None = None
         self._planned_steps: int | None = None
+        self._switched = False
         self._trainer: weakref.ref[Trainer] | None = None
 
     # ------------------------------------------------------------------ ExportableState
@@ -280,6 +281,7 @@ class QATCallback(TrainerCallback, ExportableState):
             )
         dataset = getattr(train_dataloader, "dataset", None)
         self._resolve(args, state.max_steps, model, dataset)
+        self._switched = False
         self._check_optimizer(optimizer, model)
         self._check_ddp()
         if is_qat_active(model) and state.global_step < self.switch_step:
@@ -319,7 +321,10 @@ class QATCallback(TrainerCallback, ExportableState):
             )
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.switch_step is None or state.global_step < self.switch_step or is_qat_active(model):
+        if self._switched or self.switch_step is None or state.global_step < self.switch_step:
+            return
+        self._switched = True
+        if is_qat_active(model):  # resumed after the switch
             return
         activate_qat(model)
         if self.config.reset_optimizer_state and optimizer is not None:
