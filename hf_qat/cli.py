@@ -163,6 +163,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result.losses["qat"] < result.losses["ptq"] else 1
 
 
+# ---------------------------------------------------------------------------------------- sweep
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    run_sweep(args.config, args.out, shard=args.shard, progress=not args.no_progress, save_models=args.save_models)
+    return 0
+
+
+def cmd_sweep_report(args: argparse.Namespace) -> int:
+    from .sweep.report import sweep_report
+
+    report = sweep_report(args.dir, law=args.law, fit=not args.no_fit)
+    console.print(f"report written to {report.markdown_path} ({len(report.figures)} plots)")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-qat", description="Compute-optimal quantization-aware training")
@@ -207,6 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--public", action="store_true", help="create the Hub repo public (default private)")
     e.add_argument("--base-model", default=None, help="the model this was quantized from (model card)")
     e.set_defaults(func=cmd_export)
+
+    w = sub.add_parser("sweep", help="the paper's experiment on your data: FP trunks, branched QAT tails -> runs.jsonl")
+    w.add_argument("config", help="sweep YAML (keys: sizes, data, budgets, bits, fractions, schedules, ...)")
+    w.add_argument("--out", required=True, help="output folder (runs.jsonl, trunk checkpoints); rerun to resume")
+    w.add_argument("--shard", default=None, metavar="I/N", help="run only share I of N (default: torchrun rank)")
+    w.add_argument("--save-models", action="store_true", help="also save every run's final model")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
+    w.set_defaults(func=cmd_sweep)
+
+    r = sub.add_parser("sweep-report", help="plots and a markdown table of a sweep's runs.jsonl")
+    r.add_argument("dir", help="the sweep's output folder")
+    r.add_argument("--law", default=None, help="a fitted law JSON to draw (default: fit one to the rows)")
+    r.add_argument("--no-fit", action="store_true", help="draw no law curve")
+    r.set_defaults(func=cmd_sweep_report)
 
     d = sub.add_parser("demo", help="train a small model FP then QAT on offline text, compare with FP and PTQ, export")
     d.add_argument("--quick", action="store_true", help="a shortened run (CI)")

@@ -1,0 +1,136 @@
+"""What a sweep's rows say about the paper's claims (METHOD.md section 8).
+
+* A cell is one (size, seed, budget, bits): its fused-schedule losses at every QAT fraction, with
+  fraction 0 = the PTQ row of that model.
+* The observed optimal fraction of a cell: the argmin over the measured fractions, refined by a
+  parabola through the three lowest points in log f (f > 0; the vertex is kept inside those points'
+  range; 0 when PTQ is the best row).
+* Against the paper: f_hat = exp(-6.7297 / ln S) at the cell's S, the mean absolute error, and the
+  Spearman correlation of the observed optimum with S.
+* Fused minus classic: the loss difference of the same (size, seed, budget, bits, fraction), per bit
+  width (negative: the fused schedule is better).
+* Noise: the same cell trained with two seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..planner.fraction import optimal_qat_fraction, tokens_per_parameter_byte
+
+QAT_SCHEDULES = ("fused", "classic")
+
+
+@dataclass
+class Cell:
+    size: str
+    seed: int
+    budget: float
+    bits: float
+    num_params: int
+    tokens: int
+    losses: dict[float, float] = field(default_factory=dict)  # fraction -> loss (0.0 = PTQ)
+    fp_loss: float | None = None
+
+    @property
+    def tokens_per_param_byte(self) -> float:
+        return tokens_per_parameter_byte(self.num_params, self.tokens, self.bits)
+
+    @property
+    def paper_fraction(self) -> float:
+        return optimal_qat_fraction(self.tokens_per_param_byte)
+
+    @property
+    def observed_optimum(self) -> float:
+        return refined_optimum(self.losses)
+
+
+def refined_optimum(losses: dict[float, float]) -> float:
+    """The argmin fraction, refined by a parabola in log f through the three lowest f > 0 points."""
+    best = min(losses, key=losses.get)
+    if best == 0.0:
+        return 0.0
+    positive = sorted((f, v) for f, v in losses.items() if f > 0)
+    if len(positive) < 3:
+        return best
+    lowest = sorted(positive, key=lambda p: p[1])[:3]
+    x = np.log([f for f, _ in lowest])
+    y = np.array([v for _, v in lowest])
+    a, b, _ = np.polyfit(x, y, 2)
+    if a <= 0:
+        return best
+    vertex = math.exp(-b / (2 * a))
+    return float(min(max(vertex, min(f for f, _ in lowest)), max(f for f, _ in lowest)))
+
+
+def cells(rows: list[dict], schedule: str = "fused") -> list[Cell]:
+    """The cells of ``rows`` with at least one ``schedule`` row, each with its PTQ row as fraction 0."""
+    out: dict[tuple, Cell] = {}
+    fp: dict[tuple, float] = {}
+    for row in rows:
+        base = (row["size"], row["seed"], float(row["budget"]))
+        if row["schedule"] == "fp":
+            fp[base] = row["loss"]
+            continue
+        if row["schedule"] not in (schedule, "ptq"):
+            continue
+        key = base + (float(row["bits"]),)
+        cell = out.setdefault(key, Cell(row["size"], row["seed"], float(row["budget"]), float(row["bits"]),
+                                        int(row["num_params"]), int(row["fp_tokens"]) + int(row["qat_tokens"])))
+        cell.losses[float(row["fraction"])] = float(row["loss"])
+    result = [c for c in out.values() if any(f > 0 for f in c.losses)]
+    for cell in result:
+        cell.fp_loss = fp.get((cell.size, cell.seed, cell.budget))
+    return sorted(result, key=lambda c: (c.bits, c.num_params, c.budget, c.seed))
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def paper_comparison(cell_list: list[Cell]) -> dict[str, float]:
+    """MAE of f_hat against the observed optima, and Spearman(observed optimum, S), all cells and per bits."""
+    def stats(cs: list[Cell]) -> dict[str, float]:
+        observed = [c.observed_optimum for c in cs]
+        predicted = [c.paper_fraction for c in cs]
+        s = [c.tokens_per_param_byte for c in cs]
+        return {"cells": len(cs), "mae": float(np.mean(np.abs(np.subtract(observed, predicted)))) if cs else float("nan"),
+                "spearman_optimum_vs_S": spearman(s, observed), "S_min": min(s, default=float("nan")),
+                "S_max": max(s, default=float("nan"))}
+
+    out = {"all": stats(cell_list)}
+    for bits in sorted({c.bits for c in cell_list}):
+        out[f"{bits:g}"] = stats([c for c in cell_list if c.bits == bits])
+    return out
+
+
+def fused_minus_classic(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per bit width: mean, min and max of loss(fused) - loss(classic) over matching runs."""
+    fused = {_match(r): r["loss"] for r in rows if r["schedule"] == "fused"}
+    diffs: dict[str, list[float]] = {}
+    for row in rows:
+        if row["schedule"] == "classic" and _match(row) in fused:
+            diffs.setdefault(f"{float(row['bits']):g}", []).append(fused[_match(row)] - row["loss"])
+    return {bits: {"pairs": len(v), "mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+            for bits, v in sorted(diffs.items())}
+
+
+def seed_noise(rows: list[dict]) -> list[dict[str, float]]:
+    """Rows that exist for more than one seed: the spread of their losses."""
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        key = (row["size"], float(row["budget"]), row["bits"], float(row["fraction"]), row["schedule"])
+        groups.setdefault(key, []).append(row["loss"])
+    return [{"key": "/".join(str(k) for k in key), "seeds": len(v), "spread": max(v) - min(v)}
+            for key, v in groups.items() if len(v) > 1]
+
+
+def _match(row: dict) -> tuple:
+    return row["size"], row["seed"], float(row["budget"]), float(row["bits"]), float(row["fraction"])

@@ -1,0 +1,205 @@
+"""``hf-qat sweep-report DIR``: plots and a markdown table of a sweep's runs.jsonl.
+
+Writes into ``DIR/report/``:
+
+* ``loss_vs_fraction_<bits>.png``: per (size, budget), the measured loss at each QAT fraction
+  (0 = PTQ), the fitted law's curve, the paper's f_hat and the observed optimum;
+* ``optimum_vs_S.png``: the observed optimal fraction against tokens per parameter byte, with the
+  paper's curve;
+* ``fused_minus_classic.png`` (when classic runs exist): loss(fused) - loss(classic) per bit width;
+* ``report.md``: the tables, the paper comparison (MAE, Spearman), fused - classic, seed noise;
+* ``law.json`` (unless ``fit=False`` or a law is given): the loss law fitted to the fp, ptq and fused
+  rows, with its leave-one-budget-out prediction error in its diagnostics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..config import bits_label
+from ..planner import QATScalingLaw, load_runs
+from ..plots import _finish, _pyplot
+from .analysis import Cell, cells, fused_minus_classic, paper_comparison, seed_noise
+from .results import RUNS_NAME, read_rows
+
+LAW_SCHEDULES = ("fp", "ptq", "fused")
+
+
+@dataclass
+class SweepReport:
+    markdown_path: str
+    figures: list[str] = field(default_factory=list)
+    law_path: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def law_rows(rows: list[dict]) -> list[dict]:
+    """The rows the loss law describes: FP, PTQ and fused-schedule QAT (the law has no schedule term)."""
+    return [r for r in rows if r["schedule"] in LAW_SCHEDULES]
+
+
+def fit_law(rows: list[dict], starts: int = 24) -> QATScalingLaw:
+    """The law fitted to ``law_rows(rows)``, with ``leave_one_budget_out`` in its diagnostics: for
+    each budget, the mean |relative error| of a fit without that budget's rows on those rows."""
+    data = law_rows(rows)
+    law = QATScalingLaw.fit(data, starts=starts)
+    held_out = {}
+    for budget in sorted({float(r["budget"]) for r in data}):
+        train = [r for r in data if float(r["budget"]) != budget]
+        test = [r for r in data if float(r["budget"]) == budget]
+        if len({float(r["budget"]) for r in train}) < 2:
+            continue
+        partial = QATScalingLaw.fit(train, starts=starts)
+        runs = load_runs(test)
+        held_out[f"{budget:g}"] = float(np.mean(np.abs(partial.predict_runs(runs) / runs.loss - 1.0)))
+    law.diagnostics["leave_one_budget_out"] = held_out
+    law.diagnostics["fitted_on"] = f"{len(data)} rows (schedules {', '.join(LAW_SCHEDULES)})"
+    return law
+
+
+def sweep_report(out_dir: str | os.PathLike, law: str | os.PathLike | QATScalingLaw | None = None,
+                 fit: bool = True) -> SweepReport:
+    out_dir = os.fspath(out_dir)
+    rows = read_rows(os.path.join(out_dir, RUNS_NAME))
+    if not rows:
+        raise ValueError(f"{out_dir} holds no {RUNS_NAME} rows: run hf-qat sweep first")
+    folder = os.path.join(out_dir, "report")
+    os.makedirs(folder, exist_ok=True)
+    report = SweepReport(markdown_path=os.path.join(folder, "report.md"))
+    if isinstance(law, (str, os.PathLike)):
+        law = QATScalingLaw.load(law)
+    elif law is None and fit and len(law_rows(rows)) >= 20:
+        law = fit_law(rows)
+        report.law_path = law.save(os.path.join(folder, "law.json"))
+    fused = cells(rows, "fused")
+    for bits in sorted({c.bits for c in fused}):
+        report.figures.append(_plot_cells([c for c in fused if c.bits == bits], law, os.path.join(
+            folder, f"loss_vs_fraction_{bits_label(bits)}.png")))
+    if fused:
+        report.figures.append(_plot_optimum(fused, os.path.join(folder, "optimum_vs_S.png")))
+    diffs = fused_minus_classic(rows)
+    if diffs:
+        report.figures.append(_plot_fused_minus_classic(rows, os.path.join(folder, "fused_minus_classic.png")))
+    report.summary = {"rows": len(rows), "paper": paper_comparison(fused), "fused_minus_classic": diffs,
+                      "seed_noise": seed_noise(rows),
+                      "law": None if law is None else {k: v for k, v in law.diagnostics.items() if k != "residuals"}}
+    with open(report.markdown_path, "w", encoding="utf-8") as fh:
+        fh.write(markdown(rows, fused, report.summary))
+    return report
+
+
+# ---------------------------------------------------------------------------------------- markdown
+def markdown(rows: list[dict], fused: list[Cell], summary: dict[str, Any]) -> str:
+    fractions = sorted({f for c in fused for f in c.losses})
+    lines = ["# Sweep report", "", f"{summary['rows']} rows. Loss: held-out mean cross-entropy (nats). Fraction 0 is "
+             "PTQ of the FP model; f* the observed optimum (argmin refined by a parabola in log f); f_hat the paper's "
+             "exp(-6.7297 / ln S).", "",
+             "| size | seed | budget | bits | S | FP | " + " | ".join(f"f={f:g}" for f in fractions) + " | f* | f_hat |",
+             "|" + "---|" * (8 + len(fractions))]
+    for c in fused:
+        cols = [f"{c.losses[f]:.4f}" if f in c.losses else "-" for f in fractions]
+        best = min(c.losses, key=c.losses.get)
+        cols = [f"**{v}**" if f == best else v for f, v in zip(fractions, cols)]
+        fp = "-" if c.fp_loss is None else f"{c.fp_loss:.4f}"
+        lines.append(f"| {c.size} | {c.seed} | {c.budget:.3g} | {bits_label(c.bits)} | {c.tokens_per_param_byte:.3g} | "
+                     f"{fp} | " + " | ".join(cols) + f" | {c.observed_optimum:.3f} | {c.paper_fraction:.3f} |")
+    lines += ["", "## Against the paper's formula", "", "| bits | cells | S range | MAE of f_hat | Spearman(f*, S) |",
+              "|---|---|---|---|---|"]
+    for key, s in summary["paper"].items():
+        lines.append(f"| {key} | {s['cells']} | {s['S_min']:.3g} - {s['S_max']:.3g} | {s['mae']:.3f} | "
+                     f"{s['spearman_optimum_vs_S']:.2f} |")
+    if summary["fused_minus_classic"]:
+        lines += ["", "## Fused minus classic (negative: fusing the cooldown into QAT is better)", "",
+                  "| bits | pairs | mean | min | max |", "|---|---|---|---|---|"]
+        for bits, d in summary["fused_minus_classic"].items():
+            lines.append(f"| {bits} | {d['pairs']} | {d['mean']:+.4f} | {d['min']:+.4f} | {d['max']:+.4f} |")
+    if summary["seed_noise"]:
+        lines += ["", "## Seed noise (same run, other seed)", "", "| run | seeds | loss spread |", "|---|---|---|"]
+        for n in summary["seed_noise"]:
+            lines.append(f"| {n['key']} | {n['seeds']} | {n['spread']:.4f} |")
+    law = summary.get("law")
+    if law:
+        lines += ["", "## Fitted law", "", f"Fitted on {law.get('fitted_on', '?')}: mean |relative error| "
+                  f"{law['mean_abs_relative_error']:.3%}, max {law['max_abs_relative_error']:.3%}."]
+        for budget, err in law.get("leave_one_budget_out", {}).items():
+            lines.append(f"- budget {budget} held out: mean |relative error| {err:.3%}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------- plots
+def _plot_cells(cs: list[Cell], law: QATScalingLaw | None, path: str) -> str:
+    plt = _pyplot()
+    sizes = sorted({(c.num_params, c.size) for c in cs})
+    budgets = sorted({c.budget for c in cs})
+    fig, axes = plt.subplots(len(sizes), len(budgets), figsize=(3.4 * len(budgets), 2.8 * len(sizes)), dpi=110,
+                             squeeze=False)
+    for (n, size), row in zip(sizes, axes):
+        for budget, ax in zip(budgets, row):
+            for i, c in enumerate(x for x in cs if x.size == size and x.budget == budget):
+                f = sorted(c.losses)
+                ax.plot(f, [c.losses[v] for v in f], "o-", color=f"C{i}", ms=4, label=f"measured (seed {c.seed})")
+                if i == 0:
+                    if law is not None:
+                        grid = np.linspace(0.0, 1.0, 101)
+                        ax.plot(grid, law.loss_curve(c.num_params, c.tokens, c.bits, grid), color="0.4", lw=1,
+                                label="fitted law")
+                    ax.axvline(c.paper_fraction, color="C3", ls="--", lw=1, label=f"paper f_hat {c.paper_fraction:.2f}")
+                    ax.axvline(c.observed_optimum, color="C2", ls=":", lw=1.2, label=f"observed f* {c.observed_optimum:.2f}")
+                    ax.set_title(f"{size} ({n / 1e3:.0f}K), {budget / 1e6:.3g}M tok, S={c.tokens_per_param_byte:.3g}",
+                                 fontsize=8)
+                    values = list(c.losses.values())
+                    low, high = min(values), float(np.percentile(values, 80))
+                    ax.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.3 * (high - low + 1e-3))
+            ax.set_xlabel("QAT fraction (0 = PTQ)", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=6)
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"{bits_label(cs[0].bits)}-bit: held-out loss against the QAT fraction (fused schedule)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plot_optimum(cs: list[Cell], path: str) -> str:
+    from ..planner import FITTED_RANGE, PAPER_A, optimal_qat_fraction
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    s_values = [c.tokens_per_param_byte for c in cs]
+    grid = np.logspace(math.log10(max(1.5, min(s_values) / 2)), math.log10(max(s_values) * 2), 200)
+    ax.semilogx(grid, [optimal_qat_fraction(v, PAPER_A) for v in grid], color="k", lw=1, label="paper f_hat")
+    ax.axvspan(*FITTED_RANGE, color="0.5", alpha=0.08, label="paper's fitted range")
+    for i, bits in enumerate(sorted({c.bits for c in cs})):
+        sel = [c for c in cs if c.bits == bits]
+        ax.scatter([c.tokens_per_param_byte for c in sel], [c.observed_optimum for c in sel], color=f"C{i}",
+                   label=f"observed, {bits_label(bits)}-bit", zorder=3)
+    ax.set_xlim(grid[0], grid[-1])
+    ax.set_xlabel("tokens per parameter byte S")
+    ax.set_ylabel("optimal QAT fraction")
+    ax.set_title("observed optimal QAT fraction against S")
+    return _finish(plt, fig, ax, path)
+
+
+def _plot_fused_minus_classic(rows: list[dict], path: str) -> str:
+    plt = _pyplot()
+    fused = {(r["size"], r["seed"], float(r["budget"]), float(r["bits"]), float(r["fraction"])): r["loss"]
+             for r in rows if r["schedule"] == "fused"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for i, bits in enumerate(sorted({float(r["bits"]) for r in rows if r["schedule"] == "classic"})):
+        points = [(float(r["fraction"]), fused[k] - r["loss"]) for r in rows if r["schedule"] == "classic"
+                  and float(r["bits"]) == bits and (k := (r["size"], r["seed"], float(r["budget"]), bits,
+                                                          float(r["fraction"]))) in fused]
+        ax.scatter([p[0] * (1 + 0.03 * i) for p in points], [p[1] for p in points], color=f"C{i}",
+                   label=f"{bits_label(bits)}-bit")
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("QAT fraction")
+    ax.set_ylabel("loss(fused) - loss(classic), nats")
+    ax.set_title("fusing the cooldown into QAT (below 0: fused is better)")
+    return _finish(plt, fig, ax, path)

@@ -1,0 +1,164 @@
+"""hf-qat sweep: branched tails equal unbranched runs, resume after a kill, sharding, the row schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from hf_qat.planner import load_runs, optimal_qat_fraction
+from hf_qat.sweep import SweepConfig, plan_runs, run_sweep, token_accounting
+from hf_qat.sweep.data import load_sweep_data
+from hf_qat.sweep.engine import evaluate, load_checkpoint, build_model
+from hf_qat.sweep.results import ROW_KEYS, read_rows
+from hf_qat.sweep.runner import train_unbranched
+
+TINY = {
+    "sizes": {"s32": {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64, "num_attention_heads": 2,
+                      "num_key_value_heads": 1}},
+    "data": "demo", "vocab_size": 320, "sequence_length": 32, "batch_size": 4, "learning_rate": 3e-3,
+    "warmup_steps": 4, "budgets": [1280, 2560], "bits": [2], "fractions": [0.0, 0.25, 0.5, 1.0],
+    "schedules": ["fused", "classic"], "group_size": 16, "eval_tokens": 512, "seed": 0,
+}
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    summary = run_sweep(TINY, out, progress=False, log=quiet, save_models=True)
+    return out, summary
+
+
+def rows_by_key(path) -> dict[str, dict]:
+    return {row["key"]: row for row in read_rows(os.path.join(path, "runs.jsonl"))}
+
+
+def test_branched_tails_are_bit_identical_to_unbranched_runs(tiny_sweep):
+    """On one CPU thread order, a tail loaded from the trunk checkpoint (weights and AdamW state saved
+    exactly) replays the same batches with the same LR multipliers as the run from scratch, and the
+    dormant QAT layers compute F.linear exactly, so the final weights are bitwise equal."""
+    out, _ = tiny_sweep
+    config = SweepConfig.from_dict(TINY)
+    runs = {r.key: r for r in plan_runs(config)}
+    rows = rows_by_key(out)
+    data = load_sweep_data(config, max(r.total_steps for r in runs.values()) * config.batch_size,
+                           cache_dir=os.path.join(out, "cache"))
+    checked = 0
+    for key in ("s32/seed0/2560/2/0.5/fused", "s32/seed0/2560/2/0.25/classic", "s32/seed0/2560/fp/0/fp",
+                "s32/seed0/1280/2/1/fused"):
+        run = runs[key]
+        assert 0 <= run.branch_step <= run.switch_step
+        if run.fraction not in (0.0, 1.0):
+            assert run.branch_step > 0  # a real branch, not a run from scratch
+        reference = train_unbranched(config, run, data)
+        branched = build_model(config, run.size, run.seed)
+        if run.schedule != "fp":
+            from hf_qat import prepare_model_for_qat
+
+            prepare_model_for_qat(branched, config.qat_config(run.bits))
+        load_checkpoint(os.path.join(out, "models", key.replace("/", "_") + ".pt"), branched, None)
+        ref_state, branch_state = reference.state_dict(), branched.state_dict()
+        assert ref_state.keys() == branch_state.keys()
+        for name, tensor in ref_state.items():
+            assert torch.equal(tensor, branch_state[name]), f"{key}: {name} differs"
+        assert evaluate(reference, data.eval) == rows[key]["loss"]
+        checked += 1
+    assert checked == 4
+
+
+def test_rows_schema_and_fit_reads_them(tiny_sweep):
+    out, summary = tiny_sweep
+    rows = read_rows(os.path.join(out, "runs.jsonl"))
+    config = SweepConfig.from_dict(TINY)
+    assert len(rows) == len(plan_runs(config)) == summary.rows_written
+    assert len({r["key"] for r in rows}) == len(rows)
+    for row in rows:
+        assert all(k in row for k in ROW_KEYS), row
+        assert row["fp_tokens"] + row["qat_tokens"] == row["tokens"]
+        assert row["loss"] > 0 and row["eval_tokens"] == 16 * 31
+        if row["schedule"] == "fp":
+            assert row["bits"] is None and row["qat_tokens"] == 0
+        elif row["schedule"] == "ptq":
+            assert row["bits"] == 2 and row["qat_tokens"] == 0
+        else:
+            assert row["qat_tokens"] == (row["total_steps"] - row["switch_step"]) * 128
+            s = row["tokens"] / (row["num_params"] * row["bits"] / 8)
+            assert row["tokens_per_param_byte"] == pytest.approx(s, rel=1e-12)
+            assert row["paper_fraction"] == optimal_qat_fraction(s)
+    runs = load_runs(os.path.join(out, "runs.jsonl"))
+    assert len(runs) == len(rows)
+    # the tokens the branched grid trained, against the same rows trained one by one
+    tokens = token_accounting(plan_runs(config), config.tokens_per_step)
+    assert summary.trained_tokens == tokens["branched_tokens"] < tokens["unbranched_tokens"]
+
+
+def test_rerun_is_a_no_op_and_a_partial_line_is_repaired(tiny_sweep, tmp_path):
+    out, _ = tiny_sweep
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("runs.jsonl", "sweep_config.json"):
+        (copy / name).write_bytes((out / name).read_bytes())
+    # simulate a kill in the middle of the last write
+    lines = (copy / "runs.jsonl").read_bytes().splitlines(keepends=True)
+    last = json.loads(lines[-1])
+    (copy / "runs.jsonl").write_bytes(b"".join(lines[:-1]) + lines[-1][:40])
+    os.symlink(out / "cache", copy / "cache")
+    summary = run_sweep(TINY, copy, progress=False, log=quiet)
+    assert summary.rows_written == 1
+    rows = read_rows(copy / "runs.jsonl")
+    assert len(rows) == len(lines) and len({r["key"] for r in rows}) == len(rows)
+    assert rows_by_key(copy)[last["key"]]["loss"] == last["loss"]  # recomputed exactly
+    again = run_sweep(TINY, copy, progress=False, log=quiet)
+    assert again.rows_written == 0 and again.trained_tokens == 0
+
+
+def test_kill_and_resume_finishes_only_the_missing_rows(tiny_sweep, tmp_path):
+    out, _ = tiny_sweep
+    expected = rows_by_key(out)
+    config_path = tmp_path / "sweep.yaml"
+    import yaml
+
+    config_path.write_text(yaml.safe_dump(TINY))
+    target = tmp_path / "killed"
+    command = [sys.executable, "-m", "hf_qat.cli", "sweep", str(config_path), "--out", str(target), "--no-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs_file = target / "runs.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if runs_file.exists() and len(runs_file.read_bytes().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = len(read_rows(runs_file))
+    assert 3 <= before < len(expected), "the kill must land in the middle of the sweep"
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_rows(runs_file)
+    assert len(rows) == len(expected) and len({r["key"] for r in rows}) == len(rows)
+    for row in rows:
+        assert row["loss"] == expected[row["key"]]["loss"], row["key"]
+
+
+def test_shards_concatenate_to_the_whole_sweep(tiny_sweep, tmp_path):
+    out, _ = tiny_sweep
+    expected = rows_by_key(out)
+    merged = {}
+    for index in range(2):
+        target = tmp_path / f"shard{index}"
+        run_sweep(TINY, target, shard=f"{index}/2", progress=False, log=quiet)
+        for key, row in rows_by_key(target).items():
+            assert key not in merged
+            merged[key] = row
+    assert merged.keys() == expected.keys()
+    assert all(merged[k]["loss"] == expected[k]["loss"] for k in expected)
