@@ -49,6 +49,7 @@ from .convert import (
     prepare_model_for_qat,
     qat_modules,
     quantization_error,
+    quantizer_units,
 )
 from .errors import QATConfigError, QATRuntimeError
 from .jsonio import write_json
@@ -63,13 +64,9 @@ PLAN_ATTR = "_hf_qat_plan"
 
 
 def scale_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The distinct learnable scale Parameters of a prepared model, in module order."""
-    seen: dict[int, torch.nn.Parameter] = {}
-    for _, module in qat_modules(model):
-        scale = module.weight_scale
-        if scale is not None and scale.requires_grad:
-            seen.setdefault(id(scale), scale)
-    return list(seen.values())
+    """The learnable scale Parameters (each unit's ``log_scale_ratio``) of a prepared model, in module order."""
+    return [module.weight_quantizer.log_scale_ratio for _, module in quantizer_units(model)
+            if module.weight_quantizer.log_scale_ratio is not None and module.weight_quantizer.log_scale_ratio.requires_grad]
 
 
 def count_parameters(model: torch.nn.Module, quantized_only: bool = False) -> int:

@@ -16,11 +16,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from .dtypes import DTYPES
 from .errors import QATConfigError
 
 TERNARY_BITS = 1.58
 ALLOWED_BITS = (1, TERNARY_BITS, 2, 3, 4, 5, 6, 8)
-ALLOWED_SCALE_DTYPES = ("float16", "bfloat16", "float32")
+ALLOWED_SCALE_DTYPES = tuple(DTYPES)
 ALLOWED_GROUP_STRINGS = ("channel", "tensor")
 ALLOWED_SCALE_GRAD_MODES = ("paretoq", "lsq")
 ALLOWED_DECAY_SHAPES = ("linear", "cosine", "1-sqrt")

@@ -17,11 +17,9 @@ import torch
 from torch import nn
 
 from .config import QATConfig
-from .distributed import full_tensor, write_full_
 from .errors import QATModelError
 from .modules import QAT_MODULE_TYPES, QATEmbedding, QATLinear, QATWeightMixin
 from .quantizers import get_quantizer
-from .quantizers.reference import fake_quantize_weight
 
 logger = logging.getLogger("hf_qat")
 
@@ -211,10 +209,11 @@ def _resume_from_steps(model: nn.Module, steps: dict[str, torch.Tensor]) -> None
     from the stored steps (s = step / level) and QAT on."""
     for name, module in qat_modules(model):
         step = steps.get(name)
-        if step is not None and module.weight_scale is not None:
-            write_full_(module.weight_scale, step / module.qat_spec.grid.level)
-        module.set_qat_active(True)
-        module._mark_initialized()
+        unit = module.weight_quantizer
+        if step is not None and unit.log_scale_ratio is not None:
+            unit.set_scale(step.float() / unit.spec.grid.level)
+        unit.set_active(True)
+        unit.mark_initialized()
 
 
 def _link_adapters(model: nn.Module, config: QATConfig) -> None:
@@ -224,8 +223,8 @@ def _link_adapters(model: nn.Module, config: QATConfig) -> None:
 
     if attach_lora(model, config.lora_mode):
         for _, module in qat_modules(model):
-            if module.weight_scale is not None:
-                module.weight_scale.requires_grad_(True)
+            if module.weight_quantizer.log_scale_ratio is not None:
+                module.weight_quantizer.log_scale_ratio.requires_grad_(True)
 
 
 def _embedding_replacements(model: nn.Module, config: QATConfig, common: dict) -> dict[int, nn.Module]:
@@ -251,11 +250,8 @@ def _embedding_replacements(model: nn.Module, config: QATConfig, common: dict) -
         tied = new_emb is not None and head.weight is emb.weight
         new_head = QATLinear.from_linear(
             head, quantizer, name=names.get(id(head), "lm_head"),
-            shared_scale=new_emb.weight_scale if tied else None, **common,
+            shared=new_emb.weight_quantizer if tied else None, **common,
         )
-        if tied:
-            object.__setattr__(new_emb, "_qat_scale_sharers", (new_head,))
-            object.__setattr__(new_head, "_qat_scale_sharers", (new_emb,))
         out[id(head)] = new_head
     return out
 
@@ -280,11 +276,21 @@ def qat_modules(model: nn.Module) -> Iterator[tuple[str, QATWeightMixin]]:
             yield name, module
 
 
+def quantizer_units(model: nn.Module) -> Iterator[tuple[str, QATWeightMixin]]:
+    """``(name, layer)`` for the first layer of every distinct unit (a tied head shares its
+    embedding's unit and weight, so it is skipped)."""
+    seen: set[int] = set()
+    for name, module in qat_modules(model):
+        if id(module.weight_quantizer) not in seen:
+            seen.add(id(module.weight_quantizer))
+            yield name, module
+
+
 def set_qat_active(model: nn.Module, active: bool = True) -> int:
-    """Switch every QAT module on (or off); returns how many there are."""
+    """Switch every QAT unit on (or off); returns how many there are."""
     count = 0
-    for _, module in qat_modules(model):
-        module.set_qat_active(active)
+    for _, module in quantizer_units(model):
+        module.weight_quantizer.set_active(active)
         count += 1
     return count
 
@@ -294,23 +300,22 @@ def is_qat_active(model: nn.Module) -> bool:
 
 
 def initialize_scales(model: nn.Module, force: bool = False) -> int:
-    """Initialise every scale from its full weight (each shared scale once); returns how many.
+    """Initialise every unit's scale from its full weight (with PEFT's merged LoRA delta); returns
+    how many were initialised.
 
     Under FSDP2 this all-gathers each weight, so call it on every rank (QATCallback does, at the
     switch). Raises QATRuntimeError if a weight holds NaN/Inf.
     """
-    done: set[int] = set()
-    for _, module in qat_modules(model):
-        if module.is_scale_initialized and not force:
+    from .lora import weight_deltas
+
+    deltas = weight_deltas(model)
+    count = 0
+    for _, module in quantizer_units(model):
+        if module.weight_quantizer.is_initialized and not force:
             continue
-        scale = module.weight_scale
-        if scale is not None and id(scale) in done:
-            module._mark_initialized()
-            continue
-        module.initialize_scale_()
-        if scale is not None:
-            done.add(id(scale))
-    return len(done)
+        module.weight_quantizer.initialize(module.full_weight(deltas.get(id(module))).detach())
+        count += 1
+    return count
 
 
 def activate_qat(model: nn.Module) -> None:
@@ -334,17 +339,19 @@ def ptq(model: nn.Module, config: QATConfig | dict) -> nn.Module:
 def remove_qat(model: nn.Module, bake_weights: bool = False) -> nn.Module:
     """Replace every QAT module by a plain nn.Linear / nn.Embedding holding the same Parameters.
 
-    ``bake_weights=True`` first writes the fake-quantized values into the weights (active modules
+    ``bake_weights=True`` first writes the fake-quantized values into the weights (active units
     only), so the plain model computes what the QAT model computed.
     """
-    replacements: dict[int, nn.Module] = {}
-    baked: set[int] = set()
-    for _, module in qat_modules(model):
-        if bake_weights and module.is_qat_active and id(module.weight) not in baked:
-            with torch.no_grad():
-                module.weight.copy_(fake_quantize_weight(module.effective_weight(), module.current_scale(), module.qat_spec))
-            baked.add(id(module.weight))
-        replacements[id(module)] = module.to_linear() if isinstance(module, QATLinear) else module.to_embedding()
+    from .lora import weight_deltas
+
+    if bake_weights:
+        deltas = weight_deltas(model)
+        for _, module in quantizer_units(model):
+            if module.is_qat_active:
+                with torch.no_grad():
+                    module.weight.copy_(module.weight_quantizer.quantized(module.full_weight(deltas.get(id(module)))))
+    replacements = {id(module): module.to_linear() if isinstance(module, QATLinear) else module.to_embedding()
+                    for _, module in qat_modules(model)}
     _replace_modules(model, replacements)
     for holder in _config_holders(model):
         if CONFIG_ATTR in holder.__dict__:
@@ -354,21 +361,13 @@ def remove_qat(model: nn.Module, bake_weights: bool = False) -> nn.Module:
 
 @torch.no_grad()
 def quantization_error(model: nn.Module) -> float:
-    """Mean over quantized weights of ``||Q(w) - w||^2 / ||w||^2`` (0 when nothing is initialised).
-
-    Under FSDP2 it all-gathers each weight: call on every rank.
+    """Mean over the quantized weights (each once) of ``||Q(w) - w||^2 / ||w||^2`` (0 when nothing
+    is initialised). A full pass over the weights: the callback calls it at the switch and at
+    evaluation only. Under FSDP2 it all-gathers each weight: call on every rank.
     """
-    errors = []
-    seen: set[int] = set()
-    for _, module in qat_modules(model):
-        if not module.is_scale_initialized or id(module.weight) in seen:
-            continue
-        seen.add(id(module.weight))
-        weight = module._full_effective_weight().float()
-        if module.weight_scale is None:
-            scale = module.quantizer.init_scale(module.qat_layout.scale_view(weight))
-        else:
-            scale = full_tensor(module.weight_scale)
-        quantized = fake_quantize_weight(weight, scale, module.qat_spec).float()
-        errors.append(float((quantized - weight).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30)))
+    from .lora import weight_deltas
+
+    deltas = weight_deltas(model)
+    errors = [module.weight_quantizer.error(module.full_weight(deltas.get(id(module))))
+              for _, module in quantizer_units(model) if module.weight_quantizer.is_initialized]
     return sum(errors) / len(errors) if errors else 0.0

@@ -17,7 +17,6 @@ PEFT model): the QAT layers are installed inside PEFT's ``base_layer`` and the s
 from __future__ import annotations
 
 import types
-import weakref
 
 import torch
 from torch import nn
@@ -59,31 +58,44 @@ def _quantize_merged_weight(layer: nn.Module, name: str) -> None:
                                 "set LoraConfig(lora_dropout=0.0) or QATConfig(lora_mode='base')")
         if adapter in getattr(layer, "lora_variant", {}) or layer.lora_bias.get(adapter, False):
             raise QATModelError(f"{name}: lora_mode='merged' supports plain LoRA (no DoRA / variants, no lora_bias)")
-    base: QATLinear = layer.get_base_layer()
-    owner = weakref.ref(layer)
-
-    def delta() -> torch.Tensor | None:
-        lora = owner()
-        if lora is None or lora.merged or lora.disable_adapters:
-            return None
-        total = None
-        for adapter in lora.active_adapters:
-            if adapter in lora.lora_A:
-                d = lora.get_delta_weight(adapter)
-                total = d if total is None else total + d
-        return total
-
-    base.set_weight_delta(delta)
+    # PEFT's LoRA Linear calls base_layer(x) and adds the adapters' output; in merged mode the base
+    # layer must quantize W + delta instead, so the instance's forward is replaced (PEFT offers no
+    # hook for it). The flag marks the replacement so preparing twice does not stack it.
     layer.forward = types.MethodType(_merged_forward, layer)
     layer._hf_qat_merged_mode = True
 
 
+def merged_delta(layer: nn.Module) -> torch.Tensor | None:
+    """``sum(scaling * B @ A)`` over the active adapters of a PEFT LoRA Linear (None when merged,
+    disabled or without adapters): what ``merge_and_unload`` will add to the base weight."""
+    if layer.merged or layer.disable_adapters:
+        return None
+    total = None
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            d = layer.get_delta_weight(adapter)
+            total = d if total is None else total + d
+    return total
+
+
+def weight_deltas(model: nn.Module) -> dict[int, torch.Tensor]:
+    """``id(QATLinear) -> merged LoRA delta`` for the QAT layers under merged-mode adapters (the
+    explicit input the units quantize with the weight)."""
+    out = {}
+    for module in model.modules():
+        if getattr(module, "_hf_qat_merged_mode", False):
+            delta = merged_delta(module)
+            if delta is not None:
+                out[id(module.get_base_layer())] = delta
+    return out
+
+
 def _merged_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Once QAT is on: the base layer alone, which quantizes W + delta. Before it: PEFT's forward."""
+    """Once QAT is on: the base layer alone, quantizing W + delta. Before it: PEFT's forward."""
     base = self.get_base_layer()
     if not base.is_qat_active or self.disable_adapters or self.merged:
         return type(self).forward(self, x, *args, **kwargs)
-    return base(x)
+    return base(x, weight_delta=merged_delta(self))
 
 
 def has_unmerged_adapters(model: nn.Module) -> bool:

@@ -13,7 +13,6 @@ from transformers import TrainerCallback
 from hf_qat import QATCallback, QATConfig
 from hf_qat.callback import SCALE_GROUP_KEY
 from hf_qat.convert import qat_modules
-from hf_qat.quantizers.reference import quantize_codes
 from helpers import make_trainer, state_dict_copy
 
 CFG = dict(bits=4, group_size=16, start=10, manage_schedule=False)
@@ -30,15 +29,15 @@ class Snapshots(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps:
             self.weights[state.global_step] = {
-                k: v.detach().clone() for k, v in model.state_dict().items() if "qat_" not in k and "scale" not in k
+                k: v.detach().clone() for k, v in model.state_dict().items() if "weight_quantizer" not in k
             }
         checks = []
         for _, module in qat_modules(model):
             if module.is_qat_active:
-                codes, step = quantize_codes(module.weight, module.current_scale(), module.qat_spec)
+                codes, step = module.weight_quantizer.codes(module.weight)
                 per = module.weight.shape[1] // step.shape[1]
                 value = codes.float() * step.repeat_interleave(per, 1).expand_as(module.weight)
-                checks.append(torch.equal(module.fake_quantized_weight().detach().float(), value))
+                checks.append(torch.equal(module.weight_quantizer.quantized(module.weight).float(), value))
         self.on_grid[state.global_step] = checks
 
 
@@ -90,7 +89,7 @@ def test_scales_get_their_own_param_group(tmp_path):
     groups = trainer.optimizer.param_groups
     scale_groups = [g for g in groups if g.get(SCALE_GROUP_KEY)]
     assert len(scale_groups) == 1
-    scales = {id(m.weight_scale) for _, m in qat_modules(trainer.model)}
+    scales = {id(m.weight_quantizer.log_scale_ratio) for _, m in qat_modules(trainer.model)}
     assert {id(p) for p in scale_groups[0]["params"]} == scales
     assert scale_groups[0]["weight_decay"] == 0.0
     assert scale_groups[0]["lr"] == pytest.approx(1e-4)
@@ -105,7 +104,7 @@ def test_optimizer_state_of_quantized_weights_is_reset_at_the_switch(tmp_path):
     norm = trainer.model.model.layers[0].input_layernorm.weight
     assert float(trainer.optimizer.state[layer.weight]["step"]) == 2.0
     assert float(trainer.optimizer.state[norm]["step"]) == 8.0
-    assert float(trainer.optimizer.state[layer.weight_scale]["step"]) == 2.0
+    assert float(trainer.optimizer.state[layer.weight_quantizer.log_scale_ratio]["step"]) == 2.0
 
 
 def test_fraction_start_and_tied_embedding_qat(tmp_path):
@@ -116,6 +115,6 @@ def test_fraction_start_and_tied_embedding_qat(tmp_path):
     assert callback.switch_step == 15
     model = trainer.model
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert model.lm_head.weight_scale is model.model.embed_tokens.weight_scale
+    assert model.lm_head.weight_quantizer is model.model.embed_tokens.weight_quantizer
     assert model.lm_head.is_qat_active and model.model.embed_tokens.is_qat_active
     assert all(math.isfinite(x) for x in losses(trainer))

@@ -34,11 +34,11 @@ def test_merged_mode_merge_and_export_reproduce_the_model_with_adapters(tmp_path
     model = lora_model()
     hf_qat.prepare_model_for_qat(model, QATConfig(bits=4, group_size=16, start=0, lora_mode="merged"))
     base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
-    assert isinstance(base, hf_qat.QATLinear) and base.weight_scale.requires_grad
+    assert isinstance(base, hf_qat.QATLinear) and base.weight_quantizer.log_scale_ratio.requires_grad
     hf_qat.activate_qat(model)
     train_steps(model)
     lora_b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
-    assert lora_b.abs().sum() > 0 and base.weight_scale.grad is None  # trained; zero_grad ran
+    assert lora_b.abs().sum() > 0 and base.weight_quantizer.log_scale_ratio.grad is None  # trained; zero_grad ran
     with torch.no_grad():
         with_adapters = model(INPUT).logits
     with pytest.raises(QATModelError, match="merge_and_unload"):
@@ -63,7 +63,7 @@ def test_merged_mode_quantizes_w_plus_delta():
     base = layer.base_layer
     merged = base.weight + layer.get_delta_weight("default")
     expected = torch.nn.functional.linear(
-        x, hf_qat.quantizers.reference.fake_quantize_weight(merged, base.weight_scale, base.qat_spec))
+        x, base.weight_quantizer.quantized(merged))
     assert torch.equal(layer(x), expected)
 
 

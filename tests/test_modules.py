@@ -9,7 +9,7 @@ from torch import nn
 import hf_qat
 from hf_qat import QATConfig, QATEmbedding, QATLinear, prepare_model_for_qat
 from hf_qat.convert import find_targets, qat_modules
-from hf_qat.quantizers.reference import fake_quantize_activation, quantize_codes
+from hf_qat.quantizers.reference import fake_quantize_activation
 from helpers import tiny_llama
 
 INPUT = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -22,7 +22,7 @@ def test_dormant_model_is_bit_identical_and_keeps_parameter_objects():
     prepare_model_for_qat(model, QATConfig(bits=4, group_size=16, embedding_bits=4, start=0))
     assert torch.equal(model(INPUT).logits, before)
     for name, p in model.named_parameters():
-        if not name.endswith("weight_scale"):
+        if not name.endswith("log_scale_ratio"):
             assert p is params[name], name
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert isinstance(model.model.embed_tokens, QATEmbedding) and isinstance(model.lm_head, QATLinear)
@@ -51,10 +51,10 @@ def test_active_layers_compute_with_weights_on_the_grid(cfg):
     handle = layer.register_forward_hook(lambda m, i, o: captured.update(x=i[0], y=o))
     model(INPUT)
     handle.remove()
-    codes, step = quantize_codes(layer.weight, layer.current_scale(), layer.qat_spec)
+    codes, step = layer.weight_quantizer.codes(layer.weight)
     rows, groups = step.shape
     expanded = step.repeat_interleave(layer.weight.shape[1] // groups, dim=1).expand_as(layer.weight)
-    assert set(codes.unique().tolist()) <= set(layer.qat_spec.grid.codes)
+    assert set(codes.unique().tolist()) <= set(layer.weight_quantizer.spec.grid.codes)
     torch.testing.assert_close(captured["y"], captured["x"] @ (codes.float() * expanded).T, rtol=0, atol=1e-6)
 
 
@@ -62,13 +62,14 @@ def test_scales_start_from_the_family_rule_and_get_gradients():
     model = tiny_llama()
     prepare_model_for_qat(model, QATConfig(bits=4, group_size=16, start=0))
     layer = model.model.layers[0].self_attn.o_proj
-    assert not layer.is_scale_initialized and torch.equal(layer.weight_scale, torch.ones_like(layer.weight_scale))
+    unit = layer.weight_quantizer
+    assert not unit.is_initialized and torch.equal(unit.log_scale_ratio, torch.zeros_like(unit.log_scale_ratio))
     hf_qat.activate_qat(model)
     expected = layer.weight.detach().view(32, 2, 16).abs().amax(-1) / 7
-    assert torch.equal(layer.weight_scale.detach(), expected)
-    assert bool(layer.qat_initialized) and bool(layer.qat_active)
+    assert torch.equal(unit.scale(layer.weight).detach(), expected)  # init_scale * exp(0), exactly
+    assert bool(unit.initialized) and bool(unit.active)
     model(INPUT, labels=INPUT).loss.backward()
-    assert layer.weight_scale.grad is not None and layer.weight_scale.grad.abs().sum() > 0
+    assert unit.log_scale_ratio.grad is not None and unit.log_scale_ratio.grad.abs().sum() > 0
 
 
 def test_lazy_initialisation_in_a_single_process_forward():
@@ -76,12 +77,14 @@ def test_lazy_initialisation_in_a_single_process_forward():
     prepare_model_for_qat(model, QATConfig(bits=4, group_size=16, embedding_bits=8, start=0))
     hf_qat.set_qat_active(model, True)
     model(INPUT)
-    assert all(m.is_scale_initialized for _, m in qat_modules(model))
-    scale = model.lm_head.weight_scale.detach().clone()
+    assert all(m.weight_quantizer.is_initialized for _, m in qat_modules(model))
+    assert model.lm_head.weight_quantizer is model.model.embed_tokens.weight_quantizer
+    unit = model.lm_head.weight_quantizer
+    scale = unit.scale(model.lm_head.weight).detach().clone()
     with torch.no_grad():
-        model.lm_head.weight_scale.mul_(2)
-    model.model(INPUT)  # the embedding alone runs: its tied head must not re-initialise the shared scale
-    assert torch.equal(model.lm_head.weight_scale.detach(), scale * 2)
+        unit.log_scale_ratio.fill_(0.5)
+    model.model(INPUT)  # the embedding alone runs: its tied head must not re-initialise the shared unit
+    assert torch.equal(unit.scale(model.lm_head.weight).detach(), scale * torch.tensor(0.5).exp())
 
 
 def test_activation_fake_quant_only_on_targeted_linears():
@@ -90,11 +93,11 @@ def test_activation_fake_quant_only_on_targeted_linears():
     hf_qat.activate_qat(model)
     layer = model.model.layers[0].mlp.down_proj
     x = torch.randn(3, 64)
-    expected = nn.functional.linear(fake_quantize_activation(x), layer.fake_quantized_weight())
+    expected = nn.functional.linear(fake_quantize_activation(x), layer.weight_quantizer.fake_quantize(layer.weight))
     assert torch.equal(layer(x), expected)
     x.requires_grad_(True)
     layer(x).sum().backward()  # straight-through: the gradient w.r.t. x is W_q^T 1
-    torch.testing.assert_close(x.grad, layer.fake_quantized_weight().detach().sum(0).expand_as(x))
+    torch.testing.assert_close(x.grad, layer.weight_quantizer.fake_quantize(layer.weight).detach().sum(0).expand_as(x))
 
 
 def test_state_survives_save_and_load_into_a_fresh_prepared_model():
@@ -102,12 +105,12 @@ def test_state_survives_save_and_load_into_a_fresh_prepared_model():
     model = prepare_model_for_qat(tiny_llama(), cfg)
     hf_qat.activate_qat(model)
     with torch.no_grad():
-        model.model.layers[0].self_attn.q_proj.weight_scale.mul_(1.25)
+        model.model.layers[0].self_attn.q_proj.weight_quantizer.log_scale_ratio.add_(0.25)
     reference = model(INPUT).logits
     fresh = prepare_model_for_qat(tiny_llama(seed=9), cfg)
     fresh.load_state_dict(model.state_dict())
     assert hf_qat.is_qat_active(fresh)
-    assert all(m.is_scale_initialized for _, m in qat_modules(fresh))
+    assert all(m.weight_quantizer.is_initialized for _, m in qat_modules(fresh))
     assert torch.equal(fresh(INPUT).logits, reference)
 
 
@@ -135,3 +138,28 @@ def test_remove_qat_restores_plain_modules_and_can_bake_weights():
     hf_qat.remove_qat(model, bake_weights=True)
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.equal(model(INPUT).logits, quantized)
+
+
+def test_checkpoints_of_hf_qat_0_1_0_load_and_compute_the_same():
+    """0.1.0 kept weight_scale / qat_active / qat_initialized on the layer; they load into the unit
+    (the scale as init_scale, ratio 0), and the model computes the same logits."""
+    cfg = QATConfig(bits=4, group_size=16, embedding_bits=4, start=0)
+    model = prepare_model_for_qat(tiny_llama(), cfg)
+    hf_qat.activate_qat(model)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight_quantizer.log_scale_ratio.add_(0.25)
+    old = {}
+    for key, value in model.state_dict().items():
+        layer, _, leaf = key.partition(".weight_quantizer.")
+        if not leaf:
+            old[key] = value
+        elif leaf == "log_scale_ratio":
+            unit = model.get_submodule(layer).weight_quantizer
+            old[f"{layer}.weight_scale"] = unit.scale(model.get_submodule(layer).weight).detach()
+        elif leaf in ("active", "initialized"):
+            old[f"{layer}.qat_{leaf}"] = value
+    assert "model.layers.0.self_attn.q_proj.weight_scale" in old and not any("weight_quantizer" in k for k in old)
+    fresh = prepare_model_for_qat(tiny_llama(seed=9), cfg)
+    fresh.load_state_dict(old)
+    assert hf_qat.is_qat_active(fresh)
+    assert torch.equal(fresh(INPUT).logits, model(INPUT).logits)

@@ -110,7 +110,7 @@ def test_start_auto_on_a_tiny_model_runs_and_warns_about_the_range(tmp_path, cap
     plan = callback.plan
     assert plan is not None and plan.strategy == "paper"
     n = sum(p.numel() for p in trainer.model.parameters()) - sum(
-        m.weight_scale.numel() for m in trainer.model.modules() if getattr(m, "weight_scale", None) is not None)
+        m.log_scale_ratio.numel() for m in trainer.model.modules() if getattr(m, "log_scale_ratio", None) is not None)
     assert plan.num_params == n and plan.tokens_per_step == 4 * 16
     assert plan.total_tokens == 20 * 64
     assert plan.warnings and any("outside" in r.message or "below the range" in r.message for r in caplog.records)

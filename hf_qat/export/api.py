@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import CONFIG_NAME, QATConfig
-from ..convert import get_qat_config, prepare_model_for_qat
+from ..convert import get_qat_config, prepare_model_for_qat, qat_modules, quantizer_units
 from ..distributed import world_size
 from .base import (
     ExportFormat,
@@ -22,7 +22,7 @@ from .base import (
     verify_manifest,
     write_manifest,
 )
-from .layers import QuantizedLayer, collect_layers
+from .layers import UNIT_KEY, QuantizedLayer, collect_layers
 
 PLAN_NAME = "qat_plan.json"
 
@@ -58,9 +58,10 @@ def load_qat_checkpoint(directory: str, **kwargs: Any) -> nn.Module:
         if name.endswith(".safetensors"):
             state.update(load_file(os.path.join(directory, name)))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    qat_missing = [k for k in missing if k.endswith(("weight_scale", "qat_active", "qat_initialized"))]
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    qat_missing = [k for k in qat_missing if k.replace("weight_scale", "weight") not in tied]
+    # a tied head's unit is its embedding's: its keys may be dropped as shared tensors
+    owners = {id(m.weight_quantizer): n for n, m in quantizer_units(model)}
+    sharers = tuple(f"{n}.weight_quantizer." for n, m in qat_modules(model) if owners[id(m.weight_quantizer)] != n)
+    qat_missing = [k for k in missing if UNIT_KEY in k and not k.startswith(sharers)]
     if qat_missing or unexpected:
         raise ValueError(f"{directory} does not match its {CONFIG_NAME}: missing {qat_missing[:3]}, unexpected {unexpected[:3]}")
     return model

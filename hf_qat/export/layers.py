@@ -18,9 +18,8 @@ from ..errors import QATModelError
 from ..lora import has_unmerged_adapters
 from ..modules import QATEmbedding
 from ..quantizers import Grid
-from ..quantizers.reference import quantize_codes
 
-QAT_STATE_SUFFIXES = ("weight_scale", "qat_active", "qat_initialized")
+UNIT_KEY = ".weight_quantizer."  # state-dict keys of the QAT units (scales, switch state)
 
 
 @dataclass
@@ -79,7 +78,7 @@ def collect_layers(model: nn.Module) -> tuple[list[QuantizedLayer], dict[str, to
     names_of_weight: dict[int, str] = {}
     covered: set[str] = set()
     for name, module in qat_modules(model):
-        if not (module.is_qat_active and module.is_scale_initialized):
+        if not (module.is_qat_active and module.weight_quantizer.is_initialized):
             raise QATModelError(
                 f"{name} has not switched to QAT yet (the run ended before the switch step?): there is no "
                 "trained low-bit weight to export. Train past the switch, or call hf_qat.ptq(model, cfg) to "
@@ -88,24 +87,21 @@ def collect_layers(model: nn.Module) -> tuple[list[QuantizedLayer], dict[str, to
         kind = "embedding" if isinstance(module, QATEmbedding) else "linear"
         covered.update({f"{name}.weight", f"{name}.bias"})
         tied_to = names_of_weight.get(id(module.weight))
-        weight = module._full_effective_weight().detach()
-        if module.weight_scale is None:
-            scale = module.quantizer.init_scale(module.qat_layout.scale_view(weight.float()))
-        else:
-            scale = full_tensor(module.weight_scale).detach()
-        codes, step = quantize_codes(weight, scale, module.qat_spec)
+        unit = module.weight_quantizer
+        weight = module.full_weight().detach()
+        codes, step = unit.codes(weight)
         bias = getattr(module, "bias", None)
         layers.append(QuantizedLayer(
-            name=name, kind=kind, codes=codes.cpu(), step=step.cpu(), grid=module.qat_spec.grid,
-            bits=module.quantizer.bits, method=module.quantizer.name, group_size=module.qat_layout.group_size,
-            scale_dtype=module.qat_spec.scale_dtype, dtype=weight.dtype,
+            name=name, kind=kind, codes=codes.cpu(), step=step.cpu(), grid=unit.spec.grid,
+            bits=unit.quantizer.bits, method=unit.quantizer.name, group_size=unit.layout.group_size,
+            scale_dtype=unit.spec.scale_dtype, dtype=weight.dtype,
             bias=None if bias is None else full_tensor(bias).detach().cpu(),
             activation_bits=getattr(module, "activation_bits", None), tied_to=tied_to,
         ))
         names_of_weight.setdefault(id(module.weight), name)
     others = {}
     for key, value in model.state_dict().items():
-        if key in covered or key.endswith(QAT_STATE_SUFFIXES):
+        if key in covered or UNIT_KEY in key:
             continue
         others[key] = full_tensor(value).detach().cpu()
     return layers, others

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dtypes import torch_dtype
 from ..errors import QATModelError
 from ..kernels import activation_fake_quant, dequantize_packed
 from ..kernels.pack import packed_bytes_per_row
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def index_bits(n_codes: int) -> int:
@@ -48,7 +48,7 @@ class PackedWeight(nn.Module):
         self.activation_bits = spec.get("activation_bits")
         self.register_buffer("weight_packed", torch.empty(
             (rows, packed_bytes_per_row(cols, self.storage_bits)), dtype=torch.uint8, device=device))
-        self.register_buffer("weight_step", torch.empty(tuple(spec["scale_shape"]), dtype=_DTYPES[spec["scale_dtype"]],
+        self.register_buffer("weight_step", torch.empty(tuple(spec["scale_shape"]), dtype=torch_dtype(spec["scale_dtype"]),
                                                         device=device))
         self._tables: dict[torch.device, torch.Tensor] = {}
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,10 +20,11 @@ from .config import SweepConfig, SweepConfigError
 
 @dataclass
 class SweepData:
-    """train: ``[n_train, L]`` token ids; eval: ``[n_eval, L]``; both int64 on the CPU."""
+    """train: ``[n_train, L]`` token ids; eval: ``[n_eval, L]``; both int64 on the CPU; the tokenizer."""
 
     train: torch.Tensor
     eval: torch.Tensor
+    tokenizer: Any = None
 
     def order(self, seed: int) -> torch.Tensor:
         return torch.randperm(self.train.shape[0], generator=torch.Generator().manual_seed(seed))
@@ -51,27 +53,30 @@ def load_sweep_data(config: SweepConfig, train_blocks: int, cache_dir: str | Non
     path = None
     if cache_dir is not None:
         path = os.path.join(cache_dir, f"data-{_fingerprint(config, train_blocks)}.pt")
-        if os.path.exists(path):
+        if os.path.exists(path) and os.path.isdir(path[:-3] + "-tokenizer"):
+            from transformers import AutoTokenizer
+
             cached = torch.load(path)
-            return SweepData(cached["train"], cached["eval"])
+            return SweepData(cached["train"], cached["eval"], AutoTokenizer.from_pretrained(path[:-3] + "-tokenizer"))
     length = config.sequence_length
     eval_blocks = -(-config.eval_tokens // length)
     if config.data == "demo":
-        train, held_out = _demo_blocks(config, train_blocks, eval_blocks)
+        train, held_out, tokenizer = _demo_blocks(config, train_blocks, eval_blocks)
     else:
-        train, held_out = _dataset_blocks(config, train_blocks, eval_blocks)
+        train, held_out, tokenizer = _dataset_blocks(config, train_blocks, eval_blocks)
     if train.shape[0] == 0 or held_out.shape[0] == 0:
         raise SweepConfigError("data", config.data, "a source with at least one training and one held-out block of "
                                f"sequence_length={length} tokens")
-    data = SweepData(train, held_out)
+    data = SweepData(train, held_out, tokenizer)
     if path is not None:
         os.makedirs(cache_dir, exist_ok=True)
+        tokenizer.save_pretrained(path[:-3] + "-tokenizer")
         torch.save({"train": train, "eval": held_out}, path + ".tmp")
         os.replace(path + ".tmp", path)
     return data
 
 
-def _demo_blocks(config: SweepConfig, train_blocks: int, eval_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _demo_blocks(config: SweepConfig, train_blocks: int, eval_blocks: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
     from ..demo.corpus import load_stdlib_corpus, make_blocks, train_tokenizer
 
     length = config.sequence_length
@@ -80,10 +85,10 @@ def _demo_blocks(config: SweepConfig, train_blocks: int, eval_blocks: int) -> tu
                                 max_eval_bytes=eval_blocks * length * 4)
     tokenizer = train_tokenizer(corpus.train_text, config.vocab_size)
     return (make_blocks(corpus.train_text, tokenizer, length, max_blocks=train_blocks, desc="tokenizing train"),
-            make_blocks(corpus.eval_text, tokenizer, length, max_blocks=eval_blocks, desc="tokenizing eval"))
+            make_blocks(corpus.eval_text, tokenizer, length, max_blocks=eval_blocks, desc="tokenizing eval"), tokenizer)
 
 
-def _dataset_blocks(config: SweepConfig, train_blocks: int, eval_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _dataset_blocks(config: SweepConfig, train_blocks: int, eval_blocks: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """A datasets id or local text/JSONL files (as recipes/train.py reads them), tokenized with
     ``data.tokenizer`` or a byte-level BPE trained on the text; the last ``eval_blocks`` blocks are
     held out."""
@@ -116,4 +121,4 @@ def _dataset_blocks(config: SweepConfig, train_blocks: int, eval_blocks: int) ->
 
     blocks = make_blocks(texts, tokenizer, config.sequence_length, max_blocks=train_blocks + eval_blocks)
     held = min(eval_blocks, max(1, blocks.shape[0] // 10))
-    return blocks[:-held], blocks[-held:]
+    return blocks[:-held], blocks[-held:], tokenizer

@@ -74,7 +74,7 @@ def build_optimizer(model: torch.nn.Module, config: SweepConfig) -> torch.optim.
     in their own group (no weight decay, LR times ``scale_lr_multiplier``)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        (decay if param.ndim >= 2 and not name.endswith("weight_scale") else no_decay).append(param)
+        (decay if param.ndim >= 2 and not name.endswith("log_scale_ratio") else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
     add_scale_param_group(optimizer, model, config.scale_lr_multiplier)
@@ -161,7 +161,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise RuntimeError(f"{path} is not a sweep checkpoint of format {CHECKPOINT_FORMAT}; delete it and rerun")
     missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
-    missing = [k for k in missing if not k.endswith(("weight_scale", "qat_active", "qat_initialized"))]
+    missing = [k for k in missing if ".weight_quantizer." not in k]
     if missing or unexpected:
         raise RuntimeError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if optimizer is not None:

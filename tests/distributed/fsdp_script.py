@@ -50,7 +50,7 @@ def main() -> None:
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        assert hf_qat.distributed.is_dtensor(model.model.layers[0].self_attn.q_proj.weight_scale)
+        assert hf_qat.distributed.is_dtensor(model.model.layers[0].self_attn.q_proj.weight_quantizer.log_scale_ratio)
     decay = [p for n, p in model.named_parameters() if "norm" not in n]
     rest = [p for n, p in model.named_parameters() if "norm" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=3e-3)

@@ -23,8 +23,8 @@ def test_ddp_ranks_identical_and_equal_to_single_process(tmp_path):
     assert sorted(state0) == sorted(state1)
     for name in state0:
         assert torch.equal(state0[name], state1[name]), name
-    scales = [n for n in state0 if n.endswith("weight_scale")]
-    assert scales and all(bool(state0[n.replace("weight_scale", "qat_active")]) for n in scales)
+    scales = [n for n in state0 if n.endswith("log_scale_ratio")]
+    assert scales and all(bool(state0[n.replace("log_scale_ratio", "active")]) for n in scales)
     assert all(not torch.equal(state0[n], torch.ones_like(state0[n])) for n in scales)
 
     for name in state0:

@@ -26,8 +26,8 @@ def test_fsdp2_ranks_losses_and_export(tmp_path):
     assert sorted(r0["state"]) == sorted(r1["state"])
     for name in r0["state"]:
         assert torch.equal(r0["state"][name], r1["state"][name]), name
-    scales = [n for n in r0["state"] if n.endswith("weight_scale")]
-    assert scales and all(bool(r0["state"][n.replace("weight_scale", "qat_active")]) for n in scales)
+    scales = [n for n in r0["state"] if n.endswith("log_scale_ratio")]
+    assert scales and all(bool(r0["state"][n.replace("log_scale_ratio", "active")]) for n in scales)
 
     # The same losses as one process with the same global batch.
     assert len(r0["losses"]) == len(single["losses"]) == 10

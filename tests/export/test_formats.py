@@ -106,7 +106,7 @@ def test_gguf_blocks_read_back_and_transformers_reproduces_logits(cfg, model_kwa
     tensors = {t.name: t for t in reader.tensors}
     assert bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
     layer = model.model.layers[1].mlp.down_proj  # not permuted: rows in the HF order
-    codes, step = hf_qat.quantizers.reference.quantize_codes(layer.weight, layer.current_scale(), layer.qat_spec)
+    codes, step = layer.weight_quantizer.codes(layer.weight)
     t = tensors["blk.1.ffn_down.weight"]
     assert t.tensor_type.name == qtype
     d, q = _gguf_blocks(np.asarray(t.data).reshape(-1), qtype)
@@ -114,7 +114,7 @@ def test_gguf_blocks_read_back_and_transformers_reproduces_logits(cfg, model_kwa
     assert np.array_equal(q.reshape(codes.shape), codes.numpy())
     assert np.array_equal(d.reshape(step.shape), step.numpy())
     dequantized = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(layer.weight.shape)
-    assert np.array_equal(dequantized, layer.fake_quantized_weight().detach().numpy())
+    assert np.array_equal(dequantized, layer.weight_quantizer.quantized(layer.weight).numpy())
     assert block and ("output.weight" in tensors) == (not model_kwargs["tie"])
     got = logits_in_fresh_process(tmp_path / "gguf", "gguf", INPUT, tmp_path)
     torch.testing.assert_close(got, reference_logits(model), rtol=0, atol=1e-5)

@@ -43,5 +43,5 @@ def test_triton_and_torch_runs_end_with_identical_weights(cfg, monkeypatch):
     assert with_torch.keys() == with_triton.keys()
     for name in with_torch:
         assert torch.equal(with_torch[name].view(torch.uint8), with_triton[name].view(torch.uint8)), name
-    scales = [k for k in with_torch if k.endswith("weight_scale")]
+    scales = [k for k in with_torch if k.endswith("log_scale_ratio")]
     assert scales and any(not torch.equal(with_torch[k], torch.ones_like(with_torch[k])) for k in scales)

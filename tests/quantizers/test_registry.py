@@ -8,7 +8,6 @@ import torch
 import hf_qat
 from hf_qat import QATConfig, QATConfigError
 from hf_qat.quantizers import Quantizer, available_quantizers, get_quantizer, lsq_grid, register_quantizer
-from hf_qat.quantizers.reference import quantize_codes
 from helpers import tiny_llama
 
 
@@ -32,11 +31,11 @@ def test_a_registered_family_trains_end_to_end():
     hf_qat.activate_qat(model)
     layer = model.model.layers[0].mlp.down_proj
     expected = 2 * layer.weight.detach().view(32, 4, 16).abs().mean(-1) / 7 ** 0.5
-    torch.testing.assert_close(layer.weight_scale.detach(), expected)
+    torch.testing.assert_close(layer.weight_quantizer.scale(layer.weight).detach(), expected)
     x = torch.randint(0, 64, (2, 8))
     model(input_ids=x, labels=x).loss.backward()
-    assert layer.weight_scale.grad is not None
-    codes, _ = quantize_codes(layer.weight, layer.weight_scale, layer.qat_spec)
+    assert layer.weight_quantizer.log_scale_ratio.grad is not None
+    codes, _ = layer.weight_quantizer.codes(layer.weight)
     assert set(codes.unique().tolist()) <= set(range(-8, 8))
 
 

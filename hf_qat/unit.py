@@ -1,0 +1,190 @@
+"""WeightQuantizer: the QAT state of ONE weight matrix, and everything computed from it.
+
+QATLinear and QATEmbedding hold their original weight Parameter and one ``weight_quantizer`` (a
+tied embedding and LM head hold the same one). The unit owns:
+
+* the quantization spec (grid, scale layout, scale dtype, ParetoQ's gradient factor);
+* the scale. ``scale = init_scale * exp(log_scale_ratio)``: ``init_scale`` (buffer, the family's
+  first scale from the full weight at the switch) and the learnable Parameter ``log_scale_ratio``
+  (0 at the switch). Adam moves a parameter by about its learning rate per step whatever the
+  gradient's size; on the raw scale (about 0.01 for a 4-bit group at init) a from-scratch LR of
+  3e-3 walked 10.8 % of the groups of a tiny Llama to a collapsed scale within six QAT steps
+  (the case of tests/test_scale_collapse.py; a gradient through the 1e-5 clamp, as ParetoQ lets
+  through, still left 8.8 %), while on the log ratio a step changes the scale by about
+  ``lr`` relative to itself, so no group can collapse; the ratio, unlike ``log(scale)``, starts at
+  0 where even a bf16 Parameter resolves small updates;
+* ``active`` and ``initialized`` (bool buffers: checkpointed and identical on every rank; Python
+  mirrors keep the forward free of device syncs);
+* the fake-quantized weight (differentiable, through the one kernel dispatch point), the integer
+  codes and steps that export packs, and the relative quantization error.
+
+Methods that take a *full* weight expect the whole tensor (all-gathered under FSDP2: see
+:func:`hf_qat.distributed.full_tensor`); :meth:`fake_quantize` takes the weight as the forward sees
+it. A LoRA delta is an explicit input (``weight + delta``), never state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import bits_label
+from .distributed import full_tensor, is_dtensor, world_size, write_full_
+from .dtypes import torch_dtype
+from .errors import QATModelError, QATRuntimeError
+from .kernels import weight_fake_quant
+from .quantizers import Quantizer, ScaleLayout
+from .quantizers.reference import WeightQuantSpec, fake_quantize_weight, quantize_codes
+
+UNIT_FORMAT_VERSION = 2  # 1 = hf_qat 0.1.0: <layer>.weight_scale / qat_active / qat_initialized on the layer
+
+
+class WeightQuantizer(nn.Module):
+    """The fake quantizer of one ``[rows, cols]`` weight (see the module docstring).
+
+    Args:
+        quantizer: the family at its bit width.
+        weight: the weight it quantizes (for its shape, dtype and device only).
+        group_size: int, "channel" or "tensor".
+        scale_dtype: "float16", "bfloat16" or "float32": scales are rounded to it in the forward.
+        scale_grad_mode: "paretoq" or "lsq" (ParetoQ's g).
+        name: the layer's name, for error messages.
+    """
+
+    def __init__(self, quantizer: Quantizer, weight: torch.Tensor, *, group_size: int | str, scale_dtype: str,
+                 scale_grad_mode: str, name: str) -> None:
+        super().__init__()
+        layout = ScaleLayout(group_size)
+        layout.check(weight.shape, name)
+        scale_shape = layout.scale_shape(weight.shape)
+        self.name = name
+        self.quantizer = quantizer
+        self.layout = layout
+        self.spec = WeightQuantSpec(
+            grid=quantizer.grid(), group_size=group_size, scale_dtype=torch_dtype(scale_dtype),
+            grad_scale=quantizer.grad_scale(weight.numel(), scale_shape[0] * scale_shape[1], scale_grad_mode),
+            learnable=quantizer.learnable,
+        )
+        if quantizer.learnable:
+            self.log_scale_ratio = nn.Parameter(torch.zeros(scale_shape, dtype=weight.dtype, device=weight.device))
+            self.register_buffer("init_scale", torch.ones(scale_shape, dtype=torch.float32, device=weight.device))
+        else:
+            self.register_parameter("log_scale_ratio", None)
+            self.register_buffer("init_scale", None)
+        self.register_buffer("active", torch.zeros((), dtype=torch.bool, device=weight.device))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=weight.device))
+        self.is_active = False
+        self.is_initialized = False
+
+    # ------------------------------------------------------------------ state
+    def set_active(self, active: bool) -> None:
+        self.is_active = bool(active)
+        self.active.fill_(self.is_active)
+
+    def mark_initialized(self) -> None:
+        self.is_initialized = True
+        self.initialized.fill_(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.is_active = bool(self.active.item())
+        self.is_initialized = bool(self.initialized.item())
+
+    # ------------------------------------------------------------------ scales
+    def scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """The scale the forward uses (fp32, scale shape): ``init_scale * exp(log_scale_ratio)``, or
+        for the non-learnable absmax family the one recomputed from ``weight``."""
+        if self.log_scale_ratio is None:
+            return self.quantizer.init_scale(self.layout.scale_view(weight.detach().float()))
+        return self.init_scale * self.log_scale_ratio.float().exp()
+
+    def full_scale(self, full_weight: torch.Tensor) -> torch.Tensor:
+        """:meth:`scale` with the ratio all-gathered (a collective under FSDP2), detached."""
+        if self.log_scale_ratio is None:
+            return self.scale(full_weight)
+        return (self.init_scale * full_tensor(self.log_scale_ratio).detach().float().exp()).detach()
+
+    def initial_scale(self, full_weight: torch.Tensor) -> torch.Tensor:
+        """The family's first scale from the full weight (fp32, scale shape); raises on NaN/Inf."""
+        w = full_weight.detach().float()
+        if not bool(torch.isfinite(w).all()):
+            bad = int((~torch.isfinite(w)).sum())
+            raise QATRuntimeError(
+                f"{self.name}: the weight holds {bad} NaN/Inf values at the QAT switch, so no scale can be "
+                "initialised. The FP phase diverged: lower the learning rate or check the data"
+            )
+        return self.quantizer.init_scale(self.layout.scale_view(w))
+
+    def initialize(self, full_weight: torch.Tensor) -> None:
+        """Scale from the full weight, ratio 0 (collective under FSDP2: call on every rank)."""
+        if self.log_scale_ratio is not None:
+            self.set_scale(self.initial_scale(full_weight))
+        self.mark_initialized()
+
+    def set_scale(self, scale: torch.Tensor) -> None:
+        """Make :meth:`scale` equal ``scale`` exactly (init_scale = scale, ratio 0); e.g. a native
+        checkpoint's steps divided by the grid's level."""
+        with torch.no_grad():
+            self.init_scale.copy_(scale.float())
+        write_full_(self.log_scale_ratio, torch.zeros(self.init_scale.shape))
+
+    # ------------------------------------------------------------------ the quantized weight
+    def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight on the grid, differentiable w.r.t. weight and ratio (initialises lazily in a
+        single process)."""
+        if not self.is_initialized:
+            if world_size() > 1 or is_dtensor(weight):
+                raise QATRuntimeError(
+                    f"{self.name}: scales are not initialised. Under distributed training call "
+                    "hf_qat.initialize_scales(model) on every rank after activating QAT (QATCallback does this)"
+                )
+            self.initialize(weight)
+        return weight_fake_quant(weight, self.scale(weight), self.spec)
+
+    @torch.no_grad()
+    def codes(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes int8 [rows, cols], step fp32 [scale shape])``: what export packs; ``step * codes``
+        equals the fake-quantized weight exactly."""
+        return quantize_codes(full_weight.detach(), self.full_scale(full_weight), self.spec)
+
+    @torch.no_grad()
+    def quantized(self, full_weight: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized full weight, no autograd (bake, metrics)."""
+        return fake_quantize_weight(full_weight.detach(), self.full_scale(full_weight), self.spec)
+
+    @torch.no_grad()
+    def error(self, full_weight: torch.Tensor) -> float:
+        """``||Q(w) - w||^2 / ||w||^2`` of the full weight."""
+        w = full_weight.detach().float()
+        return float((self.quantized(w).float() - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
+
+    def extra_repr(self) -> str:
+        return (f"{self.name}: bits={bits_label(self.quantizer.bits)}, method={self.quantizer.name}, "
+                f"group_size={self.layout.group_size}, active={self.is_active}")
+
+
+def upgrade_state_dict(state_dict: dict, prefix: str) -> None:
+    """Rewrite a QAT layer's hf_qat 0.1.0 keys (``weight_scale``, ``qat_active``, ``qat_initialized``
+    on the layer) into the unit's (the 0.1.0 scale becomes ``init_scale`` with ratio 0: the same
+    forward, bit for bit)."""
+    old = prefix + "weight_scale"
+    if old not in state_dict and prefix + "qat_active" not in state_dict:
+        return
+    unit = prefix + "weight_quantizer."
+    if old in state_dict:
+        scale = state_dict.pop(old)
+        state_dict.setdefault(unit + "init_scale", scale.float())
+        state_dict.setdefault(unit + "log_scale_ratio", torch.zeros_like(scale))
+    for old_name, new_name in (("qat_active", "active"), ("qat_initialized", "initialized")):
+        if prefix + old_name in state_dict:
+            state_dict.setdefault(unit + new_name, state_dict.pop(prefix + old_name))
+
+
+def check_unit_keys(missing: list[str], where: str) -> None:
+    """Raise when a checkpoint lacks the QAT state of its layers (saved by another hf_qat version)."""
+    lacking = [k for k in missing if k.endswith(("weight_quantizer.active", "weight_quantizer.initialized"))]
+    if lacking:
+        raise QATModelError(f"{where} lacks the QAT switch state of {lacking[0]} (and {len(lacking) - 1} more): it was "
+                            "not saved by a QAT run of hf_qat >= 0.1.0")
