@@ -20,7 +20,10 @@ What it does, and when (transformers' Trainer, see INTEGRATION.md):
   ``input_ids``. The plan is logged and written to ``qat_plan.json`` in the output dir.
 * ``on_step_begin``: at the switch step, turns QAT on and initialises the scales from the full
   weights on every rank (optionally clears the optimizer state of the quantized weights).
-* ``on_log``: adds ``qat/active`` and ``qat/weight_error``.
+* ``on_log``: adds ``qat/active`` and ``qat/weight_error``, the mean relative quantization error
+  measured at the switch and at each evaluation (``trainer.evaluate()`` returns it as
+  ``eval_qat/weight_error``; the next training log reports it):
+  a log never costs a pass over the weights.
 * ``on_save``: writes ``qat_config.json`` and ``qat_plan.json`` into the checkpoint folder.
 
 Resuming: the switch state lives in the model (``qat_active`` / ``qat_initialized`` buffers and
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import weakref
 from typing import Any
 
@@ -55,12 +57,12 @@ from .errors import QATConfigError, QATRuntimeError
 from .jsonio import write_json
 from .planner import Plan, QATScalingLaw, plan_qat
 from .schedule import lambda_lr, make_schedule
+from .trainer_hooks import attach, constructing_trainer
 
 logger = logging.getLogger("hf_qat")
 
 SCALE_GROUP_KEY = "hf_qat_scales"
 PLAN_NAME = "qat_plan.json"
-PLAN_ATTR = "_hf_qat_plan"
 
 
 def scale_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -137,17 +139,6 @@ def resolve_switch_step(start: Any, max_steps: int) -> int:
     raise QATConfigError("start", start, "an int step or a float fraction once resolved")
 
 
-def _constructing_trainer() -> Trainer | None:
-    """The Trainer whose ``__init__`` is calling us (``on_init_end`` runs inside it), or None."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer):
-            return candidate
-        frame = frame.f_back
-    return None
-
-
 class QATCallback(TrainerCallback, ExportableState):
     """Train in full precision, then switch to QAT at the planned step.
 
@@ -182,6 +173,7 @@ class QATCallback(TrainerCallback, ExportableState):
         self._planned_steps: int | None = None
         self._switched = False
         self._trainer: weakref.ref[Trainer] | None = None
+        self.weight_error: float | None = None  # measured at the switch and at each evaluation
 
     # ------------------------------------------------------------------ ExportableState
     def state(self) -> dict:
@@ -192,46 +184,26 @@ class QATCallback(TrainerCallback, ExportableState):
         if model is None:
             raise QATRuntimeError("QATCallback.on_init_end got no model")
         prepare_model_for_qat(model, self.config)
-        trainer = _constructing_trainer()
-        if trainer is not None:
-            self._attach(trainer)
-        else:
+        trainer = constructing_trainer()
+        if trainer is None:
             logger.warning("hf_qat: QATCallback is not inside a Trainer's __init__; the scales stay in the default "
                            "param groups and the Trainer's LR schedule is kept")
-
-    def _attach(self, trainer: Trainer) -> None:
+            return
         if self._trainer is not None and self._trainer() is trainer:
             return
-        original_create_optimizer = trainer.create_optimizer
-        original_create_scheduler = trainer.create_scheduler
         config = self.config
 
-        def create_optimizer(model=None):
-            was_built = trainer.optimizer is not None
-            optimizer = original_create_optimizer(model)
-            if not was_built:
-                add_scale_param_group(optimizer, model if model is not None else trainer.model, config.scale_lr_multiplier)
-            return optimizer
-
-        def create_scheduler(num_training_steps: int, optimizer=None):
-            if not config.manage_schedule or trainer.lr_scheduler is not None:
-                return original_create_scheduler(num_training_steps, optimizer)
+        def build_scheduler(num_training_steps: int, optimizer):
             self._resolve(trainer.args, num_training_steps, trainer.model, trainer.train_dataset)
             multiplier = make_schedule(
                 num_training_steps, self.switch_step, warmup_steps=trainer.args.get_warmup_steps(num_training_steps),
                 fuse_cooldown=config.fuse_cooldown, decay_shape=config.decay_shape, min_lr_ratio=config.min_lr_ratio,
                 fp_cooldown_fraction=config.fp_cooldown_fraction, qat_warmup_fraction=config.qat_warmup_fraction,
             )
-            trainer.lr_scheduler = lambda_lr(optimizer if optimizer is not None else trainer.optimizer, multiplier)
-            trainer._created_lr_scheduler = True
-            return trainer.lr_scheduler
+            return lambda_lr(optimizer, multiplier)
 
-        trainer.create_optimizer = create_optimizer
-        trainer.create_scheduler = create_scheduler
-        callbacks = trainer.callback_handler.callbacks
-        if self in callbacks:
-            callbacks.remove(self)
-            callbacks.insert(0, self)
+        attach(trainer, self, lambda optimizer, m: add_scale_param_group(optimizer, m, config.scale_lr_multiplier),
+               build_scheduler if config.manage_schedule else None)
         self._trainer = weakref.ref(trainer)
 
     # ------------------------------------------------------------------ the plan
@@ -247,25 +219,22 @@ class QATCallback(TrainerCallback, ExportableState):
             except QATConfigError:
                 if cfg.start == "auto":
                     raise
-        if cfg.start == "auto":
-            law = QATScalingLaw.load(cfg.law_path) if cfg.law_path else None
+        fixed = None if cfg.start == "auto" else resolve_switch_step(cfg.start, max_steps)
+        if fixed is None and tps is None:
+            raise QATConfigError("sequence_length", None, "the tokens per training example",
+                                 detail="start='auto' needs the tokens per step: set it, or pass a train_dataset")
+        self.plan = None
+        if tps is not None:
             self.plan = plan_qat(
                 count_parameters(model, cfg.count_quantized_params_only), tps * max_steps, cfg.bits,
-                total_steps=max_steps, tokens_per_step=tps, law=law, strategy=cfg.strategy,
-                pretrained_tokens=cfg.pretrained_tokens,
+                total_steps=max_steps, tokens_per_step=tps, pretrained_tokens=cfg.pretrained_tokens,
+                law=QATScalingLaw.load(cfg.law_path) if cfg.law_path else None,
+                strategy=cfg.strategy if fixed is None else "fixed",
+                fraction=None if fixed is None else (max_steps - fixed) / max_steps,
             )
-            self.switch_step = self.plan.switch_step
-        else:
-            self.switch_step = resolve_switch_step(cfg.start, max_steps)
-            if tps is not None:
-                run_fraction = (max_steps - self.switch_step) / max_steps
-                self.plan = plan_qat(
-                    count_parameters(model, cfg.count_quantized_params_only), tps * max_steps, cfg.bits,
-                    total_steps=max_steps, tokens_per_step=tps, strategy="fixed", fraction=run_fraction,
-                    pretrained_tokens=cfg.pretrained_tokens,
-                    law=QATScalingLaw.load(cfg.law_path) if cfg.law_path else None,
-                )
-                self.plan.switch_step = self.switch_step
+            if fixed is not None:
+                self.plan.switch_step = fixed
+        self.switch_step = self.plan.switch_step if fixed is None else fixed
         self._planned_steps = max_steps
 
     # ------------------------------------------------------------------ events
@@ -287,7 +256,6 @@ class QATCallback(TrainerCallback, ExportableState):
                 self.switch_step, state.global_step,
             )
         if self.plan is not None:
-            setattr(model, PLAN_ATTR, self.plan)  # the export's model card reads it
             logger.info("hf_qat plan: %s", self.plan.summary())
             for warning in self.plan.warnings:
                 logger.warning("hf_qat plan: %s", warning)
@@ -321,12 +289,13 @@ class QATCallback(TrainerCallback, ExportableState):
         if self._switched or self.switch_step is None or state.global_step < self.switch_step:
             return
         self._switched = True
-        if is_qat_active(model):  # resumed after the switch
-            return
-        activate_qat(model)
-        if self.config.reset_optimizer_state and optimizer is not None:
-            self._reset_optimizer_state(model, optimizer)
-        logger.info("hf_qat: QAT switched on at step %d", state.global_step)
+        if not is_qat_active(model):  # else: resumed after the switch
+            activate_qat(model)
+            if self.config.reset_optimizer_state and optimizer is not None:
+                self._reset_optimizer_state(model, optimizer)
+            logger.info("hf_qat: QAT switched on at step %d", state.global_step)
+        if self.config.log_quant_error:
+            self.weight_error = quantization_error(model)
 
     @staticmethod
     def _reset_optimizer_state(model, optimizer) -> None:
@@ -338,14 +307,22 @@ class QATCallback(TrainerCallback, ExportableState):
                     state.pop(param, None)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        """Adds ``qat/active`` and the last measured ``qat/weight_error`` (no pass over the weights)."""
         if logs is None or model is None or "loss" not in logs:
             return
         metrics = {"qat/active": float(is_qat_active(model))}
-        if self.config.log_quant_error and metrics["qat/active"]:
-            metrics["qat/weight_error"] = quantization_error(model)
+        if self.config.log_quant_error and metrics["qat/active"] and self.weight_error is not None:
+            metrics["qat/weight_error"] = self.weight_error
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step and "loss" in state.log_history[-1]:
             state.log_history[-1].update(metrics)
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        """Measures the weight error (one pass over the quantized weights, on every rank) at evaluation."""
+        if self.config.log_quant_error and model is not None and is_qat_active(model):
+            self.weight_error = quantization_error(model)
+            if metrics is not None:
+                metrics["eval_qat/weight_error"] = self.weight_error
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

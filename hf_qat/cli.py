@@ -10,7 +10,7 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from .config import bits_label, normalize_bits
+from .bits import bits_label, normalize_bits
 from .units import human, parse_bytes, parse_count
 
 console = Console()

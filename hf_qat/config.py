@@ -16,51 +16,29 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from .bits import ALLOWED_BITS, TERNARY_BITS, bits_label, normalize_bits  # noqa: F401  (re-exported)
 from .dtypes import DTYPES
 from .errors import QATConfigError
+from .schedule import DECAY_SHAPES
 
-TERNARY_BITS = 1.58
-ALLOWED_BITS = (1, TERNARY_BITS, 2, 3, 4, 5, 6, 8)
-ALLOWED_SCALE_DTYPES = tuple(DTYPES)
 ALLOWED_GROUP_STRINGS = ("channel", "tensor")
-ALLOWED_SCALE_GRAD_MODES = ("paretoq", "lsq")
-ALLOWED_DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
-ALLOWED_STRATEGIES = ("paper", "law")
-ALLOWED_LORA_MODES = ("merged", "base")
+# The one table of the fields that take one of a few names.
+CHOICES = {
+    "scale_dtype": tuple(DTYPES),
+    "scale_grad_mode": ("paretoq", "lsq"),
+    "decay_shape": DECAY_SHAPES,
+    "strategy": ("paper", "law"),
+    "lora_mode": ("merged", "base"),
+}
+ALLOWED_SCALE_DTYPES = CHOICES["scale_dtype"]
+ALLOWED_DECAY_SHAPES = CHOICES["decay_shape"]
+BOOL_FIELDS = ("fuse_cooldown", "reset_optimizer_state", "log_quant_error", "manage_schedule",
+               "count_quantized_params_only")
 MAX_GROUP_SIZE = 1 << 16
 CONFIG_NAME = "qat_config.json"
 
 GroupSize = Union[int, str]
 Start = Union[str, int, float]
-
-
-def _allowed_bits_text() -> str:
-    return "1, 1.58 (or 'ternary'), 2, 3, 4, 5, 6, 8"
-
-
-def normalize_bits(value: Any, field_name: str = "bits") -> float | int:
-    """Return ``value`` as one of :data:`ALLOWED_BITS` (1.58 for ternary) or raise QATConfigError."""
-    original = value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("ternary", "1.58", "1.5", "b1.58"):
-            return TERNARY_BITS
-        try:
-            value = float(text)
-        except ValueError:
-            raise QATConfigError(field_name, original, _allowed_bits_text()) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise QATConfigError(field_name, original, _allowed_bits_text())
-    if math.isclose(value, TERNARY_BITS, abs_tol=0.01) or math.isclose(value, math.log2(3), abs_tol=1e-6):
-        return TERNARY_BITS
-    if float(value).is_integer() and int(value) in ALLOWED_BITS:
-        return int(value)
-    raise QATConfigError(field_name, original, _allowed_bits_text())
-
-
-def bits_label(bits: float | int) -> str:
-    """'ternary' for 1.58, else the integer as text ('4')."""
-    return "ternary" if bits == TERNARY_BITS else str(int(bits))
 
 
 def _check_name_list(field_name: str, value: Any) -> list[str] | None:
@@ -147,92 +125,83 @@ class QATConfig:
     sequence_length: int | None = None
     count_quantized_params_only: bool = False
     lora_mode: str = "merged"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .quantizers import available_quantizers, get_quantizer_class
-
-        self.bits = normalize_bits(self.bits)
-        if not isinstance(self.method, str) or (self.method != "auto" and self.method not in available_quantizers()):
-            raise QATConfigError("method", self.method, ", ".join(["auto", *available_quantizers()]))
-        get_quantizer_class(self.resolved_method).check_bits(self.bits, field_name="bits", method_field="method")
-
+        self._check_quantizers()
         self.group_size = self._check_group_size(self.group_size)
         self.target_modules = _check_name_list("target_modules", self.target_modules)
         self.exclude_modules = _check_name_list("exclude_modules", self.exclude_modules)
-
-        if self.embedding_bits is not None:
-            self.embedding_bits = normalize_bits(self.embedding_bits, "embedding_bits")
-        if not isinstance(self.embedding_method, str) or (
-            self.embedding_method != "auto" and self.embedding_method not in available_quantizers()
-        ):
-            raise QATConfigError("embedding_method", self.embedding_method, ", ".join(["auto", *available_quantizers()]))
-        if self.embedding_bits is not None:
-            if self.embedding_method == "auto" and self.embedding_bits < 4:
-                raise QATConfigError(
-                    "embedding_bits",
-                    self.embedding_bits,
-                    "4, 5, 6 or 8 with embedding_method='auto' (the paper quantizes embeddings at no fewer "
-                    "than 4 bits; name embedding_method explicitly to go lower)",
-                )
-            get_quantizer_class(self.resolved_embedding_method).check_bits(
-                self.embedding_bits, field_name="embedding_bits", method_field="embedding_method"
-            )
-
-        if self.activation_bits is not None and (
-            isinstance(self.activation_bits, bool) or self.activation_bits != 8
-        ):
+        if self.activation_bits is not None and (isinstance(self.activation_bits, bool) or self.activation_bits != 8):
             raise QATConfigError("activation_bits", self.activation_bits, "None or 8 (int8 per-token dynamic)")
-        if self.activation_bits is not None:
-            self.activation_bits = 8
-
+        self.activation_bits = None if self.activation_bits is None else 8
         self.start = self._check_start(self.start)
-        if isinstance(self.pretrained_tokens, str):  # "2T", "2e12" (YAML reads 2.0e12 as text)
+        self.pretrained_tokens = self._check_pretrained_tokens(self.pretrained_tokens)
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise QATConfigError(name, getattr(self, name), "True or False")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise QATConfigError(name, getattr(self, name), ", ".join(allowed))
+        self._check_numbers()
+        if self.strategy == "law" and self.law_path is None:
+            raise QATConfigError("law_path", None, "the path of a fitted law JSON when strategy='law'")
+
+    # ------------------------------------------------------------------ validation helpers
+    def _check_quantizers(self) -> None:
+        """bits/method and embedding_bits/embedding_method: known families at bit widths they support."""
+        from .quantizers import available_quantizers, get_quantizer_class
+
+        self.bits = normalize_bits(self.bits)
+        for field_name in ("method", "embedding_method"):
+            value = getattr(self, field_name)
+            if not isinstance(value, str) or (value != "auto" and value not in available_quantizers()):
+                raise QATConfigError(field_name, value, ", ".join(["auto", *available_quantizers()]))
+        get_quantizer_class(self.resolved_method).check_bits(self.bits, field_name="bits", method_field="method")
+        if self.embedding_bits is None:
+            return
+        self.embedding_bits = normalize_bits(self.embedding_bits, "embedding_bits")
+        if self.embedding_method == "auto" and self.embedding_bits < 4:
+            raise QATConfigError(
+                "embedding_bits", self.embedding_bits,
+                "4, 5, 6 or 8 with embedding_method='auto' (the paper quantizes embeddings at no fewer "
+                "than 4 bits; name embedding_method explicitly to go lower)",
+            )
+        get_quantizer_class(self.resolved_embedding_method).check_bits(
+            self.embedding_bits, field_name="embedding_bits", method_field="embedding_method"
+        )
+
+    @staticmethod
+    def _check_pretrained_tokens(value: Any) -> float | int | None:
+        if isinstance(value, str):  # "2T", "2e12" (YAML reads 2.0e12 as text)
             from .units import parse_count
 
             try:
-                self.pretrained_tokens = parse_count(self.pretrained_tokens)
+                value = parse_count(value)
             except ValueError:
-                raise QATConfigError("pretrained_tokens", self.pretrained_tokens, "None or a number >= 0 (e.g. 2e12 or '2T')") from None
-        if self.pretrained_tokens is not None:
-            if isinstance(self.pretrained_tokens, bool) or not isinstance(self.pretrained_tokens, (int, float)) or not (
-                math.isfinite(self.pretrained_tokens) and self.pretrained_tokens >= 0
-            ):
-                raise QATConfigError("pretrained_tokens", self.pretrained_tokens, "None or a finite number >= 0")
-        for name in ("fuse_cooldown", "reset_optimizer_state", "log_quant_error", "manage_schedule",
-                     "count_quantized_params_only"):
-            if not isinstance(getattr(self, name), bool):
-                raise QATConfigError(name, getattr(self, name), "True or False")
-        if self.scale_dtype not in ALLOWED_SCALE_DTYPES:
-            raise QATConfigError("scale_dtype", self.scale_dtype, ", ".join(ALLOWED_SCALE_DTYPES))
+                raise QATConfigError("pretrained_tokens", value, "None or a number >= 0 (e.g. 2e12 or '2T')") from None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not (math.isfinite(value) and value >= 0)):
+            raise QATConfigError("pretrained_tokens", value, "None or a finite number >= 0")
+        return value
+
+    def _check_numbers(self) -> None:
+        """scale_lr_multiplier, the schedule's ratios, sequence_length."""
         if isinstance(self.scale_lr_multiplier, bool) or not isinstance(self.scale_lr_multiplier, (int, float)) or not (
             math.isfinite(self.scale_lr_multiplier) and self.scale_lr_multiplier > 0
         ):
             raise QATConfigError("scale_lr_multiplier", self.scale_lr_multiplier, "a finite number > 0")
-        if self.scale_grad_mode not in ALLOWED_SCALE_GRAD_MODES:
-            raise QATConfigError("scale_grad_mode", self.scale_grad_mode, ", ".join(ALLOWED_SCALE_GRAD_MODES))
-        if self.decay_shape not in ALLOWED_DECAY_SHAPES:
-            raise QATConfigError("decay_shape", self.decay_shape, ", ".join(ALLOWED_DECAY_SHAPES))
         for name in ("min_lr_ratio", "fp_cooldown_fraction", "qat_warmup_fraction"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < 1.0 or (
-                name == "min_lr_ratio" and value == 1.0
-            )):
-                raise QATConfigError(name, value, "a number in [0, 1)" if name != "min_lr_ratio" else "a number in [0, 1]")
-        if self.strategy not in ALLOWED_STRATEGIES:
-            raise QATConfigError("strategy", self.strategy, ", ".join(ALLOWED_STRATEGIES))
-        if self.strategy == "law" and self.law_path is None:
-            raise QATConfigError("law_path", None, "the path of a fitted law JSON when strategy='law'")
+            top_included = name == "min_lr_ratio"
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0.0 <= value < 1.0 or (top_included and value == 1.0)
+            ):
+                raise QATConfigError(name, value, "a number in [0, 1]" if top_included else "a number in [0, 1)")
         if self.sequence_length is not None and (
             isinstance(self.sequence_length, bool) or not isinstance(self.sequence_length, int) or self.sequence_length < 1
         ):
             raise QATConfigError("sequence_length", self.sequence_length, "None or an int >= 1")
-        if self.lora_mode not in ALLOWED_LORA_MODES:
-            raise QATConfigError("lora_mode", self.lora_mode, ", ".join(ALLOWED_LORA_MODES))
-        if not isinstance(self.extra, dict):
-            raise QATConfigError("extra", self.extra, "a dict of JSON-serialisable values")
 
-    # ------------------------------------------------------------------ validation helpers
     @staticmethod
     def _check_group_size(value: Any) -> GroupSize:
         allowed = "a power of two between 2 and 65536, 'channel' or 'tensor'"
@@ -289,6 +258,8 @@ class QATConfig:
         if not isinstance(data, dict):
             raise QATConfigError("config", data, "a dict of QATConfig fields")
         names = {f.name for f in dataclasses.fields(cls)}
+        if data.get("extra") == {}:  # hf_qat 0.1.0 wrote an always-empty "extra" field
+            data = {k: v for k, v in data.items() if k != "extra"}
         unknown = sorted(set(data) - names)
         if unknown:
             raise QATConfigError(unknown[0], data[unknown[0]], "a QATConfig field: " + ", ".join(sorted(names)))

@@ -23,7 +23,6 @@ from .quantizers import get_quantizer
 
 logger = logging.getLogger("hf_qat")
 
-CONFIG_ATTR = "_hf_qat_config"
 
 
 # ---------------------------------------------------------------------------------------- matching
@@ -94,30 +93,13 @@ def find_targets(model: nn.Module, config: QATConfig) -> dict[str, nn.Linear]:
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name and id(module) not in adapters
     }
-    suffixes = sorted({name.rsplit(".", 1)[-1] for name in linears})
-
+    suffixes = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in linears})) or "(none)"
     if config.target_modules is None:
         candidates = {n: m for n, m in linears.items() if m is not head}
     else:
-        candidates = {}
-        for pattern in config.target_modules:
-            hits = {n: m for n, m in linears.items() if name_matches(_unwrapped_name(n), pattern)}
-            if not hits:
-                raise QATModelError(
-                    f"QATConfig.target_modules entry {pattern!r} matches no nn.Linear in the model; "
-                    f"Linear names end in: {', '.join(suffixes) or '(none)'}"
-                )
-            candidates.update(hits)
-
-    for pattern in config.exclude_modules or []:
-        hits = [n for n in linears if name_matches(_unwrapped_name(n), pattern)]
-        if not hits:
-            raise QATModelError(
-                f"QATConfig.exclude_modules entry {pattern!r} matches no nn.Linear in the model; "
-                f"Linear names end in: {', '.join(suffixes) or '(none)'}"
-            )
-        for n in hits:
-            candidates.pop(n, None)
+        candidates = _matching(linears, config.target_modules, "target_modules", suffixes)
+    for name in _matching(linears, config.exclude_modules or [], "exclude_modules", suffixes):
+        candidates.pop(name, None)
 
     targets: dict[str, nn.Linear] = {}
     for name, module in candidates.items():
@@ -130,28 +112,44 @@ def find_targets(model: nn.Module, config: QATConfig) -> dict[str, nn.Linear]:
             )
         else:
             logger.warning("hf_qat: skipping %s (%s overrides nn.Linear.forward)", name, type(module).__name__)
-
     if head is not None and any(m is head for m in targets.values()):
-        if config.embedding_bits is not None:
-            raise QATModelError(
-                "the LM head is in target_modules and also quantized by embedding_bits; choose one "
-                "(embedding_bits quantizes the input embedding and the LM head)"
-            )
-        emb = _input_embedding(model)
-        if emb is not None and getattr(emb, "weight", None) is head.weight:
-            raise QATModelError(
-                "the LM head shares its weight with the input embedding (tied); quantize both with "
-                "embedding_bits instead of listing the head in target_modules"
-            )
+        _check_head_target(model, head, config)
     if not targets and config.embedding_bits is None:
         raise QATModelError(
-            "QATConfig selects no layer to quantize (target_modules / exclude_modules leave nothing); "
-            f"Linear names end in: {', '.join(suffixes) or '(none)'}"
+            f"QATConfig selects no layer to quantize (target_modules / exclude_modules leave nothing); "
+            f"Linear names end in: {suffixes}"
         )
     return targets
 
 
-# ---------------------------------------------------------------------------------------- install
+def _matching(linears: dict[str, nn.Linear], patterns: list[str], field: str, suffixes: str) -> dict[str, nn.Linear]:
+    """The Linears whose names match any of ``patterns``; an entry matching none is an error."""
+    hits: dict[str, nn.Linear] = {}
+    for pattern in patterns:
+        found = {n: m for n, m in linears.items() if name_matches(_unwrapped_name(n), pattern)}
+        if not found:
+            raise QATModelError(
+                f"QATConfig.{field} entry {pattern!r} matches no nn.Linear in the model; Linear names end in: {suffixes}"
+            )
+        hits.update(found)
+    return hits
+
+
+def _check_head_target(model: nn.Module, head: nn.Module, config: QATConfig) -> None:
+    """The LM head listed in target_modules: refused with embedding_bits, or when tied to the embedding."""
+    if config.embedding_bits is not None:
+        raise QATModelError(
+            "the LM head is in target_modules and also quantized by embedding_bits; choose one "
+            "(embedding_bits quantizes the input embedding and the LM head)"
+        )
+    emb = _input_embedding(model)
+    if emb is not None and getattr(emb, "weight", None) is head.weight:
+        raise QATModelError(
+            "the LM head shares its weight with the input embedding (tied); quantize both with "
+            "embedding_bits instead of listing the head in target_modules"
+        )
+
+
 def _replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
     """Put each new module wherever the old one is referenced (a module may have several parents)."""
     for parent in model.modules():
@@ -195,8 +193,8 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
         replacements.update(_embedding_replacements(model, config, common))
 
     _replace_modules(model, replacements)
-    for holder in _config_holders(model):
-        setattr(holder, CONFIG_ATTR, config)
+    for _, module in quantizer_units(model):
+        module.weight_quantizer.config = config
     _link_adapters(model, config)
     if restored is not None and restored[0] == config.to_dict():
         _resume_from_steps(model, restored[1])
@@ -257,16 +255,11 @@ def _embedding_replacements(model: nn.Module, config: QATConfig, common: dict) -
 
 
 # ---------------------------------------------------------------------------------------- state
-def _config_holders(model: nn.Module) -> list[nn.Module]:
-    """The model, and the transformers model inside a PEFT wrapper (what merge_and_unload returns)."""
-    getter = getattr(model, "get_base_model", None)
-    inner = getter() if callable(getter) else None
-    return [model] if inner is None or inner is model else [model, inner]
-
-
 def get_qat_config(model: nn.Module) -> QATConfig | None:
     """The QATConfig a model was prepared with (None if it was not)."""
-    return getattr(model, CONFIG_ATTR, None)
+    for _, module in qat_modules(model):
+        return module.weight_quantizer.config
+    return None
 
 
 def qat_modules(model: nn.Module) -> Iterator[tuple[str, QATWeightMixin]]:
@@ -353,9 +346,6 @@ def remove_qat(model: nn.Module, bake_weights: bool = False) -> nn.Module:
     replacements = {id(module): module.to_linear() if isinstance(module, QATLinear) else module.to_embedding()
                     for _, module in qat_modules(model)}
     _replace_modules(model, replacements)
-    for holder in _config_holders(model):
-        if CONFIG_ATTR in holder.__dict__:
-            delattr(holder, CONFIG_ATTR)
     return model
 
 

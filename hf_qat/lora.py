@@ -24,7 +24,6 @@ from torch import nn
 from .errors import QATModelError
 from .modules import QATLinear
 
-LORA_MODES = ("merged", "base")
 
 
 def _lora_linear_type():

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import bits_label
+from .bits import bits_label
 from .distributed import full_tensor, is_dtensor, world_size, write_full_
 from .dtypes import torch_dtype
 from .errors import QATModelError, QATRuntimeError
@@ -77,6 +77,7 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=weight.device))
         self.is_active = False
         self.is_initialized = False
+        self.config = None  # the QATConfig of prepare_model_for_qat (hf_qat.get_qat_config reads it)
 
     # ------------------------------------------------------------------ state
     def set_active(self, active: bool) -> None:

@@ -16,7 +16,7 @@ from .triton_weight_quant import OUT_KINDS, _to_out_dtype
 @triton.jit
 def _unpack_dequant_kernel(packed_ptr, table_ptr, step_ptr, out_ptr, R, C, row_bytes, GROUP_W, step_row_stride,
                            BITS: tl.constexpr, OUT_KIND: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)  # int64 offsets past 2^31 elements
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
     bitpos = cols * BITS

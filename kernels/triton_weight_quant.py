@@ -71,7 +71,7 @@ def _codes(r, SIGN: tl.constexpr, CLIP_LO: tl.constexpr, CLIP_HI: tl.constexpr, 
 def _tile(w_ptr, s_ptr, step_ptr, pid_r, pid_c, R, C, GROUP_W, scale_row_stride,
           BR: tl.constexpr, BC: tl.constexpr):
     """Offsets, mask, the fp32 weight tile and its (s_r, step) per element."""
-    rows = pid_r * BR + tl.arange(0, BR)
+    rows = (pid_r * BR + tl.arange(0, BR)).to(tl.int64)  # int64 offsets: weights past 2^31 elements
     cols = pid_c * BC + tl.arange(0, BC)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
     offs = rows[:, None] * C + cols[None, :]

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         info = hf_qat.export_checkpoint(
             trainer.model, out, format=export.get("format", "auto"), tokenizer=tokenizer,
             push_to_hub=export.get("push_to_hub"), private=export.get("private", True),
-            base_model=recipe.get("model", {}).get("name_or_path"),
+            base_model=recipe.get("model", {}).get("name_or_path"), plan=callback.plan,
             card={"eval": {"eval loss": metrics["eval_loss"]}, "training_tokens": callback.plan.total_tokens if callback.plan else None},
         )
     summary = {

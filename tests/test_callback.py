@@ -118,3 +118,72 @@ def test_fraction_start_and_tied_embedding_qat(tmp_path):
     assert model.lm_head.weight_quantizer is model.model.embed_tokens.weight_quantizer
     assert model.lm_head.is_qat_active and model.model.embed_tokens.is_qat_active
     assert all(math.isfinite(x) for x in losses(trainer))
+
+
+def test_weight_error_is_measured_at_the_switch_and_at_evaluation_only(tmp_path, monkeypatch):
+    import hf_qat.callback as callback_module
+
+    calls = []
+    real = callback_module.quantization_error
+    monkeypatch.setattr(callback_module, "quantization_error", lambda model: calls.append(1) or real(model))
+    from transformers import Trainer
+
+    from helpers import tiny_llama, token_dataset, training_args
+
+    callback = QATCallback(QATConfig(**CFG))
+    trainer = Trainer(model=tiny_llama(), train_dataset=token_dataset(), eval_dataset=token_dataset(n=8, seed=3),
+                      args=training_args(tmp_path, logging_steps=1, eval_strategy="steps", eval_steps=15),
+                      callbacks=[callback])
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) == 2 and len(calls) == 1 + 2  # the switch (step 10) and each evaluation; 20 logs measured nothing
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    errors = [h["qat/weight_error"] for h in history[10:]]
+    assert errors[0] > 0 and errors[:5] == [errors[0]] * 5 and errors[5] != errors[0]  # re-measured at step 15
+    assert trainer.evaluate()["eval_qat/weight_error"] == callback.weight_error == real(trainer.model)
+
+
+def test_log_quant_error_false_measures_nothing(tmp_path, monkeypatch):
+    import hf_qat.callback as callback_module
+
+    monkeypatch.setattr(callback_module, "quantization_error", lambda model: pytest.fail("measured"))
+    trainer = make_trainer(tmp_path, [QATCallback(QATConfig(**CFG, log_quant_error=False))], logging_steps=1)
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    assert history[-1]["qat/active"] == 1.0 and not any("qat/weight_error" in h for h in history)
+
+
+def test_law_strategy_and_quantized_only_count_through_the_callback(tmp_path):
+    from hf_qat.planner import ILLUSTRATIVE_PARAMS, QATScalingLaw, plan_qat
+
+    law_path = QATScalingLaw(ILLUSTRATIVE_PARAMS).save(str(tmp_path / "law.json"))
+    cfg = QATConfig(bits=4, group_size=16, start="auto", strategy="law", law_path=law_path,
+                    count_quantized_params_only=True, sequence_length=16)
+    callback = QATCallback(cfg)
+    trainer = make_trainer(tmp_path, [callback], max_steps=20)
+    trainer.train()
+    quantized = sum(m.weight.numel() for _, m in qat_modules(trainer.model))
+    assert callback.plan.strategy == "law" and callback.plan.num_params == quantized
+    assert quantized < sum(p.numel() for p in trainer.model.parameters())
+    expected = plan_qat(quantized, 20 * 4 * 16, 4, total_steps=20, law=law_path, strategy="law")
+    assert callback.switch_step == expected.switch_step and callback.plan.predicted_loss == expected.predicted_loss
+
+
+def test_lsq_scale_gradient_mode_end_to_end(tmp_path):
+    grads = {}
+    for mode in ("paretoq", "lsq"):
+        callback = QATCallback(QATConfig(bits=4, group_size=16, start=0, scale_grad_mode=mode, manage_schedule=False))
+        trainer = make_trainer(tmp_path / mode, [callback], max_steps=1, learning_rate=0.0, warmup_steps=0,
+                               lr_scheduler_type="constant")
+        trainer.train()
+        unit = trainer.model.model.layers[0].mlp.down_proj.weight_quantizer
+        weight = trainer.model.model.layers[0].mlp.down_proj.weight
+        n_per_scale = weight.shape[1] // unit.log_scale_ratio.shape[1]
+        expected = (weight.numel() * 7) ** -0.5 if mode == "paretoq" else (n_per_scale * 7) ** -0.5
+        assert unit.spec.grad_scale == pytest.approx(expected)
+        x = torch.randint(0, 64, (2, 8))
+        trainer.model.zero_grad()
+        trainer.model(input_ids=x, labels=x).loss.backward()
+        grads[mode] = unit.log_scale_ratio.grad.clone()
+    # same weights and data (lr 0): the gradients differ by sqrt(numel / weights per scale)
+    torch.testing.assert_close(grads["lsq"], grads["paretoq"] * (weight.numel() / n_per_scale) ** 0.5, rtol=1e-5, atol=0)

@@ -26,7 +26,7 @@ def test_auto_method_by_bits(bits, expected_bits, method):
 def test_dict_and_json_round_trip(tmp_path):
     cfg = QATConfig(bits="ternary", group_size="channel", target_modules="q_proj", exclude_modules=["k_proj"],
                     embedding_bits=4, activation_bits=8, start=0.25, pretrained_tokens=1e9, fuse_cooldown=False,
-                    scale_dtype="bfloat16", scale_lr_multiplier=0.5, extra={"note": "x"})
+                    scale_dtype="bfloat16", scale_lr_multiplier=0.5)
     assert QATConfig.from_dict(cfg.to_dict()) == cfg
     assert QATConfig.from_json_string(cfg.to_json_string()) == cfg
     path = cfg.save_pretrained(tmp_path)
@@ -48,3 +48,10 @@ def test_replace_validates():
     assert cfg.replace(bits=2).resolved_method == "seq"
     with pytest.raises(QATConfigError, match="bits"):
         cfg.replace(bits=7)
+
+
+def test_a_0_1_0_config_file_with_its_empty_extra_field_loads(tmp_path):
+    data = {**QATConfig(bits=4).to_dict(), "extra": {}}
+    assert QATConfig.from_dict(data) == QATConfig(bits=4)
+    with pytest.raises(QATConfigError, match="extra"):
+        QATConfig.from_dict({**data, "extra": {"note": "x"}})

@@ -23,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ..config import QATConfig, bits_label
+from ..bits import bits_label
 from ..export import export_checkpoint, load_exported
 from ..planner import plan_qat
 from ..sweep import SweepConfig, run_sweep
@@ -87,6 +87,7 @@ class DemoResult:
     export: dict[str, Any] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    plan: dict[str, Any] | None = None
 
     @property
     def winner(self) -> str:
@@ -128,7 +129,7 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
         switch_step=planned_row["switch_step"], qat_fraction=planned,
         tokens_per_param_byte=planned_row["tokens_per_param_byte"], losses=losses,
         fractions={"qat": planned, **BASELINES}, seconds=seconds, tokens=summary.tokens,
-        warnings=list(plan.warnings) if plan else [],
+        warnings=list(plan.warnings) if plan else [], plan=plan.to_dict() if plan else None,
     )
     _export_step(settings, config, out, planned_row, result)
     result.seconds["total"] = time.perf_counter() - started
@@ -152,7 +153,8 @@ def _export_step(settings: DemoSettings, config: SweepConfig, sweep_dir: str, ro
                      "held-out loss (FP)": result.losses["fp"]},
             "training_tokens": result.train_tokens,
             "description": "A small Llama trained from scratch by `hf-qat demo` on the Python standard library."}
-    info = export_checkpoint(model, out, format=settings.export_format, tokenizer=data.tokenizer, card=card)
+    info = export_checkpoint(model, out, format=settings.export_format, tokenizer=data.tokenizer, card=card,
+                             plan=result.plan)
     result.losses["exported"] = evaluate(load_exported(out), data.eval)
     result.export = {"format": info.format, "path": out, "bytes": info.weight_bytes, "expected_bytes": info.expected_bytes,
                      "exact": info.exact}

@@ -16,6 +16,7 @@ from .base import (
     ExportFormat,
     ExportInfo,
     check_layers,
+    choose_format,
     dedupe_shared,
     get_format,
     read_manifest,
@@ -25,22 +26,6 @@ from .base import (
 from .layers import UNIT_KEY, QuantizedLayer, collect_layers
 
 PLAN_NAME = "qat_plan.json"
-
-
-def choose_format(layers: list[QuantizedLayer]) -> str:
-    """"auto": compressed-tensors when every layer is a METHOD.md section-6 row it serves (LSQ 4/8-bit or
-    SEQ 2-bit, group or channel scales, Linear layers), BitNet for per-tensor ternary with int8
-    activations, else the native format."""
-    from .bitnet import BitNetFormat
-    from .compressed_tensors import CompressedTensorsFormat
-
-    ct = CompressedTensorsFormat()
-    if all(ct.problem(layer) is None and ct.native_width(layer) for layer in layers):
-        return ct.name
-    bitnet = BitNetFormat()
-    if all(bitnet.problem(layer) is None for layer in layers) and all(layer.activation_bits == 8 for layer in layers):
-        return bitnet.name
-    return "hf-qat"
 
 
 def load_qat_checkpoint(directory: str, **kwargs: Any) -> nn.Module:
@@ -86,6 +71,7 @@ def export_checkpoint(
     token: str | None = None,
     card: dict[str, Any] | None = None,
     base_model: str | None = None,
+    plan=None,
 ) -> ExportInfo:
     """Write a low-bit checkpoint of a QAT model (or of a QAT checkpoint directory).
 
@@ -97,6 +83,8 @@ def export_checkpoint(
             (transformers BitNet), "hf-qat" (native: every setting; needs hf_qat to load), or
             "auto". A format that cannot represent the model exactly is an error naming those that can.
         tokenizer: saved alongside (required for GGUF, which embeds it).
+        plan: the run's :class:`hf_qat.planner.Plan` (``QATCallback.plan``) or its dict, for the
+            model card and manifest; a checkpoint directory's ``qat_plan.json`` is read by default.
         push_to_hub: a repo id ("user/model") to upload the folder to in one commit.
         private / token: for the upload (token defaults to the environment / cached login).
         card: extra fields for the model card (``eval`` results, ``training_tokens``, ``description``).
@@ -123,7 +111,7 @@ def export_checkpoint(
             saved = [f for f in tokenizer.save_pretrained(out_dir) if os.path.isfile(f)]
             info.files += [os.path.relpath(os.path.abspath(f), os.path.abspath(out_dir)) for f in saved]
         cfg = get_qat_config(model)
-        plan = _find_plan(model_or_dir)
+        plan = _find_plan(model_or_dir, plan)
         from .card import write_model_card
 
         info.files.append(write_model_card(out_dir, fmt, info, cfg, plan, card or {}, base_model))
@@ -138,16 +126,16 @@ def export_checkpoint(
     return info
 
 
-def _find_plan(model_or_dir) -> dict | None:
+def _find_plan(model_or_dir, plan) -> dict | None:
+    """The plan for the model card: the one given (a Plan or its dict), else a checkpoint dir's qat_plan.json."""
+    if plan is not None:
+        return plan if isinstance(plan, dict) else plan.to_dict()
     if isinstance(model_or_dir, (str, os.PathLike)):
         path = os.path.join(os.fspath(model_or_dir), PLAN_NAME)
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as fh:
                 return json.load(fh)
-    from ..callback import PLAN_ATTR
-
-    plan = getattr(model_or_dir, PLAN_ATTR, None)
-    return plan.to_dict() if plan is not None else None
+    return None
 
 
 def _version() -> str:

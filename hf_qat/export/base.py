@@ -53,6 +53,12 @@ class ExportFormat:
     library_name: ClassVar[str] = "transformers"
     needs_hf_qat: ClassVar[bool] = False
     tags: ClassVar[tuple[str, ...]] = ()
+    # format="auto" tries the formats in this order (None: never chosen automatically)
+    auto_priority: ClassVar[int | None] = None
+
+    def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
+        """Whether format="auto" may choose this format for ``layers`` (default: every layer exact here)."""
+        return all(self.problem(layer) is None for layer in layers)
 
     def problem(self, layer: QuantizedLayer) -> str | None:
         """Why ``layer`` cannot be written exactly in this format, or None if it can."""
@@ -78,8 +84,21 @@ FORMATS: dict[str, type[ExportFormat]] = {}
 
 
 def register_format(cls: type[ExportFormat]) -> type[ExportFormat]:
+    """Add an export format under ``cls.name`` (a name already taken is refused)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in FORMATS and FORMATS[cls.name] is not cls:
+        raise ValueError(f"an export format named {cls.name!r} is already registered ({FORMATS[cls.name].__name__})")
     FORMATS[cls.name] = cls
     return cls
+
+
+def choose_format(layers: list[QuantizedLayer]) -> str:
+    """format="auto": the registered format of lowest ``auto_priority`` that accepts every layer."""
+    for cls in sorted((c for c in FORMATS.values() if c.auto_priority is not None), key=lambda c: c.auto_priority):
+        if cls().auto_accepts(layers):
+            return cls.name
+    raise ExportFormatError(f"no registered format accepts these layers; formats: {', '.join(FORMATS)}")
 
 
 def get_format(name: str) -> ExportFormat:

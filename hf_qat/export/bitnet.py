@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import TERNARY_BITS
+from ..bits import TERNARY_BITS
 from .base import ExportFormat, ExportInfo, register_format, save_tensors, tensor_bytes, write_model_config
 from .layers import QuantizedLayer
 
@@ -27,6 +27,11 @@ def pack_bitnet(codes: torch.Tensor) -> torch.Tensor:
 @register_format
 class BitNetFormat(ExportFormat):
     name = "bitnet"
+    auto_priority = 1
+
+    def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
+        """Per-tensor ternary with int8 activations everywhere (transformers' BitLinear)."""
+        return super().auto_accepts(layers) and all(layer.activation_bits == 8 for layer in layers)
     tags = ("bitnet", "ternary")
 
     def problem(self, layer: QuantizedLayer) -> str | None:

@@ -9,7 +9,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..config import QATConfig, bits_label
+from ..bits import bits_label
+from ..config import QATConfig
 from .base import ExportFormat, ExportInfo
 
 FORMAT_LABELS = {

@@ -31,6 +31,11 @@ def _container_bits(layer: QuantizedLayer) -> int | None:
 @register_format
 class CompressedTensorsFormat(ExportFormat):
     name = "compressed-tensors"
+    auto_priority = 0  # loads without hf_qat, in transformers and vLLM
+
+    def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
+        """Every layer a METHOD.md section-6 row (LSQ 4/8-bit or SEQ 2-bit, group or channel, Linear)."""
+        return all(self.problem(layer) is None and self.native_width(layer) for layer in layers)
     tags = ("compressed-tensors",)
 
     def problem(self, layer: QuantizedLayer) -> str | None:

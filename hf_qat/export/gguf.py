@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from ..config import TERNARY_BITS
+from ..bits import TERNARY_BITS
 from .base import ExportFormat, ExportFormatError, ExportInfo, register_format, tensor_bytes, write_model_config
 from .layers import QuantizedLayer
 
@@ -101,67 +101,81 @@ class GGUFFormat(ExportFormat):
         if tokenizer is None:
             raise ExportFormatError("GGUF embeds the tokenizer: pass export_checkpoint(..., tokenizer=...)")
         cfg = model.config
-        n_blocks = cfg.num_hidden_layers
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
         path = os.path.join(out_dir, "model.gguf")
         writer = gguf.GGUFWriter(path, "llama")
-        writer.add_name(getattr(cfg, "_name_or_path", None) or "hf_qat export")
-        writer.add_context_length(cfg.max_position_embeddings)
-        writer.add_embedding_length(cfg.hidden_size)
-        writer.add_block_count(n_blocks)
-        writer.add_feed_forward_length(cfg.intermediate_size)
-        writer.add_head_count(cfg.num_attention_heads)
-        writer.add_head_count_kv(cfg.num_key_value_heads)
-        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters.get("rope_theta", 10000.0)))
-        writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-        writer.add_vocab_size(cfg.vocab_size)
+        _add_llama_metadata(writer, cfg)
         _add_tokenizer(writer, tokenizer, cfg.vocab_size)
-
-        written: dict[str, torch.Tensor] = {}
-
-        def gguf_name(key: str) -> str:
-            name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-            if name is None:
-                raise ExportFormatError(f"no llama.cpp name for {key}")
-            return name
-
-        def permutation(key: str):
-            if key.endswith("q_proj.weight") or key.endswith("q_proj"):
-                return cfg.num_attention_heads
-            if key.endswith("k_proj.weight") or key.endswith("k_proj"):
-                return cfg.num_key_value_heads
-            return None
-
-        for layer in layers:
-            if layer.tied_to:
-                continue
-            codes, step = layer.codes, layer.step
-            heads = permutation(layer.name)
-            if heads:
-                codes, step = _permute_qk(codes, heads), _permute_qk(step, heads)
-            qtype = gguf_type(layer)
-            raw = pack_blocks(codes, step, qtype)
-            writer.add_tensor(gguf_name(f"{layer.name}.weight"), raw, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
-            written[layer.name] = torch.from_numpy(raw)
-            if layer.bias is not None:
-                raise ExportFormatError(f"{layer.name} has a bias, which the llama GGUF layout has no place for")
-        for key, tensor in others.items():
-            if key == "lm_head.weight" and (getattr(cfg, "tie_word_embeddings", False) or "model.embed_tokens.weight" in others
-                                            and tensor.data_ptr() == others["model.embed_tokens.weight"].data_ptr()):
-                continue
-            t = tensor.float()
-            heads = permutation(key)
-            if heads:
-                t = _permute_qk(t, heads)
-            writer.add_tensor(gguf_name(key), t.numpy())
-            written[key] = t
+        written = _add_tensors(writer, cfg, layers, others)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
         files = write_model_config(model, out_dir, None)
         return ExportInfo(format=self.name, path=out_dir, files=["model.gguf", *files], weight_bytes=tensor_bytes(written))
+
+
+def _add_llama_metadata(writer, cfg) -> None:
+    """llama.cpp's llama.* keys from a LlamaConfig."""
+    writer.add_name(getattr(cfg, "_name_or_path", None) or "hf_qat export")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters.get("rope_theta", 10000.0)))
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_vocab_size(cfg.vocab_size)
+
+
+def _qk_heads(cfg, key: str) -> int | None:
+    """The head count whose rotary halves llama.cpp interleaves for q/k projections (None otherwise)."""
+    if key.endswith(("q_proj.weight", "q_proj")):
+        return cfg.num_attention_heads
+    if key.endswith(("k_proj.weight", "k_proj")):
+        return cfg.num_key_value_heads
+    return None
+
+
+def _add_tensors(writer, cfg, layers, others) -> dict[str, torch.Tensor]:
+    """The quantized layers as GGUF blocks of their QAT integers, the other tensors in fp32; returns
+    what was written (for the byte count)."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+
+    def gguf_name(key: str) -> str:
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ExportFormatError(f"no llama.cpp name for {key}")
+        return name
+
+    written: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        if layer.tied_to:
+            continue
+        if layer.bias is not None:
+            raise ExportFormatError(f"{layer.name} has a bias, which the llama GGUF layout has no place for")
+        codes, step = layer.codes, layer.step
+        heads = _qk_heads(cfg, layer.name)
+        if heads:
+            codes, step = _permute_qk(codes, heads), _permute_qk(step, heads)
+        qtype = gguf_type(layer)
+        raw = pack_blocks(codes, step, qtype)
+        writer.add_tensor(gguf_name(f"{layer.name}.weight"), raw, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
+        written[layer.name] = torch.from_numpy(raw)
+    for key, tensor in others.items():
+        if key == "lm_head.weight" and (getattr(cfg, "tie_word_embeddings", False) or "model.embed_tokens.weight" in others
+                                        and tensor.data_ptr() == others["model.embed_tokens.weight"].data_ptr()):
+            continue
+        t = tensor.float()
+        heads = _qk_heads(cfg, key)
+        if heads:
+            t = _permute_qk(t, heads)
+        writer.add_tensor(gguf_name(key), t.numpy())
+        written[key] = t
+    return written
 
 
 def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:

@@ -57,13 +57,6 @@ class QuantizedLayer:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
-    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``step * code`` in fp32 cast to ``dtype`` (default: the weight's dtype)."""
-        rows, cols = self.shape
-        per = cols // self.step.shape[1]
-        step = self.step.repeat_interleave(per, dim=1).expand(rows, cols)
-        return (self.codes.float() * step).to(dtype or self.dtype)
-
 
 def collect_layers(model: nn.Module) -> tuple[list[QuantizedLayer], dict[str, torch.Tensor]]:
     """The quantized layers of a QAT model, and its other tensors by state-dict key (QAT state,

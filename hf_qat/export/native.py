@@ -27,6 +27,7 @@ def code_indices(codes: torch.Tensor, table: list[int]) -> torch.Tensor:
 @register_format
 class NativeFormat(ExportFormat):
     name = "hf-qat"
+    auto_priority = 99  # every setting; needs hf_qat to load, so last
     needs_hf_qat = True
     tags = ("hf_qat",)
 

@@ -11,17 +11,11 @@ from __future__ import annotations
 
 import math
 
-from ..config import TERNARY_BITS, normalize_bits
+from ..bits import effective_bits  # noqa: F401  (re-exported by hf_qat.planner)
 
 PAPER_A = 6.7297
 # The S_total range of the paper's runs (86M..2.2B parameters, 1/2/4/6 bits, 2.3B..1.4T tokens).
 FITTED_RANGE = (3.5e1, 1.35e5)
-
-
-def effective_bits(bits: float | int | str) -> float:
-    """Bits per weight for the byte count: log2(3) for ternary, else the bit width."""
-    bits = normalize_bits(bits)
-    return math.log2(3) if bits == TERNARY_BITS else float(bits)
 
 
 def tokens_per_parameter_byte(num_params: float, tokens: float, bits: float | int | str) -> float:

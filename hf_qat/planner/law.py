@@ -31,7 +31,7 @@ import torch
 from scipy.optimize import minimize, minimize_scalar, nnls
 
 from ..jsonio import write_json
-from ..config import TERNARY_BITS, normalize_bits
+from ..bits import TERNARY_BITS, normalize_bits
 from .fraction import effective_bits
 
 FORM = "hf_qat/compute-optimal-qat-law/v1"
@@ -316,8 +316,7 @@ class QATScalingLaw:
                         runs.append(dict(num_params=n, fp_tokens=(1 - f) * d, qat_tokens=f * d, bits=b, loss=loss))
         return runs
 
-    def loss_curve(self, num_params: float, total_tokens: float, bits, fractions: np.ndarray,
-                   pretrained_tokens: float = 0.0) -> np.ndarray:
+    def loss_curve(self, num_params: float, total_tokens: float, bits, fractions: np.ndarray) -> np.ndarray:
         """Predicted loss at each QAT fraction ``f`` of ``total_tokens``."""
         fractions = np.asarray(fractions, dtype=np.float64)
         return np.asarray(self.predict(num_params, (1 - fractions) * total_tokens, fractions * total_tokens, bits))

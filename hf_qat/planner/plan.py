@@ -18,12 +18,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..jsonio import write_json
-from ..config import bits_label, normalize_bits
+from ..bits import bits_label, normalize_bits
+from ..config import CHOICES
 from .fraction import PAPER_A, optimal_qat_fraction, range_warning, tokens_per_parameter_byte
 from .law import QATScalingLaw
 
-STRATEGIES = ("paper", "law", "fixed")
+STRATEGIES = (*CHOICES["strategy"], "fixed")  # "fixed": a given fraction (the callback's int or float start)
 BASELINES = {"paretoq_10pct": 0.1, "switch_at_half": 0.5, "qat_from_start": 1.0, "ptq": 0.0}
 
 
@@ -54,9 +54,6 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    def save(self, path: str | os.PathLike) -> str:
-        return write_json(path, self.to_dict())
 
     def summary(self) -> str:
         """One line for logs."""
@@ -110,23 +107,9 @@ def plan_qat(
         pretrained_tokens: FP tokens the starting checkpoint already saw (counted in D_total).
         a: the constant of the paper's formula.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r} is not allowed; allowed: {', '.join(STRATEGIES)}")
     bits = normalize_bits(bits)
-    if not (num_params > 0 and math.isfinite(num_params)):
-        raise ValueError(f"num_params must be a finite number > 0, got {num_params}")
-    if not (total_tokens > 0 and math.isfinite(total_tokens)):
-        raise ValueError(f"total_tokens must be a finite number > 0, got {total_tokens}")
     pretrained = float(pretrained_tokens or 0.0)
-    if pretrained < 0:
-        raise ValueError(f"pretrained_tokens must be >= 0, got {pretrained_tokens}")
-    if isinstance(law, (str, os.PathLike)):
-        law = QATScalingLaw.load(law)
-    if strategy == "law" and law is None:
-        raise ValueError("strategy='law' needs a fitted law (law=QATScalingLaw or a law JSON path)")
-    if strategy == "fixed" and (fraction is None or not 0.0 <= fraction <= 1.0):
-        raise ValueError(f"strategy='fixed' needs fraction in [0, 1] (of this run), got {fraction}")
-
+    law = _check_plan_inputs(num_params, total_tokens, pretrained, law, strategy, fraction)
     total_steps, tokens_per_step = _steps(total_tokens, total_steps, tokens_per_step)
     d_total = pretrained + float(total_tokens)
     s_total = tokens_per_parameter_byte(num_params, d_total, bits)
@@ -165,6 +148,34 @@ def plan_qat(
     )
     if law is not None:
         plan.predicted_loss = float(law.predict(num_params, plan.fp_tokens, plan.qat_tokens, bits))
+    plan.baselines = _baselines(num_params, float(total_tokens), d_total, bits, total_steps, law)
+    return plan
+
+
+def _check_plan_inputs(num_params, total_tokens, pretrained: float, law, strategy: str, fraction) -> QATScalingLaw | None:
+    """Validate plan_qat's inputs; returns the law (loaded from its path if given as one)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not allowed; allowed: {', '.join(STRATEGIES)}")
+    if not (num_params > 0 and math.isfinite(num_params)):
+        raise ValueError(f"num_params must be a finite number > 0, got {num_params}")
+    if not (total_tokens > 0 and math.isfinite(total_tokens)):
+        raise ValueError(f"total_tokens must be a finite number > 0, got {total_tokens}")
+    if pretrained < 0:
+        raise ValueError(f"pretrained_tokens must be >= 0, got {pretrained}")
+    if isinstance(law, (str, os.PathLike)):
+        law = QATScalingLaw.load(law)
+    if strategy == "law" and law is None:
+        raise ValueError("strategy='law' needs a fitted law (law=QATScalingLaw or a law JSON path)")
+    if strategy == "fixed" and (fraction is None or not 0.0 <= fraction <= 1.0):
+        raise ValueError(f"strategy='fixed' needs fraction in [0, 1] (of this run), got {fraction}")
+    return law
+
+
+def _baselines(num_params: float, total_tokens: float, d_total: float, bits, total_steps: int | None,
+               law: QATScalingLaw | None) -> dict[str, dict[str, Any]]:
+    """ParetoQ's 10 %, the switch at half, QAT from the start and PTQ, each with its switch step and,
+    with a law, its predicted loss."""
+    out = {}
     for name, run_fraction in BASELINES.items():
         qat = run_fraction * total_tokens
         row: dict[str, Any] = {"run_qat_fraction": run_fraction, "qat_tokens": qat}
@@ -172,5 +183,5 @@ def plan_qat(
             row["switch_step"] = min(switch_step_for(run_fraction, total_steps), total_steps)
         if law is not None:
             row["predicted_loss"] = float(law.predict(num_params, d_total - qat, qat, bits))
-        plan.baselines[name] = row
-    return plan
+        out[name] = row
+    return out

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from ..config import TERNARY_BITS, bits_label
+from ..bits import TERNARY_BITS, bits_label
 from ..errors import QATConfigError, QATModelError
 
 # The scale is clamped to at least this in the forward pass (METHOD.md section 5).
@@ -57,9 +57,6 @@ class Grid:
     mask_lo: float
     mask_hi: float
     qp_int: int
-    code_min: int
-    code_max: int
-    storage_bits: int
 
     @property
     def codes(self) -> list[int]:
@@ -79,7 +76,7 @@ def lsq_grid(bits: int, mask_all: bool = False) -> Grid:
         sign=False, clip_lo=float(qn), clip_hi=float(qp), mul=1.0, add=0.0, code_mul=1, code_add=0,
         level=1.0, grad_lo=float(qn), grad_hi=float(qp),
         mask_lo=-inf if mask_all else float(qn), mask_hi=inf if mask_all else float(qp),
-        qp_int=qp, code_min=qn, code_max=qp, storage_bits=bits,
+        qp_int=qp,
     )
 
 

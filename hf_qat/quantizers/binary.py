@@ -19,8 +19,7 @@ class BinaryQuantizer(Quantizer):
     def grid(self) -> Grid:
         return Grid(
             sign=True, clip_lo=-1.0, clip_hi=1.0, mul=1.0, add=0.0, code_mul=1, code_add=0,
-            level=1.0, grad_lo=-1.0, grad_hi=1.0, mask_lo=-1.0, mask_hi=1.0,
-            qp_int=1, code_min=-1, code_max=1, storage_bits=1,
+            level=1.0, grad_lo=-1.0, grad_hi=1.0, mask_lo=-1.0, mask_hi=1.0, qp_int=1,
         )
 
     def init_scale(self, groups: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import TERNARY_BITS
+from ..bits import TERNARY_BITS
 from .base import SEQ_CLIP, Grid, Quantizer
 from .registry import register_quantizer
 
@@ -29,13 +29,11 @@ class SEQQuantizer(Quantizer):
         if self.bits == TERNARY_BITS:
             return Grid(
                 sign=False, clip_lo=-c, clip_hi=c, mul=1.5, add=0.0, code_mul=1, code_add=0,
-                level=TERNARY_LEVEL, grad_lo=-1.0, grad_hi=1.0, mask_lo=-c, mask_hi=c,
-                qp_int=1, code_min=-1, code_max=1, storage_bits=2,
+                level=TERNARY_LEVEL, grad_lo=-1.0, grad_hi=1.0, mask_lo=-c, mask_hi=c, qp_int=1,
             )
         return Grid(
             sign=False, clip_lo=-c, clip_hi=c, mul=2.0, add=-0.5, code_mul=2, code_add=1,
-            level=0.25, grad_lo=-0.75, grad_hi=0.75, mask_lo=-c, mask_hi=c,
-            qp_int=1, code_min=-3, code_max=3, storage_bits=2,
+            level=0.25, grad_lo=-0.75, grad_hi=0.75, mask_lo=-c, mask_hi=c, qp_int=1,
         )
 
     def init_scale(self, groups: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,8 @@ from typing import Any
 
 import yaml
 
-from ..config import ALLOWED_DECAY_SHAPES, QATConfig, normalize_bits
+from ..bits import normalize_bits
+from ..config import ALLOWED_DECAY_SHAPES, QATConfig
 from ..errors import QATConfigError
 
 SCHEDULES = ("fused", "classic")

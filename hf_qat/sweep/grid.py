@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..config import bits_label
+from ..bits import bits_label
 from ..planner.fraction import optimal_qat_fraction, tokens_per_parameter_byte
 from ..planner.plan import switch_step_for
 from ..schedule import FusedSchedule, make_schedule, wsd_schedule

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import bits_label
+from ..bits import bits_label
 from ..planner import QATScalingLaw, load_runs
 from ..plots import _finish, _pyplot
 from .analysis import Cell, cells, fused_minus_classic, paper_comparison, seed_noise

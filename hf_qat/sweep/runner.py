@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..config import normalize_bits
+from ..bits import normalize_bits
 from ..convert import ptq
 from .config import SweepConfig, SweepConfigError
 from .data import SweepData, load_sweep_data

@@ -10,7 +10,7 @@ import torch
 import hf_qat
 from hf_qat import QATConfig
 from hf_qat.demo.corpus import train_tokenizer
-from hf_qat.export import export_checkpoint, load_exported
+from hf_qat.export import collect_layers, export_checkpoint, load_exported
 from helpers import logits_in_fresh_process, qat_trained_model
 
 INPUT = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -115,7 +115,8 @@ def test_gguf_blocks_read_back_and_transformers_reproduces_logits(cfg, model_kwa
     assert np.array_equal(d.reshape(step.shape), step.numpy())
     dequantized = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(layer.weight.shape)
     assert np.array_equal(dequantized, layer.weight_quantizer.quantized(layer.weight).numpy())
-    assert block and ("output.weight" in tensors) == (not model_kwargs["tie"])
+    assert d.size == codes.numel() // block  # one scale per block of 32 (256 for TQ2_0)
+    assert ("output.weight" in tensors) == (not model_kwargs["tie"])
     got = logits_in_fresh_process(tmp_path / "gguf", "gguf", INPUT, tmp_path)
     torch.testing.assert_close(got, reference_logits(model), rtol=0, atol=1e-5)
     assert_size(info)
@@ -128,3 +129,30 @@ def test_auto_picks_a_format_that_serves_without_hf_qat(tmp_path):
     assert export_checkpoint(model, tmp_path / "b", format="auto").format == "bitnet"
     model = qat_trained_model(QATConfig(start=0, bits=3, group_size=16, embedding_bits=4))
     assert export_checkpoint(model, tmp_path / "c", format="auto").format == "hf-qat"
+
+
+def test_the_format_registry_refuses_a_duplicate_name_and_drives_auto():
+    from hf_qat.export import FORMATS, choose_format
+    from hf_qat.export.base import ExportFormat, register_format
+
+    class Impostor(ExportFormat):
+        name = "gguf"
+
+    with pytest.raises(ValueError, match="'gguf' is already registered"):
+        register_format(Impostor)
+    assert FORMATS["gguf"].__name__ == "GGUFFormat"
+
+    class Always(ExportFormat):
+        name = "test-always"
+        auto_priority = -1
+
+        def problem(self, layer):
+            return None
+
+    register_format(Always)
+    try:
+        layers, _ = collect_layers(qat_trained_model(QATConfig(start=0, bits=4, group_size=16)))
+        assert choose_format(layers) == "test-always"  # "auto" asks the registry, in priority order
+    finally:
+        del FORMATS["test-always"]
+    assert choose_format(layers) == "compressed-tensors"

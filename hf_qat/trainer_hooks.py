@@ -1,0 +1,74 @@
+"""How QATCallback reaches into the Trainer that is being built, and why.
+
+A TrainerCallback only receives events; two things hf_qat needs happen inside ``Trainer`` methods
+that no event covers:
+
+1. The optimizer must hold the scales in a param group of their own (no weight decay, their own LR)
+   *when it is built*, so that an optimizer checkpoint loads back into the same groups on resume.
+   ``Trainer.create_optimizer`` builds it after every callback event of ``__init__``.
+2. The LR schedule must be the two-phase one (fused cooldown) from the first step, so that a
+   scheduler checkpoint resumes it. ``Trainer.create_scheduler`` builds it, again with no event.
+
+So at ``on_init_end`` (which ``Trainer.__init__`` calls, before the optimizer, the scheduler and the
+DDP/FSDP2 wrap exist) the callback finds the Trainer whose ``__init__`` is running by walking the
+call stack (:func:`constructing_trainer`; the event carries the model but not the Trainer) and wraps
+those two methods on that instance only (:func:`attach`). Everything else goes through ordinary
+events. Tested with transformers 5.x (5.24 in CI). Without a Trainer in the stack (a callback added
+later, or another training loop), nothing is wrapped and the callback says so.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+from transformers import Trainer
+
+
+def constructing_trainer() -> Trainer | None:
+    """The Trainer whose ``__init__`` is on the call stack (``on_init_end`` runs inside it), or None."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def attach(
+    trainer: Trainer,
+    callback,
+    add_scale_group: Callable[[torch.optim.Optimizer, torch.nn.Module], object],
+    build_scheduler: Callable[[int, torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None,
+) -> None:
+    """Wrap ``trainer``'s optimizer and scheduler factories and move ``callback`` first in its list.
+
+    Args:
+        add_scale_group: moves the scales of the model into their own group of a new optimizer.
+        build_scheduler: ``(num_training_steps, optimizer) -> scheduler``; None keeps the Trainer's.
+    """
+    original_create_optimizer = trainer.create_optimizer
+    original_create_scheduler = trainer.create_scheduler
+
+    def create_optimizer(model=None):
+        was_built = trainer.optimizer is not None
+        optimizer = original_create_optimizer(model)
+        if not was_built:
+            add_scale_group(optimizer, model if model is not None else trainer.model)
+        return optimizer
+
+    def create_scheduler(num_training_steps: int, optimizer=None):
+        if build_scheduler is None or trainer.lr_scheduler is not None:
+            return original_create_scheduler(num_training_steps, optimizer)
+        trainer.lr_scheduler = build_scheduler(num_training_steps, optimizer if optimizer is not None else trainer.optimizer)
+        trainer._created_lr_scheduler = True  # the Trainer's own flag: it then steps and saves the scheduler
+        return trainer.lr_scheduler
+
+    trainer.create_optimizer = create_optimizer
+    trainer.create_scheduler = create_scheduler
+    callbacks = trainer.callback_handler.callbacks
+    if callback in callbacks:  # first, so the qat/* values it adds to a log reach the reporters
+        callbacks.remove(callback)
+        callbacks.insert(0, callback)
