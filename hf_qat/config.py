@@ -125,6 +125,7 @@ class QATConfig:
     sequence_length: int | None = None
     count_quantized_params_only: bool = False
     lora_mode: str = "merged"
+    distill: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._check_quantizers()
@@ -143,6 +144,7 @@ class QATConfig:
             if getattr(self, name) not in allowed:
                 raise QATConfigError(name, getattr(self, name), ", ".join(allowed))
         self._check_numbers()
+        self._check_distill()
         if self.strategy == "law" and self.law_path is None:
             raise QATConfigError("law_path", None, "the path of a fitted law JSON when strategy='law'")
 
@@ -169,6 +171,25 @@ class QATConfig:
         get_quantizer_class(self.resolved_embedding_method).check_bits(
             self.embedding_bits, field_name="embedding_bits", method_field="embedding_method"
         )
+
+    def _check_distill(self) -> None:
+        """``distill``: a dict of hf_qat.distill.DistillConfig keys; 'switch' needs an FP phase."""
+        from .distill import DistillConfig
+
+        config = DistillConfig.from_value(self.distill)
+        if config is None:
+            return
+        if config.teacher == "switch" and (self.start == 0 or self.start == 1.0):
+            raise QATConfigError("distill.teacher", "switch", "'initial', a model id or path, or an nn.Module when "
+                                 f"start={self.start!r} (QAT from step 0: there is no FP phase to snapshot)")
+        self.distill = {**config.to_dict(), "teacher": config.teacher}
+
+    @property
+    def distill_config(self):
+        """The validated :class:`hf_qat.distill.DistillConfig`, or None."""
+        from .distill import DistillConfig
+
+        return DistillConfig.from_value(self.distill)
 
     @staticmethod
     def _check_pretrained_tokens(value: Any) -> float | int | None:
@@ -249,7 +270,10 @@ class QATConfig:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        data = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if self.distill is not None:
+            data["distill"] = self.distill_config.to_dict()  # an nn.Module teacher is written as "nn.Module"
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QATConfig":

@@ -8,11 +8,14 @@ that no event covers:
    ``Trainer.create_optimizer`` builds it after every callback event of ``__init__``.
 2. The LR schedule must be the two-phase one (fused cooldown) from the first step, so that a
    scheduler checkpoint resumes it. ``Trainer.create_scheduler`` builds it, again with no event.
+3. With ``QATConfig(distill=...)`` the QAT phase's loss mixes in the teacher's KL term, which needs
+   the batch's inputs: ``Trainer.compute_loss`` is the one place that has them (a
+   ``compute_loss_func`` sees only the outputs and labels).
 
 So at ``on_init_end`` (which ``Trainer.__init__`` calls, before the optimizer, the scheduler and the
 DDP/FSDP2 wrap exist) the callback finds the Trainer whose ``__init__`` is running by walking the
 call stack (:func:`constructing_trainer`; the event carries the model but not the Trainer) and wraps
-those two methods on that instance only (:func:`attach`). Everything else goes through ordinary
+those methods on that instance only (:func:`attach`). Everything else goes through ordinary
 events. Tested with transformers 5.x (5.24 in CI). Without a Trainer in the stack (a callback added
 later, or another training loop), nothing is wrapped and the callback says so.
 """
@@ -42,12 +45,15 @@ def attach(
     callback,
     add_scale_group: Callable[[torch.optim.Optimizer, torch.nn.Module], object],
     build_scheduler: Callable[[int, torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None,
+    compute_loss: Callable | None = None,
 ) -> None:
-    """Wrap ``trainer``'s optimizer and scheduler factories and move ``callback`` first in its list.
+    """Wrap ``trainer``'s optimizer and scheduler factories (and loss) and move ``callback`` first in its list.
 
     Args:
         add_scale_group: moves the scales of the model into their own group of a new optimizer.
         build_scheduler: ``(num_training_steps, optimizer) -> scheduler``; None keeps the Trainer's.
+        compute_loss: ``(original_compute_loss, model, inputs, return_outputs, num_items_in_batch) ->
+            loss [, outputs]``; None keeps the Trainer's.
     """
     original_create_optimizer = trainer.create_optimizer
     original_create_scheduler = trainer.create_scheduler
@@ -68,6 +74,13 @@ def attach(
 
     trainer.create_optimizer = create_optimizer
     trainer.create_scheduler = create_scheduler
+    if compute_loss is not None:
+        original_compute_loss = trainer.compute_loss
+
+        def wrapped_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+            return compute_loss(original_compute_loss, model, inputs, return_outputs, num_items_in_batch)
+
+        trainer.compute_loss = wrapped_compute_loss
     callbacks = trainer.callback_handler.callbacks
     if callback in callbacks:  # first, so the qat/* values it adds to a log reach the reporters
         callbacks.remove(callback)

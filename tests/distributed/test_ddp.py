@@ -25,10 +25,24 @@ def test_ddp_ranks_identical_and_equal_to_single_process(tmp_path):
         assert torch.equal(state0[name], state1[name]), name
     scales = [n for n in state0 if n.endswith("log_scale_ratio")]
     assert scales and all(bool(state0[n.replace("log_scale_ratio", "active")]) for n in scales)
-    assert all(not torch.equal(state0[n], torch.ones_like(state0[n])) for n in scales)
+    assert all(not torch.equal(state0[n], torch.zeros_like(state0[n])) for n in scales)  # the scales learned
 
     for name in state0:
         torch.testing.assert_close(state0[name].float(), single["state"][name].float(), rtol=0, atol=1e-4, msg=name)
     assert len(r0["losses"]) == len(single["losses"]) == 12
+    for a, b in zip(r0["losses"], single["losses"]):
+        assert abs(a - b) <= 1e-4
+
+
+def test_ddp_distillation_replicates_the_teacher(tmp_path):
+    """Each rank snapshots the same FP model at the switch: ranks stay identical and match one process."""
+    run(tmp_path / "ddp", 2, "--distill")
+    run(tmp_path / "single", 1, "--distill")
+    r0, r1 = torch.load(tmp_path / "ddp" / "rank0.pt"), torch.load(tmp_path / "ddp" / "rank1.pt")
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    for name in r0["state"]:
+        assert torch.equal(r0["state"][name], r1["state"][name]), name
+        torch.testing.assert_close(r0["state"][name].float(), single["state"][name].float(), rtol=0, atol=1e-4, msg=name)
+    assert len(r0["distill"]) == len(single["distill"]) == 6 and all(v > 0 for v in r0["distill"])
     for a, b in zip(r0["losses"], single["losses"]):
         assert abs(a - b) <= 1e-4

@@ -25,12 +25,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--start", type=int, default=6)
     parser.add_argument("--embedding-bits", type=int, default=None)
+    parser.add_argument("--distill", action="store_true", help="distil from the FP model at the switch")
     args = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     torch.set_num_threads(1)
-    cfg = QATConfig(bits=4, group_size=16, start=args.start, embedding_bits=args.embedding_bits, manage_schedule=False)
+    cfg = QATConfig(bits=4, group_size=16, start=args.start, embedding_bits=args.embedding_bits, manage_schedule=False,
+                    distill={"teacher": "switch", "weight": 0.5} if args.distill else None)
     trainer = make_trainer(
         args.out, [QATCallback(cfg)], max_steps=args.steps, per_device_train_batch_size=4 // world,
         logging_steps=1, learning_rate=3e-3,
@@ -41,6 +43,7 @@ def main() -> None:
         {
             "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            "distill": [h["qat/distill_loss"] for h in trainer.state.log_history if "qat/distill_loss" in h],
             "world": world,
         },
         os.path.join(args.out, f"rank{rank}.pt"),
