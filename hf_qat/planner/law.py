@@ -54,9 +54,10 @@ TERM_EXPONENTS = {
 HUBER_DELTA = 1e-3
 RUN_KEYS = ("num_params", "fp_tokens", "qat_tokens", "bits", "loss")
 
-# An ILLUSTRATIVE law, not fitted on real runs: Chinchilla-like constants plus quantization terms
-# chosen so that the optimal QAT fraction grows with tokens per parameter byte (about 0.14 at S=30 to
-# 0.8 at S=1e5), as the paper reports. For examples, simulations and tests of the fitter.
+# An ILLUSTRATIVE law for tests of the fitter only: invented constants (Chinchilla-like, plus
+# quantization terms) whose optimal QAT fraction grows with tokens per parameter byte (about 0.14 at
+# S=30 to 0.8 at S=1e5). It is not the paper's law (the paper's formula gives 0.557 at S=1e5) and no
+# run was fitted to get it; for a law fitted on real runs see recipes/laws/.
 ILLUSTRATIVE_PARAMS = dict(E=1.8, A=400.0, alpha=0.34, B=410.0, beta=0.28, theta=0.3, kappa=1.0, phi=0.5,
                            chi=0.8, psi=0.05, omega=0.3, lam=20.0, mu=0.7, nu=0.05, xi=0.9, rho=0.1)
 

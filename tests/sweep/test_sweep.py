@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -162,3 +163,57 @@ def test_shards_concatenate_to_the_whole_sweep(tiny_sweep, tmp_path):
             merged[key] = row
     assert merged.keys() == expected.keys()
     assert all(merged[k]["loss"] == expected[k]["loss"] for k in expected)
+
+
+def test_bad_sweep_files_are_refused_before_anything_trains(tmp_path):
+    from hf_qat.sweep import SweepConfigError
+
+    cases = [
+        ({"learning_rte": 1e-3}, r"'learning_rte'.*allowed: sizes, budgets"),
+        ({"fractions": [0.0, 1.5]}, r"'fractions' = 1.5.*numbers in \[0, 1\]"),
+        ({"budgets": [64]}, r"'budgets' = 64.*>= one step \(batch_size x sequence_length = 128\)"),
+        ({"schedules": ["cosine"]}, r"'schedules' = 'cosine'.*fused, classic"),
+        ({"bits": [7]}, r"'bits' = 7.*1, 1.58"),
+        ({"group_size": 24}, r"'group_size' = 24.*power of two"),
+        ({"extra": [{"sizes": ["s99"]}]}, r"'extra\[0\].sizes' = 's99'.*names from sizes: s32"),
+        ({"data": {"text_files": ["a.txt"], "dataset": "x"}}, r"'data'.*exactly one of dataset, text_files"),
+        ({"sizes": {"s32": {"hidden_size": 32, "layers": 2}}}, r"'sizes.s32.layers'.*hidden_size, num_hidden_layers"),
+    ]
+    for change, message in cases:
+        with pytest.raises(SweepConfigError, match=message):
+            run_sweep({**TINY, **change}, tmp_path / "bad", progress=False, log=quiet)
+    # a size whose width the group size does not divide: named before anything trains
+    from hf_qat import QATConfigError
+
+    odd = {**TINY, "sizes": {"s24": {"hidden_size": 24, "num_hidden_layers": 1, "intermediate_size": 48,
+                                     "num_attention_heads": 2, "num_key_value_heads": 1}}}
+    with pytest.raises(QATConfigError, match=r"group_size.*input width 24"):
+        run_sweep(odd, tmp_path / "bad", progress=False, log=quiet)
+    assert not (tmp_path / "bad" / "runs.jsonl").exists() and not (tmp_path / "bad" / "trunks").exists()
+    # other settings in a folder that holds rows: refused, naming the key
+    with pytest.raises(SweepConfigError, match=r"'learning_rate' = 0.01.*0.003, the value the rows"):
+        out = tmp_path / "mixed"
+        run_sweep({**TINY, "budgets": [1280], "bits": [2], "fractions": [0.0]}, out, progress=False, log=quiet)
+        run_sweep({**TINY, "learning_rate": 1e-2}, out, progress=False, log=quiet)
+
+
+def test_tiny_sweep_fit_plan_and_report_end_to_end(tiny_sweep, tmp_path, capsys):
+    from hf_qat.cli import main
+    from hf_qat.sweep.report import sweep_report
+
+    out, _ = tiny_sweep
+    law = tmp_path / "law.json"
+    assert main(["fit", str(out / "runs.jsonl"), "-o", str(law), "--starts", "4"]) == 0
+    capsys.readouterr()
+    assert main(["plan", "--params", "41K", "--tokens", "2560", "--bits", "2", "--steps", "20", "--law", str(law)]) == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if "ParetoQ" in line or "half" in line or "planner" in line]
+    assert len(rows) == 3 and all(re.search(r"\d\.\d{4}\s*\S?\s*$", r) for r in rows), printed  # predicted losses
+    assert main(["best-bits", "--memory", "10KB", "--tokens", "2560", "--law", str(law), "--candidates", "2,4"]) == 0
+
+    report = sweep_report(out, law=str(law))
+    names = sorted(os.path.basename(f) for f in report.figures)
+    assert names == ["fused_minus_classic.png", "loss_vs_fraction_2.png", "optimum_vs_S.png"]
+    text = open(report.markdown_path).read()
+    assert "| s32 | 0 | 2.56e+03 | 2 |" in text and "MAE of f_hat" in text and "Fused minus classic" in text
+    assert report.summary["fused_minus_classic"]["2"]["pairs"] == 6  # fractions 0.25, 0.5 and 1 at two budgets
