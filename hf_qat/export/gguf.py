@@ -94,6 +94,12 @@ class GGUFFormat(ExportFormat):
         if getattr(model.config, "model_type", None) != "llama":
             raise ExportFormatError(f"GGUF export writes the llama architecture; this model is "
                                     f"{getattr(model.config, 'model_type', None)!r}. Formats that can: compressed-tensors, hf-qat")
+        rope_type = _rope_parameters(model.config).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ExportFormatError(
+                f"GGUF export supports the rope types {', '.join(SUPPORTED_ROPE_TYPES)}; this model's is {rope_type!r} "
+                "(llama.cpp would compute other positions). Formats that can: compressed-tensors, hf-qat"
+            )
 
     def write(self, model, layers, others, out_dir, tokenizer=None) -> ExportInfo:
         import gguf
@@ -112,6 +118,30 @@ class GGUFFormat(ExportFormat):
         writer.close()
         files = write_model_config(model, out_dir, None)
         return ExportInfo(format=self.name, path=out_dir, files=["model.gguf", *files], weight_bytes=tensor_bytes(written))
+
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+def _rope_parameters(cfg) -> dict:
+    """transformers 5 keeps rope settings in ``rope_parameters`` (older configs: ``rope_scaling``)."""
+    return dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+
+
+def llama3_rope_factors(cfg) -> torch.Tensor:
+    """The per-frequency divisors of Llama-3.x rope scaling (what llama.cpp reads from ``rope_freqs``):
+    1 for short wavelengths, ``factor`` for long ones, a smooth blend in between; fp32 ``[head_dim / 2]``."""
+    rope = _rope_parameters(cfg)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    base = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    old_context = float(rope["original_max_position_embeddings"])
+    freqs = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * torch.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    factors = torch.where(wavelen < old_context / high, 1.0, torch.where(wavelen > old_context / low, factor, blended))
+    return factors.float()
 
 
 def _add_llama_metadata(writer, cfg) -> None:
@@ -175,6 +205,10 @@ def _add_tensors(writer, cfg, layers, others) -> dict[str, torch.Tensor]:
             t = _permute_qk(t, heads)
         writer.add_tensor(gguf_name(key), t.numpy())
         written[key] = t
+    if _rope_parameters(cfg).get("rope_type") == "llama3":
+        factors = llama3_rope_factors(cfg)
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS], factors.numpy())
+        written["rope_freqs"] = factors
     return written
 
 

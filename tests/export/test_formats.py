@@ -156,3 +156,24 @@ def test_the_format_registry_refuses_a_duplicate_name_and_drives_auto():
     finally:
         del FORMATS["test-always"]
     assert choose_format(layers) == "compressed-tensors"
+
+
+def test_gguf_refuses_rope_scaling_llama_cpp_would_not_reproduce_and_writes_llama3_factors(tokenizer, tmp_path):
+    import gguf
+
+    from hf_qat.export.base import ExportFormatError
+    from hf_qat.export.gguf import llama3_rope_factors
+
+    model = qat_trained_model(QATConfig(start=0, bits=4, group_size=32), hidden=64, vocab=320)
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(ExportFormatError, match=r"rope types default, llama3; this model's is 'linear'"):
+        export_checkpoint(model, tmp_path / "linear", format="gguf", tokenizer=tokenizer)
+    assert not (tmp_path / "linear" / "model.gguf").exists()
+    model.config.rope_parameters = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    export_checkpoint(model, tmp_path / "llama3", format="gguf", tokenizer=tokenizer)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "llama3" / "model.gguf")).tensors}
+    factors = np.asarray(tensors["rope_freqs"].data)
+    assert factors.shape == (8,) and np.array_equal(factors, llama3_rope_factors(model.config).numpy())
+    # short wavelengths keep their frequency, long ones are divided by the factor, the middle is blended
+    assert factors[0] == 1.0 and factors[-1] == 8.0 and all(a <= b for a, b in zip(factors, factors[1:]))
