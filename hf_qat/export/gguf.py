@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -91,15 +92,7 @@ class GGUFFormat(ExportFormat):
         return 0 if layer.tied_to else 2 * layer.step.numel()  # fp16 d per block
 
     def check_model(self, model, layers) -> None:
-        if getattr(model.config, "model_type", None) != "llama":
-            raise ExportFormatError(f"GGUF export writes the llama architecture; this model is "
-                                    f"{getattr(model.config, 'model_type', None)!r}. Formats that can: compressed-tensors, hf-qat")
-        rope_type = _rope_parameters(model.config).get("rope_type", "default")
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ExportFormatError(
-                f"GGUF export supports the rope types {', '.join(SUPPORTED_ROPE_TYPES)}; this model's is {rope_type!r} "
-                "(llama.cpp would compute other positions). Formats that can: compressed-tensors, hf-qat"
-            )
+        architecture(model.config)
 
     def write(self, model, layers, others, out_dir, tokenizer=None) -> ExportInfo:
         import gguf
@@ -107,11 +100,12 @@ class GGUFFormat(ExportFormat):
         if tokenizer is None:
             raise ExportFormatError("GGUF embeds the tokenizer: pass export_checkpoint(..., tokenizer=...)")
         cfg = model.config
+        arch = architecture(cfg)
         path = os.path.join(out_dir, "model.gguf")
-        writer = gguf.GGUFWriter(path, "llama")
-        _add_llama_metadata(writer, cfg)
+        writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)])
+        _add_metadata(writer, cfg)
         _add_tokenizer(writer, tokenizer, cfg.vocab_size)
-        written = _add_tensors(writer, cfg, layers, others)
+        written = _add_tensors(writer, cfg, arch, layers, others)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -121,6 +115,50 @@ class GGUFFormat(ExportFormat):
 
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """How a transformers model type is written for llama.cpp.
+
+    Attributes:
+        gguf_arch: the ``gguf.MODEL_ARCH`` member.
+        permute_qk: llama.cpp's llama graph rotates interleaved pairs where transformers rotates
+            halves, so q/k rows are reordered (a row permutation: groups along the input stay whole).
+    """
+
+    gguf_arch: str
+    permute_qk: bool
+
+
+ARCHITECTURES = {
+    "llama": GGUFArchitecture("LLAMA", permute_qk=True),
+    "mistral": GGUFArchitecture("LLAMA", permute_qk=True),
+    "qwen2": GGUFArchitecture("QWEN2", permute_qk=False),
+    "qwen3": GGUFArchitecture("QWEN3", permute_qk=False),
+}
+
+
+def architecture(cfg) -> GGUFArchitecture:
+    """The GGUF layout of ``cfg``'s model type; raises ExportFormatError for what llama.cpp would not
+    reproduce (another architecture, a rope scaling or a sliding window it does not apply)."""
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ExportFormatError(f"GGUF export writes {', '.join(ARCHITECTURES)}; this model is {model_type!r}. "
+                                "Formats that can: compressed-tensors, hf-qat")
+    rope_type = _rope_parameters(cfg).get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ExportFormatError(
+            f"GGUF export supports the rope types {', '.join(SUPPORTED_ROPE_TYPES)}; this model's is {rope_type!r} "
+            "(llama.cpp would compute other positions). Formats that can: compressed-tensors, hf-qat"
+        )
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and (getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings):
+        raise ExportFormatError(
+            f"this {model_type} model attends within a sliding window of {window} tokens, which llama.cpp's "
+            f"{ARCHITECTURES[model_type].gguf_arch.lower()} graph does not apply. Formats that can: compressed-tensors, hf-qat"
+        )
+    return ARCHITECTURES[model_type]
 
 
 def _rope_parameters(cfg) -> dict:
@@ -144,8 +182,12 @@ def llama3_rope_factors(cfg) -> torch.Tensor:
     return factors.float()
 
 
-def _add_llama_metadata(writer, cfg) -> None:
-    """llama.cpp's llama.* keys from a LlamaConfig."""
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _add_metadata(writer, cfg) -> None:
+    """llama.cpp's ``<arch>.*`` keys (the writer prefixes its architecture)."""
     writer.add_name(getattr(cfg, "_name_or_path", None) or "hf_qat export")
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -154,8 +196,12 @@ def _add_llama_metadata(writer, cfg) -> None:
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters.get("rope_theta", 10000.0)))
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_rope_freq_base(float(_rope_parameters(cfg).get("rope_theta", getattr(cfg, "rope_theta", None) or 10000.0)))
+    head_dim = _head_dim(cfg)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
 
 
@@ -168,12 +214,15 @@ def _qk_heads(cfg, key: str) -> int | None:
     return None
 
 
-def _add_tensors(writer, cfg, layers, others) -> dict[str, torch.Tensor]:
-    """The quantized layers as GGUF blocks of their QAT integers, the other tensors in fp32; returns
-    what was written (for the byte count)."""
+def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others) -> dict[str, torch.Tensor]:
+    """The quantized layers as GGUF blocks of their QAT integers, the other tensors (biases, norms,
+    unquantized weights) in fp32; returns what was written (for the byte count)."""
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.gguf_arch), cfg.num_hidden_layers)
+
+    def qk_heads(key: str) -> int | None:
+        return _qk_heads(cfg, key) if arch.permute_qk else None
 
     def gguf_name(key: str) -> str:
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
@@ -185,22 +234,24 @@ def _add_tensors(writer, cfg, layers, others) -> dict[str, torch.Tensor]:
     for layer in layers:
         if layer.tied_to:
             continue
-        if layer.bias is not None:
-            raise ExportFormatError(f"{layer.name} has a bias, which the llama GGUF layout has no place for")
         codes, step = layer.codes, layer.step
-        heads = _qk_heads(cfg, layer.name)
+        heads = qk_heads(layer.name)
         if heads:
             codes, step = _permute_qk(codes, heads), _permute_qk(step, heads)
         qtype = gguf_type(layer)
         raw = pack_blocks(codes, step, qtype)
         writer.add_tensor(gguf_name(f"{layer.name}.weight"), raw, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
         written[layer.name] = torch.from_numpy(raw)
+        if layer.bias is not None:
+            bias = layer.bias.float()
+            writer.add_tensor(gguf_name(f"{layer.name}.bias"), (_permute_qk(bias, heads) if heads else bias).numpy())
+            written[f"{layer.name}.bias"] = bias
     for key, tensor in others.items():
         if key == "lm_head.weight" and (getattr(cfg, "tie_word_embeddings", False) or "model.embed_tokens.weight" in others
                                         and tensor.data_ptr() == others["model.embed_tokens.weight"].data_ptr()):
             continue
         t = tensor.float()
-        heads = _qk_heads(cfg, key)
+        heads = qk_heads(key)
         if heads:
             t = _permute_qk(t, heads)
         writer.add_tensor(gguf_name(key), t.numpy())
@@ -210,6 +261,35 @@ def _add_tensors(writer, cfg, layers, others) -> dict[str, torch.Tensor]:
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS], factors.numpy())
         written["rope_freqs"] = factors
     return written
+
+
+# The split regexes of the byte-level BPE families llama.cpp names (its llama-vocab.cpp pre-tokenizers).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = ("gpt-2 (ByteLevel)", "smollm (Digits + ByteLevel)", "llama-bpe (Llama-3 split)", "qwen2 (Qwen2 split)")
+
+
+def pre_tokenizer_name(pre: dict | None) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a tokenizers ``pre_tokenizer`` spec (its split rule
+    decides how text is cut before BPE, so a wrong name tokenizes some texts differently)."""
+    if pre is None:
+        raise ExportFormatError("GGUF export needs a byte-level BPE tokenizer with a pre-tokenizer")
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        pattern = steps[0].get("pattern", {}).get("Regex")
+        if pattern == _LLAMA3_SPLIT:
+            return "llama-bpe"
+        if pattern == _QWEN2_SPLIT:
+            return "qwen2"
+    raise ExportFormatError(f"GGUF export knows the pre-tokenizers {', '.join(PRE_TOKENIZERS)}; this tokenizer's "
+                            f"({' + '.join(map(str, kinds))}) is none of them, so llama.cpp could split text differently")
 
 
 def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
@@ -241,7 +321,7 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
             types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(spec.get("pre_tokenizer")))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

@@ -177,3 +177,62 @@ def test_gguf_refuses_rope_scaling_llama_cpp_would_not_reproduce_and_writes_llam
     assert factors.shape == (8,) and np.array_equal(factors, llama3_rope_factors(model.config).numpy())
     # short wavelengths keep their frequency, long ones are divided by the factor, the middle is blended
     assert factors[0] == 1.0 and factors[-1] == 8.0 and all(a <= b for a, b in zip(factors, factors[1:]))
+
+
+def byte_level_bpe(pre: str, vocab: int = 320):
+    """A byte-level BPE tokenizer with one of the pre-tokenizers llama.cpp names (trained on test text)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_qat.export.gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    split = lambda pattern: pre_tokenizers.Sequence([  # noqa: E731
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                           use_regex=False)])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = {"gpt-2": byte_level, "llama-bpe": split(_LLAMA3_SPLIT), "qwen2": split(_QWEN2_SPLIT),
+                         "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
+                         "whitespace": pre_tokenizers.WhitespaceSplit()}[pre]
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["def f(x):\n    return x + 1  # 12345\n" * 30, "class A:\n    pass\n" * 30],
+                            trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2", "smollm"])
+def test_gguf_names_the_pre_tokenizer_of_the_tokenizer(pre):
+    import json as json_module
+
+    from hf_qat.export.gguf import pre_tokenizer_name
+
+    spec = json_module.loads(byte_level_bpe(pre).backend_tokenizer.to_str())
+    assert pre_tokenizer_name(spec["pre_tokenizer"]) == pre
+
+
+def test_gguf_refuses_an_unknown_pre_tokenizer(tmp_path):
+    from hf_qat.export.base import ExportFormatError
+
+    model = qat_trained_model(QATConfig(start=0, bits=4, group_size=32), hidden=64, vocab=320)
+    with pytest.raises(ExportFormatError, match=r"knows the pre-tokenizers gpt-2.*\(WhitespaceSplit\)"):
+        export_checkpoint(model, tmp_path / "ws", format="gguf", tokenizer=byte_level_bpe("whitespace"))
+
+
+def test_gguf_refuses_architectures_and_windows_llama_cpp_would_not_reproduce(tokenizer, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_qat.export.base import ExportFormatError
+
+    def qat(model_type, **extra):
+        config = AutoConfig.for_model(model_type, vocab_size=320, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, **extra)
+        model = hf_qat.prepare_model_for_qat(AutoModelForCausalLM.from_config(config), QATConfig(bits=4, start=0))
+        hf_qat.activate_qat(model)
+        return model
+
+    with pytest.raises(ExportFormatError, match=r"writes llama, mistral, qwen2, qwen3; this model is 'gemma2'"):
+        export_checkpoint(qat("gemma2", head_dim=16), tmp_path / "g", format="gguf", tokenizer=tokenizer)
+    with pytest.raises(ExportFormatError, match=r"sliding window of 32 tokens"):
+        export_checkpoint(qat("mistral", sliding_window=32), tmp_path / "m", format="gguf", tokenizer=tokenizer)

@@ -1,0 +1,93 @@
+"""GGUF exports run in llama.cpp itself (llama-cpp-python): the same token ids, per-token logits close
+to the QAT model's, and the same greedy continuation, for every architecture the GGUF writer supports.
+
+Tolerance: llama.cpp's CPU Q4_0 dot products quantize the activations to Q8_0 (int8 per block of 32),
+so its logits differ from the fp32 QAT model's by that rounding: we require a correlation above 0.999
+and a largest difference under 5 % of the logits' spread (see ATOL_OF_SPREAD), and equal argmax on at
+least 95 % of the positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hf_qat
+from hf_qat import QATConfig
+from hf_qat.export import export_checkpoint
+from test_formats import byte_level_bpe
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+TEXT = "def f(x):\n    return x + 1  # 12345\nclass A:\n    pass\n"
+ATOL_OF_SPREAD = 0.05
+
+
+def tiny(model_type: str, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=0,
+                  eos_token_id=0)
+    fields.update(extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
+
+
+def qat_train(model, tokenizer, steps: int = 4):
+    hf_qat.prepare_model_for_qat(model, QATConfig(bits=4, group_size=32, start=0))
+    hf_qat.activate_qat(model)
+    ids = torch.tensor([tokenizer(TEXT * 3)["input_ids"][:64]])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+CASES = {
+    "llama": (lambda: tiny("llama"), "gpt-2"),
+    "llama3-rope": (lambda: tiny("llama", rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16, "rope_theta": 10000.0}), "llama-bpe"),
+    "mistral": (lambda: tiny("mistral", sliding_window=None), "gpt-2"),
+    "qwen2": (lambda: tiny("qwen2"), "qwen2"),
+    "qwen3": (lambda: tiny("qwen3", head_dim=32), "qwen2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_llama_cpp_reproduces_the_qat_model(case, tmp_path):
+    build, pre = CASES[case]
+    tokenizer = byte_level_bpe(pre)
+    model = qat_train(build(), tokenizer)
+    export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "gguf" / "model.gguf"), n_ctx=128, logits_all=True, verbose=False)
+
+    ids = tokenizer(TEXT)["input_ids"]
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == ids
+    llm.reset()
+    llm.eval(ids)
+    got = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].double().numpy()
+    spread = want.std()
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999
+    assert np.abs(got - want).max() < ATOL_OF_SPREAD * spread, (np.abs(got - want).max(), spread)
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+
+    # greedy continuation: the same first tokens
+    prompt, new = ids[:8], []
+    context = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            context.append(int(model(torch.tensor([context])).logits[0, -1].argmax()))
+    llm.reset()
+    llm.eval(prompt)
+    for _ in range(8):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        new.append(token)
+        llm.eval([token])
+    assert new == context[8:]
