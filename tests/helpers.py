@@ -125,3 +125,25 @@ def logits_in_fresh_process(directory, fmt: str, input_ids: torch.Tensor, tmp_pa
     if proc.returncode != 0:
         raise AssertionError(f"reload of {directory} failed:\n{proc.stderr[-6000:]}")
     return torch.load(out_path)
+
+
+def byte_level_bpe(pre: str, vocab: int = 320):
+    """A byte-level BPE tokenizer with one of the pre-tokenizers llama.cpp names (trained on test text)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_qat.export.gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    split = lambda pattern: pre_tokenizers.Sequence([  # noqa: E731
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                           use_regex=False)])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = {"gpt-2": byte_level, "llama-bpe": split(_LLAMA3_SPLIT), "qwen2": split(_QWEN2_SPLIT),
+                         "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
+                         "whitespace": pre_tokenizers.WhitespaceSplit()}[pre]
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["def f(x):\n    return x + 1  # 12345\n" * 30, "class A:\n    pass\n" * 30],
+                            trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")

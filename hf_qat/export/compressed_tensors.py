@@ -32,11 +32,11 @@ def _container_bits(layer: QuantizedLayer) -> int | None:
 class CompressedTensorsFormat(ExportFormat):
     name = "compressed-tensors"
     auto_priority = 0  # loads without hf_qat, in transformers and vLLM
+    tags = ("compressed-tensors",)
 
     def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
         """Every layer a METHOD.md section-6 row (LSQ 4/8-bit or SEQ 2-bit, group or channel, Linear)."""
         return all(self.problem(layer) is None and self.native_width(layer) for layer in layers)
-    tags = ("compressed-tensors",)
 
     def problem(self, layer: QuantizedLayer) -> str | None:
         if layer.kind != "linear" or layer.tied_to is not None:
@@ -45,6 +45,10 @@ class CompressedTensorsFormat(ExportFormat):
             return "its codes do not fit signed 4 or 8 bits"
         if layer.group_size == "tensor":
             return "per-tensor scales are not written to compressed-tensors here (use group or channel scales)"
+        if layer.activation_bits:
+            return ("its int8 activations: compressed-tensors rounds x / (max|x| / 127) where the QAT model (and "
+                    "transformers' BitNet) rounds x * (127 / max|x|), so some activations would land on another "
+                    "integer and the export would compute something else")
         if not torch.equal(layer.step.to(layer.dtype).float(), layer.step):
             return (f"its steps (rounded to {layer.scale_dtype}) are not representable in the weight dtype {layer.dtype}, "
                     "where compressed-tensors stores scales; train with scale_dtype matching the weights or export in float32")
@@ -77,7 +81,6 @@ class CompressedTensorsFormat(ExportFormat):
             if bits != {1: 1, 1.58: 2}.get(layer.bits, layer.bits) and not self.native_width(layer):
                 notes.append(f"{layer.name}: {layer.bits}-bit codes stored in a {bits}-bit container")
         config_groups = {}
-        exact = True
         single = len(groups) == 1
         for i, ((bits, group_size, act_bits), names) in enumerate(groups.items()):
             weights = {"num_bits": bits, "type": "int", "symmetric": True, "dynamic": False,
@@ -85,14 +88,7 @@ class CompressedTensorsFormat(ExportFormat):
                        "group_size": None if group_size == "channel" else group_size}
             scheme = {"targets": ["Linear"] if single else names, "weights": weights, "input_activations": None,
                       "output_activations": None}
-            if act_bits:
-                scheme["input_activations"] = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True,
-                                               "strategy": "token"}
-                exact = False
             config_groups[f"group_{i}"] = scheme
-        if not exact:
-            notes.append("int8 activations: compressed-tensors computes the per-token scale as max|x|/127 where QAT used "
-                         "127/max|x|; results agree up to that rounding, not bit for bit")
         quantized = {layer.name for layer in layers}
         ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and n not in quantized]
         quantization_config = {
@@ -101,5 +97,5 @@ class CompressedTensorsFormat(ExportFormat):
         }
         files = write_model_config(model, out_dir, quantization_config)
         files += save_tensors(tensors, out_dir)
-        return ExportInfo(format=self.name, path=out_dir, files=files, weight_bytes=tensor_bytes(tensors), exact=exact,
+        return ExportInfo(format=self.name, path=out_dir, files=files, weight_bytes=tensor_bytes(tensors),
                           notes=sorted(set(notes)))

@@ -11,7 +11,7 @@ import hf_qat
 from hf_qat import QATConfig
 from hf_qat.demo.corpus import train_tokenizer
 from hf_qat.export import collect_layers, export_checkpoint, load_exported
-from helpers import logits_in_fresh_process, qat_trained_model
+from helpers import byte_level_bpe, logits_in_fresh_process, qat_trained_model
 
 INPUT = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
 
@@ -179,28 +179,6 @@ def test_gguf_refuses_rope_scaling_llama_cpp_would_not_reproduce_and_writes_llam
     assert factors[0] == 1.0 and factors[-1] == 8.0 and all(a <= b for a, b in zip(factors, factors[1:]))
 
 
-def byte_level_bpe(pre: str, vocab: int = 320):
-    """A byte-level BPE tokenizer with one of the pre-tokenizers llama.cpp names (trained on test text)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from hf_qat.export.gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT
-
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    split = lambda pattern: pre_tokenizers.Sequence([  # noqa: E731
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                                           use_regex=False)])
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = {"gpt-2": byte_level, "llama-bpe": split(_LLAMA3_SPLIT), "qwen2": split(_QWEN2_SPLIT),
-                         "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
-                         "whitespace": pre_tokenizers.WhitespaceSplit()}[pre]
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["def f(x):\n    return x + 1  # 12345\n" * 30, "class A:\n    pass\n" * 30],
-                            trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-
-
 @pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2", "smollm"])
 def test_gguf_names_the_pre_tokenizer_of_the_tokenizer(pre):
     import json as json_module
@@ -236,3 +214,16 @@ def test_gguf_refuses_architectures_and_windows_llama_cpp_would_not_reproduce(to
         export_checkpoint(qat("gemma2", head_dim=16), tmp_path / "g", format="gguf", tokenizer=tokenizer)
     with pytest.raises(ExportFormatError, match=r"sliding window of 32 tokens"):
         export_checkpoint(qat("mistral", sliding_window=32), tmp_path / "m", format="gguf", tokenizer=tokenizer)
+
+
+def test_int8_activations_export_exactly_or_are_refused_with_the_reason(tmp_path):
+    from hf_qat.export.base import ExportFormatError
+
+    model = qat_trained_model(QATConfig.from_preset("a8w4", start=0))
+    with pytest.raises(ExportFormatError, match=r"int8 activations: compressed-tensors rounds x / \(max\|x\| / 127\)"):
+        export_checkpoint(model, tmp_path / "ct", format="compressed-tensors")
+    assert not (tmp_path / "ct" / "config.json").exists()
+    info = export_checkpoint(model, tmp_path / "auto", format="auto")  # the native format keeps them exactly
+    assert info.format == "hf-qat"
+    with torch.no_grad():
+        assert torch.equal(load_exported(tmp_path / "auto")(INPUT).logits, reference_logits(model))

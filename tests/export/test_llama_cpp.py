@@ -16,7 +16,7 @@ import torch
 import hf_qat
 from hf_qat import QATConfig
 from hf_qat.export import export_checkpoint
-from test_formats import byte_level_bpe
+from helpers import byte_level_bpe
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
