@@ -86,6 +86,7 @@ def sweep_report(out_dir: str | os.PathLike, law: str | os.PathLike | QATScaling
     if diffs:
         report.figures.append(_plot_fused_minus_classic(rows, os.path.join(folder, "fused_minus_classic.png")))
     report.summary = {"rows": len(rows), "paper": paper_comparison(fused), "fused_minus_classic": diffs,
+                      "tokens": _token_accounting(out_dir),
                       "seed_noise": seed_noise(rows),
                       "law": None if law is None else {k: v for k, v in law.diagnostics.items() if k != "residuals"}}
     with open(report.markdown_path, "w", encoding="utf-8") as fh:
@@ -93,14 +94,35 @@ def sweep_report(out_dir: str | os.PathLike, law: str | os.PathLike | QATScaling
     return report
 
 
+def _token_accounting(out_dir: str) -> dict[str, int] | None:
+    """Tokens the sweep's grid trains branched vs unbranched (from its saved config), or None."""
+    import json
+
+    from .config import SweepConfig
+    from .grid import plan_runs, token_accounting
+    from .runner import CONFIG_NAME
+
+    path = os.path.join(out_dir, CONFIG_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        config = SweepConfig.from_dict(json.load(fh))
+    return token_accounting(plan_runs(config), config.tokens_per_step)
+
+
 # ---------------------------------------------------------------------------------------- markdown
 def markdown(rows: list[dict], fused: list[Cell], summary: dict[str, Any]) -> str:
     fractions = sorted({f for c in fused for f in c.losses})
     lines = ["# Sweep report", "", f"{summary['rows']} rows. Loss: held-out mean cross-entropy (nats). Fraction 0 is "
              "PTQ of the FP model; f* the observed optimum (argmin refined by a parabola in log f); f_hat the paper's "
-             "exp(-6.7297 / ln S).", "",
-             "| size | seed | budget | bits | S | FP | " + " | ".join(f"f={f:g}" for f in fractions) + " | f* | f_hat |",
-             "|" + "---|" * (8 + len(fractions))]
+             "exp(-6.7297 / ln S).", ""]
+    tokens = summary.get("tokens")
+    if tokens:
+        lines += [f"Tokens trained: {tokens['branched_tokens'] / 1e6:.1f}M with one FP trunk per size and branched "
+                  f"tails, against {tokens['unbranched_tokens'] / 1e6:.1f}M for the same runs from scratch "
+                  f"({1 - tokens['branched_tokens'] / tokens['unbranched_tokens']:.0%} saved).", ""]
+    lines += ["| size | seed | budget | bits | S | FP | " + " | ".join(f"f={f:g}" for f in fractions) + " | f* | f_hat |",
+              "|" + "---|" * (8 + len(fractions))]
     for c in fused:
         cols = [f"{c.losses[f]:.4f}" if f in c.losses else "-" for f in fractions]
         best = min(c.losses, key=c.losses.get)

@@ -216,4 +216,6 @@ def test_tiny_sweep_fit_plan_and_report_end_to_end(tiny_sweep, tmp_path, capsys)
     assert names == ["fused_minus_classic.png", "loss_vs_fraction_2.png", "optimum_vs_S.png"]
     text = open(report.markdown_path).read()
     assert "| s32 | 0 | 2.56e+03 | 2 |" in text and "MAE of f_hat" in text and "Fused minus classic" in text
+    tokens = report.summary["tokens"]
+    assert "Tokens trained" in text and tokens["branched_tokens"] < tokens["unbranched_tokens"]
     assert report.summary["fused_minus_classic"]["2"]["pairs"] == 6  # fractions 0.25, 0.5 and 1 at two budgets
