@@ -11,6 +11,7 @@ kernels and the scale-gradient finish after them are shared PyTorch code (``prep
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Protocol
@@ -69,7 +70,9 @@ _TORCH = TorchEngine()
 _TRITON = None
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
+    """Whether triton is installed (looked up once per process, not per call)."""
     return importlib.util.find_spec("triton") is not None
 
 

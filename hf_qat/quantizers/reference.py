@@ -20,6 +20,7 @@ same additions.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +48,9 @@ class WeightQuantSpec:
     grad_scale: float
     learnable: bool = True
 
-    @property
+    @functools.cached_property
     def layout(self) -> ScaleLayout:
+        """Built once per spec (the spec is frozen; the cache lives in the instance's __dict__)."""
         return ScaleLayout(self.group_size)
 
 

@@ -71,8 +71,8 @@ def load_sweep_data(config: SweepConfig, train_blocks: int, cache_dir: str | Non
     if path is not None:
         os.makedirs(cache_dir, exist_ok=True)
         tokenizer.save_pretrained(path[:-3] + "-tokenizer")
-        torch.save({"train": train, "eval": held_out}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        torch.save({"train": train, "eval": held_out}, f"{path}.{os.getpid()}.tmp")
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
     return data
 
 

@@ -140,15 +140,16 @@ def evaluate(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 32)
 
 # ---------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Model state and AdamW state per parameter name, written atomically (tmp file, then rename)."""
+    """Model state and AdamW state per parameter name, written atomically (a tmp file of this process,
+    then rename: shards that write the same trunk checkpoint at once each replace it whole)."""
     names = {id(p): n for n, p in model.named_parameters()}
     state = {}
     if optimizer is not None:
         state = {names[id(p)]: copy.deepcopy(s) for p, s in optimizer.state.items() if id(p) in names}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({"format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(), "optimizer": state},
-               path + ".tmp")
-    os.replace(path + ".tmp", path)
+               f"{path}.{os.getpid()}.tmp")
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:

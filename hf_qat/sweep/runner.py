@@ -88,7 +88,7 @@ def _check_saved_config(config: SweepConfig, out_dir: str) -> None:
             if name in saved.get("sizes", {}) and saved["sizes"][name] != overrides:
                 raise SweepConfigError(f"sizes.{name}", overrides, f"{saved['sizes'][name]!r} (as trained in {out_dir})")
         current["sizes"] = {**saved.get("sizes", {}), **current["sizes"]}
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # shards may write at the same moment
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(current, fh, indent=2)
     os.replace(tmp, path)

@@ -219,3 +219,24 @@ def test_tiny_sweep_fit_plan_and_report_end_to_end(tiny_sweep, tmp_path, capsys)
     tokens = report.summary["tokens"]
     assert "Tokens trained" in text and tokens["branched_tokens"] < tokens["unbranched_tokens"]
     assert report.summary["fused_minus_classic"]["2"]["pairs"] == 6  # fractions 0.25, 0.5 and 1 at two budgets
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_take_shares_of_one_sweep(tiny_sweep, tmp_path):
+    """Under torchrun each rank runs the tasks of shard RANK/WORLD_SIZE into the same folder."""
+    import yaml
+
+    out, _ = tiny_sweep
+    config_path = tmp_path / "sweep.yaml"
+    config_path.write_text(yaml.safe_dump(TINY))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hf_qat.cli",
+               "sweep", str(config_path), "--out", str(tmp_path / "ddp"), "--no-progress"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shard 0/2" in result.stdout + result.stderr and "shard 1/2" in result.stdout + result.stderr
+    rows = read_rows(tmp_path / "ddp" / "runs.jsonl")
+    expected = rows_by_key(out)
+    assert sorted(r["key"] for r in rows) == sorted(expected)
+    assert all(abs(r["loss"] - expected[r["key"]]["loss"]) < 1e-4 for r in rows)  # one thread per rank here
