@@ -3,8 +3,9 @@
 * A cell is one (size, seed, budget, bits): its fused-schedule losses at every QAT fraction, with
   fraction 0 = the PTQ row of that model.
 * The observed optimal fraction of a cell: the argmin over the measured fractions, refined by a
-  parabola through the three lowest points in log f (f > 0; the vertex is kept inside those points'
-  range; 0 when PTQ is the best row).
+  parabola in log f through the argmin and its two neighbours (the three lowest points of a convex
+  curve; our choice where the curve is not convex), the vertex kept inside them; 0 when PTQ is the
+  best row.
 * Against the paper: f_hat = exp(-6.7297 / ln S) at the cell's S, the mean absolute error, and the
   Spearman correlation of the observed optimum with S.
 * Fused minus classic: the loss difference of the same (size, seed, budget, bits, fraction), per bit
@@ -49,21 +50,22 @@ class Cell:
 
 
 def refined_optimum(losses: dict[float, float]) -> float:
-    """The argmin fraction, refined by a parabola in log f through the three lowest f > 0 points."""
+    """The argmin fraction, refined by a parabola in log f through the argmin and its two neighbours
+    among the measured f > 0 (the two nearest at an end of the range); the vertex is kept between the
+    outer two points. 0 when PTQ (fraction 0) is the best row."""
     best = min(losses, key=losses.get)
     if best == 0.0:
         return 0.0
-    positive = sorted((f, v) for f, v in losses.items() if f > 0)
+    positive = sorted(f for f in losses if f > 0)
     if len(positive) < 3:
         return best
-    lowest = sorted(positive, key=lambda p: p[1])[:3]
-    x = np.log([f for f, _ in lowest])
-    y = np.array([v for _, v in lowest])
-    a, b, _ = np.polyfit(x, y, 2)
+    i = min(max(positive.index(best), 1), len(positive) - 2)
+    points = positive[i - 1:i + 2]
+    x = np.log(points)
+    a, b, _ = np.polyfit(x, [losses[f] for f in points], 2)
     if a <= 0:
         return best
-    vertex = math.exp(-b / (2 * a))
-    return float(min(max(vertex, min(f for f, _ in lowest)), max(f for f, _ in lowest)))
+    return float(min(max(math.exp(-b / (2 * a)), points[0]), points[-1]))
 
 
 def cells(rows: list[dict], schedule: str = "fused") -> list[Cell]:

@@ -240,3 +240,16 @@ def test_torchrun_ranks_take_shares_of_one_sweep(tiny_sweep, tmp_path):
     expected = rows_by_key(out)
     assert sorted(r["key"] for r in rows) == sorted(expected)
     assert all(abs(r["loss"] - expected[r["key"]]["loss"]) < 1e-4 for r in rows)  # one thread per rank here
+
+
+def test_observed_optimum_restates_the_parabola_in_log_f():
+    import math as m
+
+    from hf_qat.sweep.analysis import refined_optimum
+
+    true = 0.3
+    losses = {f: 3.0 + 0.2 * (m.log(f) - m.log(true)) ** 2 for f in (0.1, 0.25, 0.5, 1.0)}
+    assert refined_optimum({0.0: 4.0, **losses}) == pytest.approx(true, rel=1e-9)  # exact for a parabola in log f
+    assert refined_optimum({0.0: 2.0, **losses}) == 0.0  # PTQ best
+    edge = {0.1: 3.0, 0.25: 3.1, 0.5: 3.3, 1.0: 3.6}
+    assert refined_optimum(edge) == 0.1  # an increasing curve: the vertex is kept at the measured edge
