@@ -200,7 +200,7 @@ def _plot_optimum(cs: list[Cell], path: str) -> str:
     for i, bits in enumerate(sorted({c.bits for c in cs})):
         sel = [c for c in cs if c.bits == bits]
         ax.scatter([c.tokens_per_param_byte for c in sel], [c.observed_optimum for c in sel], color=f"C{i}",
-                   label=f"observed, {bits_label(bits)}-bit", zorder=3)
+                   label=f"observed, {bits_label(bits)}" + ("" if bits_label(bits) == "ternary" else "-bit"), zorder=3)
     ax.set_xlim(grid[0], grid[-1])
     ax.set_xlabel("tokens per parameter byte S")
     ax.set_ylabel("optimal QAT fraction")
