@@ -258,7 +258,7 @@ def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others) -> dict[st
         written[key] = t
     if _rope_parameters(cfg).get("rope_type") == "llama3":
         factors = llama3_rope_factors(cfg)
-        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS], factors.numpy())
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.numpy())
         written["rope_freqs"] = factors
     return written
 

@@ -173,7 +173,7 @@ def test_gguf_refuses_rope_scaling_llama_cpp_would_not_reproduce_and_writes_llam
                                     "original_max_position_embeddings": 64, "rope_theta": 10000.0}
     export_checkpoint(model, tmp_path / "llama3", format="gguf", tokenizer=tokenizer)
     tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "llama3" / "model.gguf")).tensors}
-    factors = np.asarray(tensors["rope_freqs"].data)
+    factors = np.asarray(tensors["rope_freqs.weight"].data)
     assert factors.shape == (8,) and np.array_equal(factors, llama3_rope_factors(model.config).numpy())
     # short wavelengths keep their frequency, long ones are divided by the factor, the middle is blended
     assert factors[0] == 1.0 and factors[-1] == 8.0 and all(a <= b for a, b in zip(factors, factors[1:]))

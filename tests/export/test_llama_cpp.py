@@ -2,9 +2,11 @@
 to the QAT model's, and the same greedy continuation, for every architecture the GGUF writer supports.
 
 Tolerance: llama.cpp's CPU Q4_0 dot products quantize the activations to Q8_0 (int8 per block of 32),
-so its logits differ from the fp32 QAT model's by that rounding: we require a correlation above 0.999
-and a largest difference under 5 % of the logits' spread (see ATOL_OF_SPREAD), and equal argmax on at
-least 95 % of the positions.
+so its logits differ from the fp32 QAT model's by that rounding: about 0.1 % of the logits' spread
+here. We require the largest difference under 0.5 % of the spread (ATOL_OF_SPREAD) and equal argmax
+on at least 95 % of the positions. The q/k projections are scaled up so that attention is sharp and
+position errors show: a Llama-3 rope export without its rope_freqs factors misses by 1.6 % of the
+spread and fails.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from helpers import byte_level_bpe
 llama_cpp = pytest.importorskip("llama_cpp")
 
 TEXT = "def f(x):\n    return x + 1  # 12345\nclass A:\n    pass\n"
-ATOL_OF_SPREAD = 0.05
+ATOL_OF_SPREAD = 0.005
 
 
 def tiny(model_type: str, **extra):
@@ -32,7 +34,12 @@ def tiny(model_type: str, **extra):
                   eos_token_id=0)
     fields.update(extra)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
+    with torch.no_grad():  # sharp attention: the logits depend on positions
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return model
 
 
 def qat_train(model, tokenizer, steps: int = 4):
@@ -51,7 +58,8 @@ CASES = {
     "llama": (lambda: tiny("llama"), "gpt-2"),
     "llama3-rope": (lambda: tiny("llama", rope_parameters={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16, "rope_theta": 10000.0}), "llama-bpe"),
+        "original_max_position_embeddings": 64, "rope_theta": 100.0}), "llama-bpe"),  # a small theta: the
+    # scaled (long) wavelengths turn by whole radians within the test text, so a missing rope_freqs fails
     "mistral": (lambda: tiny("mistral", sliding_window=None), "gpt-2"),
     "qwen2": (lambda: tiny("qwen2"), "qwen2"),
     "qwen3": (lambda: tiny("qwen3", head_dim=32), "qwen2"),
@@ -74,7 +82,7 @@ def test_llama_cpp_reproduces_the_qat_model(case, tmp_path):
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].double().numpy()
     spread = want.std()
-    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999
+    print(f"{case}: largest difference {np.abs(got - want).max() / spread:.2e} of the logits' spread")
     assert np.abs(got - want).max() < ATOL_OF_SPREAD * spread, (np.abs(got - want).max(), spread)
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
 
