@@ -175,15 +175,15 @@ def print_table(result: DemoResult) -> None:
     for warning in result.warnings:
         console.print(f"[yellow]planner warning:[/yellow] {warning}")
     table = Table(show_header=True, header_style="bold")
-    for column in ("model", "QAT share", "held-out loss", "perplexity"):
+    for column in ("model", "QAT", "loss", "ppl"):
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=column == "model")
     winner = result.winner
-    rows = [("FP (full precision, 20 % cooldown)", "fp", "-"), (f"PTQ {bits}-bit of the FP model", "ptq", "0")]
-    rows += [(f"QAT {bits}-bit, planned (hf_qat)", "qat", f"{result.fractions['qat']:.1%}"),
-             (f"QAT {bits}-bit, ParetoQ's 10 %", "paretoq_10pct", "10%"),
-             (f"QAT {bits}-bit, switch at half", "switch_at_half", "50%")]
+    rows = [("FP (20 % cooldown)", "fp", "-"), (f"PTQ {bits}-bit", "ptq", "0")]
+    rows += [(f"QAT {bits}-bit planned", "qat", f"{result.fractions['qat']:.1%}"),
+             (f"QAT {bits}-bit ParetoQ 10 %", "paretoq_10pct", "10%"),
+             (f"QAT {bits}-bit at half", "switch_at_half", "50%")]
     if "exported" in result.losses:
-        rows.append((f"planned, exported ({result.export['format']}), reloaded", "exported", "-"))
+        rows.append(("planned, exported+reloaded", "exported", "-"))
     for label, key, share in rows:
         loss = result.losses[key]
         table.add_row(label, share, f"{loss:.4f}", f"{math.exp(loss):.2f}", style="bold green" if key == winner else None)
