@@ -33,7 +33,7 @@ from torch import nn
 from .bits import bits_label
 from .distributed import full_tensor, is_dtensor, world_size, write_full_
 from .dtypes import torch_dtype
-from .errors import QATModelError, QATRuntimeError
+from .errors import QATRuntimeError
 from .kernels import weight_fake_quant
 from .quantizers import Quantizer, ScaleLayout
 from .quantizers.reference import WeightQuantSpec, fake_quantize_weight, quantize_codes
@@ -181,11 +181,3 @@ def upgrade_state_dict(state_dict: dict, prefix: str) -> None:
     for old_name, new_name in (("qat_active", "active"), ("qat_initialized", "initialized")):
         if prefix + old_name in state_dict:
             state_dict.setdefault(unit + new_name, state_dict.pop(prefix + old_name))
-
-
-def check_unit_keys(missing: list[str], where: str) -> None:
-    """Raise when a checkpoint lacks the QAT state of its layers (saved by another hf_qat version)."""
-    lacking = [k for k in missing if k.endswith(("weight_quantizer.active", "weight_quantizer.initialized"))]
-    if lacking:
-        raise QATModelError(f"{where} lacks the QAT switch state of {lacking[0]} (and {len(lacking) - 1} more): it was "
-                            "not saved by a QAT run of hf_qat >= 0.1.0")
