@@ -366,7 +366,7 @@ class QATCallback(TrainerCallback, ExportableState):
         """The Trainer's loss in the FP phase and at evaluation; in the QAT phase
         ``(1 - w) * CE + w * T^2 * KL(teacher || student)`` (hf_qat.distill)."""
         student = self._model
-        if not (model.training and self.teacher.ready and is_qat_active(student)):
+        if not (model.training and self._switched and self.teacher.ready):  # _switched: QAT is on
             return compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         labels = inputs["labels"]
         ce, outputs = compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)

@@ -113,13 +113,18 @@ def paper_comparison(cell_list: list[Cell]) -> dict[str, float]:
     return out
 
 
+def fused_classic_pairs(rows: list[dict]) -> list[tuple[float, float, float]]:
+    """``(bits, fraction, loss(fused) - loss(classic))`` for every classic row with a fused twin."""
+    fused = {_match(r): r["loss"] for r in rows if r["schedule"] == "fused"}
+    return [(float(r["bits"]), float(r["fraction"]), fused[_match(r)] - r["loss"])
+            for r in rows if r["schedule"] == "classic" and _match(r) in fused]
+
+
 def fused_minus_classic(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Per bit width: mean, min and max of loss(fused) - loss(classic) over matching runs."""
-    fused = {_match(r): r["loss"] for r in rows if r["schedule"] == "fused"}
     diffs: dict[str, list[float]] = {}
-    for row in rows:
-        if row["schedule"] == "classic" and _match(row) in fused:
-            diffs.setdefault(f"{float(row['bits']):g}", []).append(fused[_match(row)] - row["loss"])
+    for bits, _, diff in fused_classic_pairs(rows):
+        diffs.setdefault(f"{bits:g}", []).append(diff)
     return {bits: {"pairs": len(v), "mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
             for bits, v in sorted(diffs.items())}
 

@@ -24,7 +24,7 @@ import numpy as np
 from ..bits import bits_label
 from ..planner import QATScalingLaw, load_runs
 from ..plots import _finish, _pyplot
-from .analysis import Cell, cells, fused_minus_classic, paper_comparison, seed_noise
+from .analysis import Cell, cells, fused_classic_pairs, fused_minus_classic, paper_comparison, seed_noise
 from .results import RUNS_NAME, read_rows
 
 LAW_SCHEDULES = ("fp", "ptq", "fused")
@@ -210,13 +210,10 @@ def _plot_optimum(cs: list[Cell], path: str) -> str:
 
 def _plot_fused_minus_classic(rows: list[dict], path: str) -> str:
     plt = _pyplot()
-    fused = {(r["size"], r["seed"], float(r["budget"]), float(r["bits"]), float(r["fraction"])): r["loss"]
-             for r in rows if r["schedule"] == "fused"}
+    pairs = fused_classic_pairs(rows)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for i, bits in enumerate(sorted({float(r["bits"]) for r in rows if r["schedule"] == "classic"})):
-        points = [(float(r["fraction"]), fused[k] - r["loss"]) for r in rows if r["schedule"] == "classic"
-                  and float(r["bits"]) == bits and (k := (r["size"], r["seed"], float(r["budget"]), bits,
-                                                          float(r["fraction"]))) in fused]
+    for i, bits in enumerate(sorted({b for b, _, _ in pairs})):
+        points = [(f, diff) for b, f, diff in pairs if b == bits]
         ax.scatter([p[0] * (1 + 0.03 * i) for p in points], [p[1] for p in points], color=f"C{i}",
                    label=f"{bits_label(bits)}-bit")
     ax.axhline(0.0, color="k", lw=0.8)
