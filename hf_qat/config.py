@@ -29,6 +29,7 @@ CHOICES = {
     "decay_shape": DECAY_SHAPES,
     "strategy": ("paper", "law"),
     "lora_mode": ("merged", "base"),
+    "scale_init": ("max", "mse"),
 }
 ALLOWED_SCALE_DTYPES = CHOICES["scale_dtype"]
 ALLOWED_DECAY_SHAPES = CHOICES["decay_shape"]
@@ -97,6 +98,11 @@ class QATConfig:
             every parameter, tied tensors once).
         lora_mode: with PEFT LoRA: "merged" fake-quantizes W + the adapters' delta (merge_and_unload
             then exports exactly), "base" only the frozen base weight (adapters stay full precision).
+        distill: distillation from a full-precision teacher in the QAT phase (see
+            :class:`hf_qat.distill.DistillConfig`): {"teacher", "weight", "temperature", ...}.
+        scale_init: the scales at the switch: "max" (the family's rule, e.g. max|w| / Qp) or "mse"
+            (that scale times the clipping ratio in 0.30..1.00 of least squared error per group);
+            learnable families only.
     """
 
     bits: float | int | str = 4
@@ -126,6 +132,7 @@ class QATConfig:
     count_quantized_params_only: bool = False
     lora_mode: str = "merged"
     distill: dict[str, Any] | None = None
+    scale_init: str = "max"
 
     def __post_init__(self) -> None:
         self._check_quantizers()
@@ -145,6 +152,9 @@ class QATConfig:
                 raise QATConfigError(name, getattr(self, name), ", ".join(allowed))
         self._check_numbers()
         self._check_distill()
+        if self.scale_init == "mse" and not self._learnable_families():
+            raise QATConfigError("scale_init", "mse", "'max' with method='absmax' (its scale is recomputed from "
+                                 "the weight every step, so there is no first scale to search)")
         if self.strategy == "law" and self.law_path is None:
             raise QATConfigError("law_path", None, "the path of a fitted law JSON when strategy='law'")
 
@@ -171,6 +181,12 @@ class QATConfig:
         get_quantizer_class(self.resolved_embedding_method).check_bits(
             self.embedding_bits, field_name="embedding_bits", method_field="embedding_method"
         )
+
+    def _learnable_families(self) -> bool:
+        from .quantizers import get_quantizer_class
+
+        methods = [self.resolved_method] + ([self.resolved_embedding_method] if self.embedding_bits is not None else [])
+        return all(get_quantizer_class(m).learnable for m in methods)
 
     def _check_distill(self) -> None:
         """``distill``: a dict of hf_qat.distill.DistillConfig keys; 'switch' needs an FP phase."""

@@ -182,7 +182,8 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
 
     targets = find_targets(model, config)
     quantizer = get_quantizer(config.resolved_method, config.bits)
-    common = dict(group_size=config.group_size, scale_dtype=config.scale_dtype, scale_grad_mode=config.scale_grad_mode)
+    common = dict(group_size=config.group_size, scale_dtype=config.scale_dtype, scale_grad_mode=config.scale_grad_mode,
+                  scale_init=config.scale_init)
     replacements: dict[int, nn.Module] = {}
     for name, linear in targets.items():
         replacements[id(linear)] = QATLinear.from_linear(

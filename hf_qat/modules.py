@@ -54,10 +54,10 @@ class QATWeightMixin:
 
 
 def _unit(weight: torch.Tensor, quantizer: Quantizer, name: str, group_size, scale_dtype: str, scale_grad_mode: str,
-          shared: WeightQuantizer | None) -> WeightQuantizer:
+          scale_init: str, shared: WeightQuantizer | None) -> WeightQuantizer:
     if shared is None:
         return WeightQuantizer(quantizer, weight, group_size=group_size, scale_dtype=scale_dtype,
-                               scale_grad_mode=scale_grad_mode, name=name)
+                               scale_grad_mode=scale_grad_mode, name=name, scale_init=scale_init)
     expected = shared.layout.scale_shape(weight.shape)
     if shared.log_scale_ratio is not None and tuple(shared.log_scale_ratio.shape) != expected:
         raise QATModelError(f"{name}: a shared quantizer must have scale shape {expected}, "
@@ -79,6 +79,7 @@ class QATLinear(QATWeightMixin, nn.Linear):
         group_size: int | str,
         scale_dtype: str = "float16",
         scale_grad_mode: str = "paretoq",
+        scale_init: str = "max",
         activation_bits: int | None = None,
         name: str = "",
         shared: WeightQuantizer | None = None,
@@ -95,7 +96,8 @@ class QATLinear(QATWeightMixin, nn.Linear):
         else:
             module.bias = linear.bias
         module.activation_bits = activation_bits
-        module.weight_quantizer = _unit(linear.weight, quantizer, name, group_size, scale_dtype, scale_grad_mode, shared)
+        module.weight_quantizer = _unit(linear.weight, quantizer, name, group_size, scale_dtype, scale_grad_mode,
+                                        scale_init, shared)
         module.train(linear.training)
         return module
 
@@ -139,6 +141,7 @@ class QATEmbedding(QATWeightMixin, nn.Embedding):
         group_size: int | str,
         scale_dtype: str = "float16",
         scale_grad_mode: str = "paretoq",
+        scale_init: str = "max",
         name: str = "",
     ) -> "QATEmbedding":
         if embedding.max_norm is not None or embedding.sparse:
@@ -148,7 +151,8 @@ class QATEmbedding(QATWeightMixin, nn.Embedding):
         for attr in _EMBEDDING_ATTRS:
             setattr(module, attr, getattr(embedding, attr))
         module.weight = embedding.weight
-        module.weight_quantizer = _unit(embedding.weight, quantizer, name, group_size, scale_dtype, scale_grad_mode, None)
+        module.weight_quantizer = _unit(embedding.weight, quantizer, name, group_size, scale_dtype, scale_grad_mode,
+                                        scale_init, None)
         module.train(embedding.training)
         return module
 

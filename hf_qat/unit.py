@@ -36,7 +36,7 @@ from .dtypes import torch_dtype
 from .errors import QATRuntimeError
 from .kernels import weight_fake_quant
 from .quantizers import Quantizer, ScaleLayout
-from .quantizers.reference import WeightQuantSpec, fake_quantize_weight, quantize_codes
+from .quantizers.reference import WeightQuantSpec, fake_quantize_weight, mse_scale, quantize_codes
 
 UNIT_FORMAT_VERSION = 2  # 1 = hf_qat 0.1.0: <layer>.weight_scale / qat_active / qat_initialized on the layer
 
@@ -51,15 +51,18 @@ class WeightQuantizer(nn.Module):
         scale_dtype: "float16", "bfloat16" or "float32": scales are rounded to it in the forward.
         scale_grad_mode: "paretoq" or "lsq" (ParetoQ's g).
         name: the layer's name, for error messages.
+        scale_init: "max" (the family's first scale, e.g. max|w| / Qp) or "mse" (that scale times the
+            clipping ratio of least squared error, :func:`~hf_qat.quantizers.reference.mse_scale`).
     """
 
     def __init__(self, quantizer: Quantizer, weight: torch.Tensor, *, group_size: int | str, scale_dtype: str,
-                 scale_grad_mode: str, name: str) -> None:
+                 scale_grad_mode: str, name: str, scale_init: str = "max") -> None:
         super().__init__()
         layout = ScaleLayout(group_size)
         layout.check(weight.shape, name)
         scale_shape = layout.scale_shape(weight.shape)
         self.name = name
+        self.scale_init = scale_init
         self.quantizer = quantizer
         self.layout = layout
         self.spec = WeightQuantSpec(
@@ -108,7 +111,7 @@ class WeightQuantizer(nn.Module):
         return (self.init_scale * full_tensor(self.log_scale_ratio).detach().float().exp()).detach()
 
     def initial_scale(self, full_weight: torch.Tensor) -> torch.Tensor:
-        """The family's first scale from the full weight (fp32, scale shape); raises on NaN/Inf."""
+        """The first scale from the full weight (fp32, scale shape; ``scale_init``); raises on NaN/Inf."""
         w = full_weight.detach().float()
         if not bool(torch.isfinite(w).all()):
             bad = int((~torch.isfinite(w)).sum())
@@ -116,7 +119,8 @@ class WeightQuantizer(nn.Module):
                 f"{self.name}: the weight holds {bad} NaN/Inf values at the QAT switch, so no scale can be "
                 "initialised. The FP phase diverged: lower the learning rate or check the data"
             )
-        return self.quantizer.init_scale(self.layout.scale_view(w))
+        first = self.quantizer.init_scale(self.layout.scale_view(w))
+        return mse_scale(w, first, self.spec) if self.scale_init == "mse" else first
 
     def initialize(self, full_weight: torch.Tensor) -> None:
         """Scale from the full weight, ratio 0 (collective under FSDP2: call on every rank)."""
@@ -163,7 +167,7 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.name}: bits={bits_label(self.quantizer.bits)}, method={self.quantizer.name}, "
-                f"group_size={self.layout.group_size}, active={self.is_active}")
+                f"group_size={self.layout.group_size}, scale_init={self.scale_init}, active={self.is_active}")
 
 
 def upgrade_state_dict(state_dict: dict, prefix: str) -> None:

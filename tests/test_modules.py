@@ -163,3 +163,25 @@ def test_checkpoints_of_hf_qat_0_1_0_load_and_compute_the_same():
     fresh.load_state_dict(old)
     assert hf_qat.is_qat_active(fresh)
     assert torch.equal(fresh(INPUT).logits, model(INPUT).logits)
+
+
+def test_scale_init_mse_starts_from_the_least_error_clipping_and_is_checkpointed():
+    from hf_qat.quantizers.reference import mse_scale
+
+    model = tiny_llama()
+    prepare_model_for_qat(model, QATConfig(bits=4, group_size=16, start=0, scale_init="mse"))
+    hf_qat.activate_qat(model)
+    layer = model.model.layers[0].mlp.down_proj
+    unit = layer.weight_quantizer
+    first = layer.weight.detach().view(layer.weight.shape[0], -1, 16).abs().amax(-1) / 7
+    assert torch.equal(unit.scale(layer.weight).detach(), mse_scale(layer.weight, first, unit.spec))
+    assert (unit.init_scale < first).any() and (unit.init_scale <= first).all()  # some groups clip
+    errors = {}
+    for init in ("max", "mse"):
+        other = tiny_llama()
+        prepare_model_for_qat(other, QATConfig(bits=4, group_size=16, start=0, scale_init=init))
+        hf_qat.activate_qat(other)
+        errors[init] = hf_qat.quantization_error(other)
+    assert errors["mse"] < errors["max"]
+    assert hf_qat.get_qat_config(model).scale_init == "mse"
+    assert QATConfig.from_dict(hf_qat.get_qat_config(model).to_dict()).scale_init == "mse"

@@ -190,6 +190,37 @@ def fake_quantize_weight(weight: torch.Tensor, scale: torch.Tensor, spec: Weight
     return fake_quantize_forward(weight, s_r, step, spec.grid, spec.layout)
 
 
+# Clipping ratios tried by :func:`mse_scale`, 1.0 first (ties keep the larger scale): 0.30 .. 1.00 by 0.02.
+MSE_SCALE_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(36))
+
+
+@torch.no_grad()
+def mse_scale(weight: torch.Tensor, first_scale: torch.Tensor, spec: WeightQuantSpec,
+              ratios: tuple[float, ...] = MSE_SCALE_RATIOS) -> torch.Tensor:
+    """The clipped scale: for every scale (group, row or tensor), the candidate ``ratio * first_scale``
+    whose fake-quantized weights (:func:`fake_quantize_weight`, scale-dtype rounding included) have
+    the least squared error ``sum (Q(w) - w)^2`` over the weights that scale covers.
+
+    weight ``[R, C]`` (any float dtype; the error is taken in fp32), first_scale fp32 ``scale shape``
+    (the family's first scale, e.g. max|w| / Qp) -> fp32 ``scale shape``. Ratios are tried in the
+    given order and a later ratio wins only with a strictly smaller error. Clipping trades a larger
+    error on the few largest weights for a finer step on all the others (GPTQ/AWQ-style clip search,
+    llama.cpp's quantizers do the same for their scales).
+    """
+    w = weight.float()
+    best_scale, best_error = first_scale.float().clone(), None
+    for ratio in ratios:
+        candidate = first_scale.float() * ratio
+        error = spec.layout.scale_view((fake_quantize_weight(w, candidate, spec).float() - w).pow(2)).sum(-1)
+        if best_error is None:
+            best_scale, best_error = candidate, error
+            continue
+        better = error < best_error
+        best_scale = torch.where(better, candidate, best_scale)
+        best_error = torch.where(better, error, best_error)
+    return best_scale
+
+
 # ---------------------------------------------------------------------------------------- activations
 ACTIVATION_QMAX = 127.0
 

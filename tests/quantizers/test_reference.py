@@ -18,7 +18,9 @@ from hf_qat.quantizers import ScaleLayout, get_quantizer
 from hf_qat.quantizers.reference import (
     WeightQuantSpec,
     fake_quantize_activation,
+    MSE_SCALE_RATIOS,
     fake_quantize_weight,
+    mse_scale,
     quantize_codes,
     tree_sum,
 )
@@ -213,3 +215,32 @@ def test_activation_fake_quant_is_int8_per_token():
     assert out.dtype == x.dtype and out.shape == x.shape
     bf = x.to(torch.bfloat16)
     assert fake_quantize_activation(bf).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family,bits", [("binary", 1), ("seq", TERNARY_BITS), ("seq", 2), ("lsq", 2), ("lsq", 4)])
+@pytest.mark.parametrize("group", GROUPS)
+def test_mse_scale_is_the_least_error_clipping_ratio_of_each_group(family, bits, group):
+    quantizer, layout, weight, _, spec = make_case(family, bits, group, "float16", seed=3)
+    first = quantizer.init_scale(layout.scale_view(weight))
+    chosen = mse_scale(weight, first, spec)
+    # restated: every ratio's error per scale with the slow elementwise formula, the first least one wins
+    w = weight.numpy().astype(F32)
+    for index in np.ndindex(*first.shape):
+        errors = []
+        for ratio in MSE_SCALE_RATIOS:
+            s_r = to_dtype_f32(max(float(first[index]) * ratio, 1e-5), DTYPES["float16"])
+            step = slow_step(family, bits, s_r, DTYPES["float16"])
+            covered = layout.scale_view(torch.from_numpy(w))[index].numpy()
+            errors.append(sum(float(slow_forward(family, bits, x, s_r, step) - x) ** 2 for x in covered))
+        best = int(np.argmin(errors))  # argmin returns the first of equal minima: ties keep the larger ratio
+        assert float(chosen[index]) == pytest.approx(float(first[index]) * MSE_SCALE_RATIOS[best], rel=1e-6)
+        assert errors[best] <= errors[0]
+
+
+def test_mse_scale_lowers_4_bit_error_on_gaussian_weights():
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    quantizer = get_quantizer("lsq", 4)
+    spec = WeightQuantSpec(quantizer.grid(), 32, torch.float16, 1.0)
+    first = quantizer.init_scale(ScaleLayout(32).scale_view(weight))
+    error = lambda s: float((fake_quantize_weight(weight, s, spec) - weight).pow(2).sum())  # noqa: E731
+    assert error(mse_scale(weight, first, spec)) < 0.9 * error(first)
