@@ -143,8 +143,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source)
+    options = {}
+    for item in args.format_option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--format-option takes KEY=VALUE (e.g. ternary_type=TQ1_0), got {item!r}")
+        options[key] = value
     info = export_checkpoint(args.checkpoint, args.out_dir, format=args.format, tokenizer=tokenizer,
-                             push_to_hub=args.push_to_hub, private=not args.public, base_model=args.base_model)
+                             push_to_hub=args.push_to_hub, private=not args.public, base_model=args.base_model,
+                             format_options=options)
     console.print(f"exported {info.format} to {info.path}: {info.weight_bytes / 1e6:.2f} MB of tensors "
                   f"(expected {info.expected_bytes / 1e6:.2f} MB); exact: {info.exact}")
     for note in info.notes:
@@ -218,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a Trainer checkpoint or output dir of a QAT run (holds qat_config.json)")
     e.add_argument("out_dir")
     e.add_argument("--format", default="auto", help="auto, compressed-tensors, gguf, bitnet, hf-qat")
+    e.add_argument("--format-option", action="append", metavar="KEY=VALUE",
+                   help="a format's option, e.g. ternary_type=TQ1_0 for gguf (repeatable)")
     e.add_argument("--tokenizer", default=None, help="tokenizer id or path (default: the checkpoint's, if saved)")
     e.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
     e.add_argument("--public", action="store_true", help="create the Hub repo public (default private)")

@@ -107,3 +107,10 @@ def test_export_command_writes_a_checkpoint_from_a_run_directory(tmp_path, capsy
     assert load_exported(tmp_path / "out") is not None
     assert main(["export", str(tmp_path / "run" / "checkpoint-6"), str(tmp_path / "bad"), "--format", "gguf"]) == 2
     assert "cannot represent" in capsys.readouterr().out
+    # a format option the format does not take, a value it does not allow, a malformed one: exit 2, nothing written
+    for option, message in (("ternary_type=TQ1_0", "not an option of format 'compressed-tensors'"),
+                            ("nonsense", "KEY=VALUE")):
+        code = main(["export", str(tmp_path / "run" / "checkpoint-6"), str(tmp_path / "opt"), "--format",
+                     "compressed-tensors", "--format-option", option])
+        assert code == 2 and message in " ".join(capsys.readouterr().out.split())  # rich wraps lines
+        assert not (tmp_path / "opt").exists()

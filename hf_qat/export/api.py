@@ -72,6 +72,7 @@ def export_checkpoint(
     card: dict[str, Any] | None = None,
     base_model: str | None = None,
     plan=None,
+    format_options: dict[str, str] | None = None,
 ) -> ExportInfo:
     """Write a low-bit checkpoint of a QAT model (or of a QAT checkpoint directory).
 
@@ -89,6 +90,9 @@ def export_checkpoint(
         private / token: for the upload (token defaults to the environment / cached login).
         card: extra fields for the model card (``eval`` results, ``training_tokens``, ``description``).
         base_model: the model this was quantized from (for the card's ``base_model``).
+        format_options: the format's own options, e.g. ``{"ternary_type": "TQ1_0"}`` for GGUF (ternary
+            layers as TQ1_0, 1.69 bits per weight, instead of the default TQ2_0, 2.06 bits and faster);
+            an option the format does not take is an error naming the ones it does.
 
     Under DDP/FSDP2 call it on every rank: weights are gathered on every rank, rank 0 writes.
     """
@@ -97,7 +101,7 @@ def export_checkpoint(
         base_model = getattr(model.config, "_name_or_path", None)
     layers, others = collect_layers(model)
     name = choose_format(layers) if format == "auto" else format
-    fmt = get_format(name)
+    fmt = get_format(name, format_options)
     check_layers(fmt, layers)
     fmt.check_model(model, layers)
     out_dir = os.fspath(out_dir)

@@ -55,6 +55,20 @@ class ExportFormat:
     tags: ClassVar[tuple[str, ...]] = ()
     # format="auto" tries the formats in this order (None: never chosen automatically)
     auto_priority: ClassVar[int | None] = None
+    # the options a format takes (export_checkpoint(format_options=...)): name -> allowed values, the
+    # first one the default
+    OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def __init__(self, **options: str) -> None:
+        for key, value in options.items():
+            if key not in self.OPTIONS:
+                allowed = ", ".join(self.OPTIONS) or "none"
+                raise ExportFormatError(f"format_options: {key!r} is not an option of format {self.name!r} "
+                                        f"(its options: {allowed})")
+            if value not in self.OPTIONS[key]:
+                raise ExportFormatError(f"format_options[{key!r}]={value!r} is not allowed for format {self.name!r}; "
+                                        f"allowed: {', '.join(self.OPTIONS[key])}")
+        self.options = {key: options.get(key, allowed[0]) for key, allowed in self.OPTIONS.items()}
 
     def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
         """Whether format="auto" may choose this format for ``layers`` (default: every layer exact here)."""
@@ -101,10 +115,11 @@ def choose_format(layers: list[QuantizedLayer]) -> str:
     raise ExportFormatError(f"no registered format accepts these layers; formats: {', '.join(FORMATS)}")
 
 
-def get_format(name: str) -> ExportFormat:
+def get_format(name: str, options: dict[str, str] | None = None) -> ExportFormat:
+    """The format ``name`` with its ``options`` (see ``ExportFormat.OPTIONS``; unknown ones are refused)."""
     if name not in FORMATS:
         raise ValueError(f"export format {name!r} is not known; formats: {', '.join(['auto', *FORMATS])}")
-    return FORMATS[name]()
+    return FORMATS[name](**(options or {}))
 
 
 def formats_that_can(layers: list[QuantizedLayer]) -> list[str]:

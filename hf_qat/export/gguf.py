@@ -5,6 +5,11 @@
 * Q8_0: fp16 ``d`` then 32 int8. Exact for LSQ 8-bit, groups of 32, fp16 scales.
 * TQ2_0: blocks of 256: 64 bytes of 2-bit codes ``q + 1`` (byte ``c*32 + m`` holds elements
   ``c*128 + l*32 + m`` at bits ``2l``), then fp16 ``d``. Exact for ternary, groups of 256, fp16 scales.
+* TQ1_0 (``format_options={"ternary_type": "TQ1_0"}``): blocks of 256 in 54 bytes, trits ``t = q + 1``
+  packed five per byte as the base-3 number ``n = sum t_i 3^(4-i)`` stored as ``ceil(n * 256 / 243)``
+  (llama.cpp recovers trit i as ``(byte * 3^i mod 256) * 3 >> 8``): 32 bytes for elements
+  ``m + 32i`` (0..159), 16 bytes for ``160 + m + 16i``, 4 bytes of four trits (``240 + j + 4i``, a
+  zero fifth trit), then fp16 ``d``. The same ternary layers as TQ2_0, 1.69 instead of 2.06 bits.
 
 The file is runnable by llama.cpp: llama.cpp tensor names (gguf's TensorNameMap), the Llama q/k row
 permutation llama.cpp applies (rows move with their group scales), the architecture metadata and the
@@ -24,13 +29,14 @@ from ..bits import TERNARY_BITS
 from .base import ExportFormat, ExportFormatError, ExportInfo, register_format, tensor_bytes, write_model_config
 from .layers import QuantizedLayer
 
-Q4_0, Q8_0, TQ2_0 = "Q4_0", "Q8_0", "TQ2_0"
-BLOCK = {Q4_0: 32, Q8_0: 32, TQ2_0: 256}
-BYTES = {Q4_0: 18, Q8_0: 34, TQ2_0: 66}
+Q4_0, Q8_0, TQ1_0, TQ2_0 = "Q4_0", "Q8_0", "TQ1_0", "TQ2_0"
+BLOCK = {Q4_0: 32, Q8_0: 32, TQ1_0: 256, TQ2_0: 256}
+BYTES = {Q4_0: 18, Q8_0: 34, TQ1_0: 54, TQ2_0: 66}
+TERNARY_TYPES = (TQ2_0, TQ1_0)
 
 
-def gguf_type(layer: QuantizedLayer) -> str | None:
-    """The GGML block type that stores ``layer`` exactly, or None."""
+def gguf_type(layer: QuantizedLayer, ternary_type: str = TQ2_0) -> str | None:
+    """The GGML block type that stores ``layer`` exactly (ternary layers: ``ternary_type``), or None."""
     codes = layer.grid.codes
     if layer.scale_dtype != torch.float16:
         return None
@@ -39,8 +45,17 @@ def gguf_type(layer: QuantizedLayer) -> str | None:
     if layer.grid.level == 1.0 and codes == list(range(-128, 128)) and layer.group_size == 32:
         return Q8_0
     if layer.bits == TERNARY_BITS and codes == [-1, 0, 1] and layer.group_size == 256:
-        return TQ2_0
+        return ternary_type
     return None
+
+
+def _base3_bytes(trits: torch.Tensor) -> torch.Tensor:
+    """``trits [..., k, m]`` in 0..2 (k <= 5 trits per byte, most significant first, padded to five
+    with zeros) -> ``uint8 [..., m]``: ``ceil(n * 256 / 243)`` of the base-3 number ``n``."""
+    k = trits.shape[-2]
+    powers = torch.tensor([3 ** (4 - i) for i in range(k)], dtype=torch.int32).view(k, 1)
+    n = (trits.to(torch.int32) * powers).sum(-2)
+    return ((n * 256 + 242) // 243).to(torch.uint8)
 
 
 def pack_blocks(codes: torch.Tensor, step: torch.Tensor, qtype: str) -> np.ndarray:
@@ -55,6 +70,12 @@ def pack_blocks(codes: torch.Tensor, step: torch.Tensor, qtype: str) -> np.ndarr
         out = torch.cat([d, qs], dim=-1)
     elif qtype == Q8_0:
         out = torch.cat([d, q.to(torch.int8).view(torch.uint8)], dim=-1)
+    elif qtype == TQ1_0:
+        t = q + 1
+        qs = torch.cat([_base3_bytes(t[..., :160].reshape(rows, -1, 5, 32)),
+                        _base3_bytes(t[..., 160:240].reshape(rows, -1, 5, 16))], dim=-1)
+        qh = _base3_bytes(t[..., 240:].reshape(rows, -1, 4, 4))
+        out = torch.cat([qs, qh, d], dim=-1)
     else:
         u = (q + 1).to(torch.uint8).view(rows, cols // block, 2, 4, 32)
         qs = u[..., 0, :] | (u[..., 1, :] << 2) | (u[..., 2, :] << 4) | (u[..., 3, :] << 6)
@@ -74,10 +95,15 @@ class GGUFFormat(ExportFormat):
     library_name = "gguf"
     tags = ("gguf", "llama.cpp")
 
+    OPTIONS = {"ternary_type": TERNARY_TYPES}
+
+    def qtype(self, layer: QuantizedLayer) -> str | None:
+        return gguf_type(layer, self.options["ternary_type"])
+
     def problem(self, layer: QuantizedLayer) -> str | None:
-        if gguf_type(layer) is None:
-            return ("GGUF holds Q4_0 (4-bit LSQ, groups of 32), Q8_0 (8-bit, groups of 32) and TQ2_0 (ternary, groups "
-                    "of 256), all with fp16 scales")
+        if self.qtype(layer) is None:
+            return ("GGUF holds Q4_0 (4-bit LSQ, groups of 32), Q8_0 (8-bit, groups of 32) and TQ2_0 / TQ1_0 (ternary, "
+                    "groups of 256), all with fp16 scales")
         if layer.activation_bits:
             return "llama.cpp does not fake-quantize activations as int8 per token"
         return None
@@ -85,7 +111,7 @@ class GGUFFormat(ExportFormat):
     def storage_bits(self, layer: QuantizedLayer) -> float:
         if layer.tied_to:
             return 0.0  # llama.cpp reads a tied output from token_embd
-        qtype = gguf_type(layer)
+        qtype = self.qtype(layer)
         return 8.0 * BYTES[qtype] / BLOCK[qtype] - 16.0 / BLOCK[qtype]  # the fp16 d is counted with the scales
 
     def scale_bytes(self, layer: QuantizedLayer) -> int:
@@ -105,7 +131,7 @@ class GGUFFormat(ExportFormat):
         writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)])
         _add_metadata(writer, cfg)
         _add_tokenizer(writer, tokenizer, cfg.vocab_size)
-        written = _add_tensors(writer, cfg, arch, layers, others)
+        written = _add_tensors(writer, cfg, arch, layers, others, self.qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -214,9 +240,9 @@ def _qk_heads(cfg, key: str) -> int | None:
     return None
 
 
-def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others) -> dict[str, torch.Tensor]:
-    """The quantized layers as GGUF blocks of their QAT integers, the other tensors (biases, norms,
-    unquantized weights) in fp32; returns what was written (for the byte count)."""
+def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others, qtype_of) -> dict[str, torch.Tensor]:
+    """The quantized layers as GGUF blocks (of type ``qtype_of(layer)``) of their QAT integers, the other
+    tensors (biases, norms, unquantized weights) in fp32; returns what was written (for the byte count)."""
     import gguf
 
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.gguf_arch), cfg.num_hidden_layers)
@@ -238,7 +264,7 @@ def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others) -> dict[st
         heads = qk_heads(layer.name)
         if heads:
             codes, step = _permute_qk(codes, heads), _permute_qk(step, heads)
-        qtype = gguf_type(layer)
+        qtype = qtype_of(layer)
         raw = pack_blocks(codes, step, qtype)
         writer.add_tensor(gguf_name(f"{layer.name}.weight"), raw, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
         written[layer.name] = torch.from_numpy(raw)

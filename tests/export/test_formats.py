@@ -11,6 +11,7 @@ import hf_qat
 from hf_qat import QATConfig
 from hf_qat.demo.corpus import train_tokenizer
 from hf_qat.export import collect_layers, export_checkpoint, load_exported
+from hf_qat.export.base import ExportFormatError
 from helpers import byte_level_bpe, logits_in_fresh_process, qat_trained_model
 
 INPUT = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -86,6 +87,13 @@ def _gguf_blocks(raw: np.ndarray, qtype: str):
     if qtype == "Q8_0":
         blocks = raw.reshape(-1, 34)
         return blocks[:, :2].copy().view(np.float16).astype(np.float32)[:, 0], blocks[:, 2:].copy().view(np.int8).astype(np.int16)
+    if qtype == "TQ1_0":  # trit i of a byte: (byte * 3^i mod 256) * 3 >> 8 (ggml's dequantize_row_tq1_0)
+        blocks = raw.reshape(-1, 54)
+        d = blocks[:, 52:].copy().view(np.float16).astype(np.float32)[:, 0]
+        trits = lambda b, n: np.stack([((b.astype(np.uint16) * 3 ** i % 256) * 3) >> 8 for i in range(n)], 1)  # noqa: E731
+        q = np.concatenate([trits(blocks[:, :32], 5).reshape(-1, 160), trits(blocks[:, 32:48], 5).reshape(-1, 80),
+                            trits(blocks[:, 48:52], 4).reshape(-1, 16)], axis=1)
+        return d, q.astype(np.int16) - 1
     blocks = raw.reshape(-1, 66)
     d = blocks[:, 64:].copy().view(np.float16).astype(np.float32)[:, 0]
     qs = blocks[:, :64].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
@@ -96,12 +104,14 @@ def _gguf_blocks(raw: np.ndarray, qtype: str):
     (dict(bits=4, group_size=32, embedding_bits=4), dict(hidden=64, tie=True, vocab=320), "Q4_0"),
     (dict(bits=8, group_size=32), dict(hidden=64, tie=False, vocab=320), "Q8_0"),
     (dict(bits="ternary", group_size=256), dict(hidden=256, tie=True, vocab=320), "TQ2_0"),
+    (dict(bits="ternary", group_size=256), dict(hidden=256, tie=True, vocab=320), "TQ1_0"),
 ])
 def test_gguf_blocks_read_back_and_transformers_reproduces_logits(cfg, model_kwargs, qtype, tokenizer, tmp_path):
     import gguf
 
     model = qat_trained_model(QATConfig(start=0, scale_dtype="float16", **cfg), **model_kwargs)
-    info = export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer)
+    options = {"ternary_type": qtype} if qtype.startswith("TQ") else None
+    info = export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer, format_options=options)
     reader = gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf"))
     tensors = {t.name: t for t in reader.tensors}
     assert bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
@@ -110,12 +120,12 @@ def test_gguf_blocks_read_back_and_transformers_reproduces_logits(cfg, model_kwa
     t = tensors["blk.1.ffn_down.weight"]
     assert t.tensor_type.name == qtype
     d, q = _gguf_blocks(np.asarray(t.data).reshape(-1), qtype)
-    block = 32 if qtype != "TQ2_0" else 256
+    block = 256 if qtype.startswith("TQ") else 32
     assert np.array_equal(q.reshape(codes.shape), codes.numpy())
     assert np.array_equal(d.reshape(step.shape), step.numpy())
     dequantized = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(layer.weight.shape)
     assert np.array_equal(dequantized, layer.weight_quantizer.quantized(layer.weight).numpy())
-    assert d.size == codes.numel() // block  # one scale per block of 32 (256 for TQ2_0)
+    assert d.size == codes.numel() // block  # one scale per block of 32 (256 for TQ1_0 / TQ2_0)
     assert ("output.weight" in tensors) == (not model_kwargs["tie"])
     got = logits_in_fresh_process(tmp_path / "gguf", "gguf", INPUT, tmp_path)
     torch.testing.assert_close(got, reference_logits(model), rtol=0, atol=1e-5)
@@ -227,3 +237,16 @@ def test_int8_activations_export_exactly_or_are_refused_with_the_reason(tmp_path
     assert info.format == "hf-qat"
     with torch.no_grad():
         assert torch.equal(load_exported(tmp_path / "auto")(INPUT).logits, reference_logits(model))
+
+
+def test_gguf_format_options_are_checked_before_writing(tokenizer, tmp_path):
+    model = qat_trained_model(QATConfig(start=0, bits="ternary", group_size=256), hidden=256, tie=True, vocab=320)
+    with pytest.raises(ExportFormatError, match=r"'ternary_type'\]='TQ3_0' is not allowed.*TQ2_0, TQ1_0"):
+        export_checkpoint(model, tmp_path / "a", format="gguf", tokenizer=tokenizer, format_options={"ternary_type": "TQ3_0"})
+    with pytest.raises(ExportFormatError, match="'block' is not an option of format 'gguf' \\(its options: ternary_type\\)"):
+        export_checkpoint(model, tmp_path / "b", format="gguf", tokenizer=tokenizer, format_options={"block": "64"})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    tq1 = export_checkpoint(model, tmp_path / "tq1", format="gguf", tokenizer=tokenizer, format_options={"ternary_type": "TQ1_0"})
+    tq2 = export_checkpoint(model, tmp_path / "tq2", format="gguf", tokenizer=tokenizer)
+    quantized = sum(m.weight.numel() for _, m in hf_qat.qat_modules(model))
+    assert tq2.weight_bytes - tq1.weight_bytes == quantized // 256 * (66 - 54)  # 12 bytes less per block of 256
