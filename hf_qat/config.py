@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Union
 
 from .bits import ALLOWED_BITS, TERNARY_BITS, bits_label, normalize_bits  # noqa: F401  (re-exported)

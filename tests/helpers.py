@@ -132,14 +132,14 @@ def byte_level_bpe(pre: str, vocab: int = 320):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from hf_qat.export.gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT
+    from hf_qat.export.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     split = lambda pattern: pre_tokenizers.Sequence([  # noqa: E731
         pre_tokenizers.Split(Regex(pattern), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                                            use_regex=False)])
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = {"gpt-2": byte_level, "llama-bpe": split(_LLAMA3_SPLIT), "qwen2": split(_QWEN2_SPLIT),
+    tok.pre_tokenizer = {"gpt-2": byte_level, "llama-bpe": split(LLAMA3_SPLIT), "qwen2": split(QWEN2_SPLIT),
                          "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
                          "whitespace": pre_tokenizers.WhitespaceSplit()}[pre]
     tok.decoder = decoders.ByteLevel()
@@ -147,3 +147,31 @@ def byte_level_bpe(pre: str, vocab: int = 320):
                             trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def sentencepiece_bpe(vocab: int = 400, prefix: bool = False):
+    """A Gemma tokenizer (transformers' GemmaTokenizer: BPE with byte fallback over text whose spaces
+    are "▁") trained on test text, its merges completed as transformers converts a SentencePiece
+    model: every split of a token into two tokens is a merge, ranked by the token's own rank.
+    ``prefix``: also prepend "▁" to the text, as Llama-2's tokenizer does."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_tok.normalizer = normalizers.Replace(" ", "▁")
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    trainer_tok.train_from_iterator(["def f(x):\n    return x + 1  # 12345\n" * 30, "class A:\n    pass\n" * 30],
+                                    trainers.BpeTrainer(vocab_size=vocab - 256, special_tokens=specials,
+                                                        show_progress=False))
+    learned = sorted((i, t) for t, i in trainer_tok.get_vocab().items() if t not in specials)
+    tokens = specials + [f"<0x{b:02X}>" for b in range(256)] + [t for _, t in learned]
+    ids = {t: i for i, t in enumerate(tokens)}
+    pieces = {t for _, t in learned}
+    merges = sorted(((ids[t], ids[t[:k]], ids[t[k:]]), (t[:k], t[k:])) for t in pieces for k in range(1, len(t))
+                    if t[:k] in pieces and t[k:] in pieces)
+    tokenizer = GemmaTokenizer(vocab=ids, merges=[pair for _, pair in merges], add_bos_token=True)
+    if prefix:
+        tokenizer.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                                                       normalizers.Replace(" ", "▁")])
+    return tokenizer

@@ -103,7 +103,7 @@ def export_checkpoint(
     name = choose_format(layers) if format == "auto" else format
     fmt = get_format(name, format_options)
     check_layers(fmt, layers)
-    fmt.check_model(model, layers)
+    fmt.check_model(model, layers, tokenizer)
     out_dir = os.fspath(out_dir)
     rank_zero = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     info = ExportInfo(format=name, path=out_dir)

@@ -86,8 +86,9 @@ class ExportFormat:
         """Bytes of the scales this format stores for ``layer`` (default: in the scale dtype)."""
         return 0 if layer.tied_to else layer.step.numel() * torch.empty((), dtype=layer.scale_dtype).element_size()
 
-    def check_model(self, model: nn.Module, layers: list[QuantizedLayer]) -> None:
-        """Model-level requirements (architecture, tokenizer...); raise ExportFormatError."""
+    def check_model(self, model: nn.Module, layers: list[QuantizedLayer], tokenizer=None) -> None:
+        """Model-level requirements (architecture, tokenizer...), checked before anything is written;
+        raise ExportFormatError."""
 
     def write(self, model: nn.Module, layers: list[QuantizedLayer], others: dict[str, torch.Tensor], out_dir: str,
               tokenizer=None) -> ExportInfo:

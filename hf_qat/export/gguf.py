@@ -11,22 +11,23 @@
   ``m + 32i`` (0..159), 16 bytes for ``160 + m + 16i``, 4 bytes of four trits (``240 + j + 4i``, a
   zero fifth trit), then fp16 ``d``. The same ternary layers as TQ2_0, 1.69 instead of 2.06 bits.
 
-The file is runnable by llama.cpp: llama.cpp tensor names (gguf's TensorNameMap), the Llama q/k row
-permutation llama.cpp applies (rows move with their group scales), the architecture metadata and the
-tokenizer (a byte-level BPE tokenizer as ``gpt2``). Norms and unquantized weights are F32.
+The file is runnable by llama.cpp: llama.cpp tensor names (gguf's TensorNameMap), the per-architecture
+metadata and tensor transforms (:mod:`hf_qat.export.gguf_arch`: the Llama q/k row permutation moves
+rows with their group scales; Gemma's norms become ``1 + w``) and the tokenizer
+(:mod:`hf_qat.export.gguf_vocab`). Norms and unquantized weights are F32.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..bits import TERNARY_BITS
 from .base import ExportFormat, ExportFormatError, ExportInfo, register_format, tensor_bytes, write_model_config
+from .gguf_arch import GGUFArchitecture, add_metadata, architecture
+from .gguf_vocab import add_tokenizer, gguf_vocab
 from .layers import QuantizedLayer
 
 Q4_0, Q8_0, TQ1_0, TQ2_0 = "Q4_0", "Q8_0", "TQ1_0", "TQ2_0"
@@ -117,20 +118,19 @@ class GGUFFormat(ExportFormat):
     def scale_bytes(self, layer: QuantizedLayer) -> int:
         return 0 if layer.tied_to else 2 * layer.step.numel()  # fp16 d per block
 
-    def check_model(self, model, layers) -> None:
+    def check_model(self, model, layers, tokenizer=None) -> None:
         architecture(model.config)
+        _vocab(tokenizer, model.config)
 
     def write(self, model, layers, others, out_dir, tokenizer=None) -> ExportInfo:
         import gguf
 
-        if tokenizer is None:
-            raise ExportFormatError("GGUF embeds the tokenizer: pass export_checkpoint(..., tokenizer=...)")
         cfg = model.config
         arch = architecture(cfg)
         path = os.path.join(out_dir, "model.gguf")
         writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)])
-        _add_metadata(writer, cfg)
-        _add_tokenizer(writer, tokenizer, cfg.vocab_size)
+        add_metadata(writer, cfg, arch)
+        add_tokenizer(writer, _vocab(tokenizer, cfg))
         written = _add_tensors(writer, cfg, arch, layers, others, self.qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -140,95 +140,10 @@ class GGUFFormat(ExportFormat):
         return ExportInfo(format=self.name, path=out_dir, files=["model.gguf", *files], weight_bytes=tensor_bytes(written))
 
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
-
-
-@dataclass(frozen=True)
-class GGUFArchitecture:
-    """How a transformers model type is written for llama.cpp.
-
-    Attributes:
-        gguf_arch: the ``gguf.MODEL_ARCH`` member.
-        permute_qk: llama.cpp's llama graph rotates interleaved pairs where transformers rotates
-            halves, so q/k rows are reordered (a row permutation: groups along the input stay whole).
-    """
-
-    gguf_arch: str
-    permute_qk: bool
-
-
-ARCHITECTURES = {
-    "llama": GGUFArchitecture("LLAMA", permute_qk=True),
-    "mistral": GGUFArchitecture("LLAMA", permute_qk=True),
-    "qwen2": GGUFArchitecture("QWEN2", permute_qk=False),
-    "qwen3": GGUFArchitecture("QWEN3", permute_qk=False),
-}
-
-
-def architecture(cfg) -> GGUFArchitecture:
-    """The GGUF layout of ``cfg``'s model type; raises ExportFormatError for what llama.cpp would not
-    reproduce (another architecture, a rope scaling or a sliding window it does not apply)."""
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise ExportFormatError(f"GGUF export writes {', '.join(ARCHITECTURES)}; this model is {model_type!r}. "
-                                "Formats that can: compressed-tensors, hf-qat")
-    rope_type = _rope_parameters(cfg).get("rope_type", "default")
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ExportFormatError(
-            f"GGUF export supports the rope types {', '.join(SUPPORTED_ROPE_TYPES)}; this model's is {rope_type!r} "
-            "(llama.cpp would compute other positions). Formats that can: compressed-tensors, hf-qat"
-        )
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and (getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings):
-        raise ExportFormatError(
-            f"this {model_type} model attends within a sliding window of {window} tokens, which llama.cpp's "
-            f"{ARCHITECTURES[model_type].gguf_arch.lower()} graph does not apply. Formats that can: compressed-tensors, hf-qat"
-        )
-    return ARCHITECTURES[model_type]
-
-
-def _rope_parameters(cfg) -> dict:
-    """transformers 5 keeps rope settings in ``rope_parameters`` (older configs: ``rope_scaling``)."""
-    return dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
-
-
-def llama3_rope_factors(cfg) -> torch.Tensor:
-    """The per-frequency divisors of Llama-3.x rope scaling (what llama.cpp reads from ``rope_freqs``):
-    1 for short wavelengths, ``factor`` for long ones, a smooth blend in between; fp32 ``[head_dim / 2]``."""
-    rope = _rope_parameters(cfg)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    base = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
-    old_context = float(rope["original_max_position_embeddings"])
-    freqs = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    wavelen = 2 * torch.pi / freqs
-    smooth = (old_context / wavelen - low) / (high - low)
-    blended = 1.0 / ((1 - smooth) / factor + smooth)
-    factors = torch.where(wavelen < old_context / high, 1.0, torch.where(wavelen > old_context / low, factor, blended))
-    return factors.float()
-
-
-def _head_dim(cfg) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
-def _add_metadata(writer, cfg) -> None:
-    """llama.cpp's ``<arch>.*`` keys (the writer prefixes its architecture)."""
-    writer.add_name(getattr(cfg, "_name_or_path", None) or "hf_qat export")
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(float(_rope_parameters(cfg).get("rope_theta", getattr(cfg, "rope_theta", None) or 10000.0)))
-    head_dim = _head_dim(cfg)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_vocab_size(cfg.vocab_size)
+def _vocab(tokenizer, cfg):
+    if tokenizer is None:
+        raise ExportFormatError("GGUF embeds the tokenizer: pass export_checkpoint(..., tokenizer=...)")
+    return gguf_vocab(tokenizer, cfg.vocab_size)
 
 
 def _qk_heads(cfg, key: str) -> int | None:
@@ -280,79 +195,11 @@ def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others, qtype_of) 
         heads = qk_heads(key)
         if heads:
             t = _permute_qk(t, heads)
+        if arch.norm_shift and key.endswith("norm.weight"):
+            t = t + arch.norm_shift
         writer.add_tensor(gguf_name(key), t.numpy())
         written[key] = t
-    if _rope_parameters(cfg).get("rope_type") == "llama3":
-        factors = llama3_rope_factors(cfg)
-        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.numpy())
-        written["rope_freqs"] = factors
+    for name, t in arch.extra_tensors(cfg).items():
+        writer.add_tensor(name, t.numpy())
+        written[name] = t
     return written
-
-
-# The split regexes of the byte-level BPE families llama.cpp names (its llama-vocab.cpp pre-tokenizers).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS = ("gpt-2 (ByteLevel)", "smollm (Digits + ByteLevel)", "llama-bpe (Llama-3 split)", "qwen2 (Qwen2 split)")
-
-
-def pre_tokenizer_name(pre: dict | None) -> str:
-    """llama.cpp's ``tokenizer.ggml.pre`` for a tokenizers ``pre_tokenizer`` spec (its split rule
-    decides how text is cut before BPE, so a wrong name tokenizes some texts differently)."""
-    if pre is None:
-        raise ExportFormatError("GGUF export needs a byte-level BPE tokenizer with a pre-tokenizer")
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [step.get("type") for step in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        pattern = steps[0].get("pattern", {}).get("Regex")
-        if pattern == _LLAMA3_SPLIT:
-            return "llama-bpe"
-        if pattern == _QWEN2_SPLIT:
-            return "qwen2"
-    raise ExportFormatError(f"GGUF export knows the pre-tokenizers {', '.join(PRE_TOKENIZERS)}; this tokenizer's "
-                            f"({' + '.join(map(str, kinds))}) is none of them, so llama.cpp could split text differently")
-
-
-def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer as llama.cpp's ``gpt2`` model (tokens, types, merges, special ids)."""
-    import gguf
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ExportFormatError("GGUF export needs a fast (tokenizers-backed) BPE tokenizer")
-    spec = json.loads(backend.to_str())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE":
-        raise ExportFormatError(f"GGUF export writes byte-level BPE tokenizers; this one is {model.get('type')!r}")
-    vocab = {**model["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
-    if max(vocab.values()) >= vocab_size:
-        raise ExportFormatError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocabulary is "
-                                f"{vocab_size}: they do not belong together")
-    tokens = [None] * vocab_size
-    for token, index in vocab.items():
-        if index < vocab_size:
-            tokens[index] = token
-    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-    types = []
-    for i, token in enumerate(tokens):
-        if token is None:
-            tokens[i] = f"[PAD{i}]"
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(spec.get("pre_tokenizer")))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for attr, adder in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                        ("pad_token_id", writer.add_pad_token_id)):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            adder(value)

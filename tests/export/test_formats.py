@@ -172,7 +172,7 @@ def test_gguf_refuses_rope_scaling_llama_cpp_would_not_reproduce_and_writes_llam
     import gguf
 
     from hf_qat.export.base import ExportFormatError
-    from hf_qat.export.gguf import llama3_rope_factors
+    from hf_qat.export.gguf_arch import llama3_rope_factors
 
     model = qat_trained_model(QATConfig(start=0, bits=4, group_size=32), hidden=64, vocab=320)
     model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
@@ -193,7 +193,7 @@ def test_gguf_refuses_rope_scaling_llama_cpp_would_not_reproduce_and_writes_llam
 def test_gguf_names_the_pre_tokenizer_of_the_tokenizer(pre):
     import json as json_module
 
-    from hf_qat.export.gguf import pre_tokenizer_name
+    from hf_qat.export.gguf_vocab import pre_tokenizer_name
 
     spec = json_module.loads(byte_level_bpe(pre).backend_tokenizer.to_str())
     assert pre_tokenizer_name(spec["pre_tokenizer"]) == pre
@@ -205,6 +205,7 @@ def test_gguf_refuses_an_unknown_pre_tokenizer(tmp_path):
     model = qat_trained_model(QATConfig(start=0, bits=4, group_size=32), hidden=64, vocab=320)
     with pytest.raises(ExportFormatError, match=r"knows the pre-tokenizers gpt-2.*\(WhitespaceSplit\)"):
         export_checkpoint(model, tmp_path / "ws", format="gguf", tokenizer=byte_level_bpe("whitespace"))
+    assert not (tmp_path / "ws").exists()
 
 
 def test_gguf_refuses_architectures_and_windows_llama_cpp_would_not_reproduce(tokenizer, tmp_path):
@@ -220,10 +221,25 @@ def test_gguf_refuses_architectures_and_windows_llama_cpp_would_not_reproduce(to
         hf_qat.activate_qat(model)
         return model
 
-    with pytest.raises(ExportFormatError, match=r"writes llama, mistral, qwen2, qwen3; this model is 'gemma2'"):
-        export_checkpoint(qat("gemma2", head_dim=16), tmp_path / "g", format="gguf", tokenizer=tokenizer)
-    with pytest.raises(ExportFormatError, match=r"sliding window of 32 tokens"):
-        export_checkpoint(qat("mistral", sliding_window=32), tmp_path / "m", format="gguf", tokenizer=tokenizer)
+    gemma = dict(head_dim=16, query_pre_attn_scalar=16)
+    refused = [
+        (("phi3", dict(pad_token_id=0)), r"writes llama, mistral, qwen2, qwen3, gemma2, gemma3_text; this model is 'phi3'"),
+        (("mistral", dict(sliding_window=32)), r"sliding window of 32 tokens"),
+        (("gemma2", dict(head_dim=16)), r"queries by 1/sqrt\(16\).*query_pre_attn_scalar is 256"),
+        (("gemma2", dict(gemma, final_logit_softcapping=None)), r"always soft-caps.*final_logit_softcapping is None"),
+        (("gemma2", dict(gemma, tie_word_embeddings=False)), r"LM head is untied"),
+        (("gemma2", dict(gemma, layer_types=["full_attention"])), r"needs sliding-window layers"),
+        (("gemma3_text", dict(gemma, attn_logit_softcapping=50.0)), r"does not soft-cap attention logits"),
+        (("gemma3_text", dict(gemma, hidden_activation="gelu")), r"tanh GELU; this model's activation is 'gelu'"),
+        (("gemma3_text", dict(gemma, rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 2.0},
+                                                      "sliding_attention": {"rope_type": "default"}})),
+         r"rope types default, linear on its global layers; this model's is 'yarn'"),
+    ]
+    for (model_type, *extra), message in refused:
+        with pytest.raises(ExportFormatError, match=message):
+            export_checkpoint(qat(model_type, **(extra[0] if extra else {})), tmp_path / "x", format="gguf",
+                              tokenizer=tokenizer)
+        assert not (tmp_path / "x").exists()
 
 
 def test_int8_activations_export_exactly_or_are_refused_with_the_reason(tmp_path):
@@ -250,3 +266,27 @@ def test_gguf_format_options_are_checked_before_writing(tokenizer, tmp_path):
     tq2 = export_checkpoint(model, tmp_path / "tq2", format="gguf", tokenizer=tokenizer)
     quantized = sum(m.weight.numel() for _, m in hf_qat.qat_modules(model))
     assert tq2.weight_bytes - tq1.weight_bytes == quantized // 256 * (66 - 54)  # 12 bytes less per block of 256
+
+
+def test_gguf_sentencepiece_tokenizers_are_recognised_and_incomplete_merges_refused(tmp_path):
+    import json
+
+    from transformers import GemmaTokenizer
+
+    from hf_qat.export.gguf_vocab import sentencepiece_prefix
+    from helpers import sentencepiece_bpe
+
+    spec = lambda tok: json.loads(tok.backend_tokenizer.to_str())  # noqa: E731
+    assert sentencepiece_prefix(spec(sentencepiece_bpe())) is False  # Gemma: no "▁" prefix
+    assert sentencepiece_prefix(spec(sentencepiece_bpe(prefix=True))) is True  # Llama-2
+    assert sentencepiece_prefix(spec(byte_level_bpe("gpt-2"))) is None
+
+    complete = sentencepiece_bpe()
+    merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in spec(complete)["model"]["merges"]]
+    vocab = spec(complete)["model"]["vocab"]
+    dropped = next(m for m in merges if len(m[0]) > 1 and len(m[1]) > 1)  # a merge of two multi-character tokens
+    incomplete = GemmaTokenizer(vocab=vocab, merges=[m for m in merges if m != dropped], add_bos_token=True)
+    model = qat_trained_model(QATConfig(start=0, bits=4, group_size=32), hidden=64, vocab=400)
+    with pytest.raises(ExportFormatError, match=f"splits into the tokens {dropped[0]!r} \\+ {dropped[1]!r}, which are not a merge"):
+        export_checkpoint(model, tmp_path / "bad", format="gguf", tokenizer=incomplete)
+    assert not (tmp_path / "bad").exists()

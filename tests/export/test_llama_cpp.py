@@ -9,7 +9,11 @@ position errors show: a Llama-3 rope export without its rope_freqs factors misse
 spread and fails. The ternary cases (TQ2_0, TQ1_0: blocks of 256, so hidden 256) keep the attention
 as initialised: sharpened at that width, the int8 activation rounding alone reaches 2 % of the spread
 even for Q4_0. Their blocks are checked bit for bit in test_formats; here TQ1_0 and TQ2_0 give
-llama.cpp the same logits.
+llama.cpp the same logits. The Gemma cases are set so that each Gemma setting shows: norm weights
+moved off their init (written as 1 + w: without the shift the difference is 4 x the spread), a window
+of 6 tokens (no window or a window of 7: 4 % and 1.2 % for Gemma-2, 47 % and 23 % for Gemma-3),
+strong soft-capping (without the attention cap 1.4 %, without the final cap 86 %), Gemma-3's linear
+rope scaling (without it 1.2 %) and local rope base (the global one instead: 46 %).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 import hf_qat
 from hf_qat import QATConfig
 from hf_qat.export import export_checkpoint
-from helpers import byte_level_bpe
+from helpers import byte_level_bpe, sentencepiece_bpe
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -42,6 +46,9 @@ def tiny(model_type: str, sharpen: float = 4.0, **extra):
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(sharpen)
             layer.self_attn.k_proj.weight.mul_(sharpen)
+        for name, param in model.named_parameters():  # norms that differ: each must be written where it belongs
+            if name.endswith("norm.weight"):
+                param.add_(torch.randn(param.shape) * 0.3)
     return model
 
 
@@ -67,6 +74,14 @@ CASES = {
     "qwen2": (lambda: tiny("qwen2"), "qwen2"),
     "qwen3": (lambda: tiny("qwen3", head_dim=32), "qwen2"),
 }
+GEMMA = dict(vocab_size=400, head_dim=16, query_pre_attn_scalar=16, sliding_window=6, final_logit_softcapping=3.0,
+             bos_token_id=2, eos_token_id=1, pad_token_id=0)
+CASES["gemma2"] = (lambda: tiny("gemma2", attn_logit_softcapping=1.0, **GEMMA), "sentencepiece")
+CASES["gemma3"] = (lambda: tiny("gemma3_text", sharpen=2.0, num_hidden_layers=3, layer_types=[
+    "sliding_attention", "full_attention", "sliding_attention"], rope_parameters={
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 10.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}, **GEMMA), "sentencepiece")
+CASES["llama-sentencepiece"] = (lambda: tiny("llama", vocab_size=400), "sentencepiece-prefix")  # Llama-2's "▁" prefix
 TERNARY = dict(bits="ternary", group_size=256)  # TQ2_0 / TQ1_0 blocks are 256 wide
 QUANT = {case: ({}, None) for case in CASES}
 for qtype in ("TQ2_0", "TQ1_0"):
@@ -78,13 +93,14 @@ for qtype in ("TQ2_0", "TQ1_0"):
 def test_llama_cpp_reproduces_the_qat_model(case, tmp_path):
     build, pre = CASES[case]
     quant, options = QUANT[case]
-    tokenizer = byte_level_bpe(pre)
+    tokenizer = (sentencepiece_bpe(prefix=pre.endswith("-prefix")) if pre.startswith("sentencepiece")
+                 else byte_level_bpe(pre))
     model = qat_train(build(), tokenizer, **quant)
     export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer, format_options=options)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "gguf" / "model.gguf"), n_ctx=128, logits_all=True, verbose=False)
 
-    ids = tokenizer(TEXT)["input_ids"]
-    assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == ids
+    ids = tokenizer(TEXT)["input_ids"]  # with the special tokens the tokenizer adds (Gemma: <bos>)
+    assert llm.tokenize(TEXT.encode(), add_bos=True, special=False) == ids
     llm.reset()
     llm.eval(ids)
     got = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
