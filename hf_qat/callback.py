@@ -5,8 +5,8 @@ What it does, and when (transformers' Trainer, see INTEGRATION.md):
 * ``on_init_end`` (inside ``Trainer.__init__``, before the optimizer exists and before DDP/FSDP2
   wrap the model): installs the dormant QAT modules (``prepare_model_for_qat``) and attaches to the
   Trainer being built:
-    - the optimizer it creates holds the scales in their own param group (no weight decay, LR times
-      ``scale_lr_multiplier``);
+    - the optimizer it creates holds the scales in their own param group (no weight decay, LR
+      ``QATConfig.scale_peak_lr``: ``scale_lr``, 0.02 by default);
     - the scheduler it creates is the two-phase schedule (fused cooldown by default) around the
       planned switch step, unless ``manage_schedule=False``;
   both exist from the start, so optimizer and scheduler checkpoints load back unchanged on resume.
@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -96,9 +96,11 @@ def tokens_per_step(args: TrainingArguments, sequence_length: int | None, train_
     return int(args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * sequence_length)
 
 
-def add_scale_param_group(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lr_multiplier: float) -> bool:
+def add_scale_param_group(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                          scale_peak_lr: Callable[[float], float]) -> bool:
     """Move the scales of ``model`` out of the optimizer's groups into a group of their own
-    (``weight_decay=0``, ``lr`` times ``lr_multiplier``, marked with ``hf_qat_scales=True``).
+    (``weight_decay=0``, peak LR ``scale_peak_lr(peak base LR)`` (``QATConfig.scale_peak_lr``) at the
+    same point of the schedule as the weights, marked with ``hf_qat_scales=True``).
 
     Must run before a scheduler is built on the optimizer. Returns False when there is nothing to
     move (no scales, or the optimizer does not hold them).
@@ -115,11 +117,14 @@ def add_scale_param_group(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
             group["params"] = kept
     if template is None:
         return False
+    peak = template.get("initial_lr", template["lr"])
+    scale_peak = scale_peak_lr(peak)
     new_group = {k: v for k, v in template.items() if k != "params"}
-    new_group.update(params=list(scales.values()), weight_decay=0.0, lr=template["lr"] * lr_multiplier)
+    new_group.update(params=list(scales.values()), weight_decay=0.0,
+                     lr=template["lr"] * scale_peak / peak if peak else 0.0)
     new_group[SCALE_GROUP_KEY] = True
     if "initial_lr" in new_group:
-        new_group["initial_lr"] = template["initial_lr"] * lr_multiplier
+        new_group["initial_lr"] = scale_peak
     optimizer.add_param_group(new_group)
     return True
 
@@ -214,7 +219,7 @@ class QATCallback(TrainerCallback, ExportableState):
             )
             return lambda_lr(optimizer, multiplier)
 
-        attach(trainer, self, lambda optimizer, m: add_scale_param_group(optimizer, m, config.scale_lr_multiplier),
+        attach(trainer, self, lambda optimizer, m: add_scale_param_group(optimizer, m, config.scale_peak_lr),
                build_scheduler if config.manage_schedule else None,
                self._distilled_loss if self.teacher is not None else None)
         self._trainer = weakref.ref(trainer)

@@ -36,6 +36,7 @@ ALLOWED_DECAY_SHAPES = CHOICES["decay_shape"]
 BOOL_FIELDS = ("fuse_cooldown", "reset_optimizer_state", "log_quant_error", "manage_schedule",
                "count_quantized_params_only")
 MAX_GROUP_SIZE = 1 << 16
+DEFAULT_SCALE_LR = 0.02  # the scales' peak LR when neither scale_lr nor scale_lr_multiplier is set
 CONFIG_NAME = "qat_config.json"
 
 GroupSize = Union[int, str]
@@ -75,11 +76,17 @@ class QATConfig:
         fuse_cooldown: use the paper's fused schedule (LR stays at its stable value until the switch,
             then decays over the QAT phase); False gives the classic schedule.
         scale_dtype: scales are rounded to this dtype in the forward pass (exact export).
-        scale_lr_multiplier: the scales' learning rate is the base LR times this. The learned
-            parameter is log(scale / initial scale), so this is a relative rate: with 10 (the default)
-            a step moves a scale by about 10 x LR of itself. Chosen on the demo's planned 2-bit run
-            (held-out loss 2.8127 with 1, 2.8048 with 10, 2.8099 with 30; the 0.1.0 raw-scale
-            parametrisation: 2.8072).
+        scale_lr_multiplier: when set, the scales' learning rate is the base LR times this (the rule
+            of hf_qat 0.1 / 0.2, whose default was 10). None (default): ``scale_lr``.
+        scale_lr: the scales' peak learning rate, whatever the base LR (None: 0.02, ``DEFAULT_SCALE_LR``,
+            unless ``scale_lr_multiplier`` is set; setting both is an error). The learned parameter is
+            log(scale / initial scale), so Adam moves a scale by about this fraction of itself per
+            step, a rate that does not depend on the weights' size or LR. The scales follow the
+            same schedule shape as the weights. Chosen from two regimes: from scratch (demo, planned
+            2-bit, base LR 3e-3) held-out loss 2.8127 / 2.8048 / 2.8099 at scale LRs 3e-3 / 3e-2 /
+            9e-2; fine-tuning SmolLM2-135M at 4 bits (base LR 2e-5, benchmarks/distill.py) 2.1984 /
+            2.1710 / 2.1619 at 2e-4 / 2e-3 / 2e-2: a multiplier that suits one regime is 100 x off in
+            the other, an absolute rate of about 0.02 suits both.
         reset_optimizer_state: clear the optimizer state of the quantized weights at the switch.
         scale_grad_mode: "paretoq" (g = 1/sqrt(numel(W) * Qp)) or "lsq" (g = 1/sqrt(n_per_scale * Qp)).
         log_quant_error: log ``qat/weight_error`` (mean relative squared quantization error).
@@ -117,7 +124,7 @@ class QATConfig:
     pretrained_tokens: float | int | None = None
     fuse_cooldown: bool = True
     scale_dtype: str = "float16"
-    scale_lr_multiplier: float = 10.0
+    scale_lr_multiplier: float | None = None
     reset_optimizer_state: bool = False
     scale_grad_mode: str = "paretoq"
     log_quant_error: bool = True
@@ -133,6 +140,7 @@ class QATConfig:
     lora_mode: str = "merged"
     distill: dict[str, Any] | None = None
     scale_init: str = "max"
+    scale_lr: float | None = None
 
     def __post_init__(self) -> None:
         self._check_quantizers()
@@ -200,6 +208,12 @@ class QATConfig:
                                  f"start={self.start!r} (QAT from step 0: there is no FP phase to snapshot)")
         self.distill = {**config.to_dict(), "teacher": config.teacher}
 
+    def scale_peak_lr(self, base_lr: float) -> float:
+        """The scales' peak learning rate for a run whose peak base LR is ``base_lr``."""
+        if self.scale_lr_multiplier is not None:
+            return base_lr * self.scale_lr_multiplier
+        return DEFAULT_SCALE_LR if self.scale_lr is None else self.scale_lr
+
     @property
     def distill_config(self):
         """The validated :class:`hf_qat.distill.DistillConfig`, or None."""
@@ -222,11 +236,15 @@ class QATConfig:
         return value
 
     def _check_numbers(self) -> None:
-        """scale_lr_multiplier, the schedule's ratios, sequence_length."""
-        if isinstance(self.scale_lr_multiplier, bool) or not isinstance(self.scale_lr_multiplier, (int, float)) or not (
-            math.isfinite(self.scale_lr_multiplier) and self.scale_lr_multiplier > 0
-        ):
-            raise QATConfigError("scale_lr_multiplier", self.scale_lr_multiplier, "a finite number > 0")
+        """scale_lr / scale_lr_multiplier, the schedule's ratios, sequence_length."""
+        for name in ("scale_lr_multiplier", "scale_lr"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0)):
+                raise QATConfigError(name, value, "None or a finite number > 0")
+        if self.scale_lr is not None and self.scale_lr_multiplier is not None:
+            raise QATConfigError("scale_lr", self.scale_lr, "None when scale_lr_multiplier is set (the scales' LR is "
+                                 "either absolute, scale_lr, or relative to the base LR, scale_lr_multiplier)")
         for name in ("min_lr_ratio", "fp_cooldown_fraction", "qat_warmup_fraction"):
             value = getattr(self, name)
             top_included = name == "min_lr_ratio"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from hf_qat import QATCallback, QATConfig
+from hf_qat import QATCallback, QATConfig, QATConfigError
 from hf_qat.callback import SCALE_GROUP_KEY
 from hf_qat.convert import qat_modules
 from helpers import make_trainer, state_dict_copy
@@ -95,6 +95,20 @@ def test_scales_get_their_own_param_group(tmp_path):
     assert scale_groups[0]["lr"] == pytest.approx(1e-4)
     assert all(id(p) not in scales for g in groups if not g.get(SCALE_GROUP_KEY) for p in g["params"])
     assert os.path.isfile(tmp_path / "qat_config.json")
+
+
+@pytest.mark.parametrize("base_lr", [1e-3, 1e-5])
+def test_the_scales_learning_rate_is_absolute_by_default_or_relative_when_asked(base_lr, tmp_path):
+    rates = {}
+    for name, fields in (("default", {}), ("scale_lr", {"scale_lr": 0.05}), ("multiplier", {"scale_lr_multiplier": 7.0})):
+        trainer = make_trainer(tmp_path / name, [QATCallback(**{**CFG, "start": 1}, **fields)], max_steps=1,
+                               warmup_steps=0, lr_scheduler_type="constant", learning_rate=base_lr)
+        trainer.create_optimizer_and_scheduler(num_training_steps=1)
+        rates[name] = next(g for g in trainer.optimizer.param_groups if g.get(SCALE_GROUP_KEY))["lr"]
+    assert rates == {"default": pytest.approx(0.02), "scale_lr": pytest.approx(0.05),
+                     "multiplier": pytest.approx(7.0 * base_lr)}
+    with pytest.raises(QATConfigError, match="scale_lr=0.05 is not allowed; allowed: None when scale_lr_multiplier is set"):
+        QATConfig(scale_lr=0.05, scale_lr_multiplier=7.0)
 
 
 def test_optimizer_state_of_quantized_weights_is_reset_at_the_switch(tmp_path):

@@ -33,7 +33,7 @@ def train(seed: int, steps: int = 12, switch: int = 6, lr: float = 3e-3):
     model = tiny_llama(seed=seed, hidden=64)
     hf_qat.prepare_model_for_qat(model, hf_qat.QATConfig(bits=4, group_size=32, start=switch))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    assert add_scale_param_group(optimizer, model, 1.0)
+    assert add_scale_param_group(optimizer, model, lambda base_lr: base_lr)  # the scales at the base LR
     data = token_dataset(n=steps * 8, vocab=model.config.vocab_size, seed=seed + 1)
     for step in range(steps):
         if step == switch:

@@ -22,7 +22,8 @@ The keys (the contract of ``hf-qat sweep``; keys may be added, never renamed)::
 
 Added keys: ``weight_decay`` (0.1), ``max_grad_norm`` (1.0), ``decay_shape`` ("linear"),
 ``min_lr_ratio`` (0.0), ``fp_cooldown_fraction`` (0.2, the FP row's and classic runs' cooldown),
-``qat_warmup_fraction`` (0.05, classic runs), ``scale_lr_multiplier`` (QATConfig's default),
+``qat_warmup_fraction`` (0.05, classic runs), ``scale_lr`` / ``scale_lr_multiplier`` (the scales'
+learning rate, as QATConfig's: absolute, 0.02 by default, or the base LR times a multiplier),
 ``tie_word_embeddings`` (true), and ``extra``: a list of partial grids, each overriding any of
 ``sizes`` (a list of size names), budgets, bits, fractions, schedules, seed (e.g. classic runs at one
 size, or a second seed at one point to measure eval noise).
@@ -46,7 +47,7 @@ DATA_KEYS = ("dataset", "config_name", "split", "text_files", "jsonl_files", "te
 SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
              "head_dim", "rms_norm_eps", "rope_theta")
 NUMBER_KEYS = ("learning_rate", "weight_decay", "max_grad_norm", "min_lr_ratio", "fp_cooldown_fraction",
-               "qat_warmup_fraction", "scale_lr_multiplier")
+               "qat_warmup_fraction", "scale_lr_multiplier", "scale_lr")
 EXTRA_KEYS = ("sizes", "budgets", "bits", "fractions", "schedules", "seed")
 
 
@@ -93,7 +94,8 @@ class SweepConfig:
     min_lr_ratio: float = 0.0
     fp_cooldown_fraction: float = 0.2
     qat_warmup_fraction: float = 0.05
-    scale_lr_multiplier: float = QATConfig.scale_lr_multiplier
+    scale_lr_multiplier: float | None = None
+    scale_lr: float | None = None
     tie_word_embeddings: bool = True
     extra: list[dict[str, Any]] = field(default_factory=list)
 
@@ -109,8 +111,13 @@ class SweepConfig:
             _positive_int(key, getattr(self, key))
         _non_negative_int("warmup_steps", self.warmup_steps)
         _non_negative_int("seed", self.seed)
-        for key in ("learning_rate", "max_grad_norm", "scale_lr_multiplier"):
+        for key in ("learning_rate", "max_grad_norm"):
             _positive_number(key, getattr(self, key))
+        for key in ("scale_lr_multiplier", "scale_lr"):
+            if getattr(self, key) is not None:
+                _positive_number(key, getattr(self, key))
+        if self.scale_lr is not None and self.scale_lr_multiplier is not None:
+            raise SweepConfigError("scale_lr", self.scale_lr, "unset when scale_lr_multiplier is set (one or the other)")
         for key in ("weight_decay", "min_lr_ratio", "fp_cooldown_fraction", "qat_warmup_fraction"):
             value = getattr(self, key)
             if not _is_number(value) or not 0.0 <= value <= 1.0:
@@ -194,7 +201,11 @@ class SweepConfig:
     def qat_config(self, bits: float | int) -> QATConfig:
         """The QATConfig of every tail at ``bits`` (the switch is placed by the sweep, not the config)."""
         return QATConfig(bits=bits, group_size=self.group_size, start=0, scale_lr_multiplier=self.scale_lr_multiplier,
-                         log_quant_error=False)
+                         scale_lr=self.scale_lr, log_quant_error=False)
+
+    def scale_peak_lr(self, base_lr: float) -> float:
+        """The scales' peak LR (QATConfig's rule, from ``scale_lr`` / ``scale_lr_multiplier``)."""
+        return QATConfig(start=0, scale_lr_multiplier=self.scale_lr_multiplier, scale_lr=self.scale_lr).scale_peak_lr(base_lr)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

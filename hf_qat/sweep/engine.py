@@ -71,13 +71,13 @@ def check_size(config: SweepConfig, size: str, qat: QATConfig) -> None:
 
 def build_optimizer(model: torch.nn.Module, config: SweepConfig) -> torch.optim.AdamW:
     """AdamW as the Trainer builds it (weight decay on matrices only), the QAT scales (if installed)
-    in their own group (no weight decay, LR times ``scale_lr_multiplier``)."""
+    in their own group (no weight decay, LR ``SweepConfig.scale_peak_lr``)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (decay if param.ndim >= 2 and not name.endswith("log_scale_ratio") else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
-    add_scale_param_group(optimizer, model, config.scale_lr_multiplier)
+    add_scale_param_group(optimizer, model, config.scale_peak_lr)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
     return optimizer

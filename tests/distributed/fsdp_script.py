@@ -54,7 +54,7 @@ def main() -> None:
     decay = [p for n, p in model.named_parameters() if "norm" not in n]
     rest = [p for n, p in model.named_parameters() if "norm" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=3e-3)
-    assert add_scale_param_group(optimizer, model, lr_multiplier=1.0)
+    assert add_scale_param_group(optimizer, model, lambda base_lr: base_lr)  # the scales at the base LR
 
     data = token_dataset(n=4 * args.steps)
     per_rank = 4 // world

@@ -178,6 +178,8 @@ def test_bad_sweep_files_are_refused_before_anything_trains(tmp_path):
         ({"extra": [{"sizes": ["s99"]}]}, r"'extra\[0\].sizes' = 's99'.*names from sizes: s32"),
         ({"data": {"text_files": ["a.txt"], "dataset": "x"}}, r"'data'.*exactly one of dataset, text_files"),
         ({"sizes": {"s32": {"hidden_size": 32, "layers": 2}}}, r"'sizes.s32.layers'.*hidden_size, num_hidden_layers"),
+        ({"scale_lr": 0.02, "scale_lr_multiplier": 10}, r"'scale_lr' = 0.02.*unset when scale_lr_multiplier is set"),
+        ({"scale_lr": -1}, r"'scale_lr' = -1"),
     ]
     for change, message in cases:
         with pytest.raises(SweepConfigError, match=message):
