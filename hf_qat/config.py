@@ -85,8 +85,8 @@ class QATConfig:
             same schedule shape as the weights. Chosen from two regimes: from scratch (demo, planned
             2-bit, base LR 3e-3) held-out loss 2.8127 / 2.8048 / 2.8099 at scale LRs 3e-3 / 3e-2 /
             9e-2; fine-tuning SmolLM2-135M at 4 bits (base LR 2e-5, benchmarks/distill.py) 2.1984 /
-            2.1710 / 2.1619 at 2e-4 / 2e-3 / 2e-2: a multiplier that suits one regime is 100 x off in
-            the other, an absolute rate of about 0.02 suits both.
+            2.1710 / 2.1619 / 2.2162 at 2e-4 / 2e-3 / 2e-2 / 6e-2: a multiplier that suits one regime
+            is 100 x off in the other, an absolute rate of about 0.02 suits both.
         reset_optimizer_state: clear the optimizer state of the quantized weights at the switch.
         scale_grad_mode: "paretoq" (g = 1/sqrt(numel(W) * Qp)) or "lsq" (g = 1/sqrt(n_per_scale * Qp)).
         log_quant_error: log ``qat/weight_error`` (mean relative squared quantization error).
