@@ -68,7 +68,7 @@ def main() -> None:
         reference = model.eval()(batch).logits
     if info.format == "gguf":
         reloaded = llama_cpp_check(os.path.join(export_dir, "model.gguf"), model, held_out, tokenizer,
-                                   corpus.eval_text[:4000])
+                                   "\n".join(corpus.eval_text)[:4000])
     else:
         reloaded = {"max_abs_logit_diff_reloaded": reloaded_difference(export_dir, batch, reference)}
     result = {
