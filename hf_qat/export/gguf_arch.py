@@ -146,7 +146,7 @@ def _check_gemma2(cfg) -> None:
     if "sliding_attention" not in _layer_types(cfg):
         raise ExportFormatError("llama.cpp's gemma2 graph needs sliding-window layers (it aborts without any); this "
                                 f"model's layers are all full attention. {OTHER_FORMATS}")
-    _check_rope_and_window_types(cfg, {"default"}, {"default"})
+    _check_layer_ropes(cfg, (rope_parameters(cfg),) * 2, {"default"})
 
 
 def _gemma2_metadata(writer, cfg) -> None:
@@ -164,9 +164,9 @@ def _gemma3_rope(cfg) -> tuple[dict, dict]:
     return rope, {"rope_theta": getattr(cfg, "rope_local_base_freq", None) or _rope_theta(rope, cfg)}
 
 
-def _check_rope_and_window_types(cfg, full_types: set[str], sliding_types: set[str]) -> None:
-    full, sliding = _gemma3_rope(cfg) if cfg.model_type == "gemma3_text" else (rope_parameters(cfg),) * 2
-    for kind, rope, allowed in (("global", full, full_types), ("sliding", sliding, sliding_types)):
+def _check_layer_ropes(cfg, ropes: tuple[dict, dict], full_types: set[str]) -> None:
+    """``ropes``: (global layers' rope, sliding layers' rope); the sliding layers' must be "default"."""
+    for kind, rope, allowed in (("global", ropes[0], full_types), ("sliding", ropes[1], {"default"})):
         rope_type = rope.get("rope_type", "default")
         if rope_type not in allowed:
             raise ExportFormatError(
@@ -182,7 +182,7 @@ def _check_gemma3(cfg) -> None:
                                 f"attn_logit_softcapping is {cfg.attn_logit_softcapping}. {OTHER_FORMATS}")
     if getattr(cfg, "use_bidirectional_attention", False):
         raise ExportFormatError(f"llama.cpp's gemma3 graph is causal; this model attends both ways. {OTHER_FORMATS}")
-    _check_rope_and_window_types(cfg, {"default", "linear"}, {"default"})
+    _check_layer_ropes(cfg, _gemma3_rope(cfg), {"default", "linear"})
 
 
 def _gemma3_metadata(writer, cfg) -> None:

@@ -208,13 +208,15 @@ def mse_scale(weight: torch.Tensor, first_scale: torch.Tensor, spec: WeightQuant
     llama.cpp's quantizers do the same for their scales).
     """
     w = weight.float()
-    best_scale, best_error = first_scale.float().clone(), None
-    for ratio in ratios:
+
+    def squared_error(scale: torch.Tensor) -> torch.Tensor:
+        return spec.layout.scale_view((fake_quantize_weight(w, scale, spec).float() - w).pow(2)).sum(-1)
+
+    best_scale = first_scale.float() * ratios[0]
+    best_error = squared_error(best_scale)
+    for ratio in ratios[1:]:
         candidate = first_scale.float() * ratio
-        error = spec.layout.scale_view((fake_quantize_weight(w, candidate, spec).float() - w).pow(2)).sum(-1)
-        if best_error is None:
-            best_scale, best_error = candidate, error
-            continue
+        error = squared_error(candidate)
         better = error < best_error
         best_scale = torch.where(better, candidate, best_scale)
         best_error = torch.where(better, error, best_error)

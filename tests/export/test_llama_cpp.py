@@ -82,20 +82,21 @@ CASES["gemma3"] = (lambda: tiny("gemma3_text", sharpen=2.0, num_hidden_layers=3,
     "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 10.0},
     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}, **GEMMA), "sentencepiece")
 CASES["llama-sentencepiece"] = (lambda: tiny("llama", vocab_size=400), "sentencepiece-prefix")  # Llama-2's "▁" prefix
-TERNARY = dict(bits="ternary", group_size=256)  # TQ2_0 / TQ1_0 blocks are 256 wide
-QUANT = {case: ({}, None) for case in CASES}
-for qtype in ("TQ2_0", "TQ1_0"):
-    CASES[f"llama-{qtype}"] = (lambda: tiny("llama", sharpen=1.0, hidden_size=256, intermediate_size=512), "gpt-2")
-    QUANT[f"llama-{qtype}"] = (TERNARY, {"ternary_type": qtype})
+TERNARY = {"llama-TQ2_0": "TQ2_0", "llama-TQ1_0": "TQ1_0"}  # case -> GGUF ternary type (blocks 256 wide)
+for case in TERNARY:
+    CASES[case] = (lambda: tiny("llama", sharpen=1.0, hidden_size=256, intermediate_size=512), "gpt-2")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_llama_cpp_reproduces_the_qat_model(case, tmp_path):
     build, pre = CASES[case]
-    quant, options = QUANT[case]
     tokenizer = (sentencepiece_bpe(prefix=pre.endswith("-prefix")) if pre.startswith("sentencepiece")
                  else byte_level_bpe(pre))
-    model = qat_train(build(), tokenizer, **quant)
+    if case in TERNARY:
+        model = qat_train(build(), tokenizer, bits="ternary", group_size=256)
+        options = {"ternary_type": TERNARY[case]}
+    else:
+        model, options = qat_train(build(), tokenizer), None
     export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer, format_options=options)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "gguf" / "model.gguf"), n_ctx=128, logits_all=True, verbose=False)
 
