@@ -15,20 +15,29 @@ What it does, and when (transformers' Trainer, see INTEGRATION.md):
 * When the scheduler is built (or at ``on_train_begin``): the plan. ``start="auto"`` asks the
   planner (:func:`hf_qat.plan_qat`) with N = the model's parameters (tied tensors once; or only the
   quantized weights with ``count_quantized_params_only``) and tokens per step =
-  ``per_device_train_batch_size * gradient_accumulation_steps * world_size * sequence_length``, where
-  the sequence length is ``QATConfig.sequence_length`` or the length of the first training example's
-  ``input_ids``. The plan is logged and written to ``qat_plan.json`` in the output dir.
+  ``per_device_train_batch_size * gradient_accumulation_steps * world_size`` x the tokens per example:
+  ``QATConfig.sequence_length``, or the mean real tokens of sampled training examples
+  (:mod:`hf_qat.run_inputs`; the plan says which). The plan is logged and written to
+  ``qat_plan.json`` in the output dir.
 * ``on_step_begin``: at the switch step, turns QAT on and initialises the scales from the full
   weights on every rank (optionally clears the optimizer state of the quantized weights).
 * ``on_log``: adds ``qat/active`` and ``qat/weight_error``, the mean relative quantization error
   measured at the switch and at each evaluation (``trainer.evaluate()`` returns it as
   ``eval_qat/weight_error``; the next training log reports it):
   a log never costs a pass over the weights.
-* ``on_save``: writes ``qat_config.json`` and ``qat_plan.json`` into the checkpoint folder.
+* ``on_save``: writes ``qat_config.json`` and ``qat_plan.json`` into the checkpoint folder (and, for
+  a PEFT model, whose checkpoints hold only the adapter, the QAT state: :mod:`hf_qat.qat_state`; with
+  a snapshot teacher, the teacher).
 
-Resuming: the switch state lives in the model (``qat_active`` / ``qat_initialized`` buffers and
-the scales are in every checkpoint), and the plan is recomputed from the same config, arguments and
-data, so a run resumed from a checkpoint before or after the switch continues exactly.
+Resuming: the switch state lives in the model (the units' ``active`` / ``initialized`` buffers and
+the scales are in every checkpoint), the Trainer's checkpoint loading also loads the QAT state of a
+PEFT checkpoint and a distilled run's teacher, and the plan is recomputed from the same config,
+arguments and data, so a run resumed from a checkpoint before or after the switch continues exactly.
+
+The callback orchestrates; the work is elsewhere: installing (:mod:`hf_qat.convert`), the scales'
+param group (:mod:`hf_qat.optim`), N and tokens per step (:mod:`hf_qat.run_inputs`), the plan
+(:mod:`hf_qat.planner`), the schedule (:mod:`hf_qat.schedule`), the distillation loss
+(:mod:`hf_qat.distill`), and the hooks into the Trainer (:mod:`hf_qat.trainer_hooks`).
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -44,89 +53,23 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import QATConfig
-from .convert import (
-    activate_qat,
-    get_qat_config,
-    is_qat_active,
-    prepare_model_for_qat,
-    qat_modules,
-    quantization_error,
-    quantizer_units,
-)
+from .convert import activate_qat, get_qat_config, is_qat_active, prepare_model_for_qat, quantization_error
+from .distill import DistillationLoss, Teacher
 from .distributed import is_dtensor
 from .errors import QATConfigError, QATModelError, QATRuntimeError
 from .jsonio import write_json
+from .lora import is_peft_model
+from .optim import SCALE_GROUP_KEY, add_scale_param_group, has_scale_group, reset_weight_state, scale_parameters
 from .planner import Plan, QATScalingLaw, plan_qat
+from .qat_state import load_unit_state, save_unit_state
+from .run_inputs import count_parameters, tokens_per_step
 from .schedule import lambda_lr, make_schedule
-from .distill import Teacher, distill_kl
-from .trainer_hooks import attach, constructing_trainer
+from .trainer_hooks import TrainerHooks, attach, constructing_trainer
 
 logger = logging.getLogger("hf_qat")
 
-SCALE_GROUP_KEY = "hf_qat_scales"
+__all__ = ["QATCallback", "SCALE_GROUP_KEY", "resolve_switch_step"]
 PLAN_NAME = "qat_plan.json"
-
-
-def scale_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The learnable scale Parameters (each unit's ``log_scale_ratio``) of a prepared model, in module order."""
-    return [module.weight_quantizer.log_scale_ratio for _, module in quantizer_units(model)
-            if module.weight_quantizer.log_scale_ratio is not None and module.weight_quantizer.log_scale_ratio.requires_grad]
-
-
-def count_parameters(model: torch.nn.Module, quantized_only: bool = False) -> int:
-    """N for the planner: every parameter once (tied tensors once, QAT scales excluded), or only the
-    quantized weights."""
-    scales = {id(p) for p in scale_parameters(model)}
-    if quantized_only:
-        weights = {id(m.weight): m.weight for _, m in qat_modules(model)}
-        return sum(p.numel() for p in weights.values())
-    return sum(p.numel() for p in model.parameters() if id(p) not in scales)
-
-
-def tokens_per_step(args: TrainingArguments, sequence_length: int | None, train_dataset=None) -> int:
-    """Tokens per optimizer step: batch per device x accumulation x world size x sequence length."""
-    if sequence_length is None:
-        try:
-            sequence_length = len(train_dataset[0]["input_ids"])
-        except (TypeError, KeyError, IndexError, NotImplementedError):
-            raise QATConfigError(
-                "sequence_length", None, "the tokens per training example",
-                detail="start='auto' could not read input_ids from the first training example; set it explicitly",
-            ) from None
-    return int(args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * sequence_length)
-
-
-def add_scale_param_group(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
-                          scale_peak_lr: Callable[[float], float]) -> bool:
-    """Move the scales of ``model`` out of the optimizer's groups into a group of their own
-    (``weight_decay=0``, peak LR ``scale_peak_lr(peak base LR)`` (``QATConfig.scale_peak_lr``) at the
-    same point of the schedule as the weights, marked with ``hf_qat_scales=True``).
-
-    Must run before a scheduler is built on the optimizer. Returns False when there is nothing to
-    move (no scales, or the optimizer does not hold them).
-    """
-    scales = {id(p): p for p in scale_parameters(model)}
-    groups = getattr(optimizer, "param_groups", None)
-    if not scales or groups is None or any(g.get(SCALE_GROUP_KEY) for g in groups):
-        return False
-    template = None
-    for group in groups:
-        kept = [p for p in group["params"] if id(p) not in scales]
-        if len(kept) != len(group["params"]):
-            template = template or group
-            group["params"] = kept
-    if template is None:
-        return False
-    peak = template.get("initial_lr", template["lr"])
-    scale_peak = scale_peak_lr(peak)
-    new_group = {k: v for k, v in template.items() if k != "params"}
-    new_group.update(params=list(scales.values()), weight_decay=0.0,
-                     lr=template["lr"] * scale_peak / peak if peak else 0.0)
-    new_group[SCALE_GROUP_KEY] = True
-    if "initial_lr" in new_group:
-        new_group["initial_lr"] = scale_peak
-    optimizer.add_param_group(new_group)
-    return True
 
 
 def resolve_switch_step(start: Any, max_steps: int) -> int:
@@ -134,8 +77,6 @@ def resolve_switch_step(start: Any, max_steps: int) -> int:
     if max_steps <= 0:
         raise QATRuntimeError(f"cannot place the QAT switch: the run has max_steps={max_steps}")
     if isinstance(start, float):
-        if start == 0.0:
-            raise QATConfigError("start", start, "a QAT fraction in (0, 1]", detail="0.0 means no QAT: remove QATCallback")
         return min(int(round((1.0 - start) * max_steps)), max_steps - 1)
     if isinstance(start, int):
         if start >= max_steps:
@@ -160,6 +101,10 @@ class QATCallback(TrainerCallback, ExportableState):
     Attributes:
         switch_step: the optimizer step at which QAT starts (known once training begins).
         plan: the :class:`hf_qat.planner.Plan` of the run (None when it could not be computed).
+        switched: whether this run has passed the switch step (set at the first step at or after it).
+        weight_error: the mean relative quantization error, measured at the switch and at each evaluation.
+        teacher / distillation: with ``QATConfig(distill=...)``, the :class:`hf_qat.distill.Teacher` and the
+            :class:`hf_qat.distill.DistillationLoss` the Trainer's loss goes through.
     """
 
     def __init__(self, config: QATConfig | dict | str | os.PathLike | None = None, **overrides: Any) -> None:
@@ -177,14 +122,13 @@ class QATCallback(TrainerCallback, ExportableState):
         self.config: QATConfig = config
         self.switch_step: int | None = None
         self.plan: Plan | None = None
-        self._planned_steps: int | None = None
-        self._switched = False
-        self._trainer: weakref.ref[Trainer] | None = None
-        self.weight_error: float | None = None  # measured at the switch and at each evaluation
+        self.planned_steps: int | None = None  # the max_steps the plan was made for
+        self.switched = False
+        self.weight_error: float | None = None
         distill = config.distill_config
         self.teacher: Teacher | None = Teacher(distill) if distill is not None else None
-        self._model = None  # the unwrapped model (set at on_init_end): the PEFT teacher runs it
-        self._distill_sums = [0.0, 0.0, 0]  # CE, KL, micro-batches since the last log
+        self.distillation = DistillationLoss(self.teacher) if self.teacher is not None else None
+        self._trainer: weakref.ref[Trainer] | None = None
 
     # ------------------------------------------------------------------ ExportableState
     def state(self) -> dict:
@@ -194,7 +138,6 @@ class QATCallback(TrainerCallback, ExportableState):
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         if model is None:
             raise QATRuntimeError("QATCallback.on_init_end got no model")
-        self._model = model
         if self.teacher is not None and not self.teacher.ready:
             if self.teacher.config.teacher == "initial":
                 self.teacher.snapshot(model)  # before the QAT layers are installed
@@ -219,15 +162,31 @@ class QATCallback(TrainerCallback, ExportableState):
             )
             return lambda_lr(optimizer, multiplier)
 
-        attach(trainer, self, lambda optimizer, m: add_scale_param_group(optimizer, m, config.scale_peak_lr),
-               build_scheduler if config.manage_schedule else None,
-               self._distilled_loss if self.teacher is not None else None)
+        distillation, unwrapped = self.distillation, model  # a PEFT teacher runs the unwrapped model
+
+        def compute_loss(original, wrapped, inputs, return_outputs, num_items_in_batch):
+            return distillation(trainer, original, unwrapped, wrapped, inputs, return_outputs, num_items_in_batch)
+
+        attach(trainer, self, TrainerHooks(
+            add_scale_group=lambda optimizer, m: add_scale_param_group(optimizer, m, config.scale_peak_lr),
+            build_scheduler=build_scheduler if config.manage_schedule else None,
+            compute_loss=compute_loss if distillation is not None else None,
+            load_checkpoint=self._load_checkpoint,
+        ))
         self._trainer = weakref.ref(trainer)
+
+    def _load_checkpoint(self, directory: str, model: torch.nn.Module) -> None:
+        """What the Trainer's checkpoint loading leaves out: a PEFT checkpoint's QAT state (its scales
+        and switch) and a distilled run's teacher snapshot."""
+        if is_peft_model(model):
+            load_unit_state(model, directory)
+        if self.teacher is not None:
+            self.teacher.restore(model, directory)
 
     # ------------------------------------------------------------------ the plan
     def _resolve(self, args: TrainingArguments, max_steps: int, model, train_dataset) -> None:
         """Set ``switch_step`` (and ``plan``) for a run of ``max_steps`` optimizer steps."""
-        if self._planned_steps == max_steps:
+        if self.planned_steps == max_steps:
             return
         cfg = self.config
         tps = None
@@ -244,16 +203,19 @@ class QATCallback(TrainerCallback, ExportableState):
         self.plan = None
         if tps is not None:
             self.plan = plan_qat(
-                count_parameters(model, cfg.count_quantized_params_only), tps * max_steps, cfg.bits,
-                total_steps=max_steps, tokens_per_step=tps, pretrained_tokens=cfg.pretrained_tokens,
+                count_parameters(model, cfg.count_quantized_params_only), tps.tokens * max_steps, cfg.bits,
+                total_steps=max_steps, tokens_per_step=tps.tokens, pretrained_tokens=cfg.pretrained_tokens,
                 law=QATScalingLaw.load(cfg.law_path) if cfg.law_path else None,
                 strategy=cfg.strategy if fixed is None else "fixed",
                 fraction=None if fixed is None else (max_steps - fixed) / max_steps,
+                tokens_per_step_source=tps.source,
             )
+            if tps.warning is not None:
+                self.plan.warnings.append(tps.warning)
             if fixed is not None:
                 self.plan.switch_step = fixed
         self.switch_step = self.plan.switch_step if fixed is None else fixed
-        self._planned_steps = max_steps
+        self.planned_steps = max_steps
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -272,7 +234,7 @@ class QATCallback(TrainerCallback, ExportableState):
         if self.teacher is not None and self.teacher.config.teacher == "switch" and self.switch_step == 0:
             raise QATConfigError("distill.teacher", "switch", "'initial', a model id or path, or an nn.Module",
                                  detail="the planned switch is step 0: there is no FP phase to snapshot")
-        self._switched = False
+        self.switched = False
         self._check_optimizer(optimizer, model)
         self._check_ddp()
         if is_qat_active(model) and state.global_step < self.switch_step:
@@ -290,8 +252,7 @@ class QATCallback(TrainerCallback, ExportableState):
             self._write_files(args.output_dir, state.max_steps)
 
     def _check_optimizer(self, optimizer, model) -> None:
-        groups = getattr(optimizer, "param_groups", None)
-        if groups is not None and scale_parameters(model) and not any(g.get(SCALE_GROUP_KEY) for g in groups):
+        if optimizer is not None and scale_parameters(model) and not has_scale_group(optimizer):
             logger.warning(
                 "hf_qat: the scales are in the Trainer's default param groups (weight decay applies to them); "
                 "pass QATCallback to the Trainer's constructor so it can give them their own group"
@@ -311,43 +272,37 @@ class QATCallback(TrainerCallback, ExportableState):
             )
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self._switched or self.switch_step is None or state.global_step < self.switch_step:
+        if self.switched or self.switch_step is None or state.global_step < self.switch_step:
             return
-        self._switched = True
+        self.switched = True
         resumed = is_qat_active(model)
         if self.teacher is not None and self.teacher.config.teacher == "switch" and not self.teacher.ready:
             if resumed:
-                self.teacher.restore(model, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
-            else:
-                self.teacher.snapshot(model)  # the FP model at the switch, before QAT turns on
+                raise QATModelError(
+                    "resuming after the switch with distill teacher 'switch' needs the teacher snapshot "
+                    "(hf_qat_teacher.safetensors) in the checkpoint; resume from a checkpoint that the distilled run saved"
+                )
+            self.teacher.snapshot(model)  # the FP model at the switch, before QAT turns on
         if not resumed:
             activate_qat(model)
             if self.config.reset_optimizer_state and optimizer is not None:
-                self._reset_optimizer_state(model, optimizer)
+                reset_weight_state(model, optimizer)
             logger.info("hf_qat: QAT switched on at step %d", state.global_step)
+        if self.distillation is not None:
+            self.distillation.active = True
         if self.config.log_quant_error:
             self.weight_error = quantization_error(model)
 
-    @staticmethod
-    def _reset_optimizer_state(model, optimizer) -> None:
-        weights = {id(module.weight) for _, module in qat_modules(model)}
-        state = optimizer.state
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if id(param) in weights:
-                    state.pop(param, None)
-
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        """Adds ``qat/active`` and the last measured ``qat/weight_error`` (no pass over the weights)."""
+        """Adds ``qat/active`` and the last measured ``qat/weight_error`` (no pass over the weights), and
+        with distillation ``qat/ce_loss`` / ``qat/distill_loss``."""
         if logs is None or model is None or "loss" not in logs:
             return
         metrics = {"qat/active": float(is_qat_active(model))}
         if self.config.log_quant_error and metrics["qat/active"] and self.weight_error is not None:
             metrics["qat/weight_error"] = self.weight_error
-        ce, kl, count = self._distill_sums
-        if count:
-            metrics["qat/ce_loss"], metrics["qat/distill_loss"] = float(ce) / count, float(kl) / count
-            self._distill_sums = [0.0, 0.0, 0]
+        if self.distillation is not None and self._trainer is not None:
+            metrics.update(self.distillation.pop_logs(self._trainer()))
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step and "loss" in state.log_history[-1]:
             state.log_history[-1].update(metrics)
@@ -359,38 +314,14 @@ class QATCallback(TrainerCallback, ExportableState):
             if metrics is not None:
                 metrics["eval_qat/weight_error"] = self.weight_error
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, **kwargs):
+        directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if model is not None and is_peft_model(model):  # every rank: gathered under FSDP2
+            save_unit_state(model, directory, write=state.is_world_process_zero)
         if state.is_world_process_zero:
-            directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             self._write_files(directory, state.max_steps)
             if self.teacher is not None:
                 self.teacher.save(directory)
-
-    # ------------------------------------------------------------------ distillation
-    def _distilled_loss(self, compute_loss, model, inputs, return_outputs, num_items_in_batch):
-        """The Trainer's loss in the FP phase and at evaluation; in the QAT phase
-        ``(1 - w) * CE + w * T^2 * KL(teacher || student)`` (hf_qat.distill)."""
-        student = self._model
-        if not (model.training and self._switched and self.teacher.ready):  # _switched: QAT is on
-            return compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        labels = inputs["labels"]
-        ce, outputs = compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        cfg = self.teacher.config
-        teacher_logits = self.teacher.logits(student, inputs)
-        trainer = self._trainer()
-        # normalised as the Trainer normalises its CE: over the accumulated batch's tokens when the model
-        # takes num_items_in_batch, else per micro-batch (the Trainer then divides by the accumulation steps)
-        token_normalised = num_items_in_batch is not None and trainer.model_accepts_loss_kwargs
-        kl = distill_kl(outputs.logits, teacher_logits, labels, cfg.temperature, cfg.top_k,
-                        num_items_in_batch if token_normalised else None)
-        if token_normalised and trainer.args.average_tokens_across_devices:
-            # num_items_in_batch counts every rank's tokens; the Trainer scales its CE up by the number of
-            # processes (DDP then averages the gradients): the KL term gets the same factor
-            kl = kl * trainer.accelerator.num_processes
-        loss = (1.0 - cfg.weight) * ce + cfg.weight * kl
-        sums = self._distill_sums  # tensors until the log: no device sync per step
-        self._distill_sums = [sums[0] + ce.detach(), sums[1] + kl.detach(), sums[2] + 1]
-        return (loss, outputs) if return_outputs else loss
 
     def _write_files(self, directory: str, max_steps: int) -> None:
         os.makedirs(directory, exist_ok=True)

@@ -43,6 +43,65 @@ GroupSize = Union[int, str]
 Start = Union[str, int, float]
 
 
+SNAPSHOT_TEACHERS = ("switch", "initial")
+DISTILL_KEYS = ("teacher", "weight", "temperature", "teacher_dtype", "top_k")
+# What a saved config holds in place of an nn.Module teacher: the module itself is not serialisable,
+# so a config read back from JSON names it and a run built from that config must be given the module.
+MODULE_TEACHER = "nn.Module"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The ``distill`` field of QATConfig (keys are the contract: add, never rename).
+
+    ``teacher``: "switch" (an FP snapshot at the switch), "initial" (one of the model as given), a model
+    id or path, an ``nn.Module``, or ``"nn.Module"`` (read back from a saved config whose teacher was a
+    module: valid to read and export, but training needs the module itself).
+    """
+
+    teacher: Any = "switch"
+    weight: float = 0.5
+    temperature: float = 1.0
+    teacher_dtype: str | None = None
+    top_k: int | None = None
+
+    @classmethod
+    def from_value(cls, value: Any) -> "DistillConfig | None":
+        """None, a DistillConfig or a dict of its keys -> a validated DistillConfig (or None)."""
+        if value is None or isinstance(value, DistillConfig):
+            return value
+        if not isinstance(value, dict):
+            raise QATConfigError("distill", value, "None or a dict with keys " + ", ".join(DISTILL_KEYS))
+        unknown = sorted(set(value) - set(DISTILL_KEYS), key=str)
+        if unknown:
+            raise QATConfigError(f"distill.{unknown[0]}", value[unknown[0]], "keys " + ", ".join(DISTILL_KEYS))
+        config = cls(**value)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        from torch import nn
+
+        teacher = self.teacher
+        if not isinstance(teacher, (str, nn.Module)) or (isinstance(teacher, str) and not teacher):
+            raise QATConfigError("distill.teacher", teacher, "'switch', 'initial', a model id or path, or an nn.Module")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0.0 <= self.weight <= 1.0:
+            raise QATConfigError("distill.weight", self.weight, "a number in [0, 1]")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
+            math.isfinite(self.temperature) and self.temperature > 0
+        ):
+            raise QATConfigError("distill.temperature", self.temperature, "a finite number > 0")
+        if self.teacher_dtype is not None and self.teacher_dtype not in DTYPES:
+            raise QATConfigError("distill.teacher_dtype", self.teacher_dtype, "None, " + ", ".join(DTYPES))
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise QATConfigError("distill.top_k", self.top_k, "None or an int >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        teacher = self.teacher if isinstance(self.teacher, str) else MODULE_TEACHER
+        return {"teacher": teacher, "weight": self.weight, "temperature": self.temperature,
+                "teacher_dtype": self.teacher_dtype, "top_k": self.top_k}
+
+
 def _check_name_list(field_name: str, value: Any) -> list[str] | None:
     if value is None:
         return None
@@ -70,7 +129,7 @@ class QATConfig:
         embedding_method: quantizer for the embeddings; "auto" = lsq, and needs embedding_bits >= 4.
         activation_bits: 8 = int8 per-token dynamic activation fake-quant on the targeted Linears.
         start: "auto" (the planner chooses), an int (the optimizer step at which QAT starts), or a
-            float in [0, 1] (the QAT fraction f: QAT starts at step round((1 - f) * max_steps)).
+            float in (0, 1] (the QAT fraction f: QAT starts at step round((1 - f) * max_steps)).
         pretrained_tokens: tokens the checkpoint was already trained on in full precision (the
             planner counts them as FP tokens).
         fuse_cooldown: use the paper's fused schedule (LR stays at its stable value until the switch,
@@ -106,7 +165,7 @@ class QATConfig:
         lora_mode: with PEFT LoRA: "merged" fake-quantizes W + the adapters' delta (merge_and_unload
             then exports exactly), "base" only the frozen base weight (adapters stay full precision).
         distill: distillation from a full-precision teacher in the QAT phase (see
-            :class:`hf_qat.distill.DistillConfig`): {"teacher", "weight", "temperature", ...}.
+            :class:`DistillConfig`): {"teacher", "weight", "temperature", ...}.
         scale_init: the scales at the switch: "max" (the family's rule, e.g. max|w| / Qp) or "mse"
             (that scale times the clipping ratio in 0.30..1.00 of least squared error per group);
             learnable families only. On SmolLM2-135M at 4 bits, g32: PTQ 2.368 (max) vs 2.360 (mse),
@@ -164,6 +223,10 @@ class QATConfig:
         if self.scale_init == "mse" and not self._learnable_families():
             raise QATConfigError("scale_init", "mse", "'max' with method='absmax' (its scale is recomputed from "
                                  "the weight every step, so there is no first scale to search)")
+        if self.law_path is not None and (not isinstance(self.law_path, (str, os.PathLike))
+                                          or not os.path.isfile(self.law_path)):
+            raise QATConfigError("law_path", self.law_path, "None or the path of an existing fitted law JSON "
+                                 "(hf-qat fit RUNS.jsonl -o law.json)")
         if self.strategy == "law" and self.law_path is None:
             raise QATConfigError("law_path", None, "the path of a fitted law JSON when strategy='law'")
 
@@ -198,9 +261,7 @@ class QATConfig:
         return all(get_quantizer_class(m).learnable for m in methods)
 
     def _check_distill(self) -> None:
-        """``distill``: a dict of hf_qat.distill.DistillConfig keys; 'switch' needs an FP phase."""
-        from .distill import DistillConfig
-
+        """``distill``: a dict of :class:`DistillConfig` keys; 'switch' needs an FP phase."""
         config = DistillConfig.from_value(self.distill)
         if config is None:
             return
@@ -216,10 +277,8 @@ class QATConfig:
         return DEFAULT_SCALE_LR if self.scale_lr is None else self.scale_lr
 
     @property
-    def distill_config(self):
-        """The validated :class:`hf_qat.distill.DistillConfig`, or None."""
-        from .distill import DistillConfig
-
+    def distill_config(self) -> DistillConfig | None:
+        """The validated :class:`DistillConfig`, or None."""
         return DistillConfig.from_value(self.distill)
 
     @staticmethod
@@ -264,7 +323,7 @@ class QATConfig:
         if isinstance(value, str):
             if value in ALLOWED_GROUP_STRINGS:
                 return value
-            if value.isdigit():
+            if value.isascii() and value.isdigit():
                 value = int(value)
             else:
                 raise QATConfigError("group_size", value, allowed)
@@ -276,7 +335,7 @@ class QATConfig:
 
     @staticmethod
     def _check_start(value: Any) -> Start:
-        allowed = "'auto', an int step >= 0, or a float QAT fraction in [0, 1]"
+        allowed = "'auto', an int step >= 0, or a float QAT fraction in (0, 1]"
         if isinstance(value, str):
             if value == "auto":
                 return value
@@ -290,6 +349,9 @@ class QATConfig:
         if isinstance(value, float):
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
                 raise QATConfigError("start", value, allowed)
+            if value == 0.0:
+                raise QATConfigError("start", value, allowed, detail="a QAT fraction of 0.0 means no QAT: train "
+                                     "without QATCallback, or use hf_qat.ptq for the round-to-nearest baseline")
             return value
         raise QATConfigError("start", value, allowed)
 
@@ -319,9 +381,9 @@ class QATConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         if data.get("extra") == {}:  # hf_qat 0.1.0 wrote an always-empty "extra" field
             data = {k: v for k, v in data.items() if k != "extra"}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - names, key=str)
         if unknown:
-            raise QATConfigError(unknown[0], data[unknown[0]], "a QATConfig field: " + ", ".join(sorted(names)))
+            raise QATConfigError(str(unknown[0]), data[unknown[0]], "a QATConfig field: " + ", ".join(sorted(names)))
         return cls(**data)
 
     def to_json_string(self) -> str:

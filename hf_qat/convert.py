@@ -334,9 +334,10 @@ def remove_qat(model: nn.Module, bake_weights: bool = False) -> nn.Module:
     """Replace every QAT module by a plain nn.Linear / nn.Embedding holding the same Parameters.
 
     ``bake_weights=True`` first writes the fake-quantized values into the weights (active units
-    only), so the plain model computes what the QAT model computed.
+    only), so the plain model computes what the QAT model computed. With PEFT LoRA in merged mode the
+    baked weight is ``Q(W + delta)`` and the adapters are marked merged (the delta counted once).
     """
-    from .lora import weight_deltas
+    from .lora import detach_lora, weight_deltas
 
     if bake_weights:
         deltas = weight_deltas(model)
@@ -344,6 +345,7 @@ def remove_qat(model: nn.Module, bake_weights: bool = False) -> nn.Module:
             if module.is_qat_active:
                 with torch.no_grad():
                     module.weight.copy_(module.weight_quantizer.quantized(module.full_weight(deltas.get(id(module)))))
+    detach_lora(model, baked=bake_weights)
     replacements = {id(module): module.to_linear() if isinstance(module, QATLinear) else module.to_embedding()
                     for _, module in qat_modules(model)}
     _replace_modules(model, replacements)

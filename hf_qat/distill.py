@@ -24,68 +24,23 @@ an export.
 from __future__ import annotations
 
 import copy
-import math
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dtypes import DTYPES, torch_dtype
+from .config import MODULE_TEACHER, SNAPSHOT_TEACHERS, DistillConfig
+from .distributed import is_dtensor
+from .dtypes import torch_dtype
 from .errors import QATConfigError, QATModelError
+from .lora import is_peft_model
 
-SNAPSHOT_TEACHERS = ("switch", "initial")
-DISTILL_KEYS = ("teacher", "weight", "temperature", "teacher_dtype", "top_k")
 TEACHER_FILE = "hf_qat_teacher.safetensors"
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """The ``distill`` field of QATConfig (keys are the contract: add, never rename)."""
-
-    teacher: Any = "switch"
-    weight: float = 0.5
-    temperature: float = 1.0
-    teacher_dtype: str | None = None
-    top_k: int | None = None
-
-    @classmethod
-    def from_value(cls, value: Any) -> "DistillConfig | None":
-        """None, a DistillConfig or a dict of its keys -> a validated DistillConfig (or None)."""
-        if value is None or isinstance(value, DistillConfig):
-            return value
-        if not isinstance(value, dict):
-            raise QATConfigError("distill", value, "None or a dict with keys " + ", ".join(DISTILL_KEYS))
-        unknown = sorted(set(value) - set(DISTILL_KEYS))
-        if unknown:
-            raise QATConfigError(f"distill.{unknown[0]}", value[unknown[0]], "keys " + ", ".join(DISTILL_KEYS))
-        config = cls(**value)
-        config.check()
-        return config
-
-    def check(self) -> None:
-        teacher = self.teacher
-        if teacher == "nn.Module":
-            raise QATConfigError("distill.teacher", teacher, "the nn.Module itself (a saved config cannot hold it)")
-        if not isinstance(teacher, (str, nn.Module)) or (isinstance(teacher, str) and not teacher):
-            raise QATConfigError("distill.teacher", teacher, "'switch', 'initial', a model id or path, or an nn.Module")
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0.0 <= self.weight <= 1.0:
-            raise QATConfigError("distill.weight", self.weight, "a number in [0, 1]")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
-            math.isfinite(self.temperature) and self.temperature > 0
-        ):
-            raise QATConfigError("distill.temperature", self.temperature, "a finite number > 0")
-        if self.teacher_dtype is not None and self.teacher_dtype not in DTYPES:
-            raise QATConfigError("distill.teacher_dtype", self.teacher_dtype, "None, " + ", ".join(DTYPES))
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
-            raise QATConfigError("distill.top_k", self.top_k, "None or an int >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        teacher = "nn.Module" if isinstance(self.teacher, nn.Module) else self.teacher
-        return {"teacher": teacher, "weight": self.weight, "temperature": self.temperature,
-                "teacher_dtype": self.teacher_dtype, "top_k": self.top_k}
+# Elements of one chunk of [positions, vocabulary] fp32 work (16 MiB): the KL's temporaries stay this
+# small whatever the batch, and a chunk is still large enough for the vectorised math to dominate.
+CHUNK_ELEMENTS = 1 << 22
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -94,20 +49,63 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
     (default: their count).
 
     Shapes: logits ``[B, L, V]`` (position t predicts token t + 1), labels ``[B, L]`` with -100 for
-    tokens that are not predicted, as the causal-LM loss of transformers reads them.
+    tokens that are not predicted, as the causal-LM loss of transformers reads them. With ``top_k``
+    the teacher's distribution is its ``top_k`` largest logits, renormalised, against the student's
+    full-vocabulary log-probabilities there.
+
+    Memory: the KL and its gradient are computed in chunks of positions (:data:`CHUNK_ELEMENTS`
+    fp32 elements each, after Liger-Kernel's chunked distillation losses), and the gradient w.r.t. the
+    student's logits is written into one ``[B, L, V]`` buffer during the forward pass, so the loss
+    adds one logits-sized buffer plus the chunks' temporaries, not eight full fp32 copies.
     """
-    s = student_logits[:, :-1].float() / temperature
-    t = teacher_logits[:, :-1].float() / temperature
-    keep = labels[:, 1:] != -100
-    s, t = s[keep], t[keep]  # [N, V]
-    log_p_s = F.log_softmax(s, dim=-1)
-    if top_k is not None and top_k < t.shape[-1]:
-        t, index = t.topk(top_k, dim=-1)
-        log_p_s = log_p_s.gather(-1, index)
-    log_p_t = F.log_softmax(t, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
-    count = num_items if num_items is not None else keep.sum()
-    return kl * temperature ** 2 / count
+    return _ChunkedKL.apply(student_logits, teacher_logits, labels, float(temperature), top_k, num_items)
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """:func:`distill_kl`: the value and d/d(student logits) in one chunked pass.
+
+    Per predicted position, with ``q = softmax(z_s / T)`` and the teacher's ``p`` (full or top-k,
+    renormalised, zero elsewhere): ``KL = sum p (log p - log q)`` and ``dKL/dz_s = (q - p) / T``
+    (``sum p = 1``), so ``d loss / d z_s = T / num_items * (q - p)``.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, temperature, top_k, num_items):
+        keep = labels[:, 1:] != -100  # [B, L - 1]: position t predicts token t + 1
+        count = keep.sum() if num_items is None else num_items
+        vocab = student_logits.shape[-1]
+        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        full_vocab = top_k is None or top_k >= teacher_logits.shape[-1]
+        grad = torch.zeros_like(student_logits) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        for b in range(student_logits.shape[0]):
+            positions = keep[b].nonzero().squeeze(1)
+            for start in range(0, positions.numel(), chunk):
+                index = positions[start:start + chunk]
+                log_q = F.log_softmax(student_logits[b].index_select(0, index).float() / temperature, dim=-1)
+                t = teacher_logits[b].index_select(0, index).float() / temperature
+                if full_vocab:
+                    log_p = F.log_softmax(t, dim=-1)
+                    p = log_p.exp()
+                    total += (p * (log_p - log_q)).sum()
+                    q_minus_p = log_q.exp_().sub_(p) if grad is not None else None
+                else:
+                    top, top_index = t.topk(top_k, dim=-1)
+                    log_p = F.log_softmax(top, dim=-1)
+                    p = log_p.exp()
+                    total += (p * (log_p - log_q.gather(-1, top_index))).sum()
+                    q_minus_p = log_q.exp_().scatter_add_(-1, top_index, -p) if grad is not None else None
+                if grad is not None:
+                    grad[b].index_copy_(0, index, q_minus_p.to(grad.dtype))
+        if grad is not None:
+            grad.mul_(temperature / count)
+            ctx.save_for_backward(grad)
+        return total * temperature ** 2 / count
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None
 
 
 class Teacher:
@@ -123,10 +121,10 @@ class Teacher:
         """A frozen FP copy of ``model`` (its QAT layers removed), or with PEFT the base model itself."""
         from .convert import remove_qat
 
-        if _is_peft(model):
+        if is_peft_model(model):
             self.use_peft_base = True
             return
-        if any(_is_dtensor(p) for p in model.parameters()):
+        if any(is_dtensor(p) for p in model.parameters()):
             raise QATModelError("distillation from a snapshot is not supported under FSDP2 (the teacher would be a "
                                 "second sharded model); pass a teacher model, or train without FSDP2")
         snapshot = copy.deepcopy(model)
@@ -136,6 +134,10 @@ class Teacher:
     def load_external(self, model: nn.Module) -> None:
         """The teacher named by a model id or path, or given as an nn.Module."""
         teacher = self.config.teacher
+        if teacher == MODULE_TEACHER:
+            raise QATConfigError("distill.teacher", teacher, "'switch', 'initial', a model id or path, or the "
+                                 "nn.Module itself", detail="this config was read back from a file, which cannot hold "
+                                 "a module: pass QATCallback(config, distill={..., 'teacher': module})")
         if isinstance(teacher, str):
             from transformers import AutoModelForCausalLM
 
@@ -180,14 +182,12 @@ class Teacher:
         os.makedirs(directory, exist_ok=True)
         save_model(self.module, os.path.join(directory, TEACHER_FILE))
 
-    def restore(self, model: nn.Module, directory: str) -> None:
-        """The snapshot saved by :meth:`save` in ``directory`` (raises when it is missing)."""
+    def restore(self, model: nn.Module, directory: str) -> bool:
+        """Load the snapshot :meth:`save` wrote into ``directory``, if it holds one (a checkpoint
+        after the switch); returns whether it did."""
         path = os.path.join(directory, TEACHER_FILE)
-        if not os.path.isfile(path):
-            raise QATModelError(
-                f"resuming after the switch with distill teacher 'switch' needs the teacher snapshot {path}; "
-                "resume from a checkpoint that a distilled run saved in output_dir"
-            )
+        if self.config.teacher not in SNAPSHOT_TEACHERS or not os.path.isfile(path):
+            return False
         from safetensors.torch import load_model
 
         from .convert import remove_qat
@@ -196,6 +196,63 @@ class Teacher:
         remove_qat(shell)
         self.module = self._freeze(shell)
         load_model(self.module, path, strict=True)
+        return True
+
+
+class DistillationLoss:
+    """The Trainer's loss of a distilled run: ``(1 - w) * CE + w * T^2 * KL(teacher || student)`` in
+    the QAT phase (``active``, set by the callback at the switch), the Trainer's own loss otherwise.
+
+    It also keeps what ``qat/ce_loss`` and ``qat/distill_loss`` report: the CE and KL terms of every
+    optimizer step since the last log, each the mean over that step's predicted tokens whatever the
+    gradient accumulation, averaged over the steps and over the ranks (:meth:`pop_logs`).
+    """
+
+    def __init__(self, teacher: Teacher) -> None:
+        self.teacher = teacher
+        self.active = False
+        self._sums: list = [0.0, 0.0, 0.0]  # CE and KL summed over micro-batches (each weighted), steps
+
+    def __call__(self, trainer, compute_loss, student: nn.Module, model: nn.Module, inputs: dict[str, Any],
+                 return_outputs: bool, num_items_in_batch):
+        """``compute_loss`` is the Trainer's; ``student`` the unwrapped model (the PEFT teacher runs it)."""
+        if not (model.training and self.active and self.teacher.ready):
+            return compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        ce, outputs = compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        cfg = self.teacher.config
+        teacher_logits = self.teacher.logits(student, inputs)
+        # normalised as the Trainer normalises its CE: over the accumulated batch's tokens when the model
+        # takes num_items_in_batch, else per micro-batch (the Trainer then divides by the accumulation steps)
+        token_normalised = num_items_in_batch is not None and trainer.model_accepts_loss_kwargs
+        kl = distill_kl(outputs.logits, teacher_logits, inputs["labels"], cfg.temperature, cfg.top_k,
+                        num_items_in_batch if token_normalised else None)
+        processes = trainer.accelerator.num_processes
+        if token_normalised and trainer.args.average_tokens_across_devices:
+            # num_items_in_batch counts every rank's tokens; the Trainer scales its CE up by the number of
+            # processes (DDP then averages the gradients): the KL term gets the same factor
+            kl = kl * processes
+        loss = (1.0 - cfg.weight) * ce + cfg.weight * kl
+        # The log: token-normalised terms of one step's micro-batches add up to that step's mean; per
+        # micro-batch means are averaged over the accumulation steps instead.
+        accumulation = trainer.args.gradient_accumulation_steps
+        weight = 1.0 if token_normalised else 1.0 / accumulation
+        ce_sum, kl_sum, steps = self._sums
+        self._sums = [ce_sum + ce.detach() * weight, kl_sum + kl.detach() * weight, steps + 1.0 / accumulation]
+        return (loss, outputs) if return_outputs else loss
+
+    def pop_logs(self, trainer) -> dict[str, float]:
+        """``qat/ce_loss`` and ``qat/distill_loss`` since the last call, reduced over the ranks (a
+        collective when several processes train: call on every rank, as the Trainer's logging does)."""
+        ce_sum, kl_sum, steps = self._sums
+        self._sums = [0.0, 0.0, 0.0]
+        device = trainer.args.device
+        sums = torch.tensor([float(ce_sum), float(kl_sum), steps], dtype=torch.float64, device=device)
+        if trainer.accelerator.num_processes > 1:
+            sums = trainer.accelerator.reduce(sums, reduction="mean")
+        # With tokens averaged across devices a rank's terms are (its share of the global token sum) x P,
+        # so their mean over the ranks is the global token mean.
+        ce, kl, steps = sums.tolist()
+        return {} if steps == 0 else {"qat/ce_loss": ce / steps, "qat/distill_loss": kl / steps}
 
 
 def check_vocabulary(teacher: nn.Module, student: nn.Module) -> None:
@@ -207,13 +264,3 @@ def check_vocabulary(teacher: nn.Module, student: nn.Module) -> None:
     if vocab(teacher) != vocab(student):
         raise QATModelError(f"the distillation teacher predicts {vocab(teacher)} tokens but the student {vocab(student)}: "
                             "use a teacher with the student's tokenizer and vocabulary")
-
-
-def _is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    from .distributed import is_dtensor
-
-    return is_dtensor(tensor)

@@ -64,6 +64,20 @@ def _quantize_merged_weight(layer: nn.Module, name: str) -> None:
     layer._hf_qat_merged_mode = True
 
 
+def detach_lora(model: nn.Module, baked: bool) -> None:
+    """Undo :func:`attach_lora` before the QAT layers are removed: each merged-mode LoRA layer gets
+    PEFT's forward back. ``baked``: the base weights of active QAT layers now hold ``Q(W + delta)``,
+    so their adapters are marked merged (PEFT then computes with the base weight alone, the delta
+    counted once, and ``merge_and_unload`` keeps that weight)."""
+    for module in model.modules():
+        if not getattr(module, "_hf_qat_merged_mode", False):
+            continue
+        if baked and module.get_base_layer().is_qat_active and merged_delta(module) is not None:
+            module.merged_adapters.extend(a for a in module.active_adapters if a in module.lora_A)
+        del module.forward
+        del module._hf_qat_merged_mode
+
+
 def merged_delta(layer: nn.Module) -> torch.Tensor | None:
     """``sum(scaling * B @ A)`` over the active adapters of a PEFT LoRA Linear (None when merged,
     disabled or without adapters): what ``merge_and_unload`` will add to the base weight."""
@@ -95,6 +109,11 @@ def _merged_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not base.is_qat_active or self.disable_adapters or self.merged:
         return type(self).forward(self, x, *args, **kwargs)
     return base(x, weight_delta=merged_delta(self))
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """A PEFT model (its checkpoints hold only the adapters' keys)."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
 def has_unmerged_adapters(model: nn.Module) -> bool:

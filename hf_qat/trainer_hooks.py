@@ -1,6 +1,6 @@
 """How QATCallback reaches into the Trainer that is being built, and why.
 
-A TrainerCallback only receives events; two things hf_qat needs happen inside ``Trainer`` methods
+A TrainerCallback only receives events; four things hf_qat needs happen inside ``Trainer`` methods
 that no event covers:
 
 1. The optimizer must hold the scales in a param group of their own (no weight decay, their own LR)
@@ -11,6 +11,9 @@ that no event covers:
 3. With ``QATConfig(distill=...)`` the QAT phase's loss mixes in the teacher's KL term, which needs
    the batch's inputs: ``Trainer.compute_loss`` is the one place that has them (a
    ``compute_loss_func`` sees only the outputs and labels).
+4. Resuming must load what the Trainer's checkpoint loading leaves out: a PEFT checkpoint holds only
+   the adapter (not the QAT scales and switch state), and a distilled run's teacher snapshot. The
+   checkpoint folder is known only inside ``Trainer._load_from_checkpoint`` (no event carries it).
 
 So at ``on_init_end`` (which ``Trainer.__init__`` calls, before the optimizer, the scheduler and the
 DDP/FSDP2 wrap exist) the callback finds the Trainer whose ``__init__`` is running by walking the
@@ -23,6 +26,7 @@ later, or another training loop), nothing is wrapped and the callback says so.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -40,21 +44,27 @@ def constructing_trainer() -> Trainer | None:
     return None
 
 
-def attach(
-    trainer: Trainer,
-    callback,
-    add_scale_group: Callable[[torch.optim.Optimizer, torch.nn.Module], object],
-    build_scheduler: Callable[[int, torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None,
-    compute_loss: Callable | None = None,
-) -> None:
-    """Wrap ``trainer``'s optimizer and scheduler factories (and loss) and move ``callback`` first in its list.
+@dataclass(frozen=True)
+class TrainerHooks:
+    """What :func:`attach` adds to a Trainer's methods (None: the Trainer's own behaviour).
 
-    Args:
-        add_scale_group: moves the scales of the model into their own group of a new optimizer.
-        build_scheduler: ``(num_training_steps, optimizer) -> scheduler``; None keeps the Trainer's.
+    Attributes:
+        add_scale_group: ``(optimizer, model)``: moves the scales into their own group of a new optimizer.
+        build_scheduler: ``(num_training_steps, optimizer) -> scheduler``.
         compute_loss: ``(original_compute_loss, model, inputs, return_outputs, num_items_in_batch) ->
-            loss [, outputs]``; None keeps the Trainer's.
+            loss [, outputs]``.
+        load_checkpoint: ``(checkpoint_dir, model)``, called after the Trainer loaded a checkpoint's weights.
     """
+
+    add_scale_group: Callable[[torch.optim.Optimizer, torch.nn.Module], object]
+    build_scheduler: Callable[[int, torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None
+    compute_loss: Callable | None = None
+    load_checkpoint: Callable[[str, torch.nn.Module], None] | None = None
+
+
+def attach(trainer: Trainer, callback, hooks: TrainerHooks) -> None:
+    """Wrap ``trainer``'s optimizer and scheduler factories, its loss and its checkpoint loading as
+    ``hooks`` say, and move ``callback`` first in its list."""
     original_create_optimizer = trainer.create_optimizer
     original_create_scheduler = trainer.create_scheduler
 
@@ -62,25 +72,34 @@ def attach(
         was_built = trainer.optimizer is not None
         optimizer = original_create_optimizer(model)
         if not was_built:
-            add_scale_group(optimizer, model if model is not None else trainer.model)
+            hooks.add_scale_group(optimizer, model if model is not None else trainer.model)
         return optimizer
 
     def create_scheduler(num_training_steps: int, optimizer=None):
-        if build_scheduler is None or trainer.lr_scheduler is not None:
+        if hooks.build_scheduler is None or trainer.lr_scheduler is not None:
             return original_create_scheduler(num_training_steps, optimizer)
-        trainer.lr_scheduler = build_scheduler(num_training_steps, optimizer if optimizer is not None else trainer.optimizer)
+        trainer.lr_scheduler = hooks.build_scheduler(num_training_steps,
+                                                     optimizer if optimizer is not None else trainer.optimizer)
         trainer._created_lr_scheduler = True  # the Trainer's own flag: it then steps and saves the scheduler
         return trainer.lr_scheduler
 
     trainer.create_optimizer = create_optimizer
     trainer.create_scheduler = create_scheduler
-    if compute_loss is not None:
+    if hooks.compute_loss is not None:
         original_compute_loss = trainer.compute_loss
 
-        def wrapped_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
-            return compute_loss(original_compute_loss, model, inputs, return_outputs, num_items_in_batch)
+        def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+            return hooks.compute_loss(original_compute_loss, model, inputs, return_outputs, num_items_in_batch)
 
-        trainer.compute_loss = wrapped_compute_loss
+        trainer.compute_loss = compute_loss
+    if hooks.load_checkpoint is not None:
+        original_load = trainer._load_from_checkpoint
+
+        def load_from_checkpoint(resume_from_checkpoint, model=None):
+            original_load(resume_from_checkpoint, model)
+            hooks.load_checkpoint(resume_from_checkpoint, trainer.model)
+
+        trainer._load_from_checkpoint = load_from_checkpoint
     callbacks = trainer.callback_handler.callbacks
     if callback in callbacks:  # first, so the qat/* values it adds to a log reach the reporters
         callbacks.remove(callback)

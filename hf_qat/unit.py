@@ -38,6 +38,7 @@ from .kernels import weight_fake_quant
 from .quantizers import Quantizer, ScaleLayout
 from .quantizers.reference import WeightQuantSpec, fake_quantize_weight, mse_scale, quantize_codes
 
+UNIT_KEY = ".weight_quantizer."  # in the state-dict keys of the units' tensors (scales, switch state)
 UNIT_FORMAT_VERSION = 2  # 1 = hf_qat 0.1.0: <layer>.weight_scale / qat_active / qat_initialized on the layer
 
 

@@ -33,7 +33,11 @@ BAD_CONFIGS = [
     ({"group_size": 48}, QATConfigError, r"group_size=48 .*power of two"),
     ({"group_size": "row"}, QATConfigError, r"group_size='row' .*'channel' or 'tensor'"),
     ({"start": -1}, QATConfigError, r"start=-1 .*int step >= 0"),
-    ({"start": 1.5}, QATConfigError, r"start=1.5 .*fraction in \[0, 1\]"),
+    ({"start": 1.5}, QATConfigError, r"start=1.5 .*fraction in \(0, 1\]"),
+    ({"start": 0.0}, QATConfigError, r"start=0.0 .*fraction in \(0, 1\]. a QAT fraction of 0.0 means no QAT"),
+    ({"law_path": "/nonexistent/law.json"}, QATConfigError, r"law_path='/nonexistent/law.json' .*existing fitted law"),
+    ({"law_path": "/nonexistent/law.json", "strategy": "law"}, QATConfigError, r"law_path=.*existing fitted law"),
+    ({"group_size": "²"}, QATConfigError, r"group_size='²' .*power of two"),
     ({"start": math.nan}, QATConfigError, r"start=nan"),
     ({"start": "soon"}, QATConfigError, r"start='soon'"),
     ({"start": True}, QATConfigError, r"start=True"),
@@ -57,6 +61,37 @@ def test_invalid_config_is_refused_with_the_field_named(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern) as info:
         QATConfig(**kwargs)
     assert info.value.field == next(iter(kwargs))
+
+
+FUZZ_VALUES = [None, True, False, 0, -1, 1, 2, 3, 4, 7, 8, 16, 32, 48, 1.58, 0.0, 0.5, 1.0, 1.5, -0.1, math.nan, math.inf,
+               10 ** 30, "auto", "ternary", "channel", "tensor", "", "x", "4", "32", "²", "float16", "bfloat16", "law",
+               "paper", "merged", "base", "mse", "max", "lsq", "seq", "absmax", "2T", "1e99", "cosine", [], ["q_proj"],
+               [3], ["("], {}, {"teacher": "initial"}, {"teacher": "nn.Module"}, {"weight": 2}, {"bogus": 1}, {1: 2},
+               {"top_k": 0}, (1, 2), object(), b"bytes"]
+
+
+def test_from_dict_fuzz_gives_a_valid_config_or_an_error_naming_a_field(tmp_path):
+    """Random keys and values: QATConfig.from_dict either builds a config that round-trips through
+    to_dict, or raises QATConfigError naming a field; never another exception."""
+    import dataclasses
+    import random
+
+    law = tmp_path / "law.json"
+    law.write_text("{}")
+    fields = [f.name for f in dataclasses.fields(QATConfig)]
+    values = FUZZ_VALUES + [str(law)]
+    rng = random.Random(0)
+    built = 0
+    for _ in range(3000):
+        data = {rng.choice(fields + ["bogus", 3]): rng.choice(values) for _ in range(rng.randint(1, 4))}
+        try:
+            config = QATConfig.from_dict(data)
+        except QATConfigError as exc:
+            assert exc.field.split(".")[0] in set(fields) | {str(k) for k in data}, (data, exc.field)
+        else:
+            built += 1
+            assert QATConfig.from_dict(config.to_dict()).to_dict() == config.to_dict(), data
+    assert built > 50  # the fuzzing reaches valid configs too
 
 
 def test_unknown_field_in_dict():
@@ -121,10 +156,10 @@ def test_start_at_or_after_the_end_of_training(tmp_path):
         trainer.train()
 
 
-def test_zero_fraction_means_no_qat(tmp_path):
-    trainer = make_trainer(tmp_path, [QATCallback(bits=4, group_size=16, start=0.0)], max_steps=5)
-    with pytest.raises(QATConfigError, match="remove QATCallback"):
-        trainer.train()
+def test_zero_fraction_is_refused_when_the_config_is_built():
+    with pytest.raises(QATConfigError, match="0.0 means no QAT") as info:
+        QATCallback(bits=4, group_size=16, start=0.0)
+    assert info.value.field == "start"
 
 
 def test_callback_added_after_the_trainer_was_built(tmp_path):

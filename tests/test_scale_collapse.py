@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 import hf_qat
-from hf_qat.callback import add_scale_param_group
+from hf_qat.optim import add_scale_param_group
 from hf_qat.convert import quantizer_units
 from helpers import tiny_llama, token_dataset
 

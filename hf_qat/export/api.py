@@ -12,6 +12,8 @@ from torch import nn
 from ..config import CONFIG_NAME, QATConfig
 from ..convert import get_qat_config, prepare_model_for_qat, qat_modules, quantizer_units
 from ..distributed import world_size
+from ..errors import QATModelError
+from ..unit import UNIT_KEY
 from .base import (
     ExportFormat,
     ExportInfo,
@@ -23,25 +25,44 @@ from .base import (
     verify_manifest,
     write_manifest,
 )
-from .layers import UNIT_KEY, QuantizedLayer, collect_layers
+from .layers import QuantizedLayer, collect_layers
 
 PLAN_NAME = "qat_plan.json"
 
 
+def model_weight_files(directory: str) -> list[str]:
+    """The model's own weight files in a checkpoint folder: those the index names, else
+    ``model.safetensors``. Other safetensors there (a distilled run's ``hf_qat_teacher.safetensors``,
+    a PEFT adapter, the QAT state of a PEFT run) are not the model's weights."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as fh:
+            return sorted(set(json.load(fh)["weight_map"].values()))
+    if os.path.isfile(os.path.join(directory, "model.safetensors")):
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"{directory} holds no model.safetensors (nor its index): not a model checkpoint")
+
+
 def load_qat_checkpoint(directory: str, **kwargs: Any) -> nn.Module:
-    """A QAT model from a Trainer checkpoint or output dir (``qat_config.json`` + safetensors): the
-    model built from its config, QAT modules installed, every tensor (scales, switch state) loaded."""
+    """A QAT model from a Trainer checkpoint or output dir (``qat_config.json`` + the model's weights):
+    the model built from its config, QAT modules installed, every tensor (scales, switch state) loaded.
+
+    A PEFT checkpoint (``adapter_config.json``: the base model named there + the adapter + the QAT state
+    hf_qat saved beside it) loads as the PEFT model, merged (``merge_and_unload``) when it was trained with
+    ``lora_mode="merged"``: that merge is exact, so the result exports as trained."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a checkpoint of a QAT run")
+    config = QATConfig.from_pretrained(directory)
+    if os.path.isfile(os.path.join(directory, "adapter_config.json")):
+        return _load_peft_checkpoint(directory, config, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-    prepare_model_for_qat(model, QATConfig.from_pretrained(directory))
+    prepare_model_for_qat(model, config)
     state = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            state.update(load_file(os.path.join(directory, name)))
+    for name in model_weight_files(directory):
+        state.update(load_file(os.path.join(directory, name)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # a tied head's unit is its embedding's: its keys may be dropped as shared tensors
     owners = {id(m.weight_quantizer): n for n, m in quantizer_units(model)}
@@ -50,6 +71,22 @@ def load_qat_checkpoint(directory: str, **kwargs: Any) -> nn.Module:
     if qat_missing or unexpected:
         raise ValueError(f"{directory} does not match its {CONFIG_NAME}: missing {qat_missing[:3]}, unexpected {unexpected[:3]}")
     return model
+
+
+def _load_peft_checkpoint(directory: str, config: QATConfig, **kwargs: Any) -> nn.Module:
+    from ..qat_state import STATE_FILE, load_unit_state
+
+    try:
+        from peft import AutoPeftModelForCausalLM
+    except ImportError:
+        raise ImportError(f"{directory} is a PEFT checkpoint: pip install 'hf_qat[peft]' to load it") from None
+    if not os.path.isfile(os.path.join(directory, STATE_FILE)):
+        raise QATModelError(f"{directory} is a PEFT checkpoint without {STATE_FILE} (the QAT scales and switch state): "
+                            "it was saved by hf_qat < 0.4 or without QATCallback, so its QAT model cannot be rebuilt")
+    model = AutoPeftModelForCausalLM.from_pretrained(directory, **kwargs)
+    prepare_model_for_qat(model, config)
+    load_unit_state(model, directory)
+    return model.merge_and_unload() if config.lora_mode == "merged" else model
 
 
 def _expected_bytes(fmt: ExportFormat, layers: list[QuantizedLayer], others: dict[str, torch.Tensor]) -> int:
@@ -94,20 +131,21 @@ def export_checkpoint(
             layers as TQ1_0, 1.69 bits per weight, instead of the default TQ2_0, 2.06 bits and faster);
             an option the format does not take is an error naming the ones it does.
 
-    Under DDP/FSDP2 call it on every rank: weights are gathered on every rank, rank 0 writes.
+    Under DDP/FSDP2 call it on every rank: the weights are gathered one at a time and only rank 0, which
+    writes, keeps them (on the CPU); every rank returns rank 0's ExportInfo, or raises its error.
     """
     model = load_qat_checkpoint(os.fspath(model_or_dir)) if isinstance(model_or_dir, (str, os.PathLike)) else model_or_dir
     if isinstance(model_or_dir, (str, os.PathLike)) and base_model is None:
         base_model = getattr(model.config, "_name_or_path", None)
-    layers, others = collect_layers(model)
-    name = choose_format(layers) if format == "auto" else format
-    fmt = get_format(name, format_options)
-    check_layers(fmt, layers)
-    fmt.check_model(model, layers, tokenizer)
+    writer = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    layers, others = collect_layers(model, keep=writer)  # every rank gathers; only the writer keeps
     out_dir = os.fspath(out_dir)
-    rank_zero = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    info = ExportInfo(format=name, path=out_dir)
-    if rank_zero:
+
+    def write() -> ExportInfo:
+        name = choose_format(layers) if format == "auto" else format
+        fmt = get_format(name, format_options)
+        check_layers(fmt, layers)
+        fmt.check_model(model, layers, tokenizer)
         os.makedirs(out_dir, exist_ok=True)
         info = fmt.write(model, layers, others, out_dir, tokenizer=tokenizer)
         info.expected_bytes = _expected_bytes(fmt, layers, others)
@@ -115,19 +153,40 @@ def export_checkpoint(
             saved = [f for f in tokenizer.save_pretrained(out_dir) if os.path.isfile(f)]
             info.files += [os.path.relpath(os.path.abspath(f), os.path.abspath(out_dir)) for f in saved]
         cfg = get_qat_config(model)
-        plan = _find_plan(model_or_dir, plan)
+        found_plan = _find_plan(model_or_dir, plan)
         from .card import write_model_card
 
-        info.files.append(write_model_card(out_dir, fmt, info, cfg, plan, card or {}, base_model))
-        write_manifest(out_dir, info, {"qat_config": cfg.to_dict() if cfg else None, "plan": plan,
+        info.files.append(write_model_card(out_dir, fmt, info, cfg, found_plan, card or {}, base_model))
+        write_manifest(out_dir, info, {"qat_config": cfg.to_dict() if cfg else None, "plan": found_plan,
                                        "hf_qat_version": _version()})
         if push_to_hub:
             from .hub import push_folder
 
             push_folder(out_dir, push_to_hub, private=private, token=token)
-    if world_size() > 1:
-        torch.distributed.barrier()
-    return info
+        return info
+
+    return run_on_writer(write, writer)
+
+
+def run_on_writer(task, writer: bool):
+    """``task()`` on the writing rank, its result (or its error) on every rank: under several
+    processes the others wait for it and raise a QATModelError with its message if it failed, so no
+    rank is left waiting for one that raised."""
+    if world_size() == 1:
+        return task()
+    box: list = [None]
+    if writer:
+        try:
+            box[0] = ("ok", task())
+        except Exception as exc:
+            box[0] = ("error", f"{type(exc).__name__}: {exc}")
+            torch.distributed.broadcast_object_list(box, src=0)
+            raise
+    torch.distributed.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise QATModelError(f"the export failed on the writing rank: {value}")
+    return value
 
 
 def _find_plan(model_or_dir, plan) -> dict | None:

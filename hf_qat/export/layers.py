@@ -18,8 +18,8 @@ from ..errors import QATModelError
 from ..lora import has_unmerged_adapters
 from ..modules import QATEmbedding
 from ..quantizers import Grid
+from ..unit import UNIT_KEY
 
-UNIT_KEY = ".weight_quantizer."  # state-dict keys of the QAT units (scales, switch state)
 
 
 @dataclass
@@ -58,9 +58,13 @@ class QuantizedLayer:
         return tuple(self.codes.shape)
 
 
-def collect_layers(model: nn.Module) -> tuple[list[QuantizedLayer], dict[str, torch.Tensor]]:
+def collect_layers(model: nn.Module, keep: bool = True) -> tuple[list[QuantizedLayer], dict[str, torch.Tensor]]:
     """The quantized layers of a QAT model, and its other tensors by state-dict key (QAT state,
-    quantized weights and their biases excluded). Under FSDP2, call on every rank (it all-gathers)."""
+    quantized weights and their biases excluded), on the CPU.
+
+    Under FSDP2 call it on every rank: it all-gathers one tensor at a time. A rank with
+    ``keep=False`` takes part in the gathers and keeps nothing (returns ``([], {})``), so only the
+    writing rank ever holds the whole model, and the others at most one gathered tensor."""
     if get_qat_config(model) is None:
         raise QATModelError("the model has no QAT modules: export a model prepared by hf_qat (QATCallback, "
                             "prepare_model_for_qat or ptq)")
@@ -84,17 +88,21 @@ def collect_layers(model: nn.Module) -> tuple[list[QuantizedLayer], dict[str, to
         weight = module.full_weight().detach()
         codes, step = unit.codes(weight)
         bias = getattr(module, "bias", None)
+        bias = None if bias is None else full_tensor(bias).detach().cpu()
+        names_of_weight.setdefault(id(module.weight), name)
+        if not keep:
+            continue
         layers.append(QuantizedLayer(
             name=name, kind=kind, codes=codes.cpu(), step=step.cpu(), grid=unit.spec.grid,
             bits=unit.quantizer.bits, method=unit.quantizer.name, group_size=unit.layout.group_size,
             scale_dtype=unit.spec.scale_dtype, dtype=weight.dtype,
-            bias=None if bias is None else full_tensor(bias).detach().cpu(),
-            activation_bits=getattr(module, "activation_bits", None), tied_to=tied_to,
+            bias=bias, activation_bits=getattr(module, "activation_bits", None), tied_to=tied_to,
         ))
-        names_of_weight.setdefault(id(module.weight), name)
     others = {}
     for key, value in model.state_dict().items():
         if key in covered or UNIT_KEY in key:
             continue
-        others[key] = full_tensor(value).detach().cpu()
+        value = full_tensor(value).detach()
+        if keep:
+            others[key] = value.cpu()
     return layers, others

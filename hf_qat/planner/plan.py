@@ -47,6 +47,7 @@ class Plan:
     run_qat_fraction: float
     total_steps: int | None = None
     tokens_per_step: float | None = None
+    tokens_per_step_source: str | None = None
     switch_step: int | None = None
     predicted_loss: float | None = None
     warnings: list[str] = field(default_factory=list)
@@ -94,6 +95,7 @@ def plan_qat(
     fraction: float | None = None,
     pretrained_tokens: float | None = None,
     a: float = PAPER_A,
+    tokens_per_step_source: str | None = None,
 ) -> Plan:
     """Plan the QAT phase of a run.
 
@@ -106,6 +108,7 @@ def plan_qat(
         strategy: "paper", "law" or "fixed" (with ``fraction``, of this run).
         pretrained_tokens: FP tokens the starting checkpoint already saw (counted in D_total).
         a: the constant of the paper's formula.
+        tokens_per_step_source: how ``tokens_per_step`` was counted (recorded in the plan).
     """
     bits = normalize_bits(bits)
     pretrained = float(pretrained_tokens or 0.0)
@@ -144,7 +147,8 @@ def plan_qat(
         pretrained_tokens=pretrained, d_total=d_total, tokens_per_param_byte=s_total, qat_fraction=f,
         optimal_qat_tokens=optimal_qat_tokens, qat_tokens=qat_tokens, fp_tokens=d_total - qat_tokens,
         run_fp_tokens=float(total_tokens) - qat_tokens, run_qat_fraction=run_f, total_steps=total_steps,
-        tokens_per_step=tokens_per_step, switch_step=switch, warnings=warnings,
+        tokens_per_step=tokens_per_step, tokens_per_step_source=tokens_per_step_source, switch_step=switch,
+        warnings=warnings,
     )
     if law is not None:
         plan.predicted_loss = float(law.predict(num_params, plan.fp_tokens, plan.qat_tokens, bits))

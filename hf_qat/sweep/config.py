@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from ..bits import normalize_bits
-from ..config import ALLOWED_DECAY_SHAPES, QATConfig
+from ..config import QATConfig
 from ..errors import QATConfigError
 
 SCHEDULES = ("fused", "classic")
@@ -48,6 +48,8 @@ SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_atten
              "head_dim", "rms_norm_eps", "rope_theta")
 NUMBER_KEYS = ("learning_rate", "weight_decay", "max_grad_norm", "min_lr_ratio", "fp_cooldown_fraction",
                "qat_warmup_fraction", "scale_lr_multiplier", "scale_lr")
+# Keys passed on to QATConfig as they are, so validated by it.
+QAT_KEYS = ("group_size", "decay_shape", "min_lr_ratio", "fp_cooldown_fraction", "qat_warmup_fraction")
 EXTRA_KEYS = ("sizes", "budgets", "bits", "fractions", "schedules", "seed")
 
 
@@ -118,16 +120,12 @@ class SweepConfig:
                 _positive_number(key, getattr(self, key))
         if self.scale_lr is not None and self.scale_lr_multiplier is not None:
             raise SweepConfigError("scale_lr", self.scale_lr, "unset when scale_lr_multiplier is set (one or the other)")
-        for key in ("weight_decay", "min_lr_ratio", "fp_cooldown_fraction", "qat_warmup_fraction"):
-            value = getattr(self, key)
-            if not _is_number(value) or not 0.0 <= value <= 1.0:
-                raise SweepConfigError(key, value, "a number in [0, 1]")
-        if self.decay_shape not in ALLOWED_DECAY_SHAPES:
-            raise SweepConfigError("decay_shape", self.decay_shape, ", ".join(ALLOWED_DECAY_SHAPES))
-        try:
-            QATConfig(bits=4, group_size=self.group_size)
+        if not _is_number(self.weight_decay) or not 0.0 <= self.weight_decay <= 1.0:
+            raise SweepConfigError("weight_decay", self.weight_decay, "a number in [0, 1]")
+        try:  # the keys that QATConfig also takes follow its rules (a value it refuses would fail every run)
+            QATConfig(bits=4, start=0, **{key: getattr(self, key) for key in QAT_KEYS})
         except QATConfigError as exc:
-            raise SweepConfigError("group_size", self.group_size, exc.allowed) from None
+            raise SweepConfigError(exc.field, exc.value, exc.allowed) from None
         if not isinstance(self.extra, list) or not all(isinstance(e, dict) for e in self.extra):
             raise SweepConfigError("extra", self.extra, "a list of mappings with keys " + ", ".join(EXTRA_KEYS))
         self.grids = [self._grid({}, "")] + [self._grid(e, f"extra[{i}].") for i, e in enumerate(self.extra)]

@@ -40,10 +40,11 @@ class SweepData:
         return self.eval.shape[0] * (self.eval.shape[1] - 1)
 
 
-def _fingerprint(config: SweepConfig, train_blocks: int) -> str:
+def data_file_name(config: SweepConfig, train_blocks: int) -> str:
+    """The cache file of the tokenized data, named by a fingerprint of what determines it."""
     key = {"data": config.data, "vocab_size": config.vocab_size, "sequence_length": config.sequence_length,
            "eval_tokens": config.eval_tokens, "train_blocks": train_blocks}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"data-{hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]}.pt"
 
 
 def load_sweep_data(config: SweepConfig, train_blocks: int, cache_dir: str | None = None) -> SweepData:
@@ -52,7 +53,7 @@ def load_sweep_data(config: SweepConfig, train_blocks: int, cache_dir: str | Non
     ``cache_dir`` (keyed by the data settings) so a resumed sweep reads identical tokens."""
     path = None
     if cache_dir is not None:
-        path = os.path.join(cache_dir, f"data-{_fingerprint(config, train_blocks)}.pt")
+        path = os.path.join(cache_dir, data_file_name(config, train_blocks))
         if os.path.exists(path) and os.path.isdir(path[:-3] + "-tokenizer"):
             from transformers import AutoTokenizer
 

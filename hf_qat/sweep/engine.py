@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from ..callback import add_scale_param_group, count_parameters
+from ..optim import add_scale_param_group
+from ..run_inputs import count_parameters
 from ..config import QATConfig
 from ..convert import activate_qat, prepare_model_for_qat
 from .config import SweepConfig

@@ -4,6 +4,7 @@ Layout of the output folder::
 
     DIR/runs.jsonl                   the rows (see results.py)
     DIR/sweep_config.json            the config the rows were trained with (checked on resume)
+    DIR/sweep_data.json              how many training blocks its data has (fixed by the first invocation)
     DIR/cache/data-*.pt              the tokenized blocks
     DIR/trunks/SIZE-seedK/step-N.pt  trunk checkpoints at every branch point; fp-N.pt: FP rows' final models
 
@@ -29,13 +30,14 @@ from tqdm.auto import tqdm
 from ..bits import normalize_bits
 from ..convert import ptq
 from .config import SweepConfig, SweepConfigError
-from .data import SweepData, load_sweep_data
+from .data import SweepData, data_file_name, load_sweep_data
 from .engine import (build_model, check_size, device, evaluate, load_checkpoint, num_params, prepare_tail,
                      save_checkpoint, train_steps)
 from .grid import RunSpec, branch_points, paper_fraction, plan_runs, token_accounting, trunk_multiplier
 from .results import RUNS_NAME, append_row, read_rows, repair
 
 CONFIG_NAME = "sweep_config.json"
+DATA_NAME = "sweep_data.json"  # the training blocks of the folder's data (see _folder_train_blocks)
 # Keys that may change between invocations on the same folder (they add or drop grid points).
 GRID_KEYS = ("budgets", "bits", "fractions", "schedules", "extra", "sizes")
 
@@ -88,9 +90,49 @@ def _check_saved_config(config: SweepConfig, out_dir: str) -> None:
             if name in saved.get("sizes", {}) and saved["sizes"][name] != overrides:
                 raise SweepConfigError(f"sizes.{name}", overrides, f"{saved['sizes'][name]!r} (as trained in {out_dir})")
         current["sizes"] = {**saved.get("sizes", {}), **current["sizes"]}
+    _write_json_atomically(path, current)
+
+
+def _folder_train_blocks(config: SweepConfig, out_dir: str, needed_blocks: int) -> int:
+    """The training blocks of the folder's data.
+
+    The tokenized data, its tokenizer included, depends on how many training blocks the grid needs
+    (its largest budget): the first invocation records that number in ``DATA_NAME`` and every later
+    one reuses it, so a shrunk grid reads the same data, and a grid whose largest budget needs more
+    blocks is refused (its trunks and rows would mix two data sets)."""
+    path = os.path.join(out_dir, DATA_NAME)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            train_blocks = json.load(fh)["train_blocks"]
+    else:
+        train_blocks = _legacy_train_blocks(config, out_dir, needed_blocks)
+    if needed_blocks > train_blocks:
+        largest = max(budget for grid in config.grids for budget in grid.budgets)
+        raise SweepConfigError(
+            "budgets", largest, f"budgets whose longest run takes at most {train_blocks // config.batch_size} steps "
+            f"({train_blocks} training blocks: the data the rows in {out_dir} were trained on)",
+            detail="the tokenized data and its tokenizer depend on the largest budget; a larger one needs another "
+                   "--out folder")
+    _write_json_atomically(path, {"train_blocks": train_blocks})
+    return train_blocks
+
+
+def _legacy_train_blocks(config: SweepConfig, out_dir: str, needed_blocks: int) -> int:
+    """The training blocks of a folder that does not record them (new, or written by hf_qat < 0.4):
+    the grid's own number when its data is the cached one (or nothing is cached), else refused."""
+    cache = os.path.join(out_dir, "cache")
+    cached = sorted(f for f in os.listdir(cache) if f.startswith("data-") and f.endswith(".pt")) if os.path.isdir(cache) else []
+    if cached and data_file_name(config, needed_blocks) not in cached:
+        raise SweepConfigError("budgets", [b for grid in config.grids for b in grid.budgets],
+                               f"the budgets the rows in {out_dir} were trained with (its cached data {cached[0]} was "
+                               "tokenized for another largest budget)", detail="use another --out folder")
+    return needed_blocks
+
+
+def _write_json_atomically(path: str, data: dict) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"  # shards may write at the same moment
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(current, fh, indent=2)
+        json.dump(data, fh, indent=2)
     os.replace(tmp, path)
 
 
@@ -257,6 +299,7 @@ def run_sweep(
             check_size(config, size, config.qat_config(normalize_bits(bits)))
     os.makedirs(out_dir, exist_ok=True)
     _check_saved_config(config, out_dir)
+    train_blocks = _folder_train_blocks(config, out_dir, max(r.total_steps for r in runs) * config.batch_size)
     runs_path = os.path.join(out_dir, RUNS_NAME)
     repair(runs_path)
     done = {row["key"] for row in read_rows(runs_path)}
@@ -272,8 +315,7 @@ def run_sweep(
     if not pending:
         return summary
     started = time.perf_counter()
-    needed_blocks = max(r.total_steps for r in runs) * config.batch_size
-    data = load_sweep_data(config, needed_blocks, cache_dir=os.path.join(out_dir, "cache"))
+    data = load_sweep_data(config, train_blocks, cache_dir=os.path.join(out_dir, "cache"))
     all_points = branch_points(runs)
     by_trunk: dict[tuple[str, int], list[list[RunSpec]]] = {}
     for task in pending:

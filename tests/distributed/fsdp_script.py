@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from helpers import tiny_llama, token_dataset  # noqa: E402
 
 import hf_qat  # noqa: E402
-from hf_qat.callback import add_scale_param_group  # noqa: E402
+from hf_qat.optim import add_scale_param_group  # noqa: E402
 from hf_qat.distributed import full_tensor  # noqa: E402
 
 
