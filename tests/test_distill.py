@@ -126,3 +126,88 @@ def test_lora_teacher_is_the_base_model_without_a_copy(tmp_path):
     assert hf_qat.is_qat_active(model)  # the teacher pass switched QAT off and back on
     history = [h for h in trainer.state.log_history if "loss" in h]
     assert all(h["qat/distill_loss"] > 0 for h in history[10:])
+
+
+def _naive_kl(s, t, labels, temperature, top_k=None, num_items=None):
+    """hf_qat 0.3's formula (every intermediate full-size): the reference the chunked loss must equal."""
+    s = s[:, :-1].float() / temperature
+    t = t[:, :-1].float() / temperature
+    keep = labels[:, 1:] != -100
+    log_p_s = F.log_softmax(s[keep], -1)
+    t = t[keep]
+    if top_k is not None:
+        t, index = t.topk(top_k, -1)
+        log_p_s = log_p_s.gather(-1, index)
+    log_p_t = F.log_softmax(t, -1)
+    count = keep.sum() if num_items is None else num_items
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum() * temperature ** 2 / count
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_chunked_kl_value_and_gradient_equal_the_full_formula(monkeypatch, top_k):
+    import hf_qat.distill as distill
+
+    monkeypatch.setattr(distill, "CHUNK_ELEMENTS", 3 * 37)  # 3 positions a chunk: many chunks, a ragged last one
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(3, 9, 37, generator=g), torch.randn(3, 9, 37, generator=g)
+    labels = torch.randint(0, 37, (3, 9), generator=g)
+    labels[1, 2:6] = -100
+    for num_items in (None, 17):
+        got_s, want_s = s.clone().requires_grad_(), s.clone().requires_grad_()
+        got = distill.distill_kl(got_s, t, labels, 1.7, top_k, num_items)
+        want = _naive_kl(want_s, t, labels, 1.7, top_k, num_items)
+        (got * 3.0).backward()
+        (want * 3.0).backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_s.grad, want_s.grad, rtol=1e-4, atol=1e-7)
+        assert got_s.grad[:, -1].abs().sum() == 0 and got_s.grad[1, 1:5].abs().sum() == 0  # not predicted
+
+
+def test_export_of_a_distilled_checkpoint_is_the_trained_student(tmp_path):
+    """The teacher's file in a checkpoint folder is not the model's: its tied embedding must not win."""
+    cfg = QATConfig(**{**CFG, "start": 3}, distill={"teacher": "switch", "weight": 0.5})
+    trainer = make_trainer(tmp_path, [QATCallback(cfg)], max_steps=6, save_strategy="steps", save_steps=6)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-6"
+    assert (checkpoint / TEACHER_FILE).is_file()
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        trained = trainer.model.eval()(x).logits
+        loaded = hf_qat.export.api.load_qat_checkpoint(str(checkpoint)).eval()(x).logits
+        hf_qat.export_checkpoint(str(checkpoint), tmp_path / "export", format="hf-qat")
+        exported = hf_qat.load_exported(tmp_path / "export").eval()(x).logits
+    assert torch.equal(loaded, trained)
+    torch.testing.assert_close(exported, trained, rtol=0, atol=1e-5)
+
+
+def test_a_module_teacher_config_reads_back_and_asks_for_the_module(tmp_path):
+    written = QATConfig(**CFG, distill={"teacher": tiny_llama(), "weight": 0.3}).to_dict()
+    read = QATConfig.from_dict(written)  # a saved config of such a run: readable (exports need it)
+    assert read.distill_config.teacher == "nn.Module" and read.to_dict() == written
+    with pytest.raises(QATConfigError, match="pass QATCallback.*'teacher': module") as info:
+        make_trainer(tmp_path, [QATCallback(read)])
+    assert info.value.field == "distill.teacher"
+    teacher = tiny_llama(seed=3)
+    callback = QATCallback(read, distill={**written["distill"], "teacher": teacher})
+    make_trainer(tmp_path, [callback])
+    assert callback.teacher.module is teacher
+
+
+def test_logged_terms_do_not_depend_on_gradient_accumulation(tmp_path):
+    """GA=2 x 4 examples logs the qat/ce_loss and qat/distill_loss that GA=1 x 8 logs."""
+    def logged(accumulation: int):
+        cfg = QATConfig(**{**CFG, "start": 2}, distill={"teacher": tiny_llama(seed=5), "weight": 0.5, "temperature": 2.0})
+        trainer = make_trainer(tmp_path / f"ga{accumulation}", [QATCallback(cfg)], max_steps=6, logging_steps=2,
+                               per_device_train_batch_size=8 // accumulation, gradient_accumulation_steps=accumulation)
+        trainer.train()
+        return [(h["loss"], h["qat/ce_loss"], h["qat/distill_loss"]) for h in trainer.state.log_history
+                if "qat/ce_loss" in h]
+
+    one, two = logged(1), logged(2)
+    assert len(one) == len(two) == 2
+    assert all(kl > 0.01 for _, _, kl in one)  # an independent teacher: the KL term matters
+    for a, b in zip(one, two):
+        assert a == pytest.approx(b, rel=1e-4)
+    # the terms are the loss's parts: (1 - w) * CE + w * KL is the logged loss
+    for loss, ce, kl in one:
+        assert 0.5 * ce + 0.5 * kl == pytest.approx(loss, rel=1e-4)

@@ -99,3 +99,64 @@ def test_trainer_with_lora_and_qat_callback(tmp_path):
         before = model(INPUT).logits
         merged = model.merge_and_unload()
         assert torch.equal(merged(INPUT).logits, before)
+
+
+def saved_base_lora(tmp_path):
+    """A LoRA model on a base saved to disk (a PEFT checkpoint names its base by path)."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0)
+    return peft.get_peft_model(base, config)
+
+
+def test_lora_checkpoints_keep_the_scales_resume_exactly_and_export(tmp_path):
+    """A PEFT checkpoint holds only the adapter: hf_qat saves the QAT state beside it, loads it on resume
+    (the run continues bit for bit after the switch) and export_checkpoint rebuilds base + adapter + QAT."""
+    cfg = QATConfig(bits=4, group_size=16, start=4)
+    full = make_trainer(tmp_path / "run", [QATCallback(cfg)], model=saved_base_lora(tmp_path), max_steps=10,
+                        save_strategy="steps", save_steps=6)
+    full.train()
+    with torch.no_grad():
+        expected = full.model(INPUT).logits
+    checkpoint = tmp_path / "run" / "checkpoint-6"
+    assert (checkpoint / "hf_qat_state.safetensors").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
+
+    resumed = make_trainer(tmp_path / "run", [QATCallback(cfg)], model=saved_base_lora(tmp_path), max_steps=10)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    with torch.no_grad():
+        assert torch.equal(resumed.model(INPUT).logits, expected)
+
+    hf_qat.export_checkpoint(str(tmp_path / "run" / "checkpoint-10"), tmp_path / "export", format="hf-qat")
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(tmp_path / "export")(INPUT).logits, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["merged", "base"])
+def test_remove_qat_on_a_lora_model_keeps_its_function(mode):
+    model = lora_model()
+    hf_qat.prepare_model_for_qat(model, QATConfig(bits=4, group_size=16, start=0, lora_mode=mode))
+    hf_qat.activate_qat(model)
+    train_steps(model)
+    with torch.no_grad():
+        qat = model(INPUT).logits
+    hf_qat.remove_qat(model, bake_weights=True)
+    assert not any(isinstance(m, hf_qat.QATLinear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(INPUT).logits, qat, rtol=0, atol=1e-5)  # the delta counted once
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(INPUT).logits, qat, rtol=0, atol=1e-5)
+
+
+def test_remove_qat_without_baking_leaves_plain_lora():
+    model = lora_model()
+    hf_qat.prepare_model_for_qat(model, QATConfig(bits=4, group_size=16, start=0))
+    hf_qat.activate_qat(model)
+    train_steps(model)
+    hf_qat.remove_qat(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 32)
+    expected = torch.nn.functional.linear(x, layer.base_layer.weight) + layer.lora_B["default"](
+        layer.lora_A["default"](x)) * layer.scaling["default"]
+    torch.testing.assert_close(layer(x), expected)

@@ -125,3 +125,42 @@ def test_manage_schedule_false_keeps_the_trainers_schedule(tmp_path):
                            max_steps=20, warmup_steps=0, lr_scheduler_type="linear", learning_rate=1e-3)
     trainer.train()
     assert lrs.lrs[10] == pytest.approx(1e-3 * 10 / 20)
+
+
+def test_the_plan_counts_tokens_over_sampled_examples_not_the_first_one(tmp_path):
+    """Variable-length data: the first example is 8x the others. The plan's tokens per step are the mean
+    real tokens (attention mask) x examples per step, it says how it counted, and warns about the spread."""
+    from transformers import Trainer
+
+    from helpers import tiny_llama, training_args
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [64] + [8] * 99
+    rows = []
+    for n in lengths:
+        ids = torch.randint(0, 64, (16 if n == 8 else n,), generator=g)
+        mask = torch.zeros_like(ids)
+        mask[:n] = 1  # short examples come padded to 16: 8 real tokens
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+
+    def pad(batch):
+        width = max(len(r["input_ids"]) for r in batch)
+        out = {}
+        for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", -100)):
+            out[key] = torch.stack([torch.nn.functional.pad(r[key], (0, width - len(r[key])), value=fill) for r in batch])
+        return out
+
+    callback = QATCallback(bits=4, group_size=16, start="auto")
+    trainer = Trainer(model=tiny_llama(), args=training_args(tmp_path, max_steps=4), train_dataset=rows,
+                      data_collator=pad, callbacks=[callback])
+    trainer.train()
+    mean = sum(lengths) / len(lengths)
+    plan = json.load(open(tmp_path / "qat_plan.json"))
+    assert plan["tokens_per_step"] == round(4 * mean) != 4 * 64
+    assert "100 sampled training examples" in plan["tokens_per_step_source"]
+    assert any("vary in length" in w and "max 64" in w for w in plan["warnings"])
+    fixed = QATCallback(bits=4, group_size=16, start="auto", sequence_length=12)
+    Trainer(model=tiny_llama(), args=training_args(tmp_path / "fixed", max_steps=4), train_dataset=rows,
+            data_collator=pad, callbacks=[fixed]).train()
+    assert fixed.plan.tokens_per_step == 48 and fixed.plan.tokens_per_step_source == "QATConfig.sequence_length=12"
+    assert not any("vary in length" in w for w in fixed.plan.warnings)

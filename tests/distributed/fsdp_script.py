@@ -27,17 +27,46 @@ from hf_qat.optim import add_scale_param_group  # noqa: E402
 from hf_qat.distributed import full_tensor  # noqa: E402
 
 
+def export_memory(out: str, world: int, rank: int) -> None:
+    """``--export-memory``: a larger model, sharded and switched to QAT (PTQ scales), then exported; each
+    rank records the growth of its peak resident memory during the export (``rank{r}_memory.json``)."""
+    import json
+    import resource
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_llama(hidden=512, layers=8)
+    hf_qat.prepare_model_for_qat(model, hf_qat.QATConfig(bits=4, group_size=32, start=0))
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    hf_qat.activate_qat(model)  # gathers every weight once: the per-tensor peak is in the baseline
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hf_qat.export_checkpoint(model, os.path.join(out, "export"), format="hf-qat")
+    growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    quantized = sum(m.weight.numel() for _, m in hf_qat.qat_modules(model))
+    with open(os.path.join(out, f"rank{rank}_memory.json"), "w") as fh:
+        json.dump({"growth_bytes": growth, "quantized_weights": quantized}, fh)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--start", type=int, default=4)
+    parser.add_argument("--export-memory", action="store_true")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo")
+    if args.export_memory:
+        export_memory(args.out, world, rank)
+        dist.destroy_process_group()
+        return
 
     model = tiny_llama(tie=True)
     cfg = hf_qat.QATConfig(bits=4, group_size=16, start=args.start, embedding_bits=4)

@@ -44,5 +44,10 @@ def test_ddp_distillation_replicates_the_teacher(tmp_path):
         assert torch.equal(r0["state"][name], r1["state"][name]), name
         torch.testing.assert_close(r0["state"][name].float(), single["state"][name].float(), rtol=0, atol=1e-4, msg=name)
     assert len(r0["distill"]) == len(single["distill"]) == 6 and all(v > 0 for v in r0["distill"])
+    # the logged terms are reduced over the ranks: every rank logs what one process logs
+    for key in ("distill", "ce"):
+        assert r0[key] == r1[key], key
+        for a, b in zip(r0[key], single[key]):
+            assert abs(a - b) <= 1e-4, key
     for a, b in zip(r0["losses"], single["losses"]):
         assert abs(a - b) <= 1e-4

@@ -46,3 +46,17 @@ def test_fsdp2_ranks_losses_and_export(tmp_path):
         assert torch.equal(sharded[key], reference[key]), key
     config = json.loads((tmp_path / "fsdp" / "export" / "config.json").read_text())
     assert config["quantization_config"] == json.loads((tmp_path / "reference" / "config.json").read_text())["quantization_config"]
+
+
+def test_fsdp2_export_keeps_the_model_on_rank_0_only(tmp_path):
+    """Rank 0 gathers and packs every layer; rank 1 takes part in the gathers one tensor at a time and
+    keeps nothing, so its peak memory does not grow with the model (holding every layer's codes alone
+    would grow it by one byte per weight)."""
+    run_distributed(tmp_path, 2, "--export-memory", script=FSDP_SCRIPT)
+    r0 = json.loads((tmp_path / "rank0_memory.json").read_text())
+    r1 = json.loads((tmp_path / "rank1_memory.json").read_text())
+    codes_bytes = r0["quantized_weights"]  # int8 codes of every quantized weight
+    assert codes_bytes > 15e6
+    assert r1["growth_bytes"] < 0.25 * codes_bytes, r1
+    assert r0["growth_bytes"] > 0.5 * codes_bytes, r0  # the writer does hold the packed model
+    assert (tmp_path / "export" / "model.safetensors").is_file()

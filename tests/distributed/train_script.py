@@ -44,6 +44,7 @@ def main() -> None:
             "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
             "distill": [h["qat/distill_loss"] for h in trainer.state.log_history if "qat/distill_loss" in h],
+            "ce": [h["qat/ce_loss"] for h in trainer.state.log_history if "qat/ce_loss" in h],
             "world": world,
         },
         os.path.join(args.out, f"rank{rank}.pt"),

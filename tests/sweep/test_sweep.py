@@ -180,6 +180,9 @@ def test_bad_sweep_files_are_refused_before_anything_trains(tmp_path):
         ({"sizes": {"s32": {"hidden_size": 32, "layers": 2}}}, r"'sizes.s32.layers'.*hidden_size, num_hidden_layers"),
         ({"scale_lr": 0.02, "scale_lr_multiplier": 10}, r"'scale_lr' = 0.02.*unset when scale_lr_multiplier is set"),
         ({"scale_lr": -1}, r"'scale_lr' = -1"),
+        ({"fp_cooldown_fraction": 1.0}, r"'fp_cooldown_fraction' = 1.0.*a number in \[0, 1\)"),
+        ({"qat_warmup_fraction": -0.5}, r"'qat_warmup_fraction' = -0.5"),
+        ({"decay_shape": "step"}, r"'decay_shape' = 'step'.*linear, cosine, 1-sqrt"),
     ]
     for change, message in cases:
         with pytest.raises(SweepConfigError, match=message):
@@ -197,6 +200,24 @@ def test_bad_sweep_files_are_refused_before_anything_trains(tmp_path):
         out = tmp_path / "mixed"
         run_sweep({**TINY, "budgets": [1280], "bits": [2], "fractions": [0.0]}, out, progress=False, log=quiet)
         run_sweep({**TINY, "learning_rate": 1e-2}, out, progress=False, log=quiet)
+
+
+def test_a_grid_that_needs_more_data_is_refused_and_a_smaller_one_reads_the_same_data(tmp_path):
+    """The tokenized data depends on the largest budget: growing it would reuse trunks on other batches
+    and put losses on another eval set in the same runs.jsonl."""
+    from hf_qat.sweep import SweepConfigError
+
+    small = {**TINY, "budgets": [1280], "bits": [2], "fractions": [0.0], "schedules": ["fused"]}
+    run_sweep(small, tmp_path, progress=False, log=quiet)
+    rows = (tmp_path / "runs.jsonl").read_text()
+    recorded = json.loads((tmp_path / "sweep_data.json").read_text())["train_blocks"]
+    assert recorded == 1280 // 128 * 4
+    with pytest.raises(SweepConfigError, match=r"'budgets' = 2560.*at most 10 steps.*another --out folder"):
+        run_sweep({**small, "budgets": [1280, 2560]}, tmp_path, progress=False, log=quiet)
+    assert (tmp_path / "runs.jsonl").read_text() == rows  # nothing trained, nothing written
+    run_sweep({**small, "budgets": [640, 1280]}, tmp_path, progress=False, log=quiet)  # within the data: fine
+    assert json.loads((tmp_path / "sweep_data.json").read_text())["train_blocks"] == recorded
+    assert len(os.listdir(tmp_path / "cache")) == 2  # one data file (and its tokenizer): the same data
 
 
 def test_tiny_sweep_fit_plan_and_report_end_to_end(tiny_sweep, tmp_path, capsys):
