@@ -62,7 +62,7 @@ from .lora import is_peft_model
 from .optim import SCALE_GROUP_KEY, add_scale_param_group, has_scale_group, reset_weight_state, scale_parameters
 from .planner import Plan, QATScalingLaw, plan_qat
 from .qat_state import load_unit_state, save_unit_state
-from .run_inputs import count_parameters, tokens_per_step
+from .run_inputs import active_parameters, count_parameters, tokens_per_step
 from .schedule import lambda_lr, make_schedule
 from .trainer_hooks import TrainerHooks, attach, constructing_trainer
 
@@ -202,8 +202,13 @@ class QATCallback(TrainerCallback, ExportableState):
                                  detail="start='auto' needs the tokens per step: set it, or pass a train_dataset")
         self.plan = None
         if tps is not None:
+            active = active_parameters(model)
+            if cfg.moe_params == "active" and active is None:
+                raise QATConfigError("moe_params", "active", "'total' for this model",
+                                     detail="it has no experts, so every parameter is active")
             self.plan = plan_qat(
                 count_parameters(model, cfg.count_quantized_params_only), tps.tokens * max_steps, cfg.bits,
+                active_params=active, moe_params=cfg.moe_params,
                 total_steps=max_steps, tokens_per_step=tps.tokens, pretrained_tokens=cfg.pretrained_tokens,
                 law=QATScalingLaw.load(cfg.law_path) if cfg.law_path else None,
                 strategy=cfg.strategy if fixed is None else "fixed",

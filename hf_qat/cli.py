@@ -46,6 +46,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = plan_qat(
         num_params=args.params, total_tokens=args.tokens, bits=args.bits, total_steps=args.steps,
         tokens_per_step=args.tokens_per_step, law=law, strategy=strategy, pretrained_tokens=args.pretrained_tokens,
+        active_params=args.active_params, moe_params=args.moe_params,
     )
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
@@ -60,7 +61,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _print_plan(plan) -> None:
     console.print(
-        f"[bold]{bits_label(plan.bits)}-bit QAT plan[/bold] for {human(plan.num_params)} parameters, "
+        f"[bold]{bits_label(plan.bits)}-bit QAT plan[/bold] for {human(plan.num_params)} parameters"
+        + (f" ({human(plan.active_params)} active; S counts the {plan.moe_params})" if plan.active_params else "")
+        + ", "
         f"{human(plan.total_tokens)} tokens"
         + (f" after {human(plan.pretrained_tokens)} pretrained tokens" if plan.pretrained_tokens else "")
     )
@@ -192,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="when to switch to QAT (the paper's formula or a fitted law)")
-    p.add_argument("--params", type=_count, required=True, help="model parameters, e.g. 135M")
+    p.add_argument("--params", type=_count, required=True, help="model parameters, e.g. 135M (an MoE: all of them)")
+    p.add_argument("--active-params", type=_count, default=None,
+                   help="a mixture of experts: the parameters one token uses, e.g. 3B (stated in the plan)")
+    p.add_argument("--moe-params", choices=["total", "active"], default="total",
+                   help="which N the tokens per parameter byte use (default total: what memory holds)")
     p.add_argument("--tokens", type=_count, required=True, help="training tokens of this run, e.g. 10B")
     p.add_argument("--bits", type=_bits, required=True, help="1, 1.58/ternary, 2, 3, 4, 5, 6, 8")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of the run")

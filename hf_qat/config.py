@@ -30,6 +30,7 @@ CHOICES = {
     "strategy": ("paper", "law"),
     "lora_mode": ("merged", "base"),
     "scale_init": ("max", "mse"),
+    "moe_params": ("total", "active"),
 }
 ALLOWED_SCALE_DTYPES = CHOICES["scale_dtype"]
 ALLOWED_DECAY_SHAPES = CHOICES["decay_shape"]
@@ -170,6 +171,9 @@ class QATConfig:
             (that scale times the clipping ratio in 0.30..1.00 of least squared error per group);
             learnable families only. On SmolLM2-135M at 4 bits, g32: PTQ 2.368 (max) vs 2.360 (mse),
             after 60 QAT steps 2.1619 vs 2.1643, so "max" stays the default.
+        moe_params: for a mixture of experts, the N of the planner's tokens per parameter byte: "total"
+            (every parameter, what memory holds; default) or "active" (the parameters one token uses).
+            The plan states both.
     """
 
     bits: float | int | str = 4
@@ -201,6 +205,7 @@ class QATConfig:
     distill: dict[str, Any] | None = None
     scale_init: str = "max"
     scale_lr: float | None = None
+    moe_params: str = "total"
 
     def __post_init__(self) -> None:
         self._check_quantizers()

@@ -1,5 +1,9 @@
 """What the planner needs from a training run: N (parameters) and the tokens of one optimizer step.
 
+N counts every parameter once (:func:`count_parameters`); for a mixture of experts the plan also
+states the active parameters (:func:`active_parameters`), and ``QATConfig.moe_params`` picks which
+of the two the tokens per parameter byte use.
+
 Tokens per step = examples per step (batch per device x gradient accumulation x world size) x tokens
 per example. Tokens per example is ``QATConfig.sequence_length`` when set; otherwise it is measured:
 the mean number of real tokens (the attention mask's ones, else the length of ``input_ids``) over up
@@ -34,6 +38,24 @@ def count_parameters(model: torch.nn.Module, quantized_only: bool = False) -> in
         weights = {id(m.weight): m.weight for _, m in qat_modules(model)}
         return sum(p.numel() for p in weights.values())
     return sum(p.numel() for p in model.parameters() if id(p) not in scales)
+
+
+def active_parameters(model: torch.nn.Module) -> int | None:
+    """The parameters one token uses in a mixture of experts: every parameter, less the share of each
+    experts module's stacked ``[experts, ...]`` tensors that a token is not routed to (it uses
+    ``config.num_experts_per_tok`` of them); None for a model without experts modules (transformers
+    marks them with ``is_transposed`` / ``has_gate``, ``transformers.integrations.moe``)."""
+    experts = [m for m in model.modules() if hasattr(m, "is_transposed") and hasattr(m, "has_gate")]
+    if not experts:
+        return None
+    top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
+    if not isinstance(top_k, int) or top_k < 1:
+        raise QATConfigError("moe_params", "active", "'total'", detail="the model has experts but its config names no "
+                             "num_experts_per_tok, so the active parameters cannot be counted")
+    scales = {id(p) for p in scale_parameters(model)}
+    unused = sum(p.numel() * (p.shape[0] - min(top_k, p.shape[0])) / p.shape[0]
+                 for m in experts for p in m.parameters(recurse=False) if id(p) not in scales)
+    return round(count_parameters(model) - unused)
 
 
 @dataclass(frozen=True)

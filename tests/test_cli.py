@@ -53,6 +53,18 @@ def test_plan_json_and_pretrained_tokens(capsys):
     assert plan["optimal_qat_tokens"] > 1e9 and plan["warnings"]
 
 
+def test_plan_of_a_mixture_of_experts_states_both_parameter_counts(capsys):
+    assert main(["plan", "--params", "30B", "--active-params", "3B", "--tokens", "1T", "--bits", "4", "--json"]) == 0
+    total = json.loads(capsys.readouterr().out)
+    assert main(["plan", "--params", "30B", "--active-params", "3B", "--tokens", "1T", "--bits", "4", "--json",
+                 "--moe-params", "active"]) == 0
+    active = json.loads(capsys.readouterr().out)
+    assert total["num_params"] == active["num_params"] == 30e9 and total["active_params"] == 3e9
+    assert active["tokens_per_param_byte"] == pytest.approx(10 * total["tokens_per_param_byte"])
+    assert main(["plan", "--params", "30B", "--active-params", "3B", "--tokens", "1T", "--bits", "4"]) == 0
+    assert "30B parameters (3B active; S counts the total)" in capsys.readouterr().out.replace("\n", " ")
+
+
 def test_fit_then_plan_with_the_law_and_best_bits(tmp_path, capsys):
     _, runs = synthetic_runs()
     csv = tmp_path / "runs.csv"

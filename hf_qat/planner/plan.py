@@ -23,7 +23,8 @@ from ..config import CHOICES
 from .fraction import PAPER_A, optimal_qat_fraction, range_warning, tokens_per_parameter_byte
 from .law import QATScalingLaw
 
-STRATEGIES = (*CHOICES["strategy"], "fixed")  # "fixed": a given fraction (the callback's int or float start)
+STRATEGIES = (*CHOICES["strategy"], "fixed")
+MOE_PARAMS = CHOICES["moe_params"]  # "fixed": a given fraction (the callback's int or float start)
 BASELINES = {"paretoq_10pct": 0.1, "switch_at_half": 0.5, "qat_from_start": 1.0, "ptq": 0.0}
 
 
@@ -52,6 +53,13 @@ class Plan:
     predicted_loss: float | None = None
     warnings: list[str] = field(default_factory=list)
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    active_params: float | None = None
+    moe_params: str = "total"
+
+    @property
+    def planner_params(self) -> float:
+        """The N behind S: every parameter ("total"), or those one token uses ("active", mixtures of experts)."""
+        return self.active_params if self.moe_params == "active" else self.num_params
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +68,9 @@ class Plan:
         """One line for logs."""
         step = f", switch at step {self.switch_step} of {self.total_steps}" if self.switch_step is not None else ""
         loss = f", predicted loss {self.predicted_loss:.4f}" if self.predicted_loss is not None else ""
+        if self.active_params is not None:
+            step += (f", N={self.num_params:.3g} total / {self.active_params:.3g} active parameters, S from the "
+                     f"{self.moe_params}")
         return (
             f"{bits_label(self.bits)}-bit QAT on {self.run_qat_fraction:.1%} of the run "
             f"({self.qat_tokens:.3g} of {self.total_tokens:.3g} tokens; optimal fraction {self.qat_fraction:.3f} of "
@@ -96,6 +107,8 @@ def plan_qat(
     pretrained_tokens: float | None = None,
     a: float = PAPER_A,
     tokens_per_step_source: str | None = None,
+    active_params: float | None = None,
+    moe_params: str = "total",
 ) -> Plan:
     """Plan the QAT phase of a run.
 
@@ -109,13 +122,19 @@ def plan_qat(
         pretrained_tokens: FP tokens the starting checkpoint already saw (counted in D_total).
         a: the constant of the paper's formula.
         tokens_per_step_source: how ``tokens_per_step`` was counted (recorded in the plan).
+        active_params: for a mixture of experts, the parameters one token uses (all but the experts it is
+            not routed to); recorded in the plan.
+        moe_params: which N the tokens per parameter byte (and a law) use: "total" (every parameter, what
+            memory holds; the default) or "active" (``active_params``). Which one predicts the optimum of an
+            MoE is an open question (docs/moe.md).
     """
     bits = normalize_bits(bits)
     pretrained = float(pretrained_tokens or 0.0)
     law = _check_plan_inputs(num_params, total_tokens, pretrained, law, strategy, fraction)
+    n = _planner_params(float(num_params), active_params, moe_params)  # the N behind S
     total_steps, tokens_per_step = _steps(total_tokens, total_steps, tokens_per_step)
     d_total = pretrained + float(total_tokens)
-    s_total = tokens_per_parameter_byte(num_params, d_total, bits)
+    s_total = tokens_per_parameter_byte(n, d_total, bits)
     warnings: list[str] = []
     if strategy != "fixed" and (text := range_warning(s_total)):
         warnings.append(text)
@@ -123,7 +142,7 @@ def plan_qat(
     if strategy == "paper":
         f = optimal_qat_fraction(s_total, a)
     elif strategy == "law":
-        f = law.optimal_fraction(num_params, d_total, bits, pretrained_tokens=pretrained)
+        f = law.optimal_fraction(n, d_total, bits, pretrained_tokens=pretrained)
     else:
         f = fraction * total_tokens / d_total
     optimal_qat_tokens = f * d_total
@@ -148,12 +167,24 @@ def plan_qat(
         optimal_qat_tokens=optimal_qat_tokens, qat_tokens=qat_tokens, fp_tokens=d_total - qat_tokens,
         run_fp_tokens=float(total_tokens) - qat_tokens, run_qat_fraction=run_f, total_steps=total_steps,
         tokens_per_step=tokens_per_step, tokens_per_step_source=tokens_per_step_source, switch_step=switch,
-        warnings=warnings,
+        warnings=warnings, active_params=None if active_params is None else float(active_params), moe_params=moe_params,
     )
     if law is not None:
-        plan.predicted_loss = float(law.predict(num_params, plan.fp_tokens, plan.qat_tokens, bits))
-    plan.baselines = _baselines(num_params, float(total_tokens), d_total, bits, total_steps, law)
+        plan.predicted_loss = float(law.predict(n, plan.fp_tokens, plan.qat_tokens, bits))
+    plan.baselines = _baselines(n, float(total_tokens), d_total, bits, total_steps, law)
     return plan
+
+
+def _planner_params(total: float, active: float | None, moe_params: str) -> float:
+    if moe_params not in MOE_PARAMS:
+        raise ValueError(f"moe_params={moe_params!r} is not allowed; allowed: {', '.join(MOE_PARAMS)}")
+    if active is not None and not (0 < active <= total and math.isfinite(active)):
+        raise ValueError(f"active_params must be in (0, num_params={total:.6g}], got {active}")
+    if moe_params == "active":
+        if active is None:
+            raise ValueError("moe_params='active' needs active_params (the parameters one token uses)")
+        return float(active)
+    return total
 
 
 def _check_plan_inputs(num_params, total_tokens, pretrained: float, law, strategy: str, fraction) -> QATScalingLaw | None:

@@ -60,3 +60,35 @@ def test_fixed_strategy_and_errors():
         plan_qat(0, 1e10, 2)
     with pytest.raises(ValueError, match="bits"):
         plan_qat(1e8, 1e10, 7)
+
+
+def test_moe_plans_state_total_and_active_parameters_and_s_uses_the_chosen_one():
+    from hf_qat.planner import optimal_qat_fraction, tokens_per_parameter_byte
+
+    total = plan_qat(30e9, 1e12, 4, active_params=3e9)
+    active = plan_qat(30e9, 1e12, 4, active_params=3e9, moe_params="active")
+    assert total.num_params == active.num_params == 30e9 and total.active_params == active.active_params == 3e9
+    assert total.tokens_per_param_byte == pytest.approx(tokens_per_parameter_byte(30e9, 1e12, 4))
+    assert active.tokens_per_param_byte == pytest.approx(tokens_per_parameter_byte(3e9, 1e12, 4))
+    assert active.qat_fraction == pytest.approx(optimal_qat_fraction(active.tokens_per_param_byte))
+    assert "3e+09 active" in active.summary() and active.to_dict()["moe_params"] == "active"
+    with pytest.raises(ValueError, match="needs active_params"):
+        plan_qat(30e9, 1e12, 4, moe_params="active")
+    with pytest.raises(ValueError, match="active_params must be in"):
+        plan_qat(30e9, 1e12, 4, active_params=40e9)
+
+
+def test_active_parameters_of_a_tiny_qwen3_moe():
+    import transformers
+
+    from hf_qat.run_inputs import active_parameters, count_parameters
+
+    config = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         num_experts=8, num_experts_per_tok=2, head_dim=8)
+    model = transformers.Qwen3MoeForCausalLM(config)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert experts == 2 * 8 * (32 * 32 + 32 * 16)
+    assert active_parameters(model) == count_parameters(model) - experts * 6 // 8
+    assert active_parameters(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))) is None
