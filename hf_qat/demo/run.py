@@ -112,7 +112,7 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     console.rule("[bold]hf_qat demo[/bold]")
 
     probe = settings.sweep_config([0.0])
-    n = num_params(probe, SIZE)
+    n, _ = num_params(probe, SIZE)
     planned, plan = _planned_fraction(settings, n)
     fractions = sorted({0.0, planned, *BASELINES.values()})
     config = settings.sweep_config(fractions)

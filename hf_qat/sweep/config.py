@@ -2,7 +2,9 @@
 
 The keys (the contract of ``hf-qat sweep``; keys may be added, never renamed)::
 
-    sizes:            name -> LlamaConfig overrides (hidden_size, num_hidden_layers, ...)
+    sizes:            name -> config overrides (hidden_size, num_hidden_layers, ...); ``architecture``:
+                      "llama" (default) or "qwen3_moe" (a mixture of experts: num_experts,
+                      num_experts_per_tok, moe_intermediate_size; rows then record active_params)
     data:             "demo" (the Python standard library, offline), or a mapping with one of
                       dataset (a datasets id, + config_name, split), text_files, jsonl_files;
                       text_column; tokenizer (an id or path; default: a byte-level BPE of
@@ -45,7 +47,9 @@ from ..errors import QATConfigError
 SCHEDULES = ("fused", "classic")
 DATA_KEYS = ("dataset", "config_name", "split", "text_files", "jsonl_files", "text_column", "tokenizer")
 SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-             "head_dim", "rms_norm_eps", "rope_theta")
+             "head_dim", "rms_norm_eps", "rope_theta", "architecture")
+# A size's "architecture": a transformers model type, with the keys of its own it takes.
+ARCHITECTURES = {"llama": (), "qwen3_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size")}
 NUMBER_KEYS = ("learning_rate", "weight_decay", "max_grad_norm", "min_lr_ratio", "fp_cooldown_fraction",
                "qat_warmup_fraction", "scale_lr_multiplier", "scale_lr")
 # Keys passed on to QATConfig as they are, so validated by it.
@@ -137,12 +141,23 @@ class SweepConfig:
         for name, overrides in self.sizes.items():
             if not isinstance(overrides, dict) or "hidden_size" not in overrides:
                 raise SweepConfigError(f"sizes.{name}", overrides, "a mapping with at least hidden_size")
-            unknown = sorted(set(overrides) - set(SIZE_KEYS))
+            architecture = overrides.get("architecture", "llama")
+            if architecture not in ARCHITECTURES:
+                raise SweepConfigError(f"sizes.{name}.architecture", architecture, ", ".join(ARCHITECTURES))
+            allowed = SIZE_KEYS + ARCHITECTURES[architecture]
+            unknown = sorted(set(overrides) - set(allowed))
             if unknown:
-                raise SweepConfigError(f"sizes.{name}.{unknown[0]}", overrides[unknown[0]], ", ".join(SIZE_KEYS))
+                raise SweepConfigError(f"sizes.{name}.{unknown[0]}", overrides[unknown[0]], ", ".join(allowed))
+            missing = [key for key in ARCHITECTURES[architecture][:2] if key not in overrides]
+            if missing:
+                raise SweepConfigError(f"sizes.{name}.{missing[0]}", None, f"a positive int (a {architecture} size "
+                                       f"names {' and '.join(ARCHITECTURES[architecture][:2])})")
             for key, value in overrides.items():
-                if key not in ("rms_norm_eps", "rope_theta"):
+                if key not in ("rms_norm_eps", "rope_theta", "architecture"):
                     _positive_int(f"sizes.{name}.{key}", value)
+            if architecture != "llama" and overrides["num_experts_per_tok"] > overrides["num_experts"]:
+                raise SweepConfigError(f"sizes.{name}.num_experts_per_tok", overrides["num_experts_per_tok"],
+                                       f"at most num_experts={overrides['num_experts']}")
 
     def _check_data(self) -> None:
         if self.data == "demo":

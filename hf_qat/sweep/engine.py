@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from ..optim import add_scale_param_group
-from ..run_inputs import count_parameters
+from ..run_inputs import active_parameters, count_parameters
 from ..config import QATConfig
 from ..convert import activate_qat, prepare_model_for_qat
 from .config import SweepConfig
@@ -30,44 +30,55 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def llama_config(config: SweepConfig, size: str):
-    """The LlamaConfig of a sweep size (its overrides on the sweep's vocabulary and sequence length)."""
-    from transformers import LlamaConfig
+def model_config(config: SweepConfig, size: str):
+    """The transformers config of a sweep size: its ``architecture`` ("llama" by default, or a mixture of
+    experts such as "qwen3_moe") with its overrides on the sweep's vocabulary and sequence length."""
+    from transformers import AutoConfig
 
     overrides = dict(config.sizes[size])
+    architecture = overrides.pop("architecture", "llama")
     hidden = overrides["hidden_size"]
     heads = overrides.setdefault("num_attention_heads", 4)
     overrides.setdefault("num_key_value_heads", heads)
     overrides.setdefault("intermediate_size", 3 * hidden)
     overrides.setdefault("num_hidden_layers", 2)
-    return LlamaConfig(vocab_size=config.vocab_size, max_position_embeddings=config.sequence_length,
-                       tie_word_embeddings=config.tie_word_embeddings, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                       **overrides)
+    if architecture != "llama":
+        overrides.setdefault("moe_intermediate_size", overrides["intermediate_size"])
+        overrides.setdefault("head_dim", hidden // heads)
+        overrides.setdefault("norm_topk_prob", True)  # as the released Qwen3-MoE models (and llama.cpp's graph)
+    return AutoConfig.for_model(architecture, vocab_size=config.vocab_size,
+                                max_position_embeddings=config.sequence_length,
+                                tie_word_embeddings=config.tie_word_embeddings, bos_token_id=0, eos_token_id=0,
+                                pad_token_id=0, **overrides)
 
 
 def build_model(config: SweepConfig, size: str, seed: int, on: torch.device | str | None = None):
-    """A freshly initialised Llama of ``size`` (initialisation seeded by ``seed``)."""
-    from transformers import LlamaForCausalLM
+    """A freshly initialised model of ``size`` (initialisation seeded by ``seed``)."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(llama_config(config, size)).to(on or device())
+    return AutoModelForCausalLM.from_config(model_config(config, size)).to(on or device())
 
 
-def num_params(config: SweepConfig, size: str) -> int:
-    """The planner's N: every parameter once (tied tensors once)."""
+def _meta_model(config: SweepConfig, size: str):
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
-        from transformers import LlamaForCausalLM
+        return AutoModelForCausalLM.from_config(model_config(config, size))
 
-        return count_parameters(LlamaForCausalLM(llama_config(config, size)))
+
+def num_params(config: SweepConfig, size: str) -> tuple[int, int | None]:
+    """The planner's N (every parameter once, tied tensors once) and, for a mixture of experts, the
+    active parameters (None for a dense size)."""
+    model = _meta_model(config, size)
+    return count_parameters(model), active_parameters(model)
 
 
 def check_size(config: SweepConfig, size: str, qat: QATConfig) -> None:
     """Install the QAT layers on a meta-device model of ``size``: raises QATModelError (naming the
     layer) when ``group_size`` does not divide a width."""
-    from transformers import LlamaForCausalLM
-
     with torch.device("meta"):
-        prepare_model_for_qat(LlamaForCausalLM(llama_config(config, size)), qat)
+        prepare_model_for_qat(_meta_model(config, size), qat)
 
 
 def build_optimizer(model: torch.nn.Module, config: SweepConfig) -> torch.optim.AdamW:

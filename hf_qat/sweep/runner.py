@@ -215,9 +215,10 @@ class _Sweep:
                     run.branch_step, run.total_steps, switch_step=run.switch_step if qat else None, on_step=self._tick)
         return model, time.perf_counter() - started
 
-    def row(self, run: RunSpec, loss: float, seconds: float, n: int) -> dict[str, Any]:
+    def row(self, run: RunSpec, loss: float, seconds: float, counts: tuple[int, int | None]) -> dict[str, Any]:
         from .. import __version__
 
+        n, active = counts
         tps = self.config.tokens_per_step
         qat_tokens = run.qat_tokens(tps)
         tokens = run.total_steps * tps
@@ -227,14 +228,16 @@ class _Sweep:
                "seconds": round(seconds, 3), "hf_qat_version": __version__, "tokens": tokens,
                "total_steps": run.total_steps, "switch_step": run.switch_step, "branch_step": run.branch_step,
                "device": str(self.device)}
+        if active is not None:
+            row["active_params"] = active
         if run.bits is not None:
             row["tokens_per_param_byte"], row["paper_fraction"] = paper_fraction(n, tokens, run.bits)
         return row
 
-    def finish(self, run: RunSpec, model: torch.nn.Module, seconds: float, n: int) -> None:
+    def finish(self, run: RunSpec, model: torch.nn.Module, seconds: float, counts: tuple[int, int | None]) -> None:
         """Evaluate the final model of ``run``, append its row (and save the model if asked)."""
         started = time.perf_counter()
-        row = self.row(run, evaluate(model, self.data.eval), seconds + time.perf_counter() - started, n)
+        row = self.row(run, evaluate(model, self.data.eval), seconds + time.perf_counter() - started, counts)
         if self.save_models:
             save_checkpoint(self.model_path(run), run.total_steps, model, None)
         self.write(row)
@@ -250,18 +253,18 @@ class _Sweep:
         return not (first.schedule == "fp" and first.key in done and os.path.exists(self.fp_path(first)))
 
     def run_task(self, task: list[RunSpec], done: set[str]) -> None:
-        n = num_params(self.config, task[0].size)
+        counts = num_params(self.config, task[0].size)
         first = task[0]
         if first.schedule != "fp":
             model, seconds = self.train_tail(first)
-            self.finish(first, model, seconds, n)
+            self.finish(first, model, seconds, counts)
             return
         # The FP row, then PTQ of its final model at every bit width.
         if self.needs_training(task, done):
             model, seconds = self.train_tail(first)
             save_checkpoint(self.fp_path(first), first.total_steps, model, None)
             if first.key not in done:
-                self.finish(first, model, seconds, n)
+                self.finish(first, model, seconds, counts)
         else:
             model = build_model(self.config, first.size, first.seed, self.device)
             load_checkpoint(self.fp_path(first), model, None)
@@ -270,7 +273,7 @@ class _Sweep:
                 continue
             started = time.perf_counter()
             quantized = ptq(copy.deepcopy(model), self.config.qat_config(run.bits))
-            self.finish(run, quantized, time.perf_counter() - started, n)
+            self.finish(run, quantized, time.perf_counter() - started, counts)
 
 
 def run_sweep(
