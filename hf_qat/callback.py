@@ -49,8 +49,8 @@ from .convert import (
     get_qat_config,
     is_qat_active,
     prepare_model_for_qat,
-    qat_modules,
     quantization_error,
+    quantized_weights,
     quantizer_units,
 )
 from .distributed import is_dtensor
@@ -78,7 +78,7 @@ def count_parameters(model: torch.nn.Module, quantized_only: bool = False) -> in
     quantized weights."""
     scales = {id(p) for p in scale_parameters(model)}
     if quantized_only:
-        weights = {id(m.weight): m.weight for _, m in qat_modules(model)}
+        weights = {id(m.weight): m.weight for _, m in quantized_weights(model)}
         return sum(p.numel() for p in weights.values())
     return sum(p.numel() for p in model.parameters() if id(p) not in scales)
 
@@ -330,7 +330,7 @@ class QATCallback(TrainerCallback, ExportableState):
 
     @staticmethod
     def _reset_optimizer_state(model, optimizer) -> None:
-        weights = {id(module.weight) for _, module in qat_modules(model)}
+        weights = {id(module.weight) for _, module in quantized_weights(model)}
         state = optimizer.state
         for group in optimizer.param_groups:
             for param in group["params"]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import CONFIG_NAME, QATConfig
-from ..convert import get_qat_config, prepare_model_for_qat, qat_modules, quantizer_units
+from ..convert import get_qat_config, prepare_model_for_qat, quantized_weights, quantizer_units
 from ..distributed import world_size
 from .base import (
     ExportFormat,
@@ -44,8 +44,8 @@ def load_qat_checkpoint(directory: str, **kwargs: Any) -> nn.Module:
             state.update(load_file(os.path.join(directory, name)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # a tied head's unit is its embedding's: its keys may be dropped as shared tensors
-    owners = {id(m.weight_quantizer): n for n, m in quantizer_units(model)}
-    sharers = tuple(f"{n}.weight_quantizer." for n, m in qat_modules(model) if owners[id(m.weight_quantizer)] != n)
+    owners = {id(w.weight_quantizer): n for n, w in quantizer_units(model)}
+    sharers = tuple(w.unit_prefix for n, w in quantized_weights(model) if owners[id(w.weight_quantizer)] != n)
     qat_missing = [k for k in missing if UNIT_KEY in k and not k.startswith(sharers)]
     if qat_missing or unexpected:
         raise ValueError(f"{directory} does not match its {CONFIG_NAME}: missing {qat_missing[:3]}, unexpected {unexpected[:3]}")
