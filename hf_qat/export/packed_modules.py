@@ -168,6 +168,9 @@ def _pack_expert_stack(model: nn.Module, name: str, spec: dict[str, Any], dtype:
     if not isinstance(experts, PackedExperts):
         experts.__class__ = packed_experts_class(type(experts))
     experts.add_module(parameter + PACKED_SUFFIX, PackedWeight(spec, dtype, weight.device))
+    # transformers' _init_weights would initialise the (now packed) stack by name; everything this module
+    # holds comes from the checkpoint, which the quantizer checks after loading.
+    experts._is_hf_initialized = True
 
 
 def replace_with_packed(model: nn.Module, modules: dict[str, dict[str, Any]], dtype: torch.dtype) -> None:
