@@ -142,7 +142,7 @@ class MatrixView:
     * ``per_matrix`` (per-tensor scales of a stack): ``[E, out * in]``, one row per expert, so a
       channel scale ``[E, 1]`` of that matrix is one scale per expert matrix.
     * ``transposed``: the stack is stored ``[E, in, out]`` (``is_transposed`` experts, e.g. gpt_oss); it
-      is transposed first, which makes the matrix a contiguous copy.
+      is transposed first, which makes the matrix a contiguous copy (and the way back another).
     """
 
     transposed: bool = False
@@ -164,12 +164,13 @@ class MatrixView:
         return stack.reshape(self.matrix_shape(weight.shape))
 
     def from_matrix(self, matrix: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-        """``[R, C]`` -> the stored layout ``shape`` (a view: a transposed stack comes back as the
-        transpose of a contiguous ``[E, out, in]``)."""
+        """``[R, C]`` -> the stored layout ``shape``: a view, except for a transposed stack, which comes
+        back as a contiguous copy (so matmuls read it in the same memory order as the stored weight,
+        and compute what a model holding these values computes, bit for bit)."""
         if len(shape) == 2:
             return matrix
         if self.transposed:
-            return matrix.reshape(shape[0], shape[2], shape[1]).transpose(-1, -2)
+            return matrix.reshape(shape[0], shape[2], shape[1]).transpose(-1, -2).contiguous()
         return matrix.reshape(shape)
 
 
