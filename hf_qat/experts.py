@@ -46,8 +46,9 @@ def fused_weights(module: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def experts_input_dim(module: nn.Module) -> int:
-    """H: the input width of the experts' first projection (the hidden size the router also reads)."""
-    weight = next(iter(fused_weights(module).values()))
+    """H: the input width of the experts' first projection (``gate_up_proj``, or ``up_proj`` without
+    ``has_gate``, as transformers' implementations read them): the hidden size the router also reads."""
+    weight = module.gate_up_proj if module.has_gate else module.up_proj
     return int(weight.shape[1] if module.is_transposed else weight.shape[2])
 
 
