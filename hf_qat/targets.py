@@ -110,7 +110,7 @@ def _router_names(model: nn.Module) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------- finding
-def _candidates(model: nn.Module, config: QATConfig) -> tuple[dict[str, WeightTarget], dict[str, WeightTarget]]:
+def _candidates(model: nn.Module) -> tuple[dict[str, WeightTarget], dict[str, WeightTarget]]:
     """``(default targets, every selectable target)`` at ``config.bits``, by weight name: Linear layers
     and fused expert weights (the LM head and the routers are selectable, never default)."""
     head = output_embedding(model)
@@ -152,7 +152,7 @@ def find_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTarget]
     """The weights ``config`` quantizes at ``config.bits``, by weight name (the LM head and the
     embeddings are handled by ``embedding_bits``). Raises QATModelError for entries that match
     nothing, for module types hf_qat cannot quantize and when nothing is left to quantize."""
-    default, selectable = _candidates(model, config)
+    default, selectable = _candidates(model)
     suffixes = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in selectable})) or "(none)"
     if config.target_modules is None:
         candidates = default

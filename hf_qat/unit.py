@@ -45,6 +45,7 @@ from .quantizers import MatrixView, Quantizer, ScaleLayout
 from .quantizers.reference import WeightQuantSpec, fake_quantize_weight, mse_scale, quantize_codes
 
 UNIT_FORMAT_VERSION = 2  # 1 = hf_qat 0.1.0: <layer>.weight_scale / qat_active / qat_initialized on the layer
+LEGACY_UNIT_KEYS = ("weight_scale", "qat_active", "qat_initialized")  # the 0.1.0 keys upgrade_state_dict reads
 
 
 class WeightQuantizer(nn.Module):
