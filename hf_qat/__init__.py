@@ -11,6 +11,7 @@ quantizers (arXiv 2502.02631).
 from .config import PRESETS, QATConfig
 from .convert import (
     activate_qat,
+    coverage,
     get_qat_config,
     initialize_scales,
     is_qat_active,
@@ -42,6 +43,7 @@ __all__ = [
     "Quantizer",
     "activate_qat",
     "available_quantizers",
+    "coverage",
     "export_checkpoint",
     "load_exported",
     "plan_qat",

@@ -1,165 +1,66 @@
-"""Install QAT modules into a model, switch them on, initialise scales, take them out; PTQ.
+"""Install QAT units into a model, switch them on, initialise scales, take them out; PTQ.
 
-``prepare_model_for_qat(model, config)`` replaces the targeted ``nn.Linear`` (and, with
-``embedding_bits``, the input embedding and the LM head) by QATLinear / QATEmbedding in place. It must
-run before the model is wrapped (DDP / FSDP2) and before the optimizer is built: ``QATCallback``
-calls it from ``on_init_end``. The new modules are dormant: the model computes exactly what it
+``prepare_model_for_qat(model, config)`` is one pass a reader can follow:
+
+1. a loaded low-bit checkpoint becomes trainable layers again (the restorers that formats register,
+   e.g. the native format's: preparing a model never imports the exporter);
+2. find the weights (:mod:`hf_qat.targets`: Linear layers, fused MoE experts, the embedding and LM head
+   with ``embedding_bits``); a floating weight no rule covers is an error, never silently FP;
+3. make ONE :class:`~hf_qat.unit.WeightQuantizer` per weight (a tied LM head shares its embedding's);
+4. attach: QATLinear / QATEmbedding replace their layers (holding the same Parameters), fused experts
+   compute through their units in place (:mod:`hf_qat.experts`);
+5. log one line of coverage (:func:`hf_qat.coverage.coverage`).
+
+It must run before the model is wrapped (DDP / FSDP2) and before the optimizer is built:
+``QATCallback`` calls it from ``on_init_end``. The units are dormant: the model computes exactly what it
 computed before until :func:`set_qat_active` and :func:`initialize_scales`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from . import experts
 from .config import QATConfig
+from .coverage import Coverage, coverage
 from .errors import QATModelError
-from .modules import QAT_MODULE_TYPES, QATEmbedding, QATLinear, QATWeightMixin
+from .experts import QATExperts
+from .modules import QATEmbedding, QATLinear
 from .quantizers import get_quantizer
+from .targets import WeightTarget, check_uncovered, embedding_targets, find_targets, name_matches
+from .unit import WeightQuantizer
+from .weights import QuantizedWeight, get_qat_config, qat_modules, quantized_weights, quantizer_units
 
 logger = logging.getLogger("hf_qat")
 
+__all__ = [
+    "Coverage", "QuantizedWeight", "RESTORERS", "activate_qat", "coverage", "find_targets", "get_qat_config",
+    "initialize_scales", "is_qat_active", "make_units", "name_matches", "prepare_model_for_qat", "ptq",
+    "qat_modules", "quantization_error", "quantized_weights", "quantizer_units", "register_restorer", "remove_qat",
+    "set_qat_active",
+]
+
+# Restorers turn a loaded low-bit model back into trainable layers before install: ``restorer(model)``
+# returns ``(the QATConfig dict it was trained with, steps by weight name)``, or None when the model
+# holds none of its layers. Formats register theirs (hf_qat.export.packed_modules does on import).
+Restorer = Callable[[nn.Module], "tuple[dict, dict[str, torch.Tensor]] | None"]
+RESTORERS: list[Restorer] = []
 
 
-# ---------------------------------------------------------------------------------------- matching
-def name_matches(name: str, pattern: str) -> bool:
-    """A module name matches an entry that equals it, is a dotted suffix of it ("q_proj" matches
-    "model.layers.0.self_attn.q_proj"), or is a regex that fully matches it."""
-    if name == pattern or name.endswith("." + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
+def register_restorer(restorer: Restorer) -> Restorer:
+    """Add ``restorer`` to :data:`RESTORERS` (once)."""
+    if restorer not in RESTORERS:
+        RESTORERS.append(restorer)
+    return restorer
 
 
-def _unwrapped_name(name: str) -> str:
-    """PEFT puts the original layer at ``<name>.base_layer``: match user patterns against ``<name>``."""
-    return name[: -len(".base_layer")] if name.endswith(".base_layer") else name
-
-
-def _plain_forward(module: nn.Module, base: type[nn.Module]) -> bool:
-    """True if ``module`` is a ``base`` whose class keeps ``base.forward`` (hf_qat can replace it)."""
-    return isinstance(module, base) and type(module).forward is base.forward
-
-
-def _output_embedding(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    if head is None and isinstance(getattr(model, "lm_head", None), nn.Linear):
-        head = model.lm_head
-    return head
-
-
-def _input_embedding(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_input_embeddings", None)
-    try:
-        return getter() if callable(getter) else None
-    except NotImplementedError:
-        return None
-
-
-def _module_names(model: nn.Module) -> dict[int, str]:
-    return {id(module): name for name, module in model.named_modules()}
-
-
-def _adapter_module_ids(model: nn.Module) -> set[int]:
-    """Modules that PEFT adds inside its tuner layers (LoRA A/B, ...): never quantization targets.
-    Only a tuner layer's ``base_layer`` can be quantized."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return set()
-    ids: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            base = module.get_base_layer()
-            ids.update(id(sub) for sub in module.modules() if sub is not module and sub is not base)
-    return ids
-
-
-def find_targets(model: nn.Module, config: QATConfig) -> dict[str, nn.Linear]:
-    """The nn.Linear modules ``config`` quantizes at ``config.bits``, by name (the LM head and the
-    embeddings are handled by ``embedding_bits``). Raises QATModelError for entries that match
-    nothing, for unsupported module types and when nothing is left to quantize."""
-    head = _output_embedding(model)
-    adapters = _adapter_module_ids(model)
-    linears = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name and id(module) not in adapters
-    }
-    suffixes = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in linears})) or "(none)"
-    if config.target_modules is None:
-        candidates = {n: m for n, m in linears.items() if m is not head}
-    else:
-        candidates = _matching(linears, config.target_modules, "target_modules", suffixes)
-    for name in _matching(linears, config.exclude_modules or [], "exclude_modules", suffixes):
-        candidates.pop(name, None)
-
-    targets: dict[str, nn.Linear] = {}
-    for name, module in candidates.items():
-        if _plain_forward(module, nn.Linear):
-            targets[name] = module
-        elif config.target_modules is not None:
-            raise QATModelError(
-                f"{name} is a {type(module).__name__}, which overrides nn.Linear.forward; hf_qat can only "
-                "quantize plain nn.Linear layers. Remove it from target_modules"
-            )
-        else:
-            logger.warning("hf_qat: skipping %s (%s overrides nn.Linear.forward)", name, type(module).__name__)
-    if head is not None and any(m is head for m in targets.values()):
-        _check_head_target(model, head, config)
-    if not targets and config.embedding_bits is None:
-        raise QATModelError(
-            f"QATConfig selects no layer to quantize (target_modules / exclude_modules leave nothing); "
-            f"Linear names end in: {suffixes}"
-        )
-    return targets
-
-
-def _matching(linears: dict[str, nn.Linear], patterns: list[str], field: str, suffixes: str) -> dict[str, nn.Linear]:
-    """The Linears whose names match any of ``patterns``; an entry matching none is an error."""
-    hits: dict[str, nn.Linear] = {}
-    for pattern in patterns:
-        found = {n: m for n, m in linears.items() if name_matches(_unwrapped_name(n), pattern)}
-        if not found:
-            raise QATModelError(
-                f"QATConfig.{field} entry {pattern!r} matches no nn.Linear in the model; Linear names end in: {suffixes}"
-            )
-        hits.update(found)
-    return hits
-
-
-def _check_head_target(model: nn.Module, head: nn.Module, config: QATConfig) -> None:
-    """The LM head listed in target_modules: refused with embedding_bits, or when tied to the embedding."""
-    if config.embedding_bits is not None:
-        raise QATModelError(
-            "the LM head is in target_modules and also quantized by embedding_bits; choose one "
-            "(embedding_bits quantizes the input embedding and the LM head)"
-        )
-    emb = _input_embedding(model)
-    if emb is not None and getattr(emb, "weight", None) is head.weight:
-        raise QATModelError(
-            "the LM head shares its weight with the input embedding (tied); quantize both with "
-            "embedding_bits instead of listing the head in target_modules"
-        )
-
-
-def _replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
-    """Put each new module wherever the old one is referenced (a module may have several parents)."""
-    for parent in model.modules():
-        for child_name, child in list(parent._modules.items()):
-            if child is not None and id(child) in replacements:
-                parent._modules[child_name] = replacements[id(child)]
-
-
+# ---------------------------------------------------------------------------------------- install
 def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Module:
-    """Install dormant QAT modules into ``model`` in place (and return it).
+    """Install dormant QAT units into ``model`` in place (and return it); see the module docstring.
 
     Call before the model is wrapped for DDP/FSDP2 and before the optimizer is created (QATCallback
     does it in ``on_init_end``). Preparing twice with the same config is a no-op.
@@ -167,9 +68,12 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
     config = QATConfig.from_dict(config) if isinstance(config, dict) else config
     if not isinstance(config, QATConfig):
         raise TypeError(f"config must be a QATConfig or a dict, got {type(config).__name__}")
-    from .export.packed_modules import unpack_packed_layers
+    from .lora import refuse_expert_adapters
 
-    restored = unpack_packed_layers(model)  # a loaded native checkpoint: back to trainable layers
+    refuse_expert_adapters(model)
+    restored = None
+    for restore in RESTORERS:
+        restored = restore(model) or restored
     existing = get_qat_config(model)
     if existing is not None or any(True for _ in qat_modules(model)):
         if existing is not None and existing.to_dict() == config.to_dict():
@@ -180,35 +84,77 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
             "hf_qat.remove_qat(model) first"
         )
 
-    targets = find_targets(model, config)
-    quantizer = get_quantizer(config.resolved_method, config.bits)
-    common = dict(group_size=config.group_size, scale_dtype=config.scale_dtype, scale_grad_mode=config.scale_grad_mode,
-                  scale_init=config.scale_init)
-    replacements: dict[int, nn.Module] = {}
-    for name, linear in targets.items():
-        replacements[id(linear)] = QATLinear.from_linear(
-            linear, quantizer, activation_bits=config.activation_bits, name=name, **common
-        )
-
-    if config.embedding_bits is not None:
-        replacements.update(_embedding_replacements(model, config, common))
-
-    _replace_modules(model, replacements)
-    for _, module in quantizer_units(model):
-        module.weight_quantizer.config = config
+    targets = {**find_targets(model, config), **embedding_targets(model, config)}
+    check_uncovered(model, config, targets)
+    units = make_units(targets, config)
+    _attach(model, targets, units, config)
     _link_adapters(model, config)
     if restored is not None and restored[0] == config.to_dict():
         _resume_from_steps(model, restored[1])
-    logger.info("hf_qat: %d layers prepared for QAT (%s)", len(replacements), config.resolved_method)
+    logger.info("hf_qat: %d weights prepared for QAT (%s); %s", len({id(u) for u in units.values()}),
+                config.resolved_method, coverage(model))
     return model
+
+
+def make_units(targets: dict[str, WeightTarget], config: QATConfig) -> dict[str, WeightQuantizer]:
+    """One unit per target weight, by weight name (a head tied to the embedding gets the embedding's)."""
+    main = get_quantizer(config.resolved_method, config.bits)
+    embedding = get_quantizer(config.resolved_embedding_method, config.embedding_bits) if config.embedding_bits else None
+    units: dict[str, WeightQuantizer] = {}
+    for name, target in targets.items():
+        if target.tied_to is not None:
+            continue
+        unit = WeightQuantizer(
+            embedding if target.embedding else main, getattr(target.module, target.parameter),
+            group_size=config.group_size, scale_dtype=config.scale_dtype, scale_grad_mode=config.scale_grad_mode,
+            scale_init=config.scale_init, name=name, transposed=target.transposed,
+        )
+        unit.config = config
+        units[name] = unit
+    for name, target in targets.items():
+        if target.tied_to is not None:
+            units[name] = units[target.tied_to]
+    return units
+
+
+def _attach(model: nn.Module, targets: dict[str, WeightTarget], units: dict[str, WeightQuantizer],
+            config: QATConfig) -> None:
+    """QATLinear / QATEmbedding in place of their layers; units onto the fused experts modules."""
+    replacements: dict[int, nn.Module] = {}
+    experts_units: dict[int, tuple[nn.Module, dict[str, WeightQuantizer]]] = {}
+    for name, target in targets.items():
+        if target.kind == "experts":
+            if config.activation_bits is not None:
+                raise QATModelError(
+                    f"{name}: activation_bits is not supported on fused MoE experts (their inner activations are "
+                    "computed inside transformers' experts forward); leave activation_bits unset or exclude the "
+                    f"experts with exclude_modules=[{target.module_name!r}]"
+                )
+            experts_units.setdefault(id(target.module), (target.module, {}))[1][target.parameter] = units[name]
+        elif target.kind == "embedding":
+            replacements[id(target.module)] = QATEmbedding.from_embedding(target.module, units[name])
+        else:
+            replacements[id(target.module)] = QATLinear.from_linear(
+                target.module, units[name], activation_bits=None if target.embedding else config.activation_bits)
+    _replace_modules(model, replacements)
+    for module, module_units in experts_units.values():
+        experts.install(module, module_units)
+
+
+def _replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+    """Put each new module wherever the old one is referenced (a module may have several parents)."""
+    for parent in model.modules():
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                parent._modules[child_name] = replacements[id(child)]
 
 
 def _resume_from_steps(model: nn.Module, steps: dict[str, torch.Tensor]) -> None:
     """A native checkpoint re-prepared with the config it was trained with continues its QAT: scales
     from the stored steps (s = step / level) and QAT on."""
-    for name, module in qat_modules(model):
+    for name, weight in quantizer_units(model):
         step = steps.get(name)
-        unit = module.weight_quantizer
+        unit = weight.weight_quantizer
         if step is not None and unit.log_scale_ratio is not None:
             unit.set_scale(step.float() / unit.spec.grid.level)
         unit.set_active(True)
@@ -221,76 +167,23 @@ def _link_adapters(model: nn.Module, config: QATConfig) -> None:
     from .lora import attach_lora
 
     if attach_lora(model, config.lora_mode):
-        for _, module in qat_modules(model):
-            if module.weight_quantizer.log_scale_ratio is not None:
-                module.weight_quantizer.log_scale_ratio.requires_grad_(True)
-
-
-def _embedding_replacements(model: nn.Module, config: QATConfig, common: dict) -> dict[int, nn.Module]:
-    names = _module_names(model)
-    emb = _input_embedding(model)
-    head = _output_embedding(model)
-    if emb is None and head is None:
-        raise QATModelError("QATConfig.embedding_bits is set but the model exposes no input or output embedding")
-    quantizer = get_quantizer(config.resolved_embedding_method, config.embedding_bits)
-    out: dict[int, nn.Module] = {}
-    new_emb = None
-    if emb is not None:
-        if not _plain_forward(emb, nn.Embedding):
-            raise QATModelError(
-                f"{names.get(id(emb), 'the input embedding')} is a {type(emb).__name__}, which overrides "
-                "nn.Embedding.forward; hf_qat cannot quantize it (leave embedding_bits unset)"
-            )
-        new_emb = QATEmbedding.from_embedding(emb, quantizer, name=names.get(id(emb), "embed_tokens"), **common)
-        out[id(emb)] = new_emb
-    if head is not None:
-        if not _plain_forward(head, nn.Linear):
-            raise QATModelError(f"the LM head is a {type(head).__name__}, which hf_qat cannot quantize")
-        tied = new_emb is not None and head.weight is emb.weight
-        new_head = QATLinear.from_linear(
-            head, quantizer, name=names.get(id(head), "lm_head"),
-            shared=new_emb.weight_quantizer if tied else None, **common,
-        )
-        out[id(head)] = new_head
-    return out
+        for _, weight in quantizer_units(model):
+            if weight.weight_quantizer.log_scale_ratio is not None:
+                weight.weight_quantizer.log_scale_ratio.requires_grad_(True)
 
 
 # ---------------------------------------------------------------------------------------- state
-def get_qat_config(model: nn.Module) -> QATConfig | None:
-    """The QATConfig a model was prepared with (None if it was not)."""
-    for _, module in qat_modules(model):
-        return module.weight_quantizer.config
-    return None
-
-
-def qat_modules(model: nn.Module) -> Iterator[tuple[str, QATWeightMixin]]:
-    """``(name, module)`` for every QAT module, in module order."""
-    for name, module in model.named_modules():
-        if isinstance(module, QAT_MODULE_TYPES):
-            yield name, module
-
-
-def quantizer_units(model: nn.Module) -> Iterator[tuple[str, QATWeightMixin]]:
-    """``(name, layer)`` for the first layer of every distinct unit (a tied head shares its
-    embedding's unit and weight, so it is skipped)."""
-    seen: set[int] = set()
-    for name, module in qat_modules(model):
-        if id(module.weight_quantizer) not in seen:
-            seen.add(id(module.weight_quantizer))
-            yield name, module
-
-
 def set_qat_active(model: nn.Module, active: bool = True) -> int:
     """Switch every QAT unit on (or off); returns how many there are."""
     count = 0
-    for _, module in quantizer_units(model):
-        module.weight_quantizer.set_active(active)
+    for _, weight in quantizer_units(model):
+        weight.weight_quantizer.set_active(active)
         count += 1
     return count
 
 
 def is_qat_active(model: nn.Module) -> bool:
-    return any(module.is_qat_active for _, module in qat_modules(model))
+    return any(weight.is_qat_active for _, weight in quantized_weights(model))
 
 
 def initialize_scales(model: nn.Module, force: bool = False) -> int:
@@ -304,10 +197,10 @@ def initialize_scales(model: nn.Module, force: bool = False) -> int:
 
     deltas = weight_deltas(model)
     count = 0
-    for _, module in quantizer_units(model):
-        if module.weight_quantizer.is_initialized and not force:
+    for _, weight in quantizer_units(model):
+        if weight.weight_quantizer.is_initialized and not force:
             continue
-        module.weight_quantizer.initialize(module.full_weight(deltas.get(id(module))).detach())
+        weight.weight_quantizer.initialize(weight.full_weight(deltas.get(id(weight.module))).detach())
         count += 1
     return count
 
@@ -321,7 +214,7 @@ def activate_qat(model: nn.Module) -> None:
 def ptq(model: nn.Module, config: QATConfig | dict) -> nn.Module:
     """One-shot round-to-nearest post-training quantization on the same grids (the PTQ baseline).
 
-    Installs the QAT modules (if needed), activates them and initialises every scale with the
+    Installs the QAT units (if needed), activates them and initialises every scale with the
     family's rule (max|w| / Qp for LSQ, max|w| for SEQ, mean|w| for binary), without training. The
     model then computes with the quantized weights and can be exported like a QAT model.
     """
@@ -331,7 +224,8 @@ def ptq(model: nn.Module, config: QATConfig | dict) -> nn.Module:
 
 
 def remove_qat(model: nn.Module, bake_weights: bool = False) -> nn.Module:
-    """Replace every QAT module by a plain nn.Linear / nn.Embedding holding the same Parameters.
+    """Give every layer back its plain form (nn.Linear / nn.Embedding / the original experts class)
+    holding the same Parameters.
 
     ``bake_weights=True`` first writes the fake-quantized values into the weights (active units
     only), so the plain model computes what the QAT model computed. With PEFT LoRA in merged mode the
@@ -341,13 +235,17 @@ def remove_qat(model: nn.Module, bake_weights: bool = False) -> nn.Module:
 
     if bake_weights:
         deltas = weight_deltas(model)
-        for _, module in quantizer_units(model):
-            if module.is_qat_active:
+        for _, weight in quantizer_units(model):
+            if weight.is_qat_active:
                 with torch.no_grad():
-                    module.weight.copy_(module.weight_quantizer.quantized(module.full_weight(deltas.get(id(module)))))
+                    weight.weight.copy_(weight.weight_quantizer.quantized(weight.full_weight(deltas.get(id(weight.module)))))
     detach_lora(model, baked=bake_weights)
-    replacements = {id(module): module.to_linear() if isinstance(module, QATLinear) else module.to_embedding()
-                    for _, module in qat_modules(model)}
+    replacements = {}
+    for _, module in list(qat_modules(model)):
+        if isinstance(module, QATExperts):
+            experts.uninstall(module)
+        else:
+            replacements[id(module)] = module.to_linear() if isinstance(module, QATLinear) else module.to_embedding()
     _replace_modules(model, replacements)
     return model
 
@@ -361,6 +259,6 @@ def quantization_error(model: nn.Module) -> float:
     from .lora import weight_deltas
 
     deltas = weight_deltas(model)
-    errors = [module.weight_quantizer.error(module.full_weight(deltas.get(id(module))))
-              for _, module in quantizer_units(model) if module.weight_quantizer.is_initialized]
+    errors = [weight.weight_quantizer.error(weight.full_weight(deltas.get(id(weight.module))))
+              for _, weight in quantizer_units(model) if weight.weight_quantizer.is_initialized]
     return sum(errors) / len(errors) if errors else 0.0

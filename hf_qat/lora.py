@@ -12,6 +12,12 @@
 
 Apply PEFT first and pass ``QATCallback`` to the Trainer (or call ``prepare_model_for_qat`` on the
 PEFT model): the QAT layers are installed inside PEFT's ``base_layer`` and the scales stay trainable.
+
+LoRA on fused MoE expert weights (``LoraConfig(target_parameters=[...])``, PEFT's ``ParamWrapper``) is
+refused (:func:`refuse_expert_adapters`): during its forward PEFT registers a torch parametrization on
+the experts module that moves the expert Parameter out of the module's parameters and serves
+``W + delta`` instead, so hf_qat's experts layer can neither quantize ``W + delta`` as one weight
+(merged mode) nor the base weight alone (base mode). Put LoRA on the Linear layers (target_modules).
 """
 
 from __future__ import annotations
@@ -32,6 +38,23 @@ def _lora_linear_type():
     except ImportError:
         return None
     return Linear
+
+
+def refuse_expert_adapters(model: nn.Module) -> None:
+    """Raise QATModelError when PEFT LoRA targets fused expert Parameters (see the module docstring)."""
+    try:
+        from peft.tuners.lora import ParamWrapper
+    except ImportError:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, ParamWrapper):
+            raise QATModelError(
+                f"{name}: PEFT LoRA on the fused expert weight {module.parameter_name!r} (LoraConfig.target_parameters) "
+                "cannot be combined with QAT: PEFT serves W + delta through a torch parametrization it registers "
+                "during its own forward, which moves the Parameter out of the experts module, so hf_qat can quantize "
+                "neither W + delta (lora_mode='merged') nor W alone (lora_mode='base'). Put LoRA on Linear layers "
+                "(LoraConfig.target_modules) and leave target_parameters unset"
+            )
 
 
 def attach_lora(model: nn.Module, mode: str) -> int:

@@ -6,7 +6,7 @@ replaces, so optimizer state, tied weights and checkpoint keys survive installat
 error). A tied embedding and LM head hold the same unit.
 
 Until the unit is active the forward pass is ``F.linear`` / ``F.embedding`` with the original
-parameters, bit for bit. After it, the weight goes through the unit's fake quantizer (and, with
+parameters, bit for bit. The units are built by ``hf_qat.convert`` (one per weight) and handed in. After it, the weight goes through the unit's fake quantizer (and, with
 ``activation_bits=8``, the input through int8 per-token fake quantization).
 """
 
@@ -18,10 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import full_tensor
 from .errors import QATModelError
 from .kernels import activation_fake_quant
-from .quantizers import Quantizer
 from .unit import WeightQuantizer, upgrade_state_dict
 
 # nn.Embedding's configuration attributes (copied when a QATEmbedding replaces one, and back).
@@ -30,7 +28,7 @@ _EMBEDDING_ATTRS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm"
 
 
 class QATWeightMixin:
-    """What QATLinear and QATEmbedding share: the unit and the weight it quantizes (never used alone)."""
+    """What QATLinear and QATEmbedding share: the unit of their ``weight`` (never used alone)."""
 
     weight: nn.Parameter
     weight_quantizer: WeightQuantizer
@@ -43,26 +41,9 @@ class QATWeightMixin:
     def qat_name(self) -> str:
         return self.weight_quantizer.name
 
-    def full_weight(self, delta: torch.Tensor | None = None) -> torch.Tensor:
-        """The whole weight (all-gathered under FSDP2), plus an optional LoRA delta."""
-        weight = full_tensor(self.weight)
-        return weight if delta is None else weight + full_tensor(delta)
-
     def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
         upgrade_state_dict(state_dict, prefix)  # checkpoints of hf_qat 0.1.0
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def _unit(weight: torch.Tensor, quantizer: Quantizer, name: str, group_size, scale_dtype: str, scale_grad_mode: str,
-          scale_init: str, shared: WeightQuantizer | None) -> WeightQuantizer:
-    if shared is None:
-        return WeightQuantizer(quantizer, weight, group_size=group_size, scale_dtype=scale_dtype,
-                               scale_grad_mode=scale_grad_mode, name=name, scale_init=scale_init)
-    expected = shared.layout.scale_shape(weight.shape)
-    if shared.log_scale_ratio is not None and tuple(shared.log_scale_ratio.shape) != expected:
-        raise QATModelError(f"{name}: a shared quantizer must have scale shape {expected}, "
-                            f"got {tuple(shared.log_scale_ratio.shape)}")
-    return shared
 
 
 class QATLinear(QATWeightMixin, nn.Linear):
@@ -71,21 +52,9 @@ class QATLinear(QATWeightMixin, nn.Linear):
     activation_bits: int | None
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        quantizer: Quantizer,
-        *,
-        group_size: int | str,
-        scale_dtype: str = "float16",
-        scale_grad_mode: str = "paretoq",
-        scale_init: str = "max",
-        activation_bits: int | None = None,
-        name: str = "",
-        shared: WeightQuantizer | None = None,
-    ) -> "QATLinear":
-        """A QATLinear holding ``linear``'s own weight and bias Parameters (no copy); ``shared``: the
-        unit of the embedding this head is tied to."""
+    def from_linear(cls, linear: nn.Linear, unit: WeightQuantizer, *, activation_bits: int | None = None) -> "QATLinear":
+        """A QATLinear holding ``linear``'s own weight and bias Parameters (no copy) and ``unit`` (for a
+        head tied to the embedding: the embedding's unit)."""
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.in_features = linear.in_features
@@ -96,8 +65,7 @@ class QATLinear(QATWeightMixin, nn.Linear):
         else:
             module.bias = linear.bias
         module.activation_bits = activation_bits
-        module.weight_quantizer = _unit(linear.weight, quantizer, name, group_size, scale_dtype, scale_grad_mode,
-                                        scale_init, shared)
+        module.weight_quantizer = unit
         module.train(linear.training)
         return module
 
@@ -133,26 +101,16 @@ class QATEmbedding(QATWeightMixin, nn.Embedding):
     along the embedding dim). Build with :meth:`from_embedding`."""
 
     @classmethod
-    def from_embedding(
-        cls,
-        embedding: nn.Embedding,
-        quantizer: Quantizer,
-        *,
-        group_size: int | str,
-        scale_dtype: str = "float16",
-        scale_grad_mode: str = "paretoq",
-        scale_init: str = "max",
-        name: str = "",
-    ) -> "QATEmbedding":
+    def from_embedding(cls, embedding: nn.Embedding, unit: WeightQuantizer) -> "QATEmbedding":
+        """A QATEmbedding holding ``embedding``'s own table Parameter (no copy) and ``unit``."""
         if embedding.max_norm is not None or embedding.sparse:
-            raise QATModelError(f"{name}: embeddings with max_norm or sparse gradients cannot be quantized by hf_qat")
+            raise QATModelError(f"{unit.name}: embeddings with max_norm or sparse gradients cannot be quantized by hf_qat")
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         for attr in _EMBEDDING_ATTRS:
             setattr(module, attr, getattr(embedding, attr))
         module.weight = embedding.weight
-        module.weight_quantizer = _unit(embedding.weight, quantizer, name, group_size, scale_dtype, scale_grad_mode,
-                                        scale_init, None)
+        module.weight_quantizer = unit
         module.train(embedding.training)
         return module
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainingArguments
 
-from .convert import qat_modules
+from .convert import quantized_weights
 from .errors import QATConfigError
 from .optim import scale_parameters
 
@@ -35,7 +35,7 @@ def count_parameters(model: torch.nn.Module, quantized_only: bool = False) -> in
     quantized weights."""
     scales = {id(p) for p in scale_parameters(model)}
     if quantized_only:
-        weights = {id(m.weight): m.weight for _, m in qat_modules(model)}
+        weights = {id(w.weight): w.weight for _, w in quantized_weights(model)}
         return sum(p.numel() for p in weights.values())
     return sum(p.numel() for p in model.parameters() if id(p) not in scales)
 

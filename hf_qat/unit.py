@@ -18,6 +18,12 @@ tied embedding and LM head hold the same one). The unit owns:
 * the fake-quantized weight (differentiable, through the one kernel dispatch point), the integer
   codes and steps that export packs, and the relative quantization error.
 
+The weight may be a 2-D matrix ``[out, in]`` or a stack of expert matrices ``[E, out, in]`` (stored
+``[E, in, out]`` when ``transposed``): the math always runs on its matrix ``[R, C]``
+(:class:`~hf_qat.quantizers.base.MatrixView`), vectorised over the experts. For a stack, groups run
+along each expert's input dim, "channel" is one scale per expert row and "tensor" one scale per expert
+matrix (``[E, 1]``); ParetoQ's gradient factor counts the weights of one expert matrix.
+
 Methods that take a *full* weight expect the whole tensor (all-gathered under FSDP2: see
 :func:`hf_qat.distributed.full_tensor`); :meth:`fake_quantize` takes the weight as the forward sees
 it. A LoRA delta is an explicit input (``weight + delta``), never state.
@@ -35,40 +41,50 @@ from .distributed import full_tensor, is_dtensor, world_size, write_full_
 from .dtypes import torch_dtype
 from .errors import QATRuntimeError
 from .kernels import weight_fake_quant
-from .quantizers import Quantizer, ScaleLayout
+from .quantizers import MatrixView, Quantizer, ScaleLayout
 from .quantizers.reference import WeightQuantSpec, fake_quantize_weight, mse_scale, quantize_codes
 
-UNIT_KEY = ".weight_quantizer."  # in the state-dict keys of the units' tensors (scales, switch state)
+UNIT_SUFFIX = "_quantizer"  # a unit is the child <layer>.weight_quantizer, or <experts>.<P>_quantizer
+UNIT_KEY = UNIT_SUFFIX + "."  # in every state-dict key of a unit's tensors (scales, switch state)
 UNIT_FORMAT_VERSION = 2  # 1 = hf_qat 0.1.0: <layer>.weight_scale / qat_active / qat_initialized on the layer
+LEGACY_UNIT_KEYS = ("weight_scale", "qat_active", "qat_initialized")  # the 0.1.0 keys upgrade_state_dict reads
 
 
 class WeightQuantizer(nn.Module):
-    """The fake quantizer of one ``[rows, cols]`` weight (see the module docstring).
+    """The fake quantizer of one weight (see the module docstring).
 
     Args:
         quantizer: the family at its bit width.
-        weight: the weight it quantizes (for its shape, dtype and device only).
+        weight: the weight it quantizes (for its shape, dtype and device only): ``[out, in]``, or a
+            stack of expert matrices ``[E, out, in]`` (``[E, in, out]`` when ``transposed``).
         group_size: int, "channel" or "tensor".
         scale_dtype: "float16", "bfloat16" or "float32": scales are rounded to it in the forward.
         scale_grad_mode: "paretoq" or "lsq" (ParetoQ's g).
         name: the layer's name, for error messages.
         scale_init: "max" (the family's first scale, e.g. max|w| / Qp) or "mse" (that scale times the
             clipping ratio of least squared error, :func:`~hf_qat.quantizers.reference.mse_scale`).
+        transposed: a stack stored ``[E, in, out]``.
     """
 
     def __init__(self, quantizer: Quantizer, weight: torch.Tensor, *, group_size: int | str, scale_dtype: str,
-                 scale_grad_mode: str, name: str, scale_init: str = "max") -> None:
+                 scale_grad_mode: str, name: str, scale_init: str = "max", transposed: bool = False) -> None:
         super().__init__()
-        layout = ScaleLayout(group_size)
-        layout.check(weight.shape, name)
-        scale_shape = layout.scale_shape(weight.shape)
+        stacked = weight.ndim == 3
+        self.view = MatrixView(transposed=transposed and stacked, per_matrix=stacked and group_size == "tensor")
+        matrix_shape = self.view.matrix_shape(weight.shape)
+        layout = ScaleLayout("channel" if self.view.per_matrix else group_size)
+        layout.check(matrix_shape, name)
+        scale_shape = layout.scale_shape(matrix_shape)
+        matrices = int(weight.shape[0]) if stacked else 1
         self.name = name
+        self.group_size = group_size
         self.scale_init = scale_init
         self.quantizer = quantizer
         self.layout = layout
         self.spec = WeightQuantSpec(
-            grid=quantizer.grid(), group_size=group_size, scale_dtype=torch_dtype(scale_dtype),
-            grad_scale=quantizer.grad_scale(weight.numel(), scale_shape[0] * scale_shape[1], scale_grad_mode),
+            grid=quantizer.grid(), group_size=layout.group_size, scale_dtype=torch_dtype(scale_dtype),
+            grad_scale=quantizer.grad_scale(weight.numel() // matrices, scale_shape[0] * scale_shape[1] // matrices,
+                                            scale_grad_mode),
             learnable=quantizer.learnable,
         )
         if quantizer.learnable:
@@ -102,7 +118,7 @@ class WeightQuantizer(nn.Module):
         """The scale the forward uses (fp32, scale shape): ``init_scale * exp(log_scale_ratio)``, or
         for the non-learnable absmax family the one recomputed from ``weight``."""
         if self.log_scale_ratio is None:
-            return self.quantizer.init_scale(self.layout.scale_view(weight.detach().float()))
+            return self.quantizer.init_scale(self.layout.scale_view(self.view.to_matrix(weight.detach()).float()))
         return self.init_scale * self.log_scale_ratio.float().exp()
 
     def full_scale(self, full_weight: torch.Tensor) -> torch.Tensor:
@@ -113,7 +129,7 @@ class WeightQuantizer(nn.Module):
 
     def initial_scale(self, full_weight: torch.Tensor) -> torch.Tensor:
         """The first scale from the full weight (fp32, scale shape; ``scale_init``); raises on NaN/Inf."""
-        w = full_weight.detach().float()
+        w = self.view.to_matrix(full_weight.detach()).float()
         if not bool(torch.isfinite(w).all()):
             bad = int((~torch.isfinite(w)).sum())
             raise QATRuntimeError(
@@ -147,18 +163,20 @@ class WeightQuantizer(nn.Module):
                     "hf_qat.initialize_scales(model) on every rank after activating QAT (QATCallback does this)"
                 )
             self.initialize(weight)
-        return weight_fake_quant(weight, self.scale(weight), self.spec)
+        return weight_fake_quant(weight, self.scale(weight), self.spec, self.view)
 
     @torch.no_grad()
     def codes(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(codes int8 [rows, cols], step fp32 [scale shape])``: what export packs; ``step * codes``
-        equals the fake-quantized weight exactly."""
-        return quantize_codes(full_weight.detach(), self.full_scale(full_weight), self.spec)
+        """``(codes int8 [R, C], step fp32 [scale shape])`` of the weight's matrix (:attr:`view`): what
+        export packs; ``step * codes`` equals the fake-quantized matrix exactly."""
+        return quantize_codes(self.view.to_matrix(full_weight.detach()), self.full_scale(full_weight), self.spec)
 
     @torch.no_grad()
     def quantized(self, full_weight: torch.Tensor) -> torch.Tensor:
-        """The fake-quantized full weight, no autograd (bake, metrics)."""
-        return fake_quantize_weight(full_weight.detach(), self.full_scale(full_weight), self.spec)
+        """The fake-quantized full weight in its stored layout, no autograd (bake, metrics)."""
+        matrix = self.view.to_matrix(full_weight.detach())
+        return self.view.from_matrix(fake_quantize_weight(matrix, self.full_scale(full_weight), self.spec),
+                                     full_weight.shape)
 
     @torch.no_grad()
     def error(self, full_weight: torch.Tensor) -> float:
@@ -168,7 +186,7 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.name}: bits={bits_label(self.quantizer.bits)}, method={self.quantizer.name}, "
-                f"group_size={self.layout.group_size}, scale_init={self.scale_init}, active={self.is_active}")
+                f"group_size={self.group_size}, scale_init={self.scale_init}, active={self.is_active}")
 
 
 def upgrade_state_dict(state_dict: dict, prefix: str) -> None:

@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from .pack import dequantize_reference
+from hf_qat.quantizers.base import MatrixView
 from hf_qat.quantizers.reference import (
     WeightQuantSpec,
     fake_quantize_activation,
@@ -110,27 +111,34 @@ def select_engine(tensor: torch.Tensor) -> Engine:
 
 
 class WeightFakeQuant(torch.autograd.Function):
-    """``weight [R, C]``, ``scale [scale shape]`` -> the fake-quantized weight (weight dtype)."""
+    """``weight`` (stored layout), ``scale [scale shape]`` -> the fake-quantized weight (weight dtype,
+    stored layout). The engines see the ``[R, C]`` matrix of ``view``; for a transposed stack that
+    matrix is a contiguous copy made in each pass and never kept (only the stored weight is saved)."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor:
+    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor, spec: WeightQuantSpec, view: MatrixView) -> torch.Tensor:
         engine = select_engine(weight)
         s_r, step = prepare_scales(scale, spec.grid, spec.scale_dtype)
         ctx.save_for_backward(weight, scale, s_r, step)
         ctx.spec = spec
+        ctx.view = view
         ctx.engine = engine
-        return engine.weight_forward(weight.contiguous(), s_r, step, spec)
+        matrix = view.to_matrix(weight).contiguous()
+        return view.from_matrix(engine.weight_forward(matrix, s_r, step, spec), weight.shape)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         weight, scale, s_r, step = ctx.saved_tensors
         spec: WeightQuantSpec = ctx.spec
+        view: MatrixView = ctx.view
         need_scale_grad = bool(ctx.needs_input_grad[1]) and spec.learnable
-        grad_weight, group_sums = ctx.engine.weight_backward(
-            grad_output.contiguous(), weight.contiguous(), s_r, step, spec, need_scale_grad
+        grad_matrix, group_sums = ctx.engine.weight_backward(
+            view.to_matrix(grad_output).contiguous(), view.to_matrix(weight).contiguous(), s_r, step, spec,
+            need_scale_grad,
         )
         grad_scale = finish_scale_grad(group_sums, scale, spec.grad_scale) if need_scale_grad else None
-        return (grad_weight if ctx.needs_input_grad[0] else None), grad_scale, None
+        grad_weight = view.from_matrix(grad_matrix, weight.shape) if ctx.needs_input_grad[0] else None
+        return grad_weight, grad_scale, None, None
 
 
 class ActivationFakeQuant(torch.autograd.Function):
@@ -145,9 +153,11 @@ class ActivationFakeQuant(torch.autograd.Function):
         return grad_output
 
 
-def weight_fake_quant(weight: torch.Tensor, scale: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor:
-    """Differentiable weight fake quantization through the selected engine."""
-    return WeightFakeQuant.apply(weight, scale, spec)
+def weight_fake_quant(weight: torch.Tensor, scale: torch.Tensor, spec: WeightQuantSpec,
+                      view: MatrixView = MatrixView()) -> torch.Tensor:
+    """Differentiable weight fake quantization through the selected engine (``view``: how ``weight``
+    is seen as the matrix of the math; a 2-D weight is its own)."""
+    return WeightFakeQuant.apply(weight, scale, spec, view)
 
 
 def dequantize_packed(packed: torch.Tensor, bits: int, cols: int, table: torch.Tensor, step: torch.Tensor,

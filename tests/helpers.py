@@ -175,3 +175,28 @@ def sentencepiece_bpe(vocab: int = 400, prefix: bool = False):
         tokenizer.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
                                                                        normalizers.Replace(" ", "▁")])
     return tokenizer
+
+
+# Tiny mixture-of-experts models (transformers 5 fused experts): 4 experts of width 16 per layer.
+MOE_CONFIGS = {
+    "qwen3_moe": dict(moe_intermediate_size=16, intermediate_size=64, num_experts=4, num_experts_per_tok=2, head_dim=8),
+    "mixtral": dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2, eos_token_id=None, pad_token_id=None),
+    "gpt_oss": dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                    layer_types=["sliding_attention", "full_attention"]),
+    "qwen2_moe": dict(moe_intermediate_size=16, intermediate_size=64, shared_expert_intermediate_size=32,
+                      num_experts=4, num_experts_per_tok=2),
+}
+
+
+def tiny_moe(model_type: str, seed: int = 0, experts_implementation: str | None = None, **overrides):
+    """A tiny causal LM of one MoE family (vocab 64, hidden 32, 2 layers), random weights from ``seed``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  **{**MOE_CONFIGS[model_type], **overrides})
+    if experts_implementation is not None:
+        config._experts_implementation = experts_implementation
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from ..config import CONFIG_NAME, QATConfig
-from ..convert import get_qat_config, prepare_model_for_qat, qat_modules, quantizer_units
+from ..convert import get_qat_config, prepare_model_for_qat, quantized_weights, quantizer_units
 from ..distributed import world_size
 from ..errors import QATModelError
-from ..unit import UNIT_KEY
+from ..unit import LEGACY_UNIT_KEYS, UNIT_KEY
 from .base import (
     ExportFormat,
     ExportInfo,
@@ -60,13 +60,26 @@ def load_qat_checkpoint(directory: str, **kwargs: Any) -> nn.Module:
         return _load_peft_checkpoint(directory, config, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     prepare_model_for_qat(model, config)
+    # The weights came through from_pretrained, which also merges the per-expert tensors of MoE
+    # checkpoints into the fused experts; what the model does not know under a file's key (those
+    # per-expert tensors) is left to it. The units' tensors are read from the model's own weight files
+    # as they are. save_pretrained also renamed the units' keys into the original format (Mixtral:
+    # mlp -> block_sparse_moe); transformers' own renamings bring them back.
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    known = set(model.state_dict())
     state = {}
     for name in model_weight_files(directory):
-        state.update(load_file(os.path.join(directory, name)))
+        for key, value in load_file(os.path.join(directory, name)).items():
+            key = apply_renamings(key, renamings) if UNIT_KEY in key else key
+            if key in known or UNIT_KEY in key or key.rsplit(".", 1)[-1] in LEGACY_UNIT_KEYS:
+                state[key] = value
     missing, unexpected = model.load_state_dict(state, strict=False)
     # a tied head's unit is its embedding's: its keys may be dropped as shared tensors
-    owners = {id(m.weight_quantizer): n for n, m in quantizer_units(model)}
-    sharers = tuple(f"{n}.weight_quantizer." for n, m in qat_modules(model) if owners[id(m.weight_quantizer)] != n)
+    owners = {id(w.weight_quantizer): n for n, w in quantizer_units(model)}
+    sharers = tuple(w.unit_prefix for n, w in quantized_weights(model) if owners[id(w.weight_quantizer)] != n)
     qat_missing = [k for k in missing if UNIT_KEY in k and not k.startswith(sharers)]
     if qat_missing or unexpected:
         raise ValueError(f"{directory} does not match its {CONFIG_NAME}: missing {qat_missing[:3]}, unexpected {unexpected[:3]}")

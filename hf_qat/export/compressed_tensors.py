@@ -5,6 +5,14 @@ element 0 lowest: ``kernels.pack.pack_int32``), ``weight_scale`` ``[out, groups]
 channel) in the weight dtype, ``weight_shape``. compressed-tensors dequantizes ``q * scale`` in the
 scale's dtype: exactly the QAT weight when the step is representable in the weight dtype.
 
+Fused MoE experts are written as the model family's original per-expert checkpoint tensors
+(``mlp.experts.{e}.gate_proj/up_proj/down_proj.weight_packed``; Mixtral ``block_sparse_moe.experts.{e}.w1/w3/w2``),
+the names transformers' conversion mapping merges back into the fused Parameters on load and vLLM reads.
+The names come from transformers itself (``revert_weight_conversion``, what ``save_pretrained`` uses),
+applied to the codes and steps, so each expert's rows are packed as a Linear. A family whose mapping
+keeps the experts fused (gpt_oss) has no per-expert names, and transformers decompresses compressed
+experts only through such a mapping: it is refused.
+
 Exact grids: LSQ 4/8-bit, SEQ 2-bit (odd codes -3..3 with step s/4 on the 4-bit grid), and any grid
 whose codes fit 4 or 8 signed bits (ternary, binary, 3/5/6-bit) in a wider container. Only 4- and
 8-bit containers are written (other widths straddle int32 words in compressed-tensors 0.20).
@@ -16,8 +24,27 @@ import torch
 from torch import nn
 
 from ..kernels.pack import pack_int32
-from .base import ExportFormat, ExportInfo, register_format, save_tensors, tensor_bytes, write_model_config
+from .base import (ExportFormat, ExportFormatError, ExportInfo, register_format, save_tensors, tensor_bytes,
+                   write_model_config)
 from .layers import QuantizedLayer
+
+
+def per_expert_names(model: nn.Module, name: str) -> list[str]:
+    """The checkpoint keys transformers writes for the fused expert stack ``name`` in the model's
+    original format (``save_pretrained``'s ``revert_weight_conversion``), in expert order; one key
+    (``name`` itself) when the family keeps its experts fused."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    stack = model.get_parameter(name)
+    return list(revert_weight_conversion(model, {name: torch.empty(stack.shape, dtype=torch.int8, device="meta")}))
+
+
+def _write_packed(tensors: dict[str, torch.Tensor], prefix: str, codes: torch.Tensor, step: torch.Tensor, bits: int,
+                  dtype: torch.dtype) -> None:
+    """``<prefix>.weight_packed / weight_scale / weight_shape`` of one ``[out, in]`` matrix."""
+    tensors[f"{prefix}.weight_packed"] = pack_int32(codes.to(torch.int64) + (1 << (bits - 1)), bits)
+    tensors[f"{prefix}.weight_scale"] = step.to(dtype)
+    tensors[f"{prefix}.weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
 
 
 def _container_bits(layer: QuantizedLayer) -> int | None:
@@ -39,7 +66,9 @@ class CompressedTensorsFormat(ExportFormat):
         return all(self.problem(layer) is None and self.native_width(layer) for layer in layers)
 
     def problem(self, layer: QuantizedLayer) -> str | None:
-        if layer.kind != "linear" or layer.tied_to is not None:
+        if layer.kind == "experts" and layer.group_size == "tensor":
+            return "per-tensor scales are not written to compressed-tensors here (use group or channel scales)"
+        if layer.kind == "embedding" or layer.tied_to is not None:
             return "compressed-tensors pack-quantized stores Linear layers only (not quantized embeddings)"
         if _container_bits(layer) is None:
             return "its codes do not fit signed 4 or 8 bits"
@@ -64,16 +93,33 @@ class CompressedTensorsFormat(ExportFormat):
     def scale_bytes(self, layer: QuantizedLayer) -> int:
         return layer.step.numel() * torch.empty((), dtype=layer.dtype).element_size()  # stored in the weight dtype
 
+    def check_model(self, model: nn.Module, layers: list[QuantizedLayer], tokenizer=None) -> None:
+        for layer in layers:
+            if layer.kind == "experts" and len(per_expert_names(model, layer.name)) == 1:
+                raise ExportFormatError(
+                    f"{layer.name}: transformers' conversion mapping for model type {model.config.model_type!r} keeps "
+                    "these experts fused in the checkpoint (no per-expert tensor names), and transformers loads "
+                    "compressed-tensors experts only as per-expert tensors that its mapping merges: the export would "
+                    "not load. Use format='hf-qat', or exclude the experts from QAT"
+                )
+
     def write(self, model: nn.Module, layers, others, out_dir, tokenizer=None) -> ExportInfo:
+        from transformers.core_model_loading import revert_weight_conversion
+
         tensors = dict(others)
+        experts: dict[str, torch.Tensor] = {}
         groups: dict[tuple, list[str]] = {}
         notes = []
         for layer in layers:
             bits = _container_bits(layer)
-            rows, cols = layer.shape
-            tensors[f"{layer.name}.weight_packed"] = pack_int32(layer.codes.to(torch.int64) + (1 << (bits - 1)), bits)
-            tensors[f"{layer.name}.weight_scale"] = layer.step.to(layer.dtype)
-            tensors[f"{layer.name}.weight_shape"] = torch.tensor([rows, cols], dtype=torch.int64)
+            if layer.kind == "experts":  # each expert's [out, in] rows under its original checkpoint name
+                codes, steps = layer.expert_codes_and_steps()
+                expert_codes = revert_weight_conversion(model, {layer.name: codes})
+                expert_steps = revert_weight_conversion(model, {layer.name: steps})
+                for key, expert in expert_codes.items():
+                    _write_packed(experts, key.removesuffix(".weight"), expert, expert_steps[key], bits, layer.dtype)
+            else:
+                _write_packed(tensors, layer.name, layer.codes, layer.step, bits, layer.dtype)
             if layer.bias is not None:
                 tensors[f"{layer.name}.bias"] = layer.bias
             key = (bits, layer.group_size, layer.activation_bits)
@@ -95,6 +141,8 @@ class CompressedTensorsFormat(ExportFormat):
             "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": config_groups, "ignore": ignore, "kv_cache_scheme": None,
         }
+        if experts:  # the rest in the original format too (e.g. Mixtral's mlp.gate -> block_sparse_moe.gate)
+            tensors = {**revert_weight_conversion(model, tensors), **experts}
         files = write_model_config(model, out_dir, quantization_config)
         files += save_tensors(tensors, out_dir)
         return ExportInfo(format=self.name, path=out_dir, files=files, weight_bytes=tensor_bytes(tensors),

@@ -12,14 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..convert import get_qat_config, qat_modules
+from ..convert import get_qat_config, quantized_weights
 from ..distributed import full_tensor
 from ..errors import QATModelError
 from ..lora import has_unmerged_adapters
-from ..modules import QATEmbedding
-from ..quantizers import Grid
-from ..unit import UNIT_KEY
-
+from ..quantizers import Grid, MatrixView
 
 
 @dataclass
@@ -27,16 +24,20 @@ class QuantizedLayer:
     """One quantized weight as the formats see it.
 
     Attributes:
-        name: module name ("model.layers.0.self_attn.q_proj").
-        kind: "linear" or "embedding".
-        codes: int8 ``[R, C]`` integer codes of ``grid``.
-        step: fp32 ``[R or 1, n_groups]``: the weight is ``step * code`` (in fp32), cast to ``dtype``.
+        name: the weight's name: the module name of a Linear or Embedding ("model.layers.0.self_attn.q_proj"),
+            ``<experts module>.<parameter>`` of a fused expert stack ("model.layers.0.mlp.experts.gate_up_proj").
+        kind: "linear", "embedding" or "experts".
+        codes: int8 ``[R, C]`` integer codes of ``grid``, of the weight's matrix (``view``).
+        step: fp32 ``[R or 1, n_groups]``: the matrix is ``step * code`` (in fp32), cast to ``dtype``.
         grid, bits, method, group_size: the quantizer (``bits`` as configured, 1.58 for ternary).
         scale_dtype: what steps were rounded to in the forward pass.
         dtype: the weight's dtype.
         bias: the bias (linear layers), or None.
         activation_bits: 8 when the layer fake-quantized its input.
         tied_to: for an LM head that shares its weight with the input embedding, that module's name.
+        weight_shape: the stored weight's shape (``[E, out, in]`` or ``[E, in, out]`` for experts).
+        view: how the stored weight is seen as the ``[R, C]`` matrix of ``codes``
+            (:class:`~hf_qat.quantizers.base.MatrixView`; a 2-D weight is its own matrix).
     """
 
     name: str
@@ -52,10 +53,24 @@ class QuantizedLayer:
     bias: torch.Tensor | None
     activation_bits: int | None
     tied_to: str | None = None
+    weight_shape: tuple[int, ...] = ()
+    view: MatrixView = MatrixView()
 
     @property
     def shape(self) -> tuple[int, int]:
+        """The matrix shape ``[R, C]`` of ``codes``."""
         return tuple(self.codes.shape)
+
+    def expert_codes_and_steps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fused expert stack as ``(codes int8 [E, out, in], step fp32 [E, out, n_groups])``: each
+        expert's matrix in the ``[out, in]`` layout of a Linear, whatever the stored layout."""
+        experts, a, b = self.weight_shape
+        out, inp = (b, a) if self.view.transposed else (a, b)
+        codes = self.codes.reshape(experts, out, inp)  # the matrix rows are the experts' [out, in] rows
+        step = self.step.reshape(experts, -1, self.step.shape[-1])
+        if self.view.per_matrix:  # one step per expert matrix: the same for each of its rows
+            step = step.expand(experts, out, 1)
+        return codes.contiguous(), step.contiguous()
 
 
 def collect_layers(model: nn.Module, keep: bool = True) -> tuple[list[QuantizedLayer], dict[str, torch.Tensor]]:
@@ -74,33 +89,40 @@ def collect_layers(model: nn.Module, keep: bool = True) -> tuple[list[QuantizedL
     layers: list[QuantizedLayer] = []
     names_of_weight: dict[int, str] = {}
     covered: set[str] = set()
-    for name, module in qat_modules(model):
-        if not (module.is_qat_active and module.weight_quantizer.is_initialized):
+    unit_prefixes: set[str] = set()
+    for name, qweight in quantized_weights(model):
+        if not (qweight.is_qat_active and qweight.weight_quantizer.is_initialized):
             raise QATModelError(
                 f"{name} has not switched to QAT yet (the run ended before the switch step?): there is no "
                 "trained low-bit weight to export. Train past the switch, or call hf_qat.ptq(model, cfg) to "
                 "export a round-to-nearest model"
             )
-        kind = "embedding" if isinstance(module, QATEmbedding) else "linear"
-        covered.update({f"{name}.weight", f"{name}.bias"})
-        tied_to = names_of_weight.get(id(module.weight))
-        unit = module.weight_quantizer
-        weight = module.full_weight().detach()
+        module = qweight.module
+        if qweight.kind == "experts":
+            covered.add(name)
+            bias = None
+        else:
+            covered.update({f"{name}.weight", f"{name}.bias"})
+            bias = getattr(module, "bias", None)
+        unit_prefixes.add(qweight.unit_prefix)
+        tied_to = names_of_weight.get(id(qweight.weight))
+        unit = qweight.weight_quantizer
+        weight = qweight.full_weight().detach()
         codes, step = unit.codes(weight)
-        bias = getattr(module, "bias", None)
         bias = None if bias is None else full_tensor(bias).detach().cpu()
-        names_of_weight.setdefault(id(module.weight), name)
+        names_of_weight.setdefault(id(qweight.weight), name)
         if not keep:
             continue
         layers.append(QuantizedLayer(
-            name=name, kind=kind, codes=codes.cpu(), step=step.cpu(), grid=unit.spec.grid,
-            bits=unit.quantizer.bits, method=unit.quantizer.name, group_size=unit.layout.group_size,
+            name=name, kind=qweight.kind, codes=codes.cpu(), step=step.cpu(), grid=unit.spec.grid,
+            bits=unit.quantizer.bits, method=unit.quantizer.name, group_size=unit.group_size,
             scale_dtype=unit.spec.scale_dtype, dtype=weight.dtype,
             bias=bias, activation_bits=getattr(module, "activation_bits", None), tied_to=tied_to,
+            weight_shape=tuple(weight.shape), view=unit.view,
         ))
     others = {}
     for key, value in model.state_dict().items():
-        if key in covered or UNIT_KEY in key:
+        if key in covered or key.startswith(tuple(unit_prefixes)):
             continue
         value = full_tensor(value).detach()
         if keep:

@@ -2,8 +2,10 @@
 
 Per quantized layer: ``<name>.weight_packed`` (uint8, the code indices in the ``kernels.pack``
 bitstream at ``ceil(log2(#codes))`` bits: 1 for binary, 2 for ternary and 2-bit, b for b-bit LSQ) and
-``<name>.weight_step`` (the per-group steps, in the scale dtype they were rounded to). An LM head tied
-to the quantized embedding stores nothing of its own. Loads through the transformers quantizer that
+``<name>.weight_step`` (the per-group steps, in the scale dtype they were rounded to). A fused expert
+stack ``<experts>.<P>`` stores the same two tensors of its matrix under ``<experts>.<P>_packed.``, with
+its stored shape and layout in the config. An LM head tied to the quantized embedding stores nothing
+of its own. Loads through the transformers quantizer that
 importing hf_qat registers (``native_quantizer.py``).
 """
 
@@ -16,7 +18,7 @@ from ..kernels.pack import pack_bits
 from .base import ExportFormat, ExportInfo, dtype_name, register_format, save_tensors, tensor_bytes, write_model_config
 from .layers import QuantizedLayer
 from .native_quantizer import FORMAT_VERSION, QUANT_METHOD
-from .packed_modules import index_bits
+from .packed_modules import PACKED_SUFFIX, index_bits
 
 
 def code_indices(codes: torch.Tensor, table: list[int]) -> torch.Tensor:
@@ -48,9 +50,14 @@ class NativeFormat(ExportFormat):
                 "group_size": layer.group_size, "scale_dtype": dtype_name(layer.scale_dtype),
                 "activation_bits": layer.activation_bits, "bias": layer.bias is not None, "tied_to": layer.tied_to,
             }
+            prefix = layer.name
+            if layer.kind == "experts":
+                modules[layer.name].update(weight_shape=list(layer.weight_shape), transposed=layer.view.transposed,
+                                           per_matrix=layer.view.per_matrix)
+                prefix += PACKED_SUFFIX
             if layer.tied_to is None:
-                tensors[f"{layer.name}.weight_packed"] = pack_bits(code_indices(layer.codes, table), index_bits(len(table)))
-                tensors[f"{layer.name}.weight_step"] = layer.step.to(layer.scale_dtype)
+                tensors[f"{prefix}.weight_packed"] = pack_bits(code_indices(layer.codes, table), index_bits(len(table)))
+                tensors[f"{prefix}.weight_step"] = layer.step.to(layer.scale_dtype)
             if layer.bias is not None:
                 tensors[f"{layer.name}.bias"] = layer.bias
         cfg = get_qat_config(model)

@@ -21,7 +21,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import QATModelError
-from .packed_modules import PackedWeight, replace_with_packed
+from .packed_modules import PackedExperts, PackedWeight, replace_with_packed
 
 QUANT_METHOD = "hf_qat"
 FORMAT_VERSION = 1
@@ -70,10 +70,13 @@ class HfQatQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs: Any) -> None:
         # transformers marks every tensor it loaded with _is_hf_initialized; a packed tensor without
         # the mark was missing (or mismatched) and holds uninitialised memory.
+        loaded = lambda t: not t.is_meta and getattr(t, "_is_hf_initialized", False)  # noqa: E731
         missing = [
             f"{name}.{buffer}" for name, module in model.named_modules() if isinstance(module, PackedWeight)
-            for buffer in ("weight_packed", "weight_step")
-            if getattr(module, buffer).is_meta or not getattr(getattr(module, buffer), "_is_hf_initialized", False)
+            for buffer in ("weight_packed", "weight_step") if not loaded(getattr(module, buffer))
+        ] + [  # a packed experts module is marked initialised: its other tensors must come from the checkpoint
+            f"{name}.{key}" for name, module in model.named_modules() if isinstance(module, PackedExperts)
+            for key, tensor in module.named_parameters(recurse=False) if not loaded(tensor)
         ]
         if missing:
             raise QATModelError(

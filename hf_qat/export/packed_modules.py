@@ -6,11 +6,18 @@ the QAT model computed with. Dequantization goes through ``hf_qat.kernels.dequan
 kernel on CUDA, PyTorch elsewhere).
 
 Buffers are named like the checkpoint keys (``weight_packed``, ``weight_step``), so transformers fills
-them when it loads a checkpoint.
+them when it loads a checkpoint. A fused expert stack ``<experts>.<P>`` is stored as the PackedWeight
+child ``<experts>.<P>_packed`` of its experts module, whose class becomes ``Packed<class>``: its forward
+puts the dequantized stack where transformers' experts implementations read ``P``.
+
+Importing this module registers :func:`unpack_packed_layers` as a restorer of
+``hf_qat.convert.prepare_model_for_qat``, which so turns a loaded native checkpoint back into trainable
+layers without depending on the exporter.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -18,11 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..convert import register_restorer
 from ..dtypes import torch_dtype
 from ..errors import QATModelError
+from ..experts import substituted_parameters
 from ..kernels import activation_fake_quant, dequantize_packed
 from ..kernels.pack import packed_bytes_per_row
+from ..quantizers import MatrixView
 
+PACKED_SUFFIX = "_packed"  # the packed child of fused expert stack P is P_packed
 
 
 def index_bits(n_codes: int) -> int:
@@ -31,15 +42,20 @@ def index_bits(n_codes: int) -> int:
 
 
 class PackedWeight(nn.Module):
-    """The packed weight of one layer and its dequantization (shared by the layer types below).
+    """The packed weight of one layer and its dequantization (shared by the layer types below, and
+    the child of a packed experts module for each fused stack).
 
-    ``spec`` is the layer's entry of the native ``quantization_config["modules"]``.
+    ``spec`` is the layer's entry of the native ``quantization_config["modules"]``: ``shape`` is the
+    ``[R, C]`` matrix of the codes; for an expert stack ``weight_shape`` is its stored shape and
+    ``transposed`` / ``per_matrix`` its :class:`~hf_qat.quantizers.base.MatrixView`.
     """
 
     def __init__(self, spec: dict[str, Any], dtype: torch.dtype, device=None) -> None:
         super().__init__()
         rows, cols = spec["shape"]
         self.rows, self.cols = rows, cols
+        self.weight_shape = tuple(spec.get("weight_shape", spec["shape"]))
+        self.view = MatrixView(transposed=bool(spec.get("transposed")), per_matrix=bool(spec.get("per_matrix")))
         self.code_table = tuple(float(c) for c in spec["codes"])
         self.storage_bits = index_bits(len(self.code_table))
         if spec.get("storage_bits", self.storage_bits) != self.storage_bits:
@@ -62,6 +78,10 @@ class PackedWeight(nn.Module):
         packed = self.weight_packed
         return dequantize_packed(packed, self.storage_bits, self.cols, self._table(packed.device), self.weight_step,
                                  self.compute_dtype)
+
+    def stored_weight(self) -> torch.Tensor:
+        """The dense weight in its stored layout (``weight_shape``) and the compute dtype."""
+        return self.view.from_matrix(self.dequantize(), self.weight_shape)
 
     def extra_repr(self) -> str:
         return f"{self.rows}x{self.cols}, {len(self.code_table)} codes in {self.storage_bits} bits"
@@ -109,12 +129,59 @@ class TiedPackedHead(nn.Module):
         return F.linear(input, self.embedding.dequantize(), self.bias)
 
 
+class PackedExperts(nn.Module):
+    """Mixed into a fused experts class (:func:`packed_experts_class`): each fused stack ``P`` lives
+    packed in the child ``P_packed`` and is dequantized for the forward. ``experts_class`` is the
+    original class."""
+
+    experts_class: type[nn.Module]
+
+    def packed_weights(self) -> dict[str, PackedWeight]:
+        """``parameter name -> its packed child``."""
+        return {name[: -len(PACKED_SUFFIX)]: child for name, child in self.named_children()
+                if isinstance(child, PackedWeight) and name.endswith(PACKED_SUFFIX)}
+
+    def forward(self, *args, **kwargs):
+        dense = {name: packed.stored_weight() for name, packed in self.packed_weights().items()}
+        with substituted_parameters(self, dense):
+            return super().forward(*args, **kwargs)
+
+
+@functools.cache
+def packed_experts_class(experts_class: type[nn.Module]) -> type[nn.Module]:
+    """``Packed<experts_class>``: the experts class with :class:`PackedExperts` in front (one per class)."""
+    return type(f"Packed{experts_class.__name__}", (PackedExperts, experts_class),
+                {"__module__": __name__, "experts_class": experts_class})
+
+
+def _pack_expert_stack(model: nn.Module, name: str, spec: dict[str, Any], dtype: torch.dtype) -> None:
+    """Replace the fused Parameter ``name`` (``<experts>.<P>``) by its packed child ``P_packed``."""
+    module_name, _, parameter = name.rpartition(".")
+    experts = model.get_submodule(module_name)
+    weight = experts._parameters.get(parameter)
+    if weight is None or tuple(weight.shape) != tuple(spec["weight_shape"]):
+        raise QATModelError(
+            f"the hf_qat quantization_config says {name} is a fused expert stack {tuple(spec['weight_shape'])}, but the "
+            f"model's is {None if weight is None else tuple(weight.shape)}: config and model disagree"
+        )
+    del experts._parameters[parameter]
+    if not isinstance(experts, PackedExperts):
+        experts.__class__ = packed_experts_class(type(experts))
+    experts.add_module(parameter + PACKED_SUFFIX, PackedWeight(spec, dtype, weight.device))
+    # transformers' _init_weights would initialise the (now packed) stack by name; everything this module
+    # holds comes from the checkpoint, which the quantizer checks after loading.
+    experts._is_hf_initialized = True
+
+
 def replace_with_packed(model: nn.Module, modules: dict[str, dict[str, Any]], dtype: torch.dtype) -> None:
     """Swap the layers named in ``modules`` (the native quantization_config) for packed ones, checking
     that each exists with the shape the config records."""
     names = dict(model.named_modules())
     built: dict[str, PackedEmbedding] = {}
     for name, spec in sorted(modules.items(), key=lambda item: item[1].get("tied_to") is not None):
+        if spec["kind"] == "experts":
+            _pack_expert_stack(model, name, spec, dtype)
+            continue
         if name not in names:
             raise QATModelError(f"the hf_qat quantization_config names {name}, which this model does not have")
         old = names[name]
@@ -135,18 +202,34 @@ def replace_with_packed(model: nn.Module, modules: dict[str, dict[str, Any]], dt
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _unpack_experts(model: nn.Module, steps: dict[str, torch.Tensor]) -> None:
+    """Packed experts modules back to their class, each fused stack a trainable Parameter again."""
+    for module_name, experts in list(model.named_modules()):
+        if not isinstance(experts, PackedExperts):
+            continue
+        for parameter, packed in experts.packed_weights().items():
+            steps[f"{module_name}.{parameter}"] = packed.weight_step.detach().float().clone()
+            delattr(experts, parameter + PACKED_SUFFIX)
+            experts.register_parameter(parameter, nn.Parameter(packed.stored_weight().detach().contiguous()))
+        experts.__class__ = experts.experts_class
+
+
+@register_restorer
 def unpack_packed_layers(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    """Turn the packed layers of a loaded native checkpoint back into plain nn.Linear / nn.Embedding
-    holding the dequantized weights (trainable, exactly what the packed model computed with), and clear
-    the model's quantization marks. Returns ``(qat_config dict, steps by layer name)``, or None when the
-    model holds no packed layers."""
-    packed = {name: m for name, m in model.named_modules() if isinstance(m, (PackedWeight, TiedPackedHead))}
-    if not packed:
+    """Turn the packed layers of a loaded native checkpoint back into plain nn.Linear / nn.Embedding /
+    fused experts holding the dequantized weights (trainable, exactly what the packed model computed
+    with), and clear the model's quantization marks. Returns ``(qat_config dict, steps by weight
+    name)``, or None when the model holds no packed layers."""
+    packed = {name: m for name, m in model.named_modules()
+              if isinstance(m, (PackedLinear, PackedEmbedding, TiedPackedHead))}
+    has_experts = any(isinstance(m, PackedExperts) for m in model.modules())
+    if not packed and not has_experts:
         return None
     quantization_config = getattr(model.config, "quantization_config", None)
     qat_config = (quantization_config.qat_config if hasattr(quantization_config, "qat_config")
                   else (quantization_config or {}).get("qat_config", {}))
     steps: dict[str, torch.Tensor] = {}
+    _unpack_experts(model, steps)
     plain: dict[str, nn.Module] = {}
     for name, module in sorted(packed.items(), key=lambda item: isinstance(item[1], TiedPackedHead)):
         if isinstance(module, TiedPackedHead):

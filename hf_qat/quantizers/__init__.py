@@ -4,7 +4,7 @@
 match bit for bit.
 """
 
-from .base import SCALE_MIN, SEQ_CLIP, Grid, Quantizer, ScaleLayout, lsq_grid
+from .base import SCALE_MIN, SEQ_CLIP, Grid, MatrixView, Quantizer, ScaleLayout, lsq_grid
 from .registry import available_quantizers, get_quantizer, get_quantizer_class, register_quantizer
 
 # Importing the families registers them (in this order: the names "auto" resolves to come first).
@@ -14,6 +14,7 @@ __all__ = [
     "SCALE_MIN",
     "SEQ_CLIP",
     "Grid",
+    "MatrixView",
     "Quantizer",
     "ScaleLayout",
     "available_quantizers",

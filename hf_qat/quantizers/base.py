@@ -8,7 +8,8 @@ ever see a Grid, so a new family needs no kernel code.
 
 Scale layouts (:class:`ScaleLayout`): a weight ``[R, C]`` (rows = output features, or embedding rows;
 C = input features / embedding dim) has scales ``[R, C // G]`` for groups of G input columns,
-``[R, 1]`` per channel, ``[1, 1]`` per tensor.
+``[R, 1]`` per channel, ``[1, 1]`` per tensor. A weight stored otherwise (a stack of expert matrices,
+a transposed stack) is seen as such a matrix through its :class:`MatrixView`.
 """
 
 from __future__ import annotations
@@ -128,6 +129,49 @@ class ScaleLayout:
 
     def __repr__(self) -> str:
         return f"ScaleLayout({self.group_size!r})"
+
+
+@dataclass(frozen=True)
+class MatrixView:
+    """How a stored weight is seen as the matrix ``[R, C]`` of the quantization math (C = the input dim).
+
+    * A 2-D weight ``[out, in]`` (Linear, Embedding rows) is its own matrix.
+    * A stack of E matrices ``[E, out, in]`` (transformers' fused MoE experts) is ``[E * out, in]``: every
+      expert's output rows, each row's groups along that expert's input dim, so group and channel
+      scales are per expert row and the kernels run over all experts at once (a view, no copy).
+    * ``per_matrix`` (per-tensor scales of a stack): ``[E, out * in]``, one row per expert, so a
+      channel scale ``[E, 1]`` of that matrix is one scale per expert matrix.
+    * ``transposed``: the stack is stored ``[E, in, out]`` (``is_transposed`` experts, e.g. gpt_oss); it
+      is transposed first, which makes the matrix a contiguous copy (and the way back another).
+    """
+
+    transposed: bool = False
+    per_matrix: bool = False
+
+    def matrix_shape(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
+        if len(shape) == 2:
+            return int(shape[0]), int(shape[1])
+        if len(shape) != 3:
+            raise QATModelError(f"hf_qat quantizes 2-D weights and 3-D stacks of matrices, got shape {tuple(shape)}")
+        experts, out, inp = (int(shape[0]), int(shape[2]), int(shape[1])) if self.transposed else map(int, shape)
+        return (experts, out * inp) if self.per_matrix else (experts * out, inp)
+
+    def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (stored layout) -> ``[R, C]`` (a view unless transposed)."""
+        if weight.ndim == 2:
+            return weight
+        stack = weight.transpose(-1, -2) if self.transposed else weight
+        return stack.reshape(self.matrix_shape(weight.shape))
+
+    def from_matrix(self, matrix: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """``[R, C]`` -> the stored layout ``shape``: a view, except for a transposed stack, which comes
+        back as a contiguous copy (so matmuls read it in the same memory order as the stored weight,
+        and compute what a model holding these values computes, bit for bit)."""
+        if len(shape) == 2:
+            return matrix
+        if self.transposed:
+            return matrix.reshape(shape[0], shape[2], shape[1]).transpose(-1, -2).contiguous()
+        return matrix.reshape(shape)
 
 
 class Quantizer:

@@ -20,6 +20,7 @@ from ..optim import add_scale_param_group
 from ..run_inputs import active_parameters, count_parameters
 from ..config import QATConfig
 from ..convert import activate_qat, prepare_model_for_qat
+from ..unit import UNIT_KEY
 from .config import SweepConfig
 from .data import SweepData
 
@@ -174,7 +175,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise RuntimeError(f"{path} is not a sweep checkpoint of format {CHECKPOINT_FORMAT}; delete it and rerun")
     missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
-    missing = [k for k in missing if ".weight_quantizer." not in k]
+    missing = [k for k in missing if UNIT_KEY not in k]  # a tail's units: not in an FP trunk
     if missing or unexpected:
         raise RuntimeError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if optimizer is not None:
