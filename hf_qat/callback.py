@@ -52,6 +52,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .checkpoint import restore_converted_weights
 from .config import QATConfig
 from .convert import activate_qat, get_qat_config, is_qat_active, prepare_model_for_qat, quantization_error
 from .distill import DistillationLoss, Teacher
@@ -64,6 +65,7 @@ from .planner import Plan, QATScalingLaw, plan_qat
 from .qat_state import load_unit_state, save_unit_state
 from .run_inputs import active_parameters, count_parameters, tokens_per_step
 from .schedule import lambda_lr, make_schedule
+from .unit import UNIT_KEY
 from .trainer_hooks import TrainerHooks, attach, constructing_trainer
 
 logger = logging.getLogger("hf_qat")
@@ -177,9 +179,15 @@ class QATCallback(TrainerCallback, ExportableState):
 
     def _load_checkpoint(self, directory: str, model: torch.nn.Module) -> None:
         """What the Trainer's checkpoint loading leaves out: a PEFT checkpoint's QAT state (its scales
-        and switch) and a distilled run's teacher snapshot."""
+        and switch); tensors saved in the original format that its plain load_state_dict cannot place
+        (MoE experts, renamed units: :mod:`hf_qat.checkpoint`); a distilled run's teacher snapshot."""
         if is_peft_model(model):
             load_unit_state(model, directory)
+        else:
+            restored = restore_converted_weights(model, directory)
+            if any(UNIT_KEY not in key for key in restored):
+                logger.info("hf_qat: %d tensors of %s stored in the original (per-expert) format were loaded as "
+                            "from_pretrained converts them", sum(UNIT_KEY not in k for k in restored), directory)
         if self.teacher is not None:
             self.teacher.restore(model, directory)
 

@@ -168,22 +168,22 @@ def test_activation_bits_and_lora_on_expert_parameters_are_refused_with_the_reas
         hf_qat.prepare_model_for_qat(model, QATConfig(bits=4, group_size=16, start=0))
 
 
-def fused_checkpoints(model):
-    """Make save_pretrained keep the fused expert names. transformers 5.24's Trainer saves checkpoints in
-    the original per-expert format but resumes with a plain load_state_dict, so without this the experts
-    of ANY MoE model (hf_qat or not) are silently left at their initial values on resume."""
-    model._weight_conversions = []
-    return model
-
-
-def test_trainer_switch_and_resume_after_the_switch_is_exact(tmp_path):
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_trainer_switch_and_resume_after_the_switch_is_exact(tmp_path, family):
+    """transformers 5.24 saves a checkpoint in the original per-expert format (Mixtral's modules renamed,
+    the units' keys included) but its resume loads it with a plain load_state_dict, which would leave
+    every expert at its initial value: the callback loads what it cannot place (hf_qat.checkpoint)."""
     cfg = QATConfig(bits=4, group_size=16, start=4, manage_schedule=False)
-    full = make_trainer(tmp_path, [QATCallback(cfg)], model=fused_checkpoints(tiny_moe("qwen3_moe")), max_steps=8,
+    full = make_trainer(tmp_path, [QATCallback(cfg)], model=tiny_moe(family), max_steps=8,
                         save_strategy="steps", save_steps=6)
     full.train()
     assert full.model.model.layers[0].mlp.experts.gate_up_proj_quantizer.is_active
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "checkpoint-6" / "model.safetensors"), "pt") as fh:
+        assert not any(key.endswith("experts.gate_up_proj") for key in fh.keys())  # saved per expert
     expected = state_dict_copy(full.model)
-    resumed = make_trainer(tmp_path / "resumed", [QATCallback(cfg)], model=tiny_moe("qwen3_moe", seed=3), max_steps=8)
+    resumed = make_trainer(tmp_path / "resumed", [QATCallback(cfg)], model=tiny_moe(family, seed=3), max_steps=8)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
     got = state_dict_copy(resumed.model)
     assert sorted(got) == sorted(expected)

@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint import checkpoint_tensors
 from ..config import CONFIG_NAME, QATConfig
 from ..convert import get_qat_config, prepare_model_for_qat, quantized_weights, quantizer_units
 from ..distributed import world_size
 from ..errors import QATModelError
-from ..unit import LEGACY_UNIT_KEYS, UNIT_KEY
+from ..unit import UNIT_KEY
 from .base import (
     ExportFormat,
     ExportInfo,
@@ -30,19 +31,6 @@ from .layers import QuantizedLayer, collect_layers
 PLAN_NAME = "qat_plan.json"
 
 
-def model_weight_files(directory: str) -> list[str]:
-    """The model's own weight files in a checkpoint folder: those the index names, else
-    ``model.safetensors``. Other safetensors there (a distilled run's ``hf_qat_teacher.safetensors``,
-    a PEFT adapter, the QAT state of a PEFT run) are not the model's weights."""
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as fh:
-            return sorted(set(json.load(fh)["weight_map"].values()))
-    if os.path.isfile(os.path.join(directory, "model.safetensors")):
-        return ["model.safetensors"]
-    raise FileNotFoundError(f"{directory} holds no model.safetensors (nor its index): not a model checkpoint")
-
-
 def load_qat_checkpoint(directory: str, **kwargs: Any) -> nn.Module:
     """A QAT model from a Trainer checkpoint or output dir (``qat_config.json`` + the model's weights):
     the model built from its config, QAT modules installed, every tensor (scales, switch state) loaded.
@@ -50,7 +38,6 @@ def load_qat_checkpoint(directory: str, **kwargs: Any) -> nn.Module:
     A PEFT checkpoint (``adapter_config.json``: the base model named there + the adapter + the QAT state
     hf_qat saved beside it) loads as the PEFT model, merged (``merge_and_unload``) when it was trained with
     ``lora_mode="merged"``: that merge is exact, so the result exports as trained."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
@@ -60,22 +47,9 @@ def load_qat_checkpoint(directory: str, **kwargs: Any) -> nn.Module:
         return _load_peft_checkpoint(directory, config, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     prepare_model_for_qat(model, config)
-    # The weights came through from_pretrained, which also merges the per-expert tensors of MoE
-    # checkpoints into the fused experts; what the model does not know under a file's key (those
-    # per-expert tensors) is left to it. The units' tensors are read from the model's own weight files
-    # as they are. save_pretrained also renamed the units' keys into the original format (Mixtral:
-    # mlp -> block_sparse_moe); transformers' own renamings bring them back.
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, apply_renamings
-
-    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    known = set(model.state_dict())
-    state = {}
-    for name in model_weight_files(directory):
-        for key, value in load_file(os.path.join(directory, name)).items():
-            key = apply_renamings(key, renamings) if UNIT_KEY in key else key
-            if key in known or UNIT_KEY in key or key.rsplit(".", 1)[-1] in LEGACY_UNIT_KEYS:
-                state[key] = value
+    # from_pretrained merged the per-expert tensors of MoE checkpoints into the fused experts; the units'
+    # tensors come from the model's own weight files, their keys renamed back (checkpoint_tensors).
+    state = checkpoint_tensors(model, directory)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # a tied head's unit is its embedding's: its keys may be dropped as shared tensors
     owners = {id(w.weight_quantizer): n for n, w in quantizer_units(model)}
