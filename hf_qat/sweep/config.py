@@ -3,7 +3,7 @@
 The keys (the contract of ``hf-qat sweep``; keys may be added, never renamed)::
 
     sizes:            name -> config overrides (hidden_size, num_hidden_layers, ...); ``architecture``:
-                      "llama" (default) or "qwen3_moe" (a mixture of experts: num_experts,
+                      "llama" (default), "qwen3", or "qwen3_moe" (a mixture of experts: num_experts,
                       num_experts_per_tok, moe_intermediate_size; rows then record active_params)
     data:             "demo" (the Python standard library, offline), or a mapping with one of
                       dataset (a datasets id, + config_name, split), text_files, jsonl_files;
@@ -49,7 +49,7 @@ DATA_KEYS = ("dataset", "config_name", "split", "text_files", "jsonl_files", "te
 SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
              "head_dim", "rms_norm_eps", "rope_theta", "architecture")
 # A size's "architecture": a transformers model type, with the keys of its own it takes.
-ARCHITECTURES = {"llama": (), "qwen3_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size")}
+ARCHITECTURES = {"llama": (), "qwen3": (), "qwen3_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size")}
 NUMBER_KEYS = ("learning_rate", "weight_decay", "max_grad_norm", "min_lr_ratio", "fp_cooldown_fraction",
                "qat_warmup_fraction", "scale_lr_multiplier", "scale_lr")
 # Keys passed on to QATConfig as they are, so validated by it.
@@ -155,7 +155,7 @@ class SweepConfig:
             for key, value in overrides.items():
                 if key not in ("rms_norm_eps", "rope_theta", "architecture"):
                     _positive_int(f"sizes.{name}.{key}", value)
-            if architecture != "llama" and overrides["num_experts_per_tok"] > overrides["num_experts"]:
+            if ARCHITECTURES[architecture] and overrides["num_experts_per_tok"] > overrides["num_experts"]:
                 raise SweepConfigError(f"sizes.{name}.num_experts_per_tok", overrides["num_experts_per_tok"],
                                        f"at most num_experts={overrides['num_experts']}")
 

@@ -44,8 +44,9 @@ def model_config(config: SweepConfig, size: str):
     overrides.setdefault("intermediate_size", 3 * hidden)
     overrides.setdefault("num_hidden_layers", 2)
     if architecture != "llama":
-        overrides.setdefault("moe_intermediate_size", overrides["intermediate_size"])
         overrides.setdefault("head_dim", hidden // heads)
+    if architecture == "qwen3_moe":
+        overrides.setdefault("moe_intermediate_size", overrides["intermediate_size"])
         overrides.setdefault("norm_topk_prob", True)  # as the released Qwen3-MoE models (and llama.cpp's graph)
     return AutoConfig.for_model(architecture, vocab_size=config.vocab_size,
                                 max_position_embeddings=config.sequence_length,
