@@ -155,6 +155,30 @@ def _qk_heads(cfg, key: str) -> int | None:
     return None
 
 
+def _expert_tensors(layer: QuantizedLayer, qtype: str) -> list[tuple[str, np.ndarray]]:
+    """A fused expert stack as llama.cpp's stacked tensors, raw blocks ``[E, rows, bytes]`` (gguf reads
+    them as ``{in, rows, E}``): ``gate_up_proj``'s two halves (gate first: transformers' concatenated
+    layout) as ``ffn_gate_exps`` and ``ffn_up_exps``, ``down_proj`` as ``ffn_down_exps``."""
+    import gguf
+
+    codes, step = layer.expert_codes_and_steps()  # [E, out, in], [E, out, groups]: each expert a Linear
+    experts, out, width = codes.shape
+    raw = pack_blocks(codes.reshape(experts * out, width), step.reshape(experts * out, -1), qtype)
+    raw = raw.reshape(experts, out, -1)
+    block = int(layer.name.split(".layers.")[1].split(".")[0])
+    parameter = layer.name.rsplit(".", 1)[-1]
+
+    def name(tensor) -> str:
+        return gguf.TENSOR_NAMES[tensor].format(bid=block) + ".weight"
+
+    if parameter == "gate_up_proj":
+        halves = (np.ascontiguousarray(raw[:, :out // 2]), np.ascontiguousarray(raw[:, out // 2:]))
+        return [(name(gguf.MODEL_TENSOR.FFN_GATE_EXP), halves[0]), (name(gguf.MODEL_TENSOR.FFN_UP_EXP), halves[1])]
+    if parameter == "down_proj":
+        return [(name(gguf.MODEL_TENSOR.FFN_DOWN_EXP), raw)]
+    raise ExportFormatError(f"{layer.name}: no llama.cpp tensor for the expert weight {parameter!r}")
+
+
 def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others, qtype_of) -> dict[str, torch.Tensor]:
     """The quantized layers as GGUF blocks (of type ``qtype_of(layer)``) of their QAT integers, the other
     tensors (biases, norms, unquantized weights) in fp32; returns what was written (for the byte count)."""
@@ -173,7 +197,12 @@ def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others, qtype_of) 
 
     written: dict[str, torch.Tensor] = {}
     for layer in layers:
-        if layer.tied_to:
+        if layer.tied_to and not arch.output_required:
+            continue
+        if layer.kind == "experts":
+            for name, raw in _expert_tensors(layer, qtype_of(layer)):
+                writer.add_tensor(name, raw, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype_of(layer)))
+                written[name] = torch.from_numpy(raw)
             continue
         codes, step = layer.codes, layer.step
         heads = qk_heads(layer.name)
@@ -188,8 +217,9 @@ def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others, qtype_of) 
             writer.add_tensor(gguf_name(f"{layer.name}.bias"), (_permute_qk(bias, heads) if heads else bias).numpy())
             written[f"{layer.name}.bias"] = bias
     for key, tensor in others.items():
-        if key == "lm_head.weight" and (getattr(cfg, "tie_word_embeddings", False) or "model.embed_tokens.weight" in others
-                                        and tensor.data_ptr() == others["model.embed_tokens.weight"].data_ptr()):
+        if key == "lm_head.weight" and not arch.output_required and (
+                getattr(cfg, "tie_word_embeddings", False) or "model.embed_tokens.weight" in others
+                and tensor.data_ptr() == others["model.embed_tokens.weight"].data_ptr()):
             continue
         t = tensor.float()
         heads = qk_heads(key)

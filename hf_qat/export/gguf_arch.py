@@ -8,6 +8,12 @@ Each architecture is checked against what llama.cpp's graph for it computes (lla
   halves); rope "default" or Llama-3.x "llama3" scaling (the per-frequency factors as ``rope_freqs``);
   no sliding window.
 * qwen2 / qwen3: rope "default", no sliding window; Qwen3's q/k norms map by name.
+* mixtral (``llama`` with experts), qwen3_moe, olmoe: the fused experts are written stacked over the
+  experts (``ffn_gate_exps`` / ``ffn_up_exps`` from ``gate_up_proj``'s two halves, ``ffn_down_exps``), the
+  router as ``ffn_gate_inp`` in F32, with ``expert_count``, ``expert_used_count`` and
+  ``expert_feed_forward_length``; llama.cpp routes by softmax then top-k, and renormalises the top-k
+  weights for llama (Mixtral) and qwen3moe, not for olmoe, so ``norm_topk_prob`` must agree; every
+  layer must be an MoE block.
 * gemma2 / gemma3_text: every RMSNorm computes ``x * (1 + w)`` where llama.cpp multiplies by the stored
   tensor, so norms are written as ``1 + w``; the sqrt(hidden) embedding scale is in llama.cpp's graph;
   sliding-window layers are written as a per-layer pattern; Gemma-2's attention and final logit
@@ -43,6 +49,8 @@ class GGUFArchitecture:
         extra_tensors: ``extra_tensors(cfg)`` -> {gguf name: fp32 tensor} written besides the model's.
         tied_head_only: llama.cpp's graph always reads the output from ``token_embd`` (an untied head
             cannot be written).
+        output_required: llama.cpp's graph reads ``output.weight`` with no fallback to ``token_embd``
+            (a tied head is written as its own copy).
     """
 
     gguf_arch: str
@@ -52,6 +60,7 @@ class GGUFArchitecture:
     norm_shift: float = 0.0
     extra_tensors: Callable = lambda cfg: {}
     tied_head_only: bool = False
+    output_required: bool = False
 
 
 def rope_parameters(cfg) -> dict:
@@ -200,6 +209,45 @@ def _gemma3_metadata(writer, cfg) -> None:
         _add_windows(writer, cfg)
 
 
+# ---------------------------------------------------------------------------------------- mixtures of experts
+def _check_moe(cfg, renormalised: bool) -> None:
+    """Every layer an MoE block, routed as llama.cpp's graph routes: softmax over the experts, the top
+    ``num_experts_per_tok``, renormalised to sum 1 or not as that graph does (its ``norm_w``)."""
+    if getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1:
+        raise ExportFormatError(f"GGUF export of {cfg.model_type} writes models whose every layer is an MoE block; "
+                                "this one has dense layers (mlp_only_layers / decoder_sparse_step). " + OTHER_FORMATS)
+    norm = getattr(cfg, "norm_topk_prob", True)  # Mixtral always renormalises (no such setting)
+    if bool(norm) != renormalised:
+        raise ExportFormatError(
+            f"llama.cpp's {cfg.model_type} graph {'renormalises' if renormalised else 'does not renormalise'} the "
+            f"top-k routing weights; this model's norm_topk_prob is {norm}. {OTHER_FORMATS}")
+    if cfg.model_type == "olmoe" and cfg.num_key_value_heads != cfg.num_attention_heads:
+        raise ExportFormatError("llama.cpp's olmoe graph normalises keys over the whole hidden size (as many key "
+                                f"heads as query heads); this model has {cfg.num_key_value_heads} key/value heads for "
+                                f"{cfg.num_attention_heads} query heads. {OTHER_FORMATS}")
+    if getattr(cfg, "clip_qkv", None) is not None:
+        raise ExportFormatError(f"llama.cpp's {cfg.model_type} graph does not clip q/k/v; this model's clip_qkv is "
+                                f"{cfg.clip_qkv}. {OTHER_FORMATS}")
+
+
+def _moe_metadata(writer, cfg) -> None:
+    writer.add_rope_freq_base(_rope_theta(rope_parameters(cfg), cfg))
+    writer.add_expert_count(_num_experts(cfg))
+    writer.add_expert_used_count(cfg.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
+
+
+def _num_experts(cfg) -> int:
+    return getattr(cfg, "num_local_experts", None) or cfg.num_experts
+
+
+def _moe(check_rope: Callable, renormalised: bool) -> Callable:
+    def check(cfg) -> None:
+        check_rope(cfg)
+        _check_moe(cfg, renormalised)
+    return check
+
+
 ARCHITECTURES = {
     "llama": GGUFArchitecture("LLAMA", lambda cfg: _check_rope_and_window(cfg, ("default", "llama3")), _rope_base_only,
                               permute_qk=True, extra_tensors=_llama_rope_freqs),
@@ -207,6 +255,12 @@ ARCHITECTURES = {
                                 permute_qk=True),
     "qwen2": GGUFArchitecture("QWEN2", lambda cfg: _check_rope_and_window(cfg, ("default",)), _rope_base_only),
     "qwen3": GGUFArchitecture("QWEN3", lambda cfg: _check_rope_and_window(cfg, ("default",)), _rope_base_only),
+    "mixtral": GGUFArchitecture("LLAMA", _moe(lambda cfg: _check_rope_and_window(cfg, ("default",)), True),
+                                _moe_metadata, permute_qk=True),
+    "qwen3_moe": GGUFArchitecture("QWEN3MOE", _moe(lambda cfg: _check_rope_and_window(cfg, ("default",)), True),
+                                  _moe_metadata),
+    "olmoe": GGUFArchitecture("OLMOE", _moe(lambda cfg: _check_rope_and_window(cfg, ("default",)), False),
+                              _moe_metadata, output_required=True),
     "gemma2": GGUFArchitecture("GEMMA2", _check_gemma2, _gemma2_metadata, norm_shift=1.0, tied_head_only=True),
     "gemma3_text": GGUFArchitecture("GEMMA3", _check_gemma3, _gemma3_metadata, norm_shift=1.0),
 }

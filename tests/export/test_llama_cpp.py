@@ -81,6 +81,11 @@ CASES["gemma3"] = (lambda: tiny("gemma3_text", sharpen=2.0, num_hidden_layers=3,
     "sliding_attention", "full_attention", "sliding_attention"], rope_parameters={
     "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 10.0},
     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}, **GEMMA), "sentencepiece")
+MOE = dict(num_experts_per_tok=2, intermediate_size=64)  # 4 experts of 64, 2 per token
+CASES["mixtral"] = (lambda: tiny("mixtral", num_local_experts=4, sliding_window=None, **MOE), "gpt-2")
+CASES["qwen3_moe"] = (lambda: tiny("qwen3_moe", num_experts=4, moe_intermediate_size=64, head_dim=16,
+                                   norm_topk_prob=True, **MOE), "qwen2")
+CASES["olmoe"] = (lambda: tiny("olmoe", num_experts=4, num_key_value_heads=4, **MOE), "gpt-2")
 CASES["llama-sentencepiece"] = (lambda: tiny("llama", vocab_size=400), "sentencepiece-prefix")  # Llama-2's "▁" prefix
 TERNARY = {"llama-TQ2_0": "TQ2_0", "llama-TQ1_0": "TQ1_0"}  # case -> GGUF ternary type (blocks 256 wide)
 for case in TERNARY:
