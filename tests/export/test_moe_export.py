@@ -14,7 +14,7 @@ import hf_qat
 from hf_qat import QATConfig
 from hf_qat.export import export_checkpoint
 from hf_qat.export.base import ExportFormatError
-from helpers import VOCAB, logits_in_fresh_process, tiny_moe
+from helpers import MOE_CONFIGS, VOCAB, logits_in_fresh_process, tiny_moe
 
 INPUT = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(11))
 
@@ -97,3 +97,23 @@ def test_native_format_experts_in_a_fresh_process_and_back_to_training(family, c
     assert type(loaded.model.layers[0].mlp.experts).__name__.startswith("QAT")
     with torch.no_grad():
         assert torch.equal(loaded(INPUT).logits, reference(model))
+
+
+@pytest.mark.parametrize("family,change,reason", [
+    ("qwen3_moe", {"norm_topk_prob": False}, "qwen3_moe graph renormalises the top-k routing weights"),
+    ("olmoe", {"norm_topk_prob": True}, "olmoe graph does not renormalise"),
+    ("olmoe", {}, "as many key heads as query heads"),
+    ("qwen3_moe", {"mlp_only_layers": [1], "norm_topk_prob": True}, "has dense layers"),
+    ("gpt_oss", {}, "GGUF export writes"),
+    ("qwen2_moe", {}, "GGUF export writes"),
+])
+def test_gguf_refuses_what_llama_cpp_would_route_otherwise(family, change, reason, tmp_path):
+    """A setting llama.cpp's MoE graph would not reproduce is named before anything is written
+    (tests/export/test_llama_cpp.py runs the ones it does)."""
+    from helpers import byte_level_bpe
+
+    widths = {"moe_intermediate_size": 32} if "moe_intermediate_size" in MOE_CONFIGS[family] else {"intermediate_size": 32}
+    model = hf_qat.ptq(tiny_moe(family, **widths, **change), QATConfig(bits=4, group_size=32, start=0))
+    with pytest.raises(ExportFormatError, match=reason):
+        export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=byte_level_bpe("gpt-2", vocab=VOCAB + 256))
+    assert not (tmp_path / "gguf").exists()
