@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from helpers import tiny_llama, token_dataset  # noqa: E402
+from helpers import tiny_llama, tiny_moe, token_dataset  # noqa: E402
 
 import hf_qat  # noqa: E402
 from hf_qat.optim import add_scale_param_group  # noqa: E402
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--start", type=int, default=4)
     parser.add_argument("--export-memory", action="store_true")
+    parser.add_argument("--moe", action="store_true", help="a tiny Qwen3-MoE instead of the tiny Llama")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -68,8 +69,12 @@ def main() -> None:
         dist.destroy_process_group()
         return
 
-    model = tiny_llama(tie=True)
-    cfg = hf_qat.QATConfig(bits=4, group_size=16, start=args.start, embedding_bits=4)
+    if args.moe:  # a Qwen3-MoE: FSDP2 shards the fused experts' dim 0 (the experts)
+        model = tiny_moe("qwen3_moe", intermediate_size=32, moe_intermediate_size=32)
+        cfg = hf_qat.QATConfig(bits=4, group_size=16, start=args.start)
+    else:
+        model = tiny_llama(tie=True)
+        cfg = hf_qat.QATConfig(bits=4, group_size=16, start=args.start, embedding_bits=4)
     hf_qat.prepare_model_for_qat(model, cfg)
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh

@@ -60,3 +60,29 @@ def test_fsdp2_export_keeps_the_model_on_rank_0_only(tmp_path):
     assert r1["growth_bytes"] < 0.25 * codes_bytes, r1
     assert r0["growth_bytes"] > 0.5 * codes_bytes, r0  # the writer does hold the packed model
     assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+def test_fsdp2_shards_the_fused_experts_and_matches_one_process(tmp_path):
+    """A Qwen3-MoE under FSDP2 (its [experts, ...] stacks and their scales sharded on dim 0): the ranks
+    gather the same state, the losses equal one process's, and the sharded export equals a single-process
+    export of the same weights."""
+    run_distributed(tmp_path / "fsdp", 2, "--moe", script=FSDP_SCRIPT)
+    run_distributed(tmp_path / "single", 1, "--moe", script=FSDP_SCRIPT)
+    r0, r1 = torch.load(tmp_path / "fsdp" / "rank0.pt"), torch.load(tmp_path / "fsdp" / "rank1.pt")
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    assert any(name.endswith("experts.gate_up_proj_quantizer.log_scale_ratio") for name in r0["state"])
+    for name in r0["state"]:
+        assert torch.equal(r0["state"][name], r1["state"][name]), name
+    for a, b in zip(r0["losses"], single["losses"]):
+        assert abs(a - b) <= 1e-4
+    from helpers import tiny_moe
+
+    model = tiny_moe("qwen3_moe", intermediate_size=32, moe_intermediate_size=32)
+    hf_qat.prepare_model_for_qat(model, hf_qat.QATConfig(bits=4, group_size=16, start=4))
+    model.load_state_dict(r0["state"])
+    hf_qat.export_checkpoint(model, tmp_path / "reference", format="hf-qat")
+    sharded = load_file(tmp_path / "fsdp" / "export" / "model.safetensors")
+    reference = load_file(tmp_path / "reference" / "model.safetensors")
+    assert sorted(sharded) == sorted(reference) and any("experts" in key for key in reference)
+    for key in reference:
+        assert torch.equal(sharded[key], reference[key]), key
