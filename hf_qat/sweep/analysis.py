@@ -11,6 +11,7 @@
 * Fused minus classic: the loss difference of the same (size, seed, budget, bits, fraction), per bit
   width (negative: the fused schedule is better).
 * Noise: the same cell trained with two seeds.
+* Mixtures of experts: f_hat with N = total or N = active parameters against the observed optima.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Cell:
     tokens: int
     losses: dict[float, float] = field(default_factory=dict)  # fraction -> loss (0.0 = PTQ)
     fp_loss: float | None = None
+    active_params: int | None = None  # a mixture of experts: the parameters one token uses
 
     @property
     def tokens_per_param_byte(self) -> float:
@@ -43,6 +45,11 @@ class Cell:
     @property
     def paper_fraction(self) -> float:
         return optimal_qat_fraction(self.tokens_per_param_byte)
+
+    def paper_fraction_with(self, n: str) -> float:
+        """f_hat with N = every parameter ("total") or the active ones ("active"; a dense model's own N)."""
+        params = self.active_params if n == "active" and self.active_params else self.num_params
+        return optimal_qat_fraction(tokens_per_parameter_byte(params, self.tokens, self.bits))
 
     @property
     def observed_optimum(self) -> float:
@@ -81,7 +88,8 @@ def cells(rows: list[dict], schedule: str = "fused") -> list[Cell]:
             continue
         key = base + (float(row["bits"]),)
         cell = out.setdefault(key, Cell(row["size"], row["seed"], float(row["budget"]), float(row["bits"]),
-                                        int(row["num_params"]), int(row["fp_tokens"]) + int(row["qat_tokens"])))
+                                        int(row["num_params"]), int(row["fp_tokens"]) + int(row["qat_tokens"]),
+                                        active_params=row.get("active_params")))
         cell.losses[float(row["fraction"])] = float(row["loss"])
     result = [c for c in out.values() if any(f > 0 for f in c.losses)]
     for cell in result:
@@ -111,6 +119,22 @@ def paper_comparison(cell_list: list[Cell]) -> dict[str, float]:
     for bits in sorted({c.bits for c in cell_list}):
         out[f"{bits:g}"] = stats([c for c in cell_list if c.bits == bits])
     return out
+
+
+def moe_comparison(cell_list: list[Cell]) -> dict[str, dict[str, float]] | None:
+    """For sweeps with mixtures of experts: the MAE of f_hat against the observed optima of the MoE cells
+    with N = total and with N = active parameters, and the dense cells' MAE for reference (None without
+    MoE cells)."""
+    moe = [c for c in cell_list if c.active_params]
+    if not moe:
+        return None
+    dense = [c for c in cell_list if not c.active_params]
+
+    def mae(cs: list[Cell], n: str) -> float:
+        return float(np.mean([abs(c.observed_optimum - c.paper_fraction_with(n)) for c in cs])) if cs else float("nan")
+
+    return {"moe": {"cells": len(moe), "mae_total": mae(moe, "total"), "mae_active": mae(moe, "active")},
+            "dense": {"cells": len(dense), "mae": mae(dense, "total")}}
 
 
 def fused_classic_pairs(rows: list[dict]) -> list[tuple[float, float, float]]:

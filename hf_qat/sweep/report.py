@@ -24,7 +24,7 @@ import numpy as np
 from ..bits import bits_label
 from ..planner import QATScalingLaw, load_runs
 from ..plots import _finish, _pyplot
-from .analysis import Cell, cells, fused_classic_pairs, fused_minus_classic, paper_comparison, seed_noise
+from .analysis import Cell, cells, fused_classic_pairs, fused_minus_classic, moe_comparison, paper_comparison, seed_noise
 from .results import RUNS_NAME, read_rows
 
 LAW_SCHEDULES = ("fp", "ptq", "fused")
@@ -85,7 +85,8 @@ def sweep_report(out_dir: str | os.PathLike, law: str | os.PathLike | QATScaling
     diffs = fused_minus_classic(rows)
     if diffs:
         report.figures.append(_plot_fused_minus_classic(rows, os.path.join(folder, "fused_minus_classic.png")))
-    report.summary = {"rows": len(rows), "paper": paper_comparison(fused), "fused_minus_classic": diffs,
+    report.summary = {"rows": len(rows), "paper": paper_comparison(fused), "moe": moe_comparison(fused),
+                      "fused_minus_classic": diffs,
                       "tokens": _token_accounting(out_dir),
                       "seed_noise": seed_noise(rows),
                       "law": None if law is None else {k: v for k, v in law.diagnostics.items() if k != "residuals"}}
@@ -121,20 +122,28 @@ def markdown(rows: list[dict], fused: list[Cell], summary: dict[str, Any]) -> st
         lines += [f"Tokens trained: {tokens['branched_tokens'] / 1e6:.1f}M with one FP trunk per size and branched "
                   f"tails, against {tokens['unbranched_tokens'] / 1e6:.1f}M for the same runs from scratch "
                   f"({1 - tokens['branched_tokens'] / tokens['unbranched_tokens']:.0%} saved).", ""]
-    lines += ["| size | seed | budget | bits | S | FP | " + " | ".join(f"f={f:g}" for f in fractions) + " | f* | f_hat |",
-              "|" + "---|" * (8 + len(fractions))]
+    moe = any(c.active_params for c in fused)
+    lines += ["| size | seed | budget | bits | S | FP | " + " | ".join(f"f={f:g}" for f in fractions) + " | f* | f_hat |"
+              + (" f_hat (N active) |" if moe else ""), "|" + "---|" * (8 + moe + len(fractions))]
     for c in fused:
         cols = [f"{c.losses[f]:.4f}" if f in c.losses else "-" for f in fractions]
         best = min(c.losses, key=c.losses.get)
         cols = [f"**{v}**" if f == best else v for f, v in zip(fractions, cols)]
         fp = "-" if c.fp_loss is None else f"{c.fp_loss:.4f}"
         lines.append(f"| {c.size} | {c.seed} | {c.budget:.3g} | {bits_label(c.bits)} | {c.tokens_per_param_byte:.3g} | "
-                     f"{fp} | " + " | ".join(cols) + f" | {c.observed_optimum:.3f} | {c.paper_fraction:.3f} |")
+                     f"{fp} | " + " | ".join(cols) + f" | {c.observed_optimum:.3f} | {c.paper_fraction:.3f} |"
+                     + (f" {c.paper_fraction_with('active'):.3f} |" if moe else ""))
     lines += ["", "## Against the paper's formula", "", "| bits | cells | S range | MAE of f_hat | Spearman(f*, S) |",
               "|---|---|---|---|---|"]
     for key, s in summary["paper"].items():
         lines.append(f"| {key} | {s['cells']} | {s['S_min']:.3g} - {s['S_max']:.3g} | {s['mae']:.3f} | "
                      f"{s['spearman_optimum_vs_S']:.2f} |")
+    moe = summary.get("moe")
+    if moe:
+        lines += ["", "## Mixtures of experts: which N puts the optimum on the paper's curve", "",
+                  "| cells | MAE of f_hat, N = total | MAE of f_hat, N = active | dense cells' MAE |", "|---|---|---|---|",
+                  f"| {moe['moe']['cells']} | {moe['moe']['mae_total']:.3f} | {moe['moe']['mae_active']:.3f} | "
+                  f"{moe['dense']['mae']:.3f} ({moe['dense']['cells']} cells) |"]
     if summary["fused_minus_classic"]:
         lines += ["", "## Fused minus classic (negative: fusing the cooldown into QAT is better)", "",
                   "| bits | pairs | mean | min | max |", "|---|---|---|---|---|"]

@@ -276,3 +276,26 @@ def test_observed_optimum_restates_the_parabola_in_log_f():
     assert refined_optimum({0.0: 2.0, **losses}) == 0.0  # PTQ best
     edge = {0.1: 3.0, 0.25: 3.1, 0.5: 3.3, 1.0: 3.6}
     assert refined_optimum(edge) == 0.1  # an increasing curve: the vertex is kept at the measured edge
+
+
+def test_moe_comparison_restates_the_mae_with_total_and_active_parameters():
+    from hf_qat.planner import tokens_per_parameter_byte
+    from hf_qat.sweep.analysis import cells, moe_comparison
+
+    rows = []
+    for size, n, active, optimum in (("moe", 700_000, 250_000, 0.25), ("dense", 250_000, None, 0.5)):
+        for fraction in (0.0, 0.1, 0.25, 0.5, 1.0):
+            loss = 3.0 + (fraction - optimum) ** 2 if fraction else 4.0
+            row = {"size": size, "seed": 0, "budget": 1e6, "bits": 2, "num_params": n, "fp_tokens": 0,
+                   "qat_tokens": 1_000_000, "schedule": "fused" if fraction else "ptq", "fraction": fraction, "loss": loss}
+            if active:
+                row["active_params"] = active
+            rows.append(row)
+    cell_list = cells(rows)
+    result = moe_comparison(cell_list)
+    moe = next(c for c in cell_list if c.active_params)
+    for n, key in ((700_000, "mae_total"), (250_000, "mae_active")):
+        expected = abs(moe.observed_optimum - optimal_qat_fraction(tokens_per_parameter_byte(n, 1e6, 2)))
+        assert result["moe"][key] == pytest.approx(expected)
+    assert result["moe"]["cells"] == 1 and result["dense"]["cells"] == 1
+    assert moe_comparison([c for c in cell_list if not c.active_params]) is None
