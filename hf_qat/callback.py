@@ -62,7 +62,7 @@ from .jsonio import write_json
 from .lora import is_peft_model
 from .optim import SCALE_GROUP_KEY, add_scale_param_group, has_scale_group, reset_weight_state, scale_parameters
 from .planner import Plan, QATScalingLaw, plan_qat
-from .qat_state import load_unit_state, save_unit_state
+from .qat_state import STATE_FILE, load_unit_state, save_unit_state
 from .run_inputs import active_parameters, count_parameters, tokens_per_step
 from .schedule import lambda_lr, make_schedule
 from .unit import UNIT_KEY
@@ -121,6 +121,9 @@ class QATCallback(TrainerCallback, ExportableState):
             config = config.replace(**overrides) if overrides else config
         else:
             raise TypeError(f"QATCallback(config=...) takes a QATConfig, a dict or a path, got {type(config).__name__}")
+        if config.law_path is not None and not os.path.isfile(config.law_path):
+            raise QATConfigError("law_path", config.law_path, "None or the path of an existing fitted law JSON "
+                                 "(hf-qat fit RUNS.jsonl -o law.json)")
         self.config: QATConfig = config
         self.switch_step: int | None = None
         self.plan: Plan | None = None
@@ -182,12 +185,14 @@ class QATCallback(TrainerCallback, ExportableState):
         and switch); tensors saved in the original format that its plain load_state_dict cannot place
         (MoE experts, renamed units: :mod:`hf_qat.checkpoint`); a distilled run's teacher snapshot."""
         if is_peft_model(model):
-            load_unit_state(model, directory)
+            if not load_unit_state(model, directory):
+                logger.warning("hf_qat: %s holds no %s (a PEFT checkpoint of hf_qat < 0.4?): the QAT scales and "
+                               "switch state restart from the switch, so this resume is not exact", directory, STATE_FILE)
         else:
-            restored = restore_converted_weights(model, directory)
-            if any(UNIT_KEY not in key for key in restored):
+            converted = [key for key in restore_converted_weights(model, directory) if UNIT_KEY not in key]
+            if converted:
                 logger.info("hf_qat: %d tensors of %s stored in the original (per-expert) format were loaded as "
-                            "from_pretrained converts them", sum(UNIT_KEY not in k for k in restored), directory)
+                            "from_pretrained converts them", len(converted), directory)
         if self.teacher is not None:
             self.teacher.restore(model, directory)
 
@@ -210,7 +215,7 @@ class QATCallback(TrainerCallback, ExportableState):
                                  detail="start='auto' needs the tokens per step: set it, or pass a train_dataset")
         self.plan = None
         if tps is not None:
-            active = active_parameters(model)
+            active = active_parameters(model, cfg.count_quantized_params_only)
             if cfg.moe_params == "active" and active is None:
                 raise QATConfigError("moe_params", "active", "'total' for this model",
                                      detail="it has no experts, so every parameter is active")
@@ -248,6 +253,8 @@ class QATCallback(TrainerCallback, ExportableState):
             raise QATConfigError("distill.teacher", "switch", "'initial', a model id or path, or an nn.Module",
                                  detail="the planned switch is step 0: there is no FP phase to snapshot")
         self.switched = False
+        if self.distillation is not None:
+            self.distillation.active = False
         self._check_optimizer(optimizer, model)
         self._check_ddp()
         if is_qat_active(model) and state.global_step < self.switch_step:
@@ -335,6 +342,17 @@ class QATCallback(TrainerCallback, ExportableState):
             self._write_files(directory, state.max_steps)
             if self.teacher is not None:
                 self.teacher.save(directory)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        """With ``load_best_model_at_end`` the Trainer reloads the best checkpoint with its own loader,
+        which leaves out what :meth:`_load_checkpoint` adds: load it. A PEFT run's output dir gets the
+        final QAT state (the Trainer's ``save_model`` saves only the adapter and has no event)."""
+        if model is None:
+            return
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            self._load_checkpoint(state.best_model_checkpoint, model)
+        if is_peft_model(model):  # every rank: gathered under FSDP2
+            save_unit_state(model, args.output_dir, write=state.is_world_process_zero)
 
     def _write_files(self, directory: str, max_steps: int) -> None:
         os.makedirs(directory, exist_ok=True)

@@ -16,6 +16,8 @@ import os
 import torch
 from torch import nn
 
+from .distributed import is_dtensor
+from .errors import QATModelError
 from .unit import LEGACY_UNIT_KEYS, UNIT_KEY
 
 
@@ -32,40 +34,70 @@ def model_weight_files(directory: str) -> list[str]:
     raise FileNotFoundError(f"{directory} holds no model.safetensors (nor its index): not a model checkpoint")
 
 
-def checkpoint_tensors(model: nn.Module, directory: str) -> dict[str, torch.Tensor]:
-    """The tensors of the model's weight files that ``model`` knows by name: its own keys, and the QAT
-    units' keys renamed back with transformers' renamings of this model (per-expert tensors, which
-    only a conversion can merge, are left out)."""
-    from safetensors.torch import load_file
+def _renamings(model: nn.Module) -> list:
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, apply_renamings
+    from transformers.core_model_loading import WeightRenaming
 
-    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    return [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+
+
+def _model_key(key: str, renamings: list) -> str:
+    """A file key in the model's naming: the units' keys renamed back (the model's own keys as they are)."""
+    from transformers.core_model_loading import apply_renamings
+
+    return apply_renamings(key, renamings) if UNIT_KEY in key else key
+
+
+def checkpoint_tensors(model: nn.Module, directory: str, wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the model's weight files that ``model`` knows by name (or only those in
+    ``wanted``): its own keys, and the QAT units' keys renamed back with transformers' renamings of this
+    model (per-expert tensors, which only a conversion can merge, are left out)."""
+    from safetensors import safe_open
+
+    renamings = _renamings(model)
     known = set(model.state_dict())
     state = {}
     for name in model_weight_files(directory):
-        for key, value in load_file(os.path.join(directory, name)).items():
-            key = apply_renamings(key, renamings) if UNIT_KEY in key else key
-            if key in known or UNIT_KEY in key or key.rsplit(".", 1)[-1] in LEGACY_UNIT_KEYS:
-                state[key] = value
+        with safe_open(os.path.join(directory, name), "pt") as fh:
+            for key in fh.keys():
+                target = _model_key(key, renamings)
+                if wanted is not None and target not in wanted:
+                    continue
+                if target in known or UNIT_KEY in key or key.rsplit(".", 1)[-1] in LEGACY_UNIT_KEYS:
+                    state[target] = fh.get_tensor(key)
     return state
 
 
 def restore_converted_weights(model: nn.Module, directory: str) -> list[str]:
     """After the Trainer loaded ``directory`` into ``model`` with a plain ``load_state_dict``: load what
-    it could not place (the QAT units' renamed keys; tensors stored in the original per-expert format,
-    read as ``from_pretrained`` converts them). Returns the names restored (none for a model whose
-    checkpoint keys are its own)."""
-    if not any(os.path.isfile(os.path.join(directory, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
-        return []  # another kind of checkpoint (an FSDP-sharded one): the Trainer's own loader read it
-    state = checkpoint_tensors(model, directory)
+    it could not place (QAT units' keys that ``save_pretrained`` renamed; tensors stored in the original
+    per-expert format, read as ``from_pretrained`` converts them). Returns the names loaded: none, and
+    nothing read but the files' key names, for a checkpoint whose keys are the model's own. Raises
+    naming the keys when some cannot be placed even so (the resume would not be exact)."""
+    from safetensors import safe_open
+
+    files = [f for f in ("model.safetensors", "model.safetensors.index.json") if os.path.isfile(os.path.join(directory, f))]
+    if not files or any(is_dtensor(p) for p in model.parameters()):
+        return []  # another kind of checkpoint, or FSDP2: the Trainer's own loader read it
+    renamings = _renamings(model)
+    stored: dict[str, str] = {}  # model key -> file key
+    for name in model_weight_files(directory):
+        with safe_open(os.path.join(directory, name), "pt") as fh:
+            stored.update({_model_key(key, renamings): key for key in fh.keys()})
     current = model.state_dict()
-    placed = {current[k].data_ptr() for k in state if k in current}  # a tied tensor is saved once
-    unplaced = [k for k in current if k not in state and current[k].data_ptr() not in placed]
-    if unplaced:
+    placed = {current[k].data_ptr() for k in stored if k in current}  # a tied tensor is saved once
+    unplaced = {k for k in current if k not in stored and current[k].data_ptr() not in placed}
+    renamed = {k for k, key in stored.items() if k != key and k in current}
+    if not unplaced and not renamed:
+        return []
+    state = checkpoint_tensors(model, directory, wanted=unplaced | renamed)
+    missing = unplaced - set(state)
+    if missing:
         converted = type(model).from_pretrained(directory, dtype=next(model.parameters()).dtype).state_dict()
-        state.update({k: converted[k] for k in unplaced if k in converted})
-    restored = {k: state[k] for k in unplaced if k in state}
-    restored.update({k: v for k, v in state.items() if UNIT_KEY in k})
-    model.load_state_dict(restored, strict=False)
-    return sorted(restored)
+        state.update({k: converted[k] for k in missing if k in converted})
+    not_loaded = sorted(unplaced - set(state))
+    if not_loaded:
+        raise QATModelError(f"{directory} does not hold {len(not_loaded)} tensors of this model, even in its original "
+                            f"format: {not_loaded[:3]}; resuming from it would not be exact")
+    model.load_state_dict(state, strict=False)
+    return sorted(state)

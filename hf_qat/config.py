@@ -158,7 +158,8 @@ class QATConfig:
             Trainer's ``lr_scheduler_type``).
         strategy: how start="auto" chooses the fraction: "paper" (the fitted formula of
             arXiv 2509.22935) or "law" (minimise a fitted loss law, ``law_path``).
-        law_path: a fitted law JSON (``hf-qat fit``) for strategy="law" and predicted losses.
+        law_path: a fitted law JSON (``hf-qat fit``) for strategy="law" and predicted losses (QATCallback
+            refuses a path that does not exist when it is built; a saved config reads back without it).
         sequence_length: tokens per training example, for the planner's tokens per step (default:
             the length of the first training example's input_ids).
         count_quantized_params_only: the planner's N counts only the quantized weights (default:
@@ -228,10 +229,8 @@ class QATConfig:
         if self.scale_init == "mse" and not self._learnable_families():
             raise QATConfigError("scale_init", "mse", "'max' with method='absmax' (its scale is recomputed from "
                                  "the weight every step, so there is no first scale to search)")
-        if self.law_path is not None and (not isinstance(self.law_path, (str, os.PathLike))
-                                          or not os.path.isfile(self.law_path)):
-            raise QATConfigError("law_path", self.law_path, "None or the path of an existing fitted law JSON "
-                                 "(hf-qat fit RUNS.jsonl -o law.json)")
+        if self.law_path is not None and (not isinstance(self.law_path, (str, os.PathLike)) or not self.law_path):
+            raise QATConfigError("law_path", self.law_path, "None or the path of a fitted law JSON")
         if self.strategy == "law" and self.law_path is None:
             raise QATConfigError("law_path", None, "the path of a fitted law JSON when strategy='law'")
 

@@ -56,7 +56,8 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
     Memory: the KL and its gradient are computed in chunks of positions (:data:`CHUNK_ELEMENTS`
     fp32 elements each, after Liger-Kernel's chunked distillation losses), and the gradient w.r.t. the
     student's logits is written into one ``[B, L, V]`` buffer during the forward pass, so the loss
-    adds one logits-sized buffer plus the chunks' temporaries, not eight full fp32 copies.
+    adds that buffer, its scaled copy in the backward pass and the chunks' temporaries (measured 1.5 to
+    2.4 logits-sized buffers, benchmarks/distill_memory.py --loss-only), not seven full fp32 copies.
     """
     return _ChunkedKL.apply(student_logits, teacher_logits, labels, float(temperature), top_k, num_items)
 
@@ -78,25 +79,29 @@ class _ChunkedKL(torch.autograd.Function):
         full_vocab = top_k is None or top_k >= teacher_logits.shape[-1]
         grad = torch.zeros_like(student_logits) if ctx.needs_input_grad[0] else None
         total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-        for b in range(student_logits.shape[0]):
-            positions = keep[b].nonzero().squeeze(1)
-            for start in range(0, positions.numel(), chunk):
-                index = positions[start:start + chunk]
-                log_q = F.log_softmax(student_logits[b].index_select(0, index).float() / temperature, dim=-1)
-                t = teacher_logits[b].index_select(0, index).float() / temperature
-                if full_vocab:
-                    log_p = F.log_softmax(t, dim=-1)
-                    p = log_p.exp()
-                    total += (p * (log_p - log_q)).sum()
-                    q_minus_p = log_q.exp_().sub_(p) if grad is not None else None
-                else:
-                    top, top_index = t.topk(top_k, dim=-1)
-                    log_p = F.log_softmax(top, dim=-1)
-                    p = log_p.exp()
-                    total += (p * (log_p - log_q.gather(-1, top_index))).sum()
-                    q_minus_p = log_q.exp_().scatter_add_(-1, top_index, -p) if grad is not None else None
-                if grad is not None:
-                    grad[b].index_copy_(0, index, q_minus_p.to(grad.dtype))
+        length = student_logits.shape[1]
+        predicted = keep.flatten().nonzero().squeeze(1)  # flat positions b * (L - 1) + t, one host sync
+        predicted = predicted // (length - 1) * length + predicted % (length - 1)  # into the [B * L] rows
+        student_rows = student_logits.reshape(-1, vocab)
+        teacher_rows = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        grad_rows = None if grad is None else grad.view(-1, vocab)
+        for start in range(0, predicted.numel(), chunk):
+            index = predicted[start:start + chunk]
+            log_q = F.log_softmax(student_rows.index_select(0, index).float() / temperature, dim=-1)
+            t = teacher_rows.index_select(0, index).float() / temperature
+            if full_vocab:
+                log_p = F.log_softmax(t, dim=-1)
+                p = log_p.exp()
+                total += (p * (log_p - log_q)).sum()
+                q_minus_p = log_q.exp_().sub_(p) if grad is not None else None
+            else:
+                top, top_index = t.topk(top_k, dim=-1)
+                log_p = F.log_softmax(top, dim=-1)
+                p = log_p.exp()
+                total += (p * (log_p - log_q.gather(-1, top_index))).sum()
+                q_minus_p = log_q.exp_().scatter_add_(-1, top_index, -p) if grad is not None else None
+            if grad is not None:
+                grad_rows.index_copy_(0, index, q_minus_p.to(grad.dtype))
         if grad is not None:
             grad.mul_(temperature / count)
             ctx.save_for_backward(grad)
@@ -105,7 +110,7 @@ class _ChunkedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None
 
 
 class Teacher:
@@ -184,8 +189,12 @@ class Teacher:
 
     def restore(self, model: nn.Module, directory: str) -> bool:
         """Load the snapshot :meth:`save` wrote into ``directory``, if it holds one (a checkpoint
-        after the switch); returns whether it did."""
+        after the switch); returns whether it did. With PEFT the teacher is the base model itself:
+        nothing to load."""
         path = os.path.join(directory, TEACHER_FILE)
+        if self.config.teacher in SNAPSHOT_TEACHERS and is_peft_model(model):
+            self.use_peft_base = True
+            return True
         if self.config.teacher not in SNAPSHOT_TEACHERS or not os.path.isfile(path):
             return False
         from safetensors.torch import load_model
@@ -218,13 +227,14 @@ class DistillationLoss:
         """``compute_loss`` is the Trainer's; ``student`` the unwrapped model (the PEFT teacher runs it)."""
         if not (model.training and self.active and self.teacher.ready):
             return compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        labels = inputs["labels"]  # read first: with label smoothing the Trainer's compute_loss pops them
         ce, outputs = compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         cfg = self.teacher.config
         teacher_logits = self.teacher.logits(student, inputs)
         # normalised as the Trainer normalises its CE: over the accumulated batch's tokens when the model
         # takes num_items_in_batch, else per micro-batch (the Trainer then divides by the accumulation steps)
         token_normalised = num_items_in_batch is not None and trainer.model_accepts_loss_kwargs
-        kl = distill_kl(outputs.logits, teacher_logits, inputs["labels"], cfg.temperature, cfg.top_k,
+        kl = distill_kl(outputs.logits, teacher_logits, labels, cfg.temperature, cfg.top_k,
                         num_items_in_batch if token_normalised else None)
         processes = trainer.accelerator.num_processes
         if token_normalised and trainer.args.average_tokens_across_devices:

@@ -6,8 +6,9 @@ replaces, so optimizer state, tied weights and checkpoint keys survive installat
 error). A tied embedding and LM head hold the same unit.
 
 Until the unit is active the forward pass is ``F.linear`` / ``F.embedding`` with the original
-parameters, bit for bit. The units are built by ``hf_qat.convert`` (one per weight) and handed in. After it, the weight goes through the unit's fake quantizer (and, with
-``activation_bits=8``, the input through int8 per-token fake quantization).
+parameters, bit for bit. Once it is active, the weight goes through the unit's fake quantizer (and,
+with ``activation_bits=8``, the input through int8 per-token fake quantization). The units are built
+by ``hf_qat.convert`` (one per weight) and handed in.
 """
 
 from __future__ import annotations

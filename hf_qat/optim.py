@@ -31,7 +31,7 @@ def add_scale_param_group(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
     """
     scales = {id(p): p for p in scale_parameters(model)}
     groups = getattr(optimizer, "param_groups", None)
-    if not scales or groups is None or any(g.get(SCALE_GROUP_KEY) for g in groups):
+    if not scales or groups is None or has_scale_group(optimizer):
         return False
     template = None
     for group in groups:

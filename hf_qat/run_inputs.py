@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from dataclasses import dataclass
 
 import torch
 from transformers import TrainingArguments
 
 from .convert import quantized_weights
+from .experts import fused_weights, is_fused_experts
 from .errors import QATConfigError
 from .optim import scale_parameters
 
@@ -40,22 +42,22 @@ def count_parameters(model: torch.nn.Module, quantized_only: bool = False) -> in
     return sum(p.numel() for p in model.parameters() if id(p) not in scales)
 
 
-def active_parameters(model: torch.nn.Module) -> int | None:
-    """The parameters one token uses in a mixture of experts: every parameter, less the share of each
-    experts module's stacked ``[experts, ...]`` tensors that a token is not routed to (it uses
-    ``config.num_experts_per_tok`` of them); None for a model without experts modules (transformers
-    marks them with ``is_transposed`` / ``has_gate``, ``transformers.integrations.moe``)."""
-    experts = [m for m in model.modules() if hasattr(m, "is_transposed") and hasattr(m, "has_gate")]
-    if not experts:
+def active_parameters(model: torch.nn.Module, quantized_only: bool = False) -> int | None:
+    """The parameters one token uses in a mixture of experts: :func:`count_parameters` (on the same
+    basis, ``quantized_only``), less the share of each fused experts module's stacked ``[experts, ...]``
+    tensors that a token is not routed to (it uses ``config.num_experts_per_tok`` of them); None for a
+    model without fused experts."""
+    modules = [m for m in model.modules() if is_fused_experts(m)]
+    if not modules:
         return None
     top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
     if not isinstance(top_k, int) or top_k < 1:
         raise QATConfigError("moe_params", "active", "'total'", detail="the model has experts but its config names no "
                              "num_experts_per_tok, so the active parameters cannot be counted")
-    scales = {id(p) for p in scale_parameters(model)}
-    unused = sum(p.numel() * (p.shape[0] - min(top_k, p.shape[0])) / p.shape[0]
-                 for m in experts for p in m.parameters(recurse=False) if id(p) not in scales)
-    return round(count_parameters(model) - unused)
+    stacks = [p for m in modules for p in (fused_weights(m).values() if quantized_only else
+                                          (q for q in m.parameters(recurse=False) if q.ndim >= 1))]
+    unused = sum(p.numel() * (p.shape[0] - min(top_k, p.shape[0])) / p.shape[0] for p in stacks)
+    return round(count_parameters(model, quantized_only) - unused)
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,7 @@ def _sampled_examples(dataset, seed: int, count: int) -> list:
         size = len(dataset)
     except TypeError:  # an iterable dataset: its first examples
         return list(itertools.islice(iter(dataset), count))
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count]
-    return [dataset[int(i)] for i in order]
+    return [dataset[i] for i in random.Random(seed).sample(range(size), min(count, size))]
 
 
 def tokens_per_step(args: TrainingArguments, sequence_length: int | None, train_dataset=None) -> TokensPerStep:
@@ -93,7 +94,7 @@ def tokens_per_step(args: TrainingArguments, sequence_length: int | None, train_
         lengths = [_example_tokens(e) for e in _sampled_examples(train_dataset, args.seed, SAMPLED_EXAMPLES)]
     except (TypeError, KeyError, IndexError, AttributeError, NotImplementedError):
         lengths = []
-    if not lengths or min(lengths) < 0:
+    if not lengths:
         raise QATConfigError(
             "sequence_length", None, "the tokens per training example",
             detail="start='auto' could not read input_ids from the training examples; set it explicitly",

@@ -211,3 +211,11 @@ def test_logged_terms_do_not_depend_on_gradient_accumulation(tmp_path):
     # the terms are the loss's parts: (1 - w) * CE + w * KL is the logged loss
     for loss, ce, kl in one:
         assert 0.5 * ce + 0.5 * kl == pytest.approx(loss, rel=1e-4)
+
+
+def test_distillation_with_label_smoothing_reads_the_labels_before_the_trainer_pops_them(tmp_path):
+    cfg = QATConfig(**{**CFG, "start": 2}, distill={"teacher": "switch", "weight": 0.5})
+    trainer = make_trainer(tmp_path, [QATCallback(cfg)], max_steps=4, logging_steps=1, label_smoothing_factor=0.1)
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "qat/distill_loss" in h]
+    assert len(history) == 2 and all(h["qat/distill_loss"] > 0 for h in history)

@@ -160,3 +160,22 @@ def test_remove_qat_without_baking_leaves_plain_lora():
     expected = torch.nn.functional.linear(x, layer.base_layer.weight) + layer.lora_B["default"](
         layer.lora_A["default"](x)) * layer.scaling["default"]
     torch.testing.assert_close(layer(x), expected)
+
+
+def test_lora_switch_teacher_resumes_after_the_switch_and_the_output_dir_gets_the_qat_state(tmp_path):
+    """With PEFT the 'switch' teacher is the base model itself: nothing to save, nothing to miss on resume.
+    The run's output dir (where save_model writes the adapter) also gets the final QAT state."""
+    cfg = QATConfig(bits=4, group_size=16, start=4, distill={"teacher": "switch", "weight": 0.5})
+    full = make_trainer(tmp_path / "run", [QATCallback(cfg)], model=saved_base_lora(tmp_path), max_steps=8,
+                        save_strategy="steps", save_steps=6)
+    full.train()
+    with torch.no_grad():
+        expected = full.model(INPUT).logits
+    resumed = make_trainer(tmp_path / "run", [QATCallback(cfg)], model=saved_base_lora(tmp_path), max_steps=8)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+    with torch.no_grad():
+        assert torch.equal(resumed.model(INPUT).logits, expected)
+    full.save_model()
+    hf_qat.export_checkpoint(str(tmp_path / "run"), tmp_path / "export", format="hf-qat")
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(tmp_path / "export")(INPUT).logits, expected, rtol=0, atol=1e-5)

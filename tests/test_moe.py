@@ -13,7 +13,7 @@ import hf_qat
 from hf_qat import QATCallback, QATConfig, QATModelError
 from hf_qat.convert import coverage, quantized_weights
 from hf_qat.experts import QATExperts
-from helpers import MOE_CONFIGS, VOCAB, make_trainer, state_dict_copy, tiny_llama, tiny_moe
+from helpers import MOE_CONFIGS, VOCAB, make_trainer, state_dict_copy, tiny_llama, tiny_moe, token_dataset
 
 FAMILIES = list(MOE_CONFIGS)
 INPUT = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
@@ -190,3 +190,28 @@ def test_trainer_switch_and_resume_after_the_switch_is_exact(tmp_path, family):
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
     assert torch.equal(logits(resumed.model.eval()), logits(full.model.eval()))
+
+
+def test_load_best_model_at_end_gives_the_best_checkpoints_experts_and_scales(tmp_path):
+    """The Trainer reloads the best checkpoint with its own loader (no resume hook): its per-expert tensors
+    and renamed units would stay those of the last step; the callback loads them."""
+    cfg = QATConfig(bits=4, group_size=16, start=2, manage_schedule=False)
+    from transformers import Trainer
+
+    from helpers import training_args
+
+    data = token_dataset(n=64)
+    args = training_args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                         save_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                         greater_is_better=True, learning_rate=3e-2)  # "best" = the highest loss: an early checkpoint
+    trainer = Trainer(model=tiny_moe("mixtral"), args=args, train_dataset=data, eval_dataset=data[:8],
+                      callbacks=[QATCallback(cfg)])
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")  # a checkpoint before the last step
+    from hf_qat.export.api import load_qat_checkpoint
+
+    expected = state_dict_copy(load_qat_checkpoint(best))
+    got = state_dict_copy(trainer.model)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name

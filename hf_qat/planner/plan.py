@@ -23,8 +23,8 @@ from ..config import CHOICES
 from .fraction import PAPER_A, optimal_qat_fraction, range_warning, tokens_per_parameter_byte
 from .law import QATScalingLaw
 
-STRATEGIES = (*CHOICES["strategy"], "fixed")
-MOE_PARAMS = CHOICES["moe_params"]  # "fixed": a given fraction (the callback's int or float start)
+STRATEGIES = (*CHOICES["strategy"], "fixed")  # "fixed": a given fraction (the callback's int or float start)
+MOE_PARAMS = CHOICES["moe_params"]
 BASELINES = {"paretoq_10pct": 0.1, "switch_at_half": 0.5, "qat_from_start": 1.0, "ptq": 0.0}
 
 
@@ -55,11 +55,6 @@ class Plan:
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
     active_params: float | None = None
     moe_params: str = "total"
-
-    @property
-    def planner_params(self) -> float:
-        """The N behind S: every parameter ("total"), or those one token uses ("active", mixtures of experts)."""
-        return self.active_params if self.moe_params == "active" else self.num_params
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -75,8 +75,9 @@ def _load_config(config: SweepConfig | dict | str | os.PathLike) -> SweepConfig:
     return SweepConfig.from_yaml(config)
 
 
-def _check_saved_config(config: SweepConfig, out_dir: str) -> None:
-    """Refuse to mix rows trained under other settings in one folder; grid keys may change."""
+def _check_saved_config(config: SweepConfig, out_dir: str) -> dict:
+    """Refuse to mix rows trained under other settings in one folder (grid keys may change); returns
+    the config to save (the sizes of the folder and of ``config`` together)."""
     path = os.path.join(out_dir, CONFIG_NAME)
     current = json.loads(json.dumps(config.to_dict(), default=str))
     if os.path.exists(path):
@@ -90,7 +91,7 @@ def _check_saved_config(config: SweepConfig, out_dir: str) -> None:
             if name in saved.get("sizes", {}) and saved["sizes"][name] != overrides:
                 raise SweepConfigError(f"sizes.{name}", overrides, f"{saved['sizes'][name]!r} (as trained in {out_dir})")
         current["sizes"] = {**saved.get("sizes", {}), **current["sizes"]}
-    _write_json_atomically(path, current)
+    return current
 
 
 def _folder_train_blocks(config: SweepConfig, out_dir: str, needed_blocks: int) -> int:
@@ -98,7 +99,7 @@ def _folder_train_blocks(config: SweepConfig, out_dir: str, needed_blocks: int) 
 
     The tokenized data, its tokenizer included, depends on how many training blocks the grid needs
     (its largest budget): the first invocation records that number in ``DATA_NAME`` and every later
-    one reuses it, so a shrunk grid reads the same data, and a grid whose largest budget needs more
+    one reuses it (run_sweep writes it once both checks passed), so a shrunk grid reads the same data, and a grid whose largest budget needs more
     blocks is refused (its trunks and rows would mix two data sets)."""
     path = os.path.join(out_dir, DATA_NAME)
     if os.path.exists(path):
@@ -113,7 +114,6 @@ def _folder_train_blocks(config: SweepConfig, out_dir: str, needed_blocks: int) 
             f"({train_blocks} training blocks: the data the rows in {out_dir} were trained on)",
             detail="the tokenized data and its tokenizer depend on the largest budget; a larger one needs another "
                    "--out folder")
-    _write_json_atomically(path, {"train_blocks": train_blocks})
     return train_blocks
 
 
@@ -301,8 +301,10 @@ def run_sweep(
         for size in sorted({r.size for r in runs}):
             check_size(config, size, config.qat_config(normalize_bits(bits)))
     os.makedirs(out_dir, exist_ok=True)
-    _check_saved_config(config, out_dir)
+    saved = _check_saved_config(config, out_dir)
     train_blocks = _folder_train_blocks(config, out_dir, max(r.total_steps for r in runs) * config.batch_size)
+    _write_json_atomically(os.path.join(out_dir, CONFIG_NAME), saved)  # only once both checks passed
+    _write_json_atomically(os.path.join(out_dir, DATA_NAME), {"train_blocks": train_blocks})
     runs_path = os.path.join(out_dir, RUNS_NAME)
     repair(runs_path)
     done = {row["key"] for row in read_rows(runs_path)}

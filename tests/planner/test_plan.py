@@ -90,5 +90,11 @@ def test_active_parameters_of_a_tiny_qwen3_moe():
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert experts == 2 * 8 * (32 * 32 + 32 * 16)
     assert active_parameters(model) == count_parameters(model) - experts * 6 // 8
+    import hf_qat
+
+    hf_qat.prepare_model_for_qat(model, hf_qat.QATConfig(bits=4, group_size=8, start=0))
+    quantized = count_parameters(model, quantized_only=True)
+    assert quantized == experts + 2 * (32 * 32 * 2 + 16 * 32 * 2)  # experts and attention, no router
+    assert active_parameters(model, quantized_only=True) == quantized - experts * 6 // 8
     assert active_parameters(transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))) is None

@@ -209,12 +209,13 @@ def test_a_grid_that_needs_more_data_is_refused_and_a_smaller_one_reads_the_same
 
     small = {**TINY, "budgets": [1280], "bits": [2], "fractions": [0.0], "schedules": ["fused"]}
     run_sweep(small, tmp_path, progress=False, log=quiet)
-    rows = (tmp_path / "runs.jsonl").read_text()
+    rows, saved = (tmp_path / "runs.jsonl").read_text(), (tmp_path / "sweep_config.json").read_text()
     recorded = json.loads((tmp_path / "sweep_data.json").read_text())["train_blocks"]
     assert recorded == 1280 // 128 * 4
     with pytest.raises(SweepConfigError, match=r"'budgets' = 2560.*at most 10 steps.*another --out folder"):
         run_sweep({**small, "budgets": [1280, 2560]}, tmp_path, progress=False, log=quiet)
     assert (tmp_path / "runs.jsonl").read_text() == rows  # nothing trained, nothing written
+    assert (tmp_path / "sweep_config.json").read_text() == saved
     run_sweep({**small, "budgets": [640, 1280]}, tmp_path, progress=False, log=quiet)  # within the data: fine
     assert json.loads((tmp_path / "sweep_data.json").read_text())["train_blocks"] == recorded
     assert len(os.listdir(tmp_path / "cache")) == 2  # one data file (and its tokenizer): the same data
