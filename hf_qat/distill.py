@@ -56,8 +56,8 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
     Memory: the KL and its gradient are computed in chunks of positions (:data:`CHUNK_ELEMENTS`
     fp32 elements each, after Liger-Kernel's chunked distillation losses), and the gradient w.r.t. the
     student's logits is written into one ``[B, L, V]`` buffer during the forward pass, so the loss
-    adds that buffer, its scaled copy in the backward pass and the chunks' temporaries (measured 1.5 to
-    2.4 logits-sized buffers, benchmarks/distill_memory.py --loss-only), not seven full fp32 copies.
+    adds that buffer, its scaled copy in the backward pass and the chunks' temporaries (measured 2.0 to
+    2.5 logits-sized buffers, benchmarks/distill_memory.py --loss-only), not seven full fp32 copies.
     """
     return _ChunkedKL.apply(student_logits, teacher_logits, labels, float(temperature), top_k, num_items)
 
