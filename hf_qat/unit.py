@@ -39,7 +39,7 @@ from torch import nn
 from .bits import bits_label
 from .distributed import full_tensor, is_dtensor, world_size, write_full_
 from .dtypes import torch_dtype
-from .errors import QATRuntimeError
+from .errors import QATModelError, QATRuntimeError
 from .kernels import weight_fake_quant
 from .quantizers import MatrixView, Quantizer, ScaleLayout
 from .quantizers.reference import WeightQuantSpec, fake_quantize_weight, mse_scale, quantize_codes
@@ -75,6 +75,9 @@ class WeightQuantizer(nn.Module):
         self.view = MatrixView(transposed=transposed and stacked, per_matrix=stacked and group_size == "tensor")
         matrix_shape = self.view.matrix_shape(weight.shape)
         layout = ScaleLayout("channel" if self.view.per_matrix else group_size)
+        if quantizer.block_size is not None and matrix_shape[1] % quantizer.block_size:
+            raise QATModelError(f"{name}: its input width {matrix_shape[1]} is not a multiple of {quantizer.name}'s block "
+                                f"of {quantizer.block_size} weights; exclude it with exclude_modules")
         layout.check(matrix_shape, name)
         scale_shape = layout.scale_shape(matrix_shape)
         matrices = int(weight.shape[0]) if stacked else 1

@@ -175,3 +175,11 @@ def test_units_on_a_linear_a_tied_embedding_and_an_expert_stack(family):
         rows = slice(e * stack.shape[1], (e + 1) * stack.shape[1])
         assert torch.equal(stack_unit.init_scale[rows], first)
     assert quantized.shape == stack.shape
+
+
+def test_a_width_that_is_not_a_multiple_of_the_block_is_named():
+    from hf_qat.errors import QATModelError
+
+    with pytest.raises(QATModelError, match=r"mlp.experts.down_proj: its input width 16 is not a multiple of mxfp4's "
+                                            r"block of 32 weights; exclude it with exclude_modules"):
+        hf_qat.prepare_model_for_qat(tiny_moe("qwen3_moe"), QATConfig(bits=4, method="mxfp4", start=0))
