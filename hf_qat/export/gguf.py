@@ -178,7 +178,11 @@ class GGUFFormat(ExportFormat):
         writer.write_tensors_to_file()
         writer.close()
         files = write_model_config(model, out_dir, None)
-        return ExportInfo(format=self.name, path=out_dir, files=["model.gguf", *files], weight_bytes=tensor_bytes(written))
+        notes = ["NVFP4 tensors carry their per-tensor scale as <name>.scale, which llama.cpp reads and transformers' "
+                 "GGUF loader (5.24) cannot: load this file with llama.cpp"] if any(
+            self.qtype(layer) == NVFP4 for layer in layers) else []
+        return ExportInfo(format=self.name, path=out_dir, files=["model.gguf", *files], weight_bytes=tensor_bytes(written),
+                          notes=notes)
 
 
 def _nvfp4_problem(layer: QuantizedLayer) -> str | None:

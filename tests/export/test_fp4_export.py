@@ -157,6 +157,7 @@ def test_gguf_fp4_blocks_read_back_exactly(family, qtype, tokenizer, tmp_path):
         dequantized = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(want.shape)
         assert np.array_equal(dequantized.astype(np.float64) * tensor_scale, want)  # gguf-py's own dequantizer
     assert info.weight_bytes == info.expected_bytes
+    assert bool(info.notes) == (family == "nvfp4")  # transformers' GGUF loader cannot read <name>.scale
     if family == "mxfp4":  # the tied MXFP4 embedding is token_embd (llama.cpp reads the output from it)
         assert tensors["token_embd.weight"].tensor_type.name == "MXFP4" and "output.weight" not in tensors
         got = logits_in_fresh_process(tmp_path / "gguf", "gguf", INPUT, tmp_path)
