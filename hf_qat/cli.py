@@ -23,6 +23,16 @@ def _bits(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _weight_format(text: str) -> str:
+    from .planner.storage import weight_format
+
+    try:
+        weight_format(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def _count(text: str) -> float:
     try:
         return parse_count(text)
@@ -46,7 +56,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = plan_qat(
         num_params=args.params, total_tokens=args.tokens, bits=args.bits, total_steps=args.steps,
         tokens_per_step=args.tokens_per_step, law=law, strategy=strategy, pretrained_tokens=args.pretrained_tokens,
-        active_params=args.active_params, moe_params=args.moe_params,
+        active_params=args.active_params, moe_params=args.moe_params, method=args.method,
     )
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
@@ -68,7 +78,8 @@ def _print_plan(plan) -> None:
         + (f" after {human(plan.pretrained_tokens)} pretrained tokens" if plan.pretrained_tokens else "")
     )
     console.print(
-        f"tokens per parameter byte S = {plan.tokens_per_param_byte:.4g}; D_total = {human(plan.d_total)}; "
+        f"tokens per parameter byte S = {plan.tokens_per_param_byte:.4g} ({plan.storage_bits:g} bits per weight in "
+        f"memory); D_total = {human(plan.d_total)}; "
         f"optimal QAT fraction {plan.qat_fraction:.3f} of D_total ({plan.strategy})"
     )
     table = Table(show_header=True, header_style="bold")
@@ -122,14 +133,17 @@ def cmd_best_bits(args: argparse.Namespace) -> int:
     law = QATScalingLaw.load(args.law)
     choice = law.best_bits(args.memory, args.tokens, candidates=args.candidates)
     table = Table(show_header=True, header_style="bold")
-    for column in ("bits", "parameters", "optimal QAT fraction", "predicted loss"):
+    for column in ("format", "bits per weight", "parameters", "optimal QAT fraction", "predicted loss"):
         table.add_column(column, justify="right")
     for row in choice.candidates:
         style = "bold green" if row is choice.best else None
-        table.add_row(bits_label(row["bits"]), human(row["num_params"]), f"{row['qat_fraction']:.3f}",
+        table.add_row(row["format"], f"{row['storage_bits']:.3g}", human(row["num_params"]), f"{row['qat_fraction']:.3f}",
                       f"{row['predicted_loss']:.4f}", style=style)
     console.print(f"best bit width for {human(args.memory, 'B')} of weights and {human(args.tokens)} tokens: "
-                  f"[bold]{bits_label(choice.best['bits'])}[/bold]")
+                  f"[bold]{choice.best['format']}[/bold]")
+    if any(row["storage_bits"] != row["bits"] for row in choice.candidates if row["format"] != bits_label(row["bits"])):
+        console.print("formats of one bit width differ here only by the parameters their scales leave room for: the "
+                      "law predicts at the bit width and knows no element grid")
     console.print(table)
     return 0
 
@@ -202,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which N the tokens per parameter byte use (default total: what memory holds)")
     p.add_argument("--tokens", type=_count, required=True, help="training tokens of this run, e.g. 10B")
     p.add_argument("--bits", type=_bits, required=True, help="1, 1.58/ternary, 2, 3, 4, 5, 6, 8")
+    p.add_argument("--method", default=None, help="the quantizer family; mxfp4 / nvfp4 count their block scales "
+                   "(4.25 / 4.5 bits per weight)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of the run")
     p.add_argument("--tokens-per-step", type=_count, default=None)
     p.add_argument("--pretrained-tokens", type=_count, default=None, help="FP tokens the checkpoint already saw")
@@ -224,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--memory", type=_size, required=True, help="bytes for the quantized weights, e.g. 1GB")
     b.add_argument("--tokens", type=_count, required=True)
     b.add_argument("--law", required=True)
-    b.add_argument("--candidates", type=lambda t: [_bits(x) for x in t.split(",")],
-                   default=[1, 1.58, 2, 3, 4, 6, 8], help="comma-separated bit widths")
+    b.add_argument("--candidates", type=lambda t: [_weight_format(x) for x in t.split(",")],
+                   default=[1, 1.58, 2, 3, 4, 6, 8],
+                   help="comma-separated bit widths or formats (mxfp4, nvfp4, int4-g32: scales counted)")
     b.set_defaults(func=cmd_best_bits)
 
     e = sub.add_parser("export", help="write a low-bit checkpoint from a QAT checkpoint directory")

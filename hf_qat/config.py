@@ -120,9 +120,13 @@ class QATConfig:
     Args:
         bits: weight bit width: 1, 1.58 (or "ternary"), 2, 3, 4, 5, 6, 8.
         method: "auto" (binary for 1 bit, seq for ternary and 2 bits, lsq for 3..8), or a registered
-            quantizer: "lsq", "seq", "binary", "absmax" (the non-learnable round-to-nearest baseline).
+            quantizer: "lsq", "seq", "binary", "absmax" (the non-learnable round-to-nearest baseline),
+            "mxfp4" (4 bits: FP4 E2M1 in blocks of 32 with E8M0 scales) or "nvfp4" (4 bits: E2M1 in blocks
+            of 16 with E4M3 scales and a per-tensor FP32 scale).
         group_size: scales per group of this many consecutive input columns (a power of two), or
-            "channel" (one scale per output row), or "tensor" (one scale per weight matrix).
+            "channel" (one scale per output row), or "tensor" (one scale per weight matrix). None (the
+            default): 32, or the block of a block-scaled format (mxfp4: 32, nvfp4: 16), which takes no
+            other group size.
         target_modules: None = every nn.Linear except the LM head; else a list of module names,
             name suffixes ("q_proj") or regexes (full match) selecting nn.Linear modules.
         exclude_modules: names/suffixes/regexes removed from the targets.
@@ -135,7 +139,9 @@ class QATConfig:
             planner counts them as FP tokens).
         fuse_cooldown: use the paper's fused schedule (LR stays at its stable value until the switch,
             then decays over the QAT phase); False gives the classic schedule.
-        scale_dtype: scales are rounded to this dtype in the forward pass (exact export).
+        scale_dtype: scales are rounded to this dtype in the forward pass (exact export). The
+            block-scaled formats (mxfp4, nvfp4) round to their own scale formats; with them only the
+            default "float16" is accepted (it then serves an integer-family embedding_method, if any).
         scale_lr_multiplier: when set, the scales' learning rate is the base LR times this (the rule
             of hf_qat 0.1 / 0.2, whose default was 10). None (default): ``scale_lr``.
         scale_lr: the scales' peak learning rate, whatever the base LR (None: 0.02, ``DEFAULT_SCALE_LR``,
@@ -179,7 +185,7 @@ class QATConfig:
 
     bits: float | int | str = 4
     method: str = "auto"
-    group_size: GroupSize = 32
+    group_size: GroupSize | None = None
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     embedding_bits: float | int | str | None = None
@@ -210,7 +216,9 @@ class QATConfig:
 
     def __post_init__(self) -> None:
         self._check_quantizers()
-        self.group_size = self._check_group_size(self.group_size)
+        self.group_size = self._check_group_size(self._default_group_size() if self.group_size is None
+                                                 else self.group_size)
+        self._check_block_formats()
         self.target_modules = _check_name_list("target_modules", self.target_modules)
         self.exclude_modules = _check_name_list("exclude_modules", self.exclude_modules)
         if self.activation_bits is not None and (isinstance(self.activation_bits, bool) or self.activation_bits != 8):
@@ -258,11 +266,32 @@ class QATConfig:
             self.embedding_bits, field_name="embedding_bits", method_field="embedding_method"
         )
 
-    def _learnable_families(self) -> bool:
+    def _families(self) -> dict[str, type]:
+        """The quantizer family of each field that names one: {"method": cls, "embedding_method": cls}."""
         from .quantizers import get_quantizer_class
 
-        methods = [self.resolved_method] + ([self.resolved_embedding_method] if self.embedding_bits is not None else [])
-        return all(get_quantizer_class(m).learnable for m in methods)
+        families = {"method": get_quantizer_class(self.resolved_method)}
+        if self.embedding_bits is not None:
+            families["embedding_method"] = get_quantizer_class(self.resolved_embedding_method)
+        return families
+
+    def _default_group_size(self) -> int:
+        """group_size=None: the block of the (first) block-scaled family, else 32."""
+        return next((cls.block_size for cls in self._families().values() if cls.block_size is not None), 32)
+
+    def _check_block_formats(self) -> None:
+        """A block-scaled family takes its own block as group_size, and scale_dtype does not apply to it."""
+        families = self._families()
+        for field_name, cls in families.items():
+            cls.check_group_size(self.group_size, method_field=field_name)
+        if self.scale_dtype != "float16" and all(cls.scale_dtype is not None for cls in families.values()):
+            names = " and ".join(sorted({repr(cls.name) for cls in families.values()}))
+            raise QATConfigError("scale_dtype", self.scale_dtype, f"'float16' (the default) with {names}",
+                                 detail="A block-scaled format rounds its scales to its own FP8 format (MXFP4: "
+                                 "E8M0, NVFP4: E4M3); scale_dtype applies to the integer families")
+
+    def _learnable_families(self) -> bool:
+        return all(cls.learnable for cls in self._families().values())
 
     def _check_distill(self) -> None:
         """``distill``: a dict of :class:`DistillConfig` keys; 'switch' needs an FP phase."""
@@ -466,4 +495,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ternary-g256": {"bits": TERNARY_BITS, "group_size": 256, "scale_dtype": "float16"},
     # 1-bit weights per output channel (native format).
     "binary": {"bits": 1, "group_size": "channel"},
+    # FP4 E2M1 in blocks of 32 with E8M0 scales: compressed-tensors mxfp4-pack-quantized, GGUF MXFP4.
+    "mxfp4": {"bits": 4, "method": "mxfp4"},
+    # FP4 E2M1 in blocks of 16 with E4M3 scales and a per-tensor scale: compressed-tensors
+    # nvfp4-pack-quantized, GGUF NVFP4.
+    "nvfp4": {"bits": 4, "method": "nvfp4"},
 }

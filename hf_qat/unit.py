@@ -39,7 +39,7 @@ from torch import nn
 from .bits import bits_label
 from .distributed import full_tensor, is_dtensor, world_size, write_full_
 from .dtypes import torch_dtype
-from .errors import QATRuntimeError
+from .errors import QATModelError, QATRuntimeError
 from .kernels import weight_fake_quant
 from .quantizers import MatrixView, Quantizer, ScaleLayout
 from .quantizers.reference import WeightQuantSpec, fake_quantize_weight, mse_scale, quantize_codes
@@ -58,7 +58,8 @@ class WeightQuantizer(nn.Module):
         weight: the weight it quantizes (for its shape, dtype and device only): ``[out, in]``, or a
             stack of expert matrices ``[E, out, in]`` (``[E, in, out]`` when ``transposed``).
         group_size: int, "channel" or "tensor".
-        scale_dtype: "float16", "bfloat16" or "float32": scales are rounded to it in the forward.
+        scale_dtype: "float16", "bfloat16" or "float32": scales are rounded to it in the forward (a
+            block-scaled family rounds to its own format instead: E8M0, E4M3).
         scale_grad_mode: "paretoq" or "lsq" (ParetoQ's g).
         name: the layer's name, for error messages.
         scale_init: "max" (the family's first scale, e.g. max|w| / Qp) or "mse" (that scale times the
@@ -69,10 +70,14 @@ class WeightQuantizer(nn.Module):
     def __init__(self, quantizer: Quantizer, weight: torch.Tensor, *, group_size: int | str, scale_dtype: str,
                  scale_grad_mode: str, name: str, scale_init: str = "max", transposed: bool = False) -> None:
         super().__init__()
+        quantizer.check_group_size(group_size)
         stacked = weight.ndim == 3
         self.view = MatrixView(transposed=transposed and stacked, per_matrix=stacked and group_size == "tensor")
         matrix_shape = self.view.matrix_shape(weight.shape)
         layout = ScaleLayout("channel" if self.view.per_matrix else group_size)
+        if quantizer.block_size is not None and matrix_shape[1] % quantizer.block_size:
+            raise QATModelError(f"{name}: its input width {matrix_shape[1]} is not a multiple of {quantizer.name}'s block "
+                                f"of {quantizer.block_size} weights; exclude it with exclude_modules")
         layout.check(matrix_shape, name)
         scale_shape = layout.scale_shape(matrix_shape)
         matrices = int(weight.shape[0]) if stacked else 1
@@ -82,7 +87,7 @@ class WeightQuantizer(nn.Module):
         self.quantizer = quantizer
         self.layout = layout
         self.spec = WeightQuantSpec(
-            grid=quantizer.grid(), group_size=layout.group_size, scale_dtype=torch_dtype(scale_dtype),
+            grid=quantizer.grid(), group_size=layout.group_size, scale_dtype=quantizer.scale_dtype or torch_dtype(scale_dtype),
             grad_scale=quantizer.grad_scale(weight.numel() // matrices, scale_shape[0] * scale_shape[1] // matrices,
                                             scale_grad_mode),
             learnable=quantizer.learnable,

@@ -4,9 +4,10 @@ They reproduce ``hf_qat.quantizers.reference`` bit for bit (tests run them under
 ``TRITON_INTERPRET=1``):
 
 * forward: ``r = w / s_r`` with IEEE division (``div_rn``), the Grid's code rule with
-  round-half-even by the 1.5 * 2^23 trick (exact for |x| < 2^22; the clamp comes first), ``step * code``
-  in fp32, rounded to the weight dtype (bf16 on the fp32 bit pattern, since the interpreter's bf16
-  cast truncates).
+  round-half-even by the 1.5 * 2^23 trick (exact for |x| < 2^22; the clamp comes first), or for a table
+  grid (E2M1) the same midpoint comparisons as ``reference.nearest_magnitude`` (the table is a
+  constexpr tuple, unrolled), ``step * code`` in fp32, rounded to the weight dtype (bf16 on the fp32
+  bit pattern, since the interpreter's bf16 cast truncates).
 * backward, one pass over the gradient: the clipped straight-through weight gradient and the scale
   gradient contributions ``grad * factor``, reduced as the reference's pairwise tree: within a group
   for group scales (``[R, n_groups]`` out), within a power-of-two column tile otherwise
@@ -50,13 +51,32 @@ def _to_out_dtype(x, OUT_KIND: tl.constexpr):
 
 
 @triton.jit
+def _nearest_magnitude(x, MAGS: tl.constexpr, N_MAGS: tl.constexpr):
+    """``reference.nearest_magnitude``: past the midpoint of entries i and i + 1 is ``>=`` when i + 1 is
+    even (ties to the even index), ``>`` when odd; the sign of ``x`` last."""
+    a = tl.abs(x)
+    m = tl.zeros_like(a) + MAGS[0]
+    for i in tl.static_range(N_MAGS - 1):
+        mid = (MAGS[i] + MAGS[i + 1]) * 0.5
+        if (i + 1) % 2 == 0:
+            past = a >= mid
+        else:
+            past = a > mid
+        m = tl.where(past, m + (MAGS[i + 1] - MAGS[i]), m)
+    return tl.where(x < 0, -m, m)
+
+
+@triton.jit
 def _codes(r, SIGN: tl.constexpr, CLIP_LO: tl.constexpr, CLIP_HI: tl.constexpr, MUL: tl.constexpr,
-           ADD: tl.constexpr, CODE_MUL: tl.constexpr, CODE_ADD: tl.constexpr):
+           ADD: tl.constexpr, CODE_MUL: tl.constexpr, CODE_ADD: tl.constexpr, MAGS: tl.constexpr,
+           N_MAGS: tl.constexpr):
     if SIGN:
         return tl.where(r >= 0, 1.0, -1.0)
     q = tl.minimum(tl.maximum(r, CLIP_LO), CLIP_HI)
     if MUL != 1.0:
         q = q * MUL
+    if N_MAGS > 0:
+        return _nearest_magnitude(q, MAGS, N_MAGS)
     if ADD != 0.0:
         q = q + ADD
     q = _round_half_even(q)
@@ -86,14 +106,15 @@ def _tile(w_ptr, s_ptr, step_ptr, pid_r, pid_c, R, C, GROUP_W, scale_row_stride,
 def _fake_quant_fwd_kernel(
     w_ptr, s_ptr, step_ptr, out_ptr, R, C, GROUP_W, scale_row_stride,
     SIGN: tl.constexpr, CLIP_LO: tl.constexpr, CLIP_HI: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
-    CODE_MUL: tl.constexpr, CODE_ADD: tl.constexpr, OUT_KIND: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    CODE_MUL: tl.constexpr, CODE_ADD: tl.constexpr, MAGS: tl.constexpr, N_MAGS: tl.constexpr, OUT_KIND: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows, cols, mask, offs, w, s_r, step = _tile(w_ptr, s_ptr, step_ptr, pid_r, pid_c, R, C, GROUP_W,
                                                  scale_row_stride, BR, BC)
     r = tl.math.div_rn(w, s_r)
-    code = _codes(r, SIGN, CLIP_LO, CLIP_HI, MUL, ADD, CODE_MUL, CODE_ADD)
+    code = _codes(r, SIGN, CLIP_LO, CLIP_HI, MUL, ADD, CODE_MUL, CODE_ADD, MAGS, N_MAGS)
     tl.store(out_ptr + offs, _to_out_dtype(code * step, OUT_KIND), mask=mask)
 
 
@@ -112,8 +133,9 @@ def _tree_last(x, ROWS: tl.constexpr, N: tl.constexpr, LOG2: tl.constexpr):
 def _fake_quant_bwd_kernel(
     g_ptr, w_ptr, s_ptr, step_ptr, gw_ptr, part_ptr, R, C, GROUP_W, scale_row_stride, part_cols,
     SIGN: tl.constexpr, CLIP_LO: tl.constexpr, CLIP_HI: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
-    CODE_MUL: tl.constexpr, CODE_ADD: tl.constexpr, LEVEL: tl.constexpr, GRAD_LO: tl.constexpr,
-    GRAD_HI: tl.constexpr, MASK_LO: tl.constexpr, MASK_HI: tl.constexpr, NEED_SCALE_GRAD: tl.constexpr,
+    CODE_MUL: tl.constexpr, CODE_ADD: tl.constexpr, MAGS: tl.constexpr, N_MAGS: tl.constexpr, LEVEL: tl.constexpr,
+    GRAD_LO: tl.constexpr, GRAD_HI: tl.constexpr, MASK_LO: tl.constexpr, MASK_HI: tl.constexpr,
+    NEED_SCALE_GRAD: tl.constexpr,
     GROUP_MODE: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr, LOG2_BC: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr,
 ):
@@ -126,7 +148,7 @@ def _fake_quant_bwd_kernel(
     inside_mask = (r >= MASK_LO) & (r <= MASK_HI)
     tl.store(gw_ptr + offs, tl.where(inside_mask, grad_raw, tl.zeros_like(grad_raw)), mask=mask)
     if NEED_SCALE_GRAD:
-        code = _codes(r, SIGN, CLIP_LO, CLIP_HI, MUL, ADD, CODE_MUL, CODE_ADD)
+        code = _codes(r, SIGN, CLIP_LO, CLIP_HI, MUL, ADD, CODE_MUL, CODE_ADD, MAGS, N_MAGS)
         if SIGN:
             factor = code
         else:
@@ -148,7 +170,7 @@ def _fake_quant_bwd_kernel(
 def _grid_constants(spec: WeightQuantSpec) -> dict:
     g = spec.grid
     return dict(SIGN=g.sign, CLIP_LO=g.clip_lo, CLIP_HI=g.clip_hi, MUL=g.mul, ADD=g.add, CODE_MUL=g.code_mul,
-                CODE_ADD=g.code_add)
+                CODE_ADD=g.code_add, MAGS=tuple(float(m) for m in g.magnitudes) or (0.0,), N_MAGS=len(g.magnitudes))
 
 
 def _layout(weight: torch.Tensor, s_r: torch.Tensor) -> tuple[int, int, int, int, int]:

@@ -24,9 +24,11 @@ def tiny_llama_config(tie: bool = True, vocab: int = VOCAB, hidden: int = 32, la
     )
 
 
-def tiny_llama(seed: int = 0, **kwargs) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs) -> LlamaForCausalLM:
+    """A tiny Llama with random weights from ``seed`` in ``dtype`` (built as from_pretrained builds it: the
+    rotary frequencies stay fp32)."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config(**kwargs))
+    return LlamaForCausalLM._from_config(tiny_llama_config(**kwargs), dtype=dtype)
 
 
 def token_dataset(n: int = 256, seq: int = SEQ, vocab: int = VOCAB, seed: int = 1) -> list[dict]:
@@ -189,8 +191,10 @@ MOE_CONFIGS = {
 }
 
 
-def tiny_moe(model_type: str, seed: int = 0, experts_implementation: str | None = None, **overrides):
-    """A tiny causal LM of one MoE family (vocab 64, hidden 32, 2 layers), random weights from ``seed``."""
+def tiny_moe(model_type: str, seed: int = 0, experts_implementation: str | None = None,
+             dtype: torch.dtype = torch.float32, **overrides):
+    """A tiny causal LM of one MoE family (vocab 64, hidden 32, 2 layers), random weights from ``seed``, in
+    ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
@@ -199,4 +203,4 @@ def tiny_moe(model_type: str, seed: int = 0, experts_implementation: str | None 
     if experts_implementation is not None:
         config._experts_implementation = experts_implementation
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)

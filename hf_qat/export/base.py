@@ -83,8 +83,8 @@ class ExportFormat:
         raise NotImplementedError
 
     def scale_bytes(self, layer: QuantizedLayer) -> int:
-        """Bytes of the scales this format stores for ``layer`` (default: in the scale dtype)."""
-        return 0 if layer.tied_to else layer.step.numel() * torch.empty((), dtype=layer.scale_dtype).element_size()
+        """Bytes of the scales this format stores for ``layer`` (default: one step each, in its step dtype)."""
+        return 0 if layer.tied_to else layer.step.numel() * layer.step_dtype.itemsize
 
     def check_model(self, model: nn.Module, layers: list[QuantizedLayer], tokenizer=None) -> None:
         """Model-level requirements (architecture, tokenizer...), checked before anything is written;

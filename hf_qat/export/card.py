@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ..bits import bits_label
 from ..config import QATConfig
+from ..quantizers import get_quantizer_class
 from .base import ExportFormat, ExportInfo
 
 FORMAT_LABELS = {
@@ -41,8 +42,9 @@ def _template_path() -> str:
 def _qat_rows(cfg: QATConfig | None) -> list[tuple[str, Any]]:
     if cfg is None:
         return []
+    fixed_scale = get_quantizer_class(cfg.resolved_method).scale_dtype  # a block-scaled format's own (E8M0, E4M3)
     rows = [("weight bits", bits_label(cfg.bits)), ("quantizer", cfg.resolved_method), ("group size", cfg.group_size),
-            ("scale dtype", cfg.scale_dtype), ("activations", f"int{cfg.activation_bits} per token" if cfg.activation_bits else "full precision"),
+            ("scale dtype", cfg.scale_dtype if fixed_scale is None else str(fixed_scale).removeprefix("torch.")), ("activations", f"int{cfg.activation_bits} per token" if cfg.activation_bits else "full precision"),
             ("embeddings / LM head", f"{bits_label(cfg.embedding_bits)}-bit" if cfg.embedding_bits else "full precision"),
             ("fused cooldown", cfg.fuse_cooldown), ("start", cfg.start)]
     if cfg.pretrained_tokens:

@@ -16,6 +16,14 @@ experts only through such a mapping: it is refused.
 Exact grids: LSQ 4/8-bit, SEQ 2-bit (odd codes -3..3 with step s/4 on the 4-bit grid), and any grid
 whose codes fit 4 or 8 signed bits (ternary, binary, 3/5/6-bit) in a wider container. Only 4- and
 8-bit containers are written (other widths straddle int32 words in compressed-tensors 0.20).
+
+The block-scaled FP4 families are written in compressed-tensors' own formats, with the scheme of its
+presets (``MXFP4A16``, ``NVFP4A16``: type "float", 4 bits, symmetric, groups of 32 / tensor groups of 16):
+``mxfp4-pack-quantized`` (``weight_packed`` uint8 ``[out, in / 2]``, element 2i in the low nibble, bit 3
+the sign; ``weight_scale`` uint8 E8M0 ``[out, in / 32]``) and ``nvfp4-pack-quantized`` (the same, with
+``weight_scale`` float8_e4m3fn ``[out, in / 16]`` and ``weight_global_scale`` f32 ``[1]``; the weight is
+``q * (weight_scale / weight_global_scale)``). compressed-tensors decompresses them in bfloat16, where
+every QAT weight of these families is exact (:mod:`hf_qat.quantizers.block_scales`).
 """
 
 from __future__ import annotations
@@ -26,7 +34,11 @@ from torch import nn
 from ..kernels.pack import pack_int32
 from .base import (ExportFormat, ExportFormatError, ExportInfo, register_format, save_tensors, tensor_bytes,
                    write_model_config)
+from .fp4 import MXFP4, NVFP4, e2m1_nibbles, is_fp4, stored_scales
 from .layers import QuantizedLayer
+
+# compressed-tensors' format and preset scheme of each FP4 scale format
+FP4_FORMATS = {MXFP4: ("mxfp4-pack-quantized", "MXFP4A16"), NVFP4: ("nvfp4-pack-quantized", "NVFP4A16")}
 
 
 def per_expert_names(model: nn.Module, name: str) -> list[str]:
@@ -47,6 +59,30 @@ def _write_packed(tensors: dict[str, torch.Tensor], prefix: str, codes: torch.Te
     tensors[f"{prefix}.weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
 
 
+def _write_fp4(tensors: dict[str, torch.Tensor], prefix: str, codes: torch.Tensor, scale: torch.Tensor,
+               global_scale: torch.Tensor | None) -> None:
+    """``<prefix>.weight_packed / weight_scale (/ weight_global_scale)`` of one FP4 ``[out, in]`` matrix."""
+    nibbles = e2m1_nibbles(codes)
+    tensors[f"{prefix}.weight_packed"] = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    tensors[f"{prefix}.weight_scale"] = scale
+    if global_scale is not None:
+        tensors[f"{prefix}.weight_global_scale"] = global_scale.reshape(1).clone()
+
+
+def _scheme(layer: QuantizedLayer, bits: int | None) -> dict:
+    """The config_groups entry (without targets) of a layer's quantization."""
+    if is_fp4(layer):
+        from compressed_tensors.quantization import preset_name_to_scheme
+
+        compression, preset = FP4_FORMATS[layer.scale_dtype]
+        scheme = preset_name_to_scheme(preset, ["Linear"]).model_dump(mode="json")
+        return {**scheme, "format": compression}
+    weights = {"num_bits": bits, "type": "int", "symmetric": True, "dynamic": False,
+               "strategy": "channel" if layer.group_size == "channel" else "group",
+               "group_size": None if layer.group_size == "channel" else layer.group_size}
+    return {"weights": weights, "input_activations": None, "output_activations": None}
+
+
 def _container_bits(layer: QuantizedLayer) -> int | None:
     lo, hi = min(layer.grid.codes), max(layer.grid.codes)
     for bits in (4, 8):
@@ -62,7 +98,8 @@ class CompressedTensorsFormat(ExportFormat):
     tags = ("compressed-tensors",)
 
     def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
-        """Every layer a METHOD.md section-6 row (LSQ 4/8-bit or SEQ 2-bit, group or channel, Linear)."""
+        """Every layer a METHOD.md section-6 row (LSQ 4/8-bit or SEQ 2-bit, group or channel, Linear) or
+        MXFP4 / NVFP4."""
         return all(self.problem(layer) is None and self.native_width(layer) for layer in layers)
 
     def problem(self, layer: QuantizedLayer) -> str | None:
@@ -70,6 +107,17 @@ class CompressedTensorsFormat(ExportFormat):
             return "per-tensor scales are not written to compressed-tensors here (use group or channel scales)"
         if layer.kind == "embedding" or layer.tied_to is not None:
             return "compressed-tensors pack-quantized stores Linear layers only (not quantized embeddings)"
+        if is_fp4(layer) and not layer.activation_bits:
+            if layer.dtype != torch.bfloat16:
+                return (f"compressed-tensors 0.20 decompresses {FP4_FORMATS[layer.scale_dtype][0]} weights to bfloat16 "
+                        f"whatever the model's dtype ({layer.dtype} here): transformers' Linear then multiplies "
+                        f"{layer.dtype} activations by a bfloat16 weight and fails ('expected m1 and m2 to have the "
+                        "same dtype'). Train in bfloat16 for this format, or export format='hf-qat' or 'gguf'")
+            if layer.kind == "experts" and layer.scale_dtype == NVFP4:
+                return ("transformers 5.24 merges compressed-tensors experts without their weight_global_scale: NVFP4 "
+                        "experts would load g times too large (seen: 16384 x on a tiny Qwen3-MoE). Export "
+                        "format='hf-qat' or 'gguf', or use mxfp4 for the experts")
+            return None  # its own format: codes and scales as compressed-tensors stores them
         if _container_bits(layer) is None:
             return "its codes do not fit signed 4 or 8 bits"
         if layer.group_size == "tensor":
@@ -85,12 +133,16 @@ class CompressedTensorsFormat(ExportFormat):
 
     def native_width(self, layer: QuantizedLayer) -> bool:
         """True for the METHOD.md rows: the container is the trained width (LSQ 4/8) or SEQ 2-bit."""
-        return (layer.method in ("lsq", "absmax") and layer.bits in (4, 8)) or (layer.method == "seq" and layer.bits == 2)
+        return ((layer.method in ("lsq", "absmax") and layer.bits in (4, 8)) or (layer.method == "seq" and layer.bits == 2)
+                or is_fp4(layer))
 
     def storage_bits(self, layer: QuantizedLayer) -> float:
-        return float(_container_bits(layer))
+        return 4.0 if is_fp4(layer) else float(_container_bits(layer))
 
     def scale_bytes(self, layer: QuantizedLayer) -> int:
+        if is_fp4(layer):  # one byte per block; NVFP4 adds an fp32 per matrix (each expert's)
+            matrices = layer.weight_shape[0] if layer.kind == "experts" else 1
+            return layer.step.numel() + (4 * matrices if layer.scale_dtype == NVFP4 else 0)
         return layer.step.numel() * torch.empty((), dtype=layer.dtype).element_size()  # stored in the weight dtype
 
     def check_model(self, model: nn.Module, layers: list[QuantizedLayer], tokenizer=None) -> None:
@@ -115,31 +167,36 @@ class CompressedTensorsFormat(ExportFormat):
             if layer.kind == "experts":  # each expert's [out, in] rows under its original checkpoint name
                 codes, steps = layer.expert_codes_and_steps()
                 expert_codes = revert_weight_conversion(model, {layer.name: codes})
-                expert_steps = revert_weight_conversion(model, {layer.name: steps})
-                for key, expert in expert_codes.items():
-                    _write_packed(experts, key.removesuffix(".weight"), expert, expert_steps[key], bits, layer.dtype)
+                if is_fp4(layer):  # one per-tensor scale for the whole stack: every expert's (gate and up alike)
+                    scales, global_scale = stored_scales(layer.scale_dtype, steps)
+                    expert_scales = revert_weight_conversion(model, {layer.name: scales.view(torch.uint8)})
+                    for key, expert in expert_codes.items():
+                        _write_fp4(experts, key.removesuffix(".weight"), expert,
+                                   expert_scales[key].contiguous().view(scales.dtype), global_scale)
+                else:
+                    expert_steps = revert_weight_conversion(model, {layer.name: steps})
+                    for key, expert in expert_codes.items():
+                        _write_packed(experts, key.removesuffix(".weight"), expert, expert_steps[key], bits, layer.dtype)
+            elif is_fp4(layer):
+                _write_fp4(tensors, layer.name, layer.codes, *stored_scales(layer.scale_dtype, layer.step))
             else:
                 _write_packed(tensors, layer.name, layer.codes, layer.step, bits, layer.dtype)
             if layer.bias is not None:
                 tensors[f"{layer.name}.bias"] = layer.bias
-            key = (bits, layer.group_size, layer.activation_bits)
-            groups.setdefault(key, []).append(layer.name)
-            if bits != {1: 1, 1.58: 2}.get(layer.bits, layer.bits) and not self.native_width(layer):
+            scheme = _scheme(layer, bits)
+            groups.setdefault(repr(scheme), (scheme, []))[1].append(layer.name)
+            if not is_fp4(layer) and bits != {1: 1, 1.58: 2}.get(layer.bits, layer.bits) and not self.native_width(layer):
                 notes.append(f"{layer.name}: {layer.bits}-bit codes stored in a {bits}-bit container")
-        config_groups = {}
         single = len(groups) == 1
-        for i, ((bits, group_size, act_bits), names) in enumerate(groups.items()):
-            weights = {"num_bits": bits, "type": "int", "symmetric": True, "dynamic": False,
-                       "strategy": "channel" if group_size == "channel" else "group",
-                       "group_size": None if group_size == "channel" else group_size}
-            scheme = {"targets": ["Linear"] if single else names, "weights": weights, "input_activations": None,
-                      "output_activations": None}
-            config_groups[f"group_{i}"] = scheme
+        config_groups = {f"group_{i}": {**scheme, "targets": ["Linear"] if single else names}
+                         for i, (scheme, names) in enumerate(groups.values())}
+        formats = {scheme.get("format", "pack-quantized") for scheme, _ in groups.values()}
         quantized = {layer.name for layer in layers}
         ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and n not in quantized]
         quantization_config = {
-            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": config_groups, "ignore": ignore, "kv_cache_scheme": None,
+            "quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed", "config_groups": config_groups, "ignore": ignore,
+            "kv_cache_scheme": None,
         }
         if experts:  # the rest in the original format too (e.g. Mixtral's mlp.gate -> block_sparse_moe.gate)
             tensors = {**revert_weight_conversion(model, tensors), **experts}

@@ -11,6 +11,17 @@
   ``m + 32i`` (0..159), 16 bytes for ``160 + m + 16i``, 4 bytes of four trits (``240 + j + 4i``, a
   zero fifth trit), then fp16 ``d``. The same ternary layers as TQ2_0, 1.69 instead of 2.06 bits.
 
+* MXFP4 (``block_mxfp4``): blocks of 32: the E8M0 exponent byte, then 16 bytes; byte j holds element j
+  (low nibble) and j + 16 (high) as 4-bit E2M1 encodings, indices of ggml's ``kvalues_fp4`` (doubled
+  E2M1 values, dequantized with half the scale: exactly our doubled codes times the step). Exact for
+  the mxfp4 family.
+* NVFP4 (``block_nvfp4``): blocks of 64 = four sub-blocks of 16: four UE4M3 scale bytes ``s_b``, then 32
+  bytes, byte ``8s + j`` holding element ``16s + j`` (low) and ``16s + j + 8`` (high); the per-tensor
+  scale ``1 / g`` (a power of two, exact) as the F32 tensor ``<name>.scale`` that llama.cpp multiplies
+  into the matmul's output (``{n_expert}`` for an expert stack). Exact for the nvfp4 family, except the
+  token embedding (llama.cpp has no scale for it, nor for a tied output) and MLP layers with a bias
+  (llama.cpp's FFN asserts against a scale with a bias).
+
 The file is runnable by llama.cpp: llama.cpp tensor names (gguf's TensorNameMap), the per-architecture
 metadata and tensor transforms (:mod:`hf_qat.export.gguf_arch`: the Llama q/k row permutation moves
 rows with their group scales; Gemma's norms become ``1 + w``) and the tokenizer
@@ -26,19 +37,25 @@ import torch
 
 from ..bits import TERNARY_BITS
 from .base import ExportFormat, ExportFormatError, ExportInfo, register_format, tensor_bytes, write_model_config
+from .fp4 import MXFP4 as MXFP4_SCALES
+from .fp4 import NVFP4 as NVFP4_SCALES
+from .fp4 import e2m1_nibbles, is_fp4, stored_scales
 from .gguf_arch import GGUFArchitecture, add_metadata, architecture
 from .gguf_vocab import add_tokenizer, gguf_vocab
 from .layers import QuantizedLayer
 
-Q4_0, Q8_0, TQ1_0, TQ2_0 = "Q4_0", "Q8_0", "TQ1_0", "TQ2_0"
-BLOCK = {Q4_0: 32, Q8_0: 32, TQ1_0: 256, TQ2_0: 256}
-BYTES = {Q4_0: 18, Q8_0: 34, TQ1_0: 54, TQ2_0: 66}
+Q4_0, Q8_0, TQ1_0, TQ2_0, MXFP4, NVFP4 = "Q4_0", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4"
+BLOCK = {Q4_0: 32, Q8_0: 32, TQ1_0: 256, TQ2_0: 256, MXFP4: 32, NVFP4: 64}
+BYTES = {Q4_0: 18, Q8_0: 34, TQ1_0: 54, TQ2_0: 66, MXFP4: 17, NVFP4: 36}
+SCALE_BYTES = {Q4_0: 2, Q8_0: 2, TQ1_0: 2, TQ2_0: 2, MXFP4: 1, NVFP4: 4}  # per block
 TERNARY_TYPES = (TQ2_0, TQ1_0)
 
 
 def gguf_type(layer: QuantizedLayer, ternary_type: str = TQ2_0) -> str | None:
     """The GGML block type that stores ``layer`` exactly (ternary layers: ``ternary_type``), or None."""
     codes = layer.grid.codes
+    if is_fp4(layer):
+        return MXFP4 if layer.scale_dtype == MXFP4_SCALES else NVFP4
     if layer.scale_dtype != torch.float16:
         return None
     if layer.grid.level == 1.0 and codes == list(range(-8, 8)) and layer.group_size == 32:
@@ -59,11 +76,27 @@ def _base3_bytes(trits: torch.Tensor) -> torch.Tensor:
     return ((n * 256 + 242) // 243).to(torch.uint8)
 
 
+def nvfp4_tensor_scale(step: torch.Tensor) -> float:
+    """The ``<name>.scale`` llama.cpp multiplies into an NVFP4 matmul: ``1 / g`` of these steps."""
+    return float(1.0 / stored_scales(NVFP4_SCALES, step)[1])
+
+
 def pack_blocks(codes: torch.Tensor, step: torch.Tensor, qtype: str) -> np.ndarray:
-    """``codes int8 [R, C]`` and fp16-exact ``step [R, C / block]`` -> the raw GGUF blocks ``uint8 [R, bytes]``."""
+    """``codes int8 [R, C]`` and their steps ``[R, C / group]`` (fp16-exact for the integer types; the
+    FP4 families' steps) -> the raw GGUF blocks ``uint8 [R, bytes]``."""
     rows, cols = codes.shape
     block = BLOCK[qtype]
     q = codes.to(torch.int16).view(rows, cols // block, block)
+    if qtype in (MXFP4, NVFP4):
+        scales = stored_scales(MXFP4_SCALES if qtype == MXFP4 else NVFP4_SCALES, step)[0].view(torch.uint8)
+        e = e2m1_nibbles(q)
+        if qtype == MXFP4:
+            out = torch.cat([scales.view(rows, cols // block, 1), e[..., :16] | (e[..., 16:] << 4)], dim=-1)
+        else:
+            e = e.view(rows, cols // block, 4, 16)
+            qs = (e[..., :8] | (e[..., 8:] << 4)).reshape(rows, cols // block, 32)
+            out = torch.cat([scales.reshape(rows, cols // block, 4), qs], dim=-1)
+        return out.reshape(rows, -1).numpy()
     d = step.to(torch.float16).contiguous().view(torch.uint8).view(rows, cols // block, 2)
     if qtype == Q4_0:
         u = (q + 8).to(torch.uint8)
@@ -102,21 +135,29 @@ class GGUFFormat(ExportFormat):
         return gguf_type(layer, self.options["ternary_type"])
 
     def problem(self, layer: QuantizedLayer) -> str | None:
-        if self.qtype(layer) is None:
+        qtype = self.qtype(layer)
+        if qtype is None:
             return ("GGUF holds Q4_0 (4-bit LSQ, groups of 32), Q8_0 (8-bit, groups of 32) and TQ2_0 / TQ1_0 (ternary, "
-                    "groups of 256), all with fp16 scales")
+                    "groups of 256), all with fp16 scales, and the mxfp4 / nvfp4 families (MXFP4, NVFP4)")
         if layer.activation_bits:
             return "llama.cpp does not fake-quantize activations as int8 per token"
+        if qtype == NVFP4:
+            return _nvfp4_problem(layer)
         return None
 
     def storage_bits(self, layer: QuantizedLayer) -> float:
         if layer.tied_to:
             return 0.0  # llama.cpp reads a tied output from token_embd
         qtype = self.qtype(layer)
-        return 8.0 * BYTES[qtype] / BLOCK[qtype] - 16.0 / BLOCK[qtype]  # the fp16 d is counted with the scales
+        return 8.0 * (BYTES[qtype] - SCALE_BYTES[qtype]) / BLOCK[qtype]  # the block scales are counted apart
 
     def scale_bytes(self, layer: QuantizedLayer) -> int:
-        return 0 if layer.tied_to else 2 * layer.step.numel()  # fp16 d per block
+        if layer.tied_to:
+            return 0
+        qtype = self.qtype(layer)
+        blocks = layer.codes.numel() // BLOCK[qtype]
+        tensor_scales = 4 * (layer.weight_shape[0] if layer.kind == "experts" else 1) if qtype == NVFP4 else 0
+        return blocks * SCALE_BYTES[qtype] + tensor_scales
 
     def check_model(self, model, layers, tokenizer=None) -> None:
         architecture(model.config)
@@ -137,7 +178,25 @@ class GGUFFormat(ExportFormat):
         writer.write_tensors_to_file()
         writer.close()
         files = write_model_config(model, out_dir, None)
-        return ExportInfo(format=self.name, path=out_dir, files=["model.gguf", *files], weight_bytes=tensor_bytes(written))
+        notes = ["NVFP4 tensors carry their per-tensor scale as <name>.scale, which llama.cpp reads and transformers' "
+                 "GGUF loader (5.24) cannot: load this file with llama.cpp"] if any(
+            self.qtype(layer) == NVFP4 for layer in layers) else []
+        return ExportInfo(format=self.name, path=out_dir, files=["model.gguf", *files], weight_bytes=tensor_bytes(written),
+                          notes=notes)
+
+
+def _nvfp4_problem(layer: QuantizedLayer) -> str | None:
+    """Why llama.cpp cannot compute ``layer`` (an nvfp4 layer) from an NVFP4 tensor exactly, or None."""
+    if layer.kind == "embedding" or layer.tied_to is not None:
+        return ("llama.cpp multiplies an NVFP4 tensor's per-tensor scale (<name>.scale) into matmul outputs only: the "
+                "token embedding has none, and a tied output may not have one (quantize the embedding with "
+                "embedding_method='mxfp4' or 'lsq', or export format='hf-qat')")
+    if layer.shape[1] % BLOCK[NVFP4]:
+        return (f"GGUF's NVFP4 blocks hold {BLOCK[NVFP4]} weights (four blocks of 16) along the input; this input "
+                f"width is {layer.shape[1]}")
+    if layer.bias is not None and ".mlp." in layer.name:
+        return "llama.cpp's FFN refuses an NVFP4 per-tensor scale together with a bias (it would apply after the bias)"
+    return None
 
 
 def _vocab(tokenizer, cfg):
@@ -165,6 +224,7 @@ def _expert_tensors(layer: QuantizedLayer, qtype: str) -> list[tuple[str, np.nda
     experts, out, width = codes.shape
     raw = pack_blocks(codes.reshape(experts * out, width), step.reshape(experts * out, -1), qtype)
     raw = raw.reshape(experts, out, -1)
+    tensor_scale = np.full(experts, nvfp4_tensor_scale(step), dtype=np.float32) if qtype == NVFP4 else None
     block = int(layer.name.split(".layers.")[1].split(".")[0])
     parameter = layer.name.rsplit(".", 1)[-1]
 
@@ -173,10 +233,14 @@ def _expert_tensors(layer: QuantizedLayer, qtype: str) -> list[tuple[str, np.nda
 
     if parameter == "gate_up_proj":
         halves = (np.ascontiguousarray(raw[:, :out // 2]), np.ascontiguousarray(raw[:, out // 2:]))
-        return [(name(gguf.MODEL_TENSOR.FFN_GATE_EXP), halves[0]), (name(gguf.MODEL_TENSOR.FFN_UP_EXP), halves[1])]
-    if parameter == "down_proj":
-        return [(name(gguf.MODEL_TENSOR.FFN_DOWN_EXP), raw)]
-    raise ExportFormatError(f"{layer.name}: no llama.cpp tensor for the expert weight {parameter!r}")
+        tensors = [(name(gguf.MODEL_TENSOR.FFN_GATE_EXP), halves[0]), (name(gguf.MODEL_TENSOR.FFN_UP_EXP), halves[1])]
+    elif parameter == "down_proj":
+        tensors = [(name(gguf.MODEL_TENSOR.FFN_DOWN_EXP), raw)]
+    else:
+        raise ExportFormatError(f"{layer.name}: no llama.cpp tensor for the expert weight {parameter!r}")
+    if tensor_scale is not None:  # one scale per expert ({n_expert}), the same for all: one g per stack
+        tensors += [(key.removesuffix(".weight") + ".scale", tensor_scale) for key, _ in tensors]
+    return tensors
 
 
 def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others, qtype_of) -> dict[str, torch.Tensor]:
@@ -201,7 +265,9 @@ def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others, qtype_of) 
             continue
         if layer.kind == "experts":
             for name, raw in _expert_tensors(layer, qtype_of(layer)):
-                writer.add_tensor(name, raw, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype_of(layer)))
+                quantized = raw.dtype == np.uint8
+                writer.add_tensor(name, raw, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype_of(layer)) if quantized
+                                  else None)
                 written[name] = torch.from_numpy(raw)
             continue
         codes, step = layer.codes, layer.step
@@ -210,8 +276,13 @@ def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others, qtype_of) 
             codes, step = _permute_qk(codes, heads), _permute_qk(step, heads)
         qtype = qtype_of(layer)
         raw = pack_blocks(codes, step, qtype)
-        writer.add_tensor(gguf_name(f"{layer.name}.weight"), raw, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
+        name = gguf_name(f"{layer.name}.weight")
+        writer.add_tensor(name, raw, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
         written[layer.name] = torch.from_numpy(raw)
+        if qtype == NVFP4:
+            scale = np.array([nvfp4_tensor_scale(step)], dtype=np.float32)
+            writer.add_tensor(name.removesuffix(".weight") + ".scale", scale)
+            written[f"{layer.name}.scale"] = torch.from_numpy(scale)
         if layer.bias is not None:
             bias = layer.bias.float()
             writer.add_tensor(gguf_name(f"{layer.name}.bias"), (_permute_qk(bias, heads) if heads else bias).numpy())

@@ -17,6 +17,8 @@ from ..distributed import full_tensor
 from ..errors import QATModelError
 from ..lora import has_unmerged_adapters
 from ..quantizers import Grid, MatrixView
+from ..quantizers.block_scales import SCALE_DTYPES as BLOCK_SCALE_DTYPES
+from ..quantizers.block_scales import STEP_DTYPE
 
 
 @dataclass
@@ -30,7 +32,8 @@ class QuantizedLayer:
         codes: int8 ``[R, C]`` integer codes of ``grid``, of the weight's matrix (``view``).
         step: fp32 ``[R or 1, n_groups]``: the matrix is ``step * code`` (in fp32), cast to ``dtype``.
         grid, bits, method, group_size: the quantizer (``bits`` as configured, 1.58 for ternary).
-        scale_dtype: what steps were rounded to in the forward pass.
+        scale_dtype: what scales were rounded to in the forward pass (float8_e8m0fnu / float8_e4m3fn for
+            the MXFP4 / NVFP4 block-scale formats).
         dtype: the weight's dtype.
         bias: the bias (linear layers), or None.
         activation_bits: 8 when the layer fake-quantized its input.
@@ -55,6 +58,12 @@ class QuantizedLayer:
     tied_to: str | None = None
     weight_shape: tuple[int, ...] = ()
     view: MatrixView = MatrixView()
+
+    @property
+    def step_dtype(self) -> torch.dtype:
+        """A dtype that holds every step exactly: the scale dtype, or bfloat16 for the FP8 block-scale
+        formats (a step there is an FP8 value times powers of two)."""
+        return STEP_DTYPE if self.scale_dtype in BLOCK_SCALE_DTYPES else self.scale_dtype
 
     @property
     def shape(self) -> tuple[int, int]:

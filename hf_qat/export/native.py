@@ -2,7 +2,8 @@
 
 Per quantized layer: ``<name>.weight_packed`` (uint8, the code indices in the ``kernels.pack``
 bitstream at ``ceil(log2(#codes))`` bits: 1 for binary, 2 for ternary and 2-bit, b for b-bit LSQ) and
-``<name>.weight_step`` (the per-group steps, in the scale dtype they were rounded to). A fused expert
+``<name>.weight_step`` (the per-group steps, in the scale dtype they were rounded to; bfloat16, which holds
+them exactly, for the FP8 block scales of MXFP4 / NVFP4). A fused expert
 stack ``<experts>.<P>`` stores the same two tensors of its matrix under ``<experts>.<P>_packed.``, with
 its stored shape and layout in the config. An LM head tied to the quantized embedding stores nothing
 of its own. Loads through the transformers quantizer that
@@ -47,7 +48,7 @@ class NativeFormat(ExportFormat):
             modules[layer.name] = {
                 "kind": layer.kind, "shape": list(layer.shape), "scale_shape": list(layer.step.shape),
                 "codes": table, "storage_bits": index_bits(len(table)), "bits": layer.bits, "method": layer.method,
-                "group_size": layer.group_size, "scale_dtype": dtype_name(layer.scale_dtype),
+                "group_size": layer.group_size, "scale_dtype": dtype_name(layer.step_dtype),
                 "activation_bits": layer.activation_bits, "bias": layer.bias is not None, "tied_to": layer.tied_to,
             }
             prefix = layer.name
@@ -57,7 +58,7 @@ class NativeFormat(ExportFormat):
                 prefix += PACKED_SUFFIX
             if layer.tied_to is None:
                 tensors[f"{prefix}.weight_packed"] = pack_bits(code_indices(layer.codes, table), index_bits(len(table)))
-                tensors[f"{prefix}.weight_step"] = layer.step.to(layer.scale_dtype)
+                tensors[f"{prefix}.weight_step"] = layer.step.to(layer.step_dtype)
             if layer.bias is not None:
                 tensors[f"{layer.name}.bias"] = layer.bias
         cfg = get_qat_config(model)

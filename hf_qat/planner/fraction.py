@@ -18,13 +18,16 @@ PAPER_A = 6.7297
 FITTED_RANGE = (3.5e1, 1.35e5)
 
 
-def tokens_per_parameter_byte(num_params: float, tokens: float, bits: float | int | str) -> float:
-    """S = tokens / (num_params * bits / 8): training tokens per byte of quantized weights."""
+def tokens_per_parameter_byte(num_params: float, tokens: float, bits: float | int | str,
+                              storage_bits: float | None = None) -> float:
+    """S = tokens / (num_params * bits / 8): training tokens per byte of quantized weights.
+    ``storage_bits``: the bits per weight in memory when a format stores more than ``bits`` (a block-scaled
+    format's scales, see :mod:`hf_qat.planner.storage`)."""
     if not (num_params > 0):
         raise ValueError(f"num_params must be > 0, got {num_params}")
     if not (tokens >= 0):
         raise ValueError(f"tokens must be >= 0, got {tokens}")
-    return float(tokens) / (float(num_params) * effective_bits(bits) / 8.0)
+    return float(tokens) / (float(num_params) * (storage_bits or effective_bits(bits)) / 8.0)
 
 
 def range_warning(s_total: float) -> str | None:

@@ -344,15 +344,21 @@ class QATScalingLaw:
     def best_bits(
         self, memory_bytes: float, total_tokens: float, candidates: Sequence = (1, TERNARY_BITS, 2, 3, 4, 6, 8)
     ) -> "BitsChoice":
-        """The bit width with the lowest predicted loss when the quantized weights must fit in
-        ``memory_bytes``: for each B, N_B = 8 * memory / B, its optimal QAT fraction, its loss."""
+        """The weight format with the lowest predicted loss when the quantized weights must fit in
+        ``memory_bytes``: for each candidate (a bit width B, or a format such as "mxfp4", "nvfp4",
+        "int4-g32": :func:`~hf_qat.planner.storage.weight_format`), N = 8 * memory / (its bits per weight in
+        memory), its optimal QAT fraction, its loss predicted at its B. The law knows B only: formats of
+        one B differ here by the parameters their scales leave room for, not by their element grids."""
+        from .storage import weight_format
+
         rows = []
-        for bits in candidates:
-            b = effective_bits(bits)
-            n = 8.0 * memory_bytes / b
-            f = self.optimal_fraction(n, total_tokens, bits)
-            loss = float(self.predict(n, (1 - f) * total_tokens, f * total_tokens, bits))
-            rows.append({"bits": normalize_bits(bits), "num_params": n, "qat_fraction": f, "predicted_loss": loss})
+        for candidate in candidates:
+            fmt = weight_format(candidate)
+            n = 8.0 * memory_bytes / fmt.storage_bits
+            f = self.optimal_fraction(n, total_tokens, fmt.bits)
+            loss = float(self.predict(n, (1 - f) * total_tokens, f * total_tokens, fmt.bits))
+            rows.append({"bits": fmt.bits, "format": fmt.name, "storage_bits": fmt.storage_bits, "num_params": n,
+                         "qat_fraction": f, "predicted_loss": loss})
         rows.sort(key=lambda r: r["predicted_loss"])
         return BitsChoice(best=rows[0], candidates=rows)
 

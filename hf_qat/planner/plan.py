@@ -22,6 +22,7 @@ from ..bits import bits_label, normalize_bits
 from ..config import CHOICES
 from .fraction import PAPER_A, optimal_qat_fraction, range_warning, tokens_per_parameter_byte
 from .law import QATScalingLaw
+from .storage import weight_format
 
 STRATEGIES = (*CHOICES["strategy"], "fixed")  # "fixed": a given fraction (the callback's int or float start)
 MOE_PARAMS = CHOICES["moe_params"]
@@ -55,6 +56,8 @@ class Plan:
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
     active_params: float | None = None
     moe_params: str = "total"
+    method: str | None = None
+    storage_bits: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,8 +69,11 @@ class Plan:
         if self.active_params is not None:
             step += (f", N={self.num_params:.3g} total / {self.active_params:.3g} active parameters, S from the "
                      f"{self.moe_params}")
+        weights = f"{bits_label(self.bits)}-bit"
+        if self.method is not None and self.method == weight_format(self.bits, self.method).name:
+            weights = f"{self.method} ({self.storage_bits:g} bits per weight with its scales)"
         return (
-            f"{bits_label(self.bits)}-bit QAT on {self.run_qat_fraction:.1%} of the run "
+            f"{weights} QAT on {self.run_qat_fraction:.1%} of the run "
             f"({self.qat_tokens:.3g} of {self.total_tokens:.3g} tokens; optimal fraction {self.qat_fraction:.3f} of "
             f"D_total={self.d_total:.3g}, S={self.tokens_per_param_byte:.3g}{step}{loss})"
         )
@@ -104,6 +110,7 @@ def plan_qat(
     tokens_per_step_source: str | None = None,
     active_params: float | None = None,
     moe_params: str = "total",
+    method: str | None = None,
 ) -> Plan:
     """Plan the QAT phase of a run.
 
@@ -119,6 +126,9 @@ def plan_qat(
         tokens_per_step_source: how ``tokens_per_step`` was counted (recorded in the plan).
         active_params: for a mixture of experts, the parameters one token uses (all but the experts it is
             not routed to); recorded in the plan.
+        method: the quantizer family; a block-scaled format (mxfp4, nvfp4) stores its block scales with
+            every weight, so S counts its bits per weight in memory (4.25, 4.5: ``Plan.storage_bits``)
+            instead of ``bits`` (a law still predicts at ``bits``; it knows no element grid).
         moe_params: which N the tokens per parameter byte (and a law) use: "total" (every parameter, what
             memory holds; the default) or "active" (``active_params``). Which one predicts the optimum of an
             MoE is an open question (docs/moe.md).
@@ -129,7 +139,8 @@ def plan_qat(
     n = _planner_params(float(num_params), active_params, moe_params)  # the N behind S
     total_steps, tokens_per_step = _steps(total_tokens, total_steps, tokens_per_step)
     d_total = pretrained + float(total_tokens)
-    s_total = tokens_per_parameter_byte(n, d_total, bits)
+    storage_bits = weight_format(bits, method).storage_bits
+    s_total = tokens_per_parameter_byte(n, d_total, bits, storage_bits)
     warnings: list[str] = []
     if strategy != "fixed" and (text := range_warning(s_total)):
         warnings.append(text)
@@ -163,6 +174,7 @@ def plan_qat(
         run_fp_tokens=float(total_tokens) - qat_tokens, run_qat_fraction=run_f, total_steps=total_steps,
         tokens_per_step=tokens_per_step, tokens_per_step_source=tokens_per_step_source, switch_step=switch,
         warnings=warnings, active_params=None if active_params is None else float(active_params), moe_params=moe_params,
+        method=method, storage_bits=storage_bits,
     )
     if law is not None:
         plan.predicted_loss = float(law.predict(n, plan.fp_tokens, plan.qat_tokens, bits))

@@ -1,14 +1,14 @@
-"""Quantizer families (METHOD.md section 5) and the registry that names them.
+"""Quantizer families (METHOD.md sections 5 and 9) and the registry that names them.
 
 ``reference.py`` holds the PyTorch forward/backward that is the specification the Triton kernels
 match bit for bit.
 """
 
-from .base import SCALE_MIN, SEQ_CLIP, Grid, MatrixView, Quantizer, ScaleLayout, lsq_grid
+from .base import SCALE_MIN, SEQ_CLIP, Grid, MatrixView, Quantizer, ScaleLayout, e2m1_grid, lsq_grid
 from .registry import available_quantizers, get_quantizer, get_quantizer_class, register_quantizer
 
 # Importing the families registers them (in this order: the names "auto" resolves to come first).
-from . import lsq, seq, binary, absmax  # noqa: E402,F401  isort: skip
+from . import lsq, seq, binary, absmax, mxfp4, nvfp4  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "SCALE_MIN",
@@ -18,6 +18,7 @@ __all__ = [
     "Quantizer",
     "ScaleLayout",
     "available_quantizers",
+    "e2m1_grid",
     "get_quantizer",
     "get_quantizer_class",
     "lsq_grid",

@@ -6,6 +6,11 @@ A family maps ``r`` to an integer code ``c`` and the fake-quantized weight is ``
 ``reference.py`` (the specification) and the Triton kernels (which must match it bit for bit) only
 ever see a Grid, so a new family needs no kernel code.
 
+A grid is uniform (a rounded, affinely mapped ratio: LSQ, SEQ) or a table of magnitudes (a
+non-uniform, sign-magnitude element set such as E2M1, the elements of MXFP4 and NVFP4: the code is
+the nearest table entry, see :func:`e2m1_grid`). The codes are integers either way, so export packs
+integers whatever the family.
+
 Scale layouts (:class:`ScaleLayout`): a weight ``[R, C]`` (rows = output features, or embedding rows;
 C = input features / embedding dim) has scales ``[R, C // G]`` for groups of G input columns,
 ``[R, 1]`` per channel, ``[1, 1]`` per tensor. A weight stored otherwise (a stack of expert matrices,
@@ -34,10 +39,16 @@ class Grid:
     """The elementwise fake-quant rule of one family at one bit width (all values fp32).
 
     Forward, per weight (``r = w / s_r``, ``s_r`` the rounded scale):
-        sign:  q = +1 if r >= 0 else -1                                  (binary)
-        else:  q = round_half_even(clamp(r, clip_lo, clip_hi) * mul + add)
-        code = q * code_mul + code_add                                    (an integer)
+        sign:        code = +1 if r >= 0 else -1                          (binary)
+        magnitudes:  x = clamp(r, clip_lo, clip_hi) * mul
+                     code = sign(x) * nearest(|x|, magnitudes)            (a non-uniform table, e.g. E2M1)
+        else:        q = round_half_even(clamp(r, clip_lo, clip_hi) * mul + add)
+                     code = q * code_mul + code_add                       (an integer)
         value = round_to_scale_dtype(s_r * level) * code
+    ``nearest`` picks the closest entry of the ascending table ``magnitudes`` (integers from 0); a tie
+    between entries i and i + 1 goes to the one of even index: round half to even on the element
+    set, as IEEE rounds (E2M1's encodings are the table indices, so even index = mantissa bit 0).
+    ``x < 0`` gives a negative code (a zero code keeps the sign of ``x``: -0.0).
     Backward:
         dL/dw = dL/dvalue where mask_lo <= r <= mask_hi, else 0   (clipped straight-through)
         dL/ds = g * sum over the group of dL/dvalue * factor, with
@@ -58,12 +69,15 @@ class Grid:
     mask_lo: float
     mask_hi: float
     qp_int: int
+    magnitudes: tuple[int, ...] = ()
 
     @property
     def codes(self) -> list[int]:
         """Every integer code the grid can produce, ascending."""
         if self.sign:
             return [-1, 1]
+        if self.magnitudes:
+            return sorted({sign * m for m in self.magnitudes for sign in (-1, 1)})
         lo = round(self.clip_lo * self.mul + self.add)
         hi = round(self.clip_hi * self.mul + self.add)
         return sorted({q * self.code_mul + self.code_add for q in range(lo, hi + 1)})
@@ -78,6 +92,24 @@ def lsq_grid(bits: int, mask_all: bool = False) -> Grid:
         level=1.0, grad_lo=float(qn), grad_hi=float(qp),
         mask_lo=-inf if mask_all else float(qn), mask_hi=inf if mask_all else float(qp),
         qp_int=qp,
+    )
+
+
+# E2M1 (the FP4 element of MXFP4 and NVFP4): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives. Doubled, they
+# are integers (ggml's kvalues_fp4 table): the codes, with a level of 0.5.
+E2M1_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12)
+E2M1_MAX = 6.0
+
+
+def e2m1_grid() -> Grid:
+    """FP4 E2M1 elements times s: ``code = 2 * E2M1(clamp(r, -6, 6))`` (doubled, so an integer in
+    -12..12), ``value = (s_r / 2) * code``; round to nearest, ties to even (compressed-tensors' and
+    the OCP MX rule); the weight gradient passes where |r| <= 6; scale-gradient factor -6 / +6 outside,
+    E2M1(r) - r inside; g uses Qp = 6."""
+    return Grid(
+        sign=False, clip_lo=-E2M1_MAX, clip_hi=E2M1_MAX, mul=2.0, add=0.0, code_mul=1, code_add=0, level=0.5,
+        grad_lo=-E2M1_MAX, grad_hi=E2M1_MAX, mask_lo=-E2M1_MAX, mask_hi=E2M1_MAX, qp_int=int(E2M1_MAX),
+        magnitudes=E2M1_DOUBLED,
     )
 
 
@@ -184,6 +216,10 @@ class Quantizer:
     name: ClassVar[str] = ""
     supported_bits: ClassVar[tuple[float, ...]] = ()
     learnable: ClassVar[bool] = True
+    # A block-scaled format fixes both its group size (the block) and the dtype its scales are rounded to;
+    # None: the config's group_size and scale_dtype.
+    block_size: ClassVar[int | None] = None
+    scale_dtype: ClassVar[torch.dtype | None] = None
 
     def __init__(self, bits: float | int) -> None:
         self.check_bits(bits)
@@ -199,6 +235,22 @@ class Quantizer:
                 f"{allowed} with {method_field}={cls.name!r}",
                 detail=f"Choose another {method_field} (or 'auto') for {bits_label(bits)}-bit weights",
             )
+
+    @classmethod
+    def check_group_size(cls, group_size: int | str, method_field: str = "method") -> None:
+        """A block-scaled family takes its own block only (QATConfigError otherwise)."""
+        if cls.block_size is not None and group_size != cls.block_size:
+            raise QATConfigError(
+                "group_size", group_size, f"{cls.block_size} with {method_field}={cls.name!r} (its format's block)",
+                detail=f"{cls.name} stores one scale per block of {cls.block_size} weights; leave group_size unset",
+            )
+
+    def storage_bits(self) -> float | None:
+        """Bits one weight takes in the format this family fixes, its block's scale included (MXFP4:
+        4 + 8 / 32 = 4.25); None for families whose scale overhead is the config's (group_size, scale_dtype)."""
+        if self.block_size is None:
+            return None
+        return self.bits + 8 * self.scale_dtype.itemsize / self.block_size
 
     def grid(self) -> Grid:
         raise NotImplementedError

@@ -4,9 +4,13 @@ The Triton kernels in ``hf_qat.kernels`` must reproduce these functions bit for 
 operation here is spelled out in fp32 in a fixed order:
 
 * Scales (:func:`prepare_scales`, shared by both engines): ``s_r = fp32(dtype(max(s, 1e-5)))`` and
-  ``step = fp32(dtype(s_r * level))`` with ``dtype`` the configured scale dtype.
+  ``step = fp32(dtype(s_r * level))`` with ``dtype`` the configured scale dtype. The block-scaled
+  float families round to their FP8 scale formats instead (:mod:`.block_scales`: E8M0 powers of two;
+  E4M3 over a per-tensor power of two) and ``step = s_r * level`` is exact.
 * Forward (:func:`fake_quantize_forward`): ``r = w / s_r`` (IEEE division), the Grid's code rule,
-  ``value = step * code`` in fp32, cast to the weight dtype.
+  ``value = step * code`` in fp32, cast to the weight dtype. A table grid (E2M1) takes the nearest
+  magnitude of ``x = clamp(r, lo, hi) * mul`` by comparisons with the midpoints of its table
+  (:func:`nearest_magnitude`): exact, with ties to the entry of even index, then the sign of ``x``.
 * Backward (:func:`fake_quantize_backward`): the weight gradient is the output gradient where the
   Grid's mask holds (elementwise, exact); the scale gradient sums ``grad * factor`` over each group
   with :func:`tree_sum` (zero-pad to a power of two, then add adjacent pairs level by level), then
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from .base import SCALE_MIN, Grid, ScaleLayout
+from .block_scales import SCALE_DTYPES as BLOCK_SCALE_DTYPES
+from .block_scales import round_block_scale
 
 _SCALE_MIN_F32 = float(torch.tensor(SCALE_MIN, dtype=torch.float32))
 
@@ -83,7 +89,11 @@ def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def prepare_scales(scale: torch.Tensor, grid: Grid, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s_r, step)``, both fp32 and shaped like ``scale``: the rounded scale that divides the weight
     and the rounded step that multiplies the integer code."""
-    s_r = round_to_dtype(scale.detach().float().clamp(min=SCALE_MIN), scale_dtype)
+    scale = scale.detach().float().clamp(min=SCALE_MIN)
+    if scale_dtype in BLOCK_SCALE_DTYPES:
+        s_r = round_block_scale(scale, scale_dtype)
+        return s_r, s_r * grid.level  # exact: an FP8 value times powers of two
+    s_r = round_to_dtype(scale, scale_dtype)
     step = s_r if grid.level == 1.0 else round_to_dtype(s_r * grid.level, scale_dtype)
     return s_r, step
 
@@ -93,11 +103,27 @@ def _ratio(weight: torch.Tensor, s_r: torch.Tensor, layout: ScaleLayout) -> torc
     return torch.div(layout.group_view(weight.float()), s_r.unsqueeze(-1))
 
 
+def nearest_magnitude(x: torch.Tensor, magnitudes: tuple[int, ...]) -> torch.Tensor:
+    """``sign(x) * m`` with ``m`` the entry of the ascending table ``magnitudes`` nearest to ``|x|``, a tie
+    between entries i and i + 1 going to the even index: ``m = m_0 + sum_i (m_{i+1} - m_i) * [|x| past
+    the midpoint of i and i + 1]`` ("past": ``>=`` when i + 1 is even, ``>`` when odd). fp32, a new tensor."""
+    a = x.abs()
+    m = torch.full_like(a, float(magnitudes[0]))
+    for i, (lo, hi) in enumerate(zip(magnitudes, magnitudes[1:])):
+        mid = (lo + hi) / 2
+        past = a >= mid if (i + 1) % 2 == 0 else a > mid
+        m += past * float(hi - lo)
+    return torch.where(x < 0, -m, m)
+
+
 def _codes_(q: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Turn ``q = clamp(r, clip_lo, clip_hi)`` (modified in place) into the codes of a non-sign grid.
-    Multiplications by 1 and additions of 0 are not performed (so -0.0 stays -0.0)."""
+    """Turn ``q = clamp(r, clip_lo, clip_hi)`` (modified in place, or replaced for a table grid) into the
+    codes of a non-sign grid. Multiplications by 1 and additions of 0 are not performed (so -0.0 stays
+    -0.0)."""
     if grid.mul != 1.0:
         q.mul_(grid.mul)
+    if grid.magnitudes:
+        return nearest_magnitude(q, grid.magnitudes)
     if grid.add != 0.0:
         q.add_(grid.add)
     q.round_()

@@ -9,7 +9,8 @@ position errors show: a Llama-3 rope export without its rope_freqs factors misse
 spread and fails. The ternary cases (TQ2_0, TQ1_0: blocks of 256, so hidden 256) keep the attention
 as initialised: sharpened at that width, the int8 activation rounding alone reaches 2 % of the spread
 even for Q4_0. Their blocks are checked bit for bit in test_formats; here TQ1_0 and TQ2_0 give
-llama.cpp the same logits. The MoE cases (mixtral, qwen3_moe, olmoe) compare with llama.cpp's
+llama.cpp the same logits. The FP4 cases (llama-MXFP4, llama-NVFP4; blocks checked in test_fp4_export)
+run llama.cpp's own MXFP4 / NVFP4 CPU kernels, NVFP4 with its per-tensor ``<name>.scale``. The MoE cases (mixtral, qwen3_moe, olmoe) compare with llama.cpp's
 activation rounding applied to the QAT model (moe_reference). The Gemma cases are set so that each Gemma setting shows: norm weights
 moved off their init (written as 1 + w: without the shift the difference is 4 x the spread), a window
 of 6 tokens (no window or a window of 7: 4 % and 1.2 % for Gemma-2, 47 % and 23 % for Gemma-3),
@@ -57,8 +58,8 @@ def tiny(model_type: str, sharpen: float = 4.0, **extra):
     return model
 
 
-def qat_train(model, tokenizer, steps: int = 4, bits=4, group_size: int = 32):
-    hf_qat.prepare_model_for_qat(model, QATConfig(bits=bits, group_size=group_size, start=0))
+def qat_train(model, tokenizer, steps: int = 4, bits=4, group_size: int | None = 32, method: str = "auto"):
+    hf_qat.prepare_model_for_qat(model, QATConfig(bits=bits, group_size=group_size, method=method, start=0))
     hf_qat.activate_qat(model)
     ids = torch.tensor([tokenizer(TEXT * 3)["input_ids"][:64]])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -130,6 +131,9 @@ CASES["llama-sentencepiece"] = (lambda: tiny("llama", vocab_size=400), "sentence
 TERNARY = {"llama-TQ2_0": "TQ2_0", "llama-TQ1_0": "TQ1_0"}  # case -> GGUF ternary type (blocks 256 wide)
 for case in TERNARY:
     CASES[case] = (lambda: tiny("llama", sharpen=1.0, hidden_size=256, intermediate_size=512), "gpt-2")
+FP4 = {"llama-MXFP4": "mxfp4", "llama-NVFP4": "nvfp4"}  # case -> quantizer family (GGUF MXFP4 / NVFP4 blocks)
+for case in FP4:
+    CASES[case] = CASES["llama"]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -140,6 +144,8 @@ def test_llama_cpp_reproduces_the_qat_model(case, tmp_path):
     if case in TERNARY:
         model = qat_train(build(), tokenizer, bits="ternary", group_size=256)
         options = {"ternary_type": TERNARY[case]}
+    elif case in FP4:
+        model, options = qat_train(build(), tokenizer, group_size=None, method=FP4[case]), None
     else:
         model, options = qat_train(build(), tokenizer), None
     export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer, format_options=options)

@@ -101,3 +101,59 @@ def test_a_stack_of_expert_matrices_is_bit_exact_through_the_dispatch(group, tra
     for ref, tri in zip(results["torch"], results["triton"]):
         assert torch.equal(bits_of(tri), bits_of(ref))
     assert results["torch"][0].shape == shape and torch.equal(results["torch"][0], unit.quantized(stack))
+
+
+@pytest.mark.parametrize("family,block", [("mxfp4", 32), ("nvfp4", 16)])
+@pytest.mark.parametrize("rows,blocks", [(5, 3), (33, 7), (4, 40)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp4_families_are_bit_exact(family, block, rows, blocks, dtype):
+    """E2M1 with E8M0 / E4M3 block scales: forward and both gradients, with every tie between elements
+    and values past 6 placed exactly in the first row."""
+    cols = block * blocks
+    gen = torch.Generator().manual_seed(7)
+    quantizer = get_quantizer(family, 4)
+    weight = torch.randn(rows, cols, generator=gen) * 0.05
+    layout = ScaleLayout(block)
+    scale = quantizer.init_scale(layout.scale_view(weight)) * (0.6 + 0.8 * torch.rand(rows, blocks, generator=gen))
+    spec = WeightQuantSpec(quantizer.grid(), block, quantizer.scale_dtype,
+                           quantizer.grad_scale(weight.numel(), scale.numel(), "paretoq"))
+    s_r, step = prepare_scales(scale, spec.grid, spec.scale_dtype)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.25, -1.75, -5.0, -8.0, 0.0, -0.0, 6.0, -6.0])
+    weight[0, :16] = ties * s_r[0, 0]
+    weight, scale = weight.to(dtype).to(DEVICE), scale.to(DEVICE)
+    s_r, step = prepare_scales(scale, spec.grid, spec.scale_dtype)
+    grad = torch.randn(rows, cols, generator=gen).to(dtype).to(DEVICE)
+    ref, tri = TorchEngine(), TritonEngine()
+    assert torch.equal(bits_of(tri.weight_forward(weight, s_r, step, spec)), bits_of(ref.weight_forward(weight, s_r, step, spec)))
+    gw_ref, sums_ref = ref.weight_backward(grad, weight, s_r, step, spec, True)
+    gw_tri, sums_tri = tri.weight_backward(grad, weight, s_r, step, spec, True)
+    assert torch.equal(bits_of(gw_tri), bits_of(gw_ref))
+    assert torch.equal(bits_of(finish_scale_grad(sums_tri, scale, spec.grad_scale)),
+                       bits_of(finish_scale_grad(sums_ref, scale, spec.grad_scale)))
+
+
+@pytest.mark.parametrize("family", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["stored-out-in", "stored-in-out"])
+def test_fp4_expert_stacks_are_bit_exact_through_the_dispatch(family, transposed, monkeypatch):
+    from hf_qat.kernels.dispatch import weight_fake_quant
+    from hf_qat.unit import WeightQuantizer
+
+    gen = torch.Generator().manual_seed(5)
+    shape = (3, 64, 32) if transposed else (3, 32, 64)
+    stack = (torch.randn(shape, generator=gen) * 0.05).to(torch.bfloat16).to(DEVICE)
+    quantizer = get_quantizer(family, 4)
+    unit = WeightQuantizer(quantizer, stack, group_size=quantizer.block_size, scale_dtype="float16",
+                           scale_grad_mode="paretoq", name="experts.gate_up_proj", transposed=transposed).to(DEVICE)
+    unit.initialize(stack)
+    grad = torch.randn(shape, generator=gen).to(torch.bfloat16).to(DEVICE)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("HF_QAT_BACKEND", backend)
+        weight = stack.clone().requires_grad_(True)
+        unit.zero_grad()
+        out = weight_fake_quant(weight, unit.scale(weight), unit.spec, unit.view)
+        out.backward(grad)
+        results[backend] = (out.detach(), weight.grad, unit.log_scale_ratio.grad.clone())
+    for ref, tri in zip(results["torch"], results["triton"]):
+        assert torch.equal(bits_of(tri), bits_of(ref))
+    assert torch.equal(results["torch"][0], unit.quantized(stack))

@@ -1,0 +1,49 @@
+"""Bits per weight in memory: what the planner's tokens per parameter byte and best-bits' memory budget count.
+
+A weight format is a bit width B (what a law is fitted on) and the bits one weight takes in memory:
+
+* a bare bit width ("4"): B itself, the paper's count (scales not counted; ternary log2 3);
+* a block-scaled float format ("mxfp4", "nvfp4"): its family's own, block scale included: MXFP4
+  4 + 8 / 32 = 4.25, NVFP4 4 + 8 / 16 = 4.5 (plus one fp32 per weight matrix, not counted: 32 bits over a
+  matrix of millions of weights);
+* an integer format with fp16 group scales ("int4-g32"): B + 16 / G (int4-g32: 4.5).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..bits import bits_label, effective_bits, normalize_bits
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """``name`` as written (e.g. "mxfp4"), ``bits`` the law's B, ``storage_bits`` per weight in memory."""
+
+    name: str
+    bits: float | int
+    storage_bits: float
+
+
+def weight_format(spec: str | float | int, method: str | None = None) -> WeightFormat:
+    """A bit width (with ``method``: that quantizer family's format when it fixes one), "mxfp4", "nvfp4",
+    or "int<B>-g<G>" -> its :class:`WeightFormat`; ValueError names what is allowed."""
+    from ..quantizers import available_quantizers, get_quantizer
+
+    text = spec.strip().lower() if isinstance(spec, str) else None
+    if text in available_quantizers():
+        method, spec = text, 4
+    match = re.fullmatch(r"int(\d)-g(\d+)", text or "")
+    if match:
+        bits, group = normalize_bits(int(match.group(1))), int(match.group(2))
+        return WeightFormat(text, bits, bits + 16.0 / group)
+    try:
+        bits = normalize_bits(spec)
+    except ValueError:
+        raise ValueError(f"{spec!r} is not a weight format; write a bit width (1, 1.58, 2, 3, 4, 5, 6, 8), "
+                         "mxfp4, nvfp4, or int<B>-g<G> (e.g. int4-g32)") from None
+    family_bits = get_quantizer(method, bits).storage_bits() if method not in (None, "auto") else None
+    if family_bits is not None:
+        return WeightFormat(method, bits, family_bits)
+    return WeightFormat(bits_label(bits), bits, effective_bits(bits))
