@@ -221,7 +221,7 @@ class QATCallback(TrainerCallback, ExportableState):
                                      detail="it has no experts, so every parameter is active")
             self.plan = plan_qat(
                 count_parameters(model, cfg.count_quantized_params_only), tps.tokens * max_steps, cfg.bits,
-                active_params=active, moe_params=cfg.moe_params,
+                active_params=active, moe_params=cfg.moe_params, method=cfg.resolved_method,
                 total_steps=max_steps, tokens_per_step=tps.tokens, pretrained_tokens=cfg.pretrained_tokens,
                 law=QATScalingLaw.load(cfg.law_path) if cfg.law_path else None,
                 strategy=cfg.strategy if fixed is None else "fixed",

@@ -223,7 +223,7 @@ def test_gguf_refuses_architectures_and_windows_llama_cpp_would_not_reproduce(to
 
     gemma = dict(head_dim=16, query_pre_attn_scalar=16)
     refused = [
-        (("phi3", dict(pad_token_id=0)), r"writes llama, mistral, qwen2, qwen3, gemma2, gemma3_text; this model is 'phi3'"),
+        (("phi3", dict(pad_token_id=0)), r"writes llama, mistral, qwen2, qwen3, mixtral, qwen3_moe, olmoe, gemma2, gemma3_text; this model is 'phi3'"),
         (("mistral", dict(sliding_window=32)), r"sliding window of 32 tokens"),
         (("gemma2", dict(head_dim=16)), r"queries by 1/sqrt\(16\).*query_pre_attn_scalar is 256"),
         (("gemma2", dict(gemma, final_logit_softcapping=None)), r"always soft-caps.*final_logit_softcapping is None"),
