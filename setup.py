@@ -11,7 +11,7 @@ packages = find_packages(include=["hf_qat", "hf_qat.*"]) + ["hf_qat.kernels", "h
 
 setup(
     name="hf_qat",
-    version="0.3.0",
+    version="0.4.0",
     description="Compute-optimal quantization-aware training for Hugging Face Transformers",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
