@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -28,6 +29,7 @@ from .base import (
 )
 from .layers import QuantizedLayer, collect_layers
 
+logger = logging.getLogger("hf_qat")
 PLAN_NAME = "qat_plan.json"
 
 
@@ -129,12 +131,15 @@ def export_checkpoint(
     out_dir = os.fspath(out_dir)
 
     def write() -> ExportInfo:
-        name = choose_format(layers) if format == "auto" else format
+        name, passed_over = choose_format(layers) if format == "auto" else (format, [])
         fmt = get_format(name, format_options)
         check_layers(fmt, layers)
         fmt.check_model(model, layers, tokenizer)
         os.makedirs(out_dir, exist_ok=True)
         info = fmt.write(model, layers, others, out_dir, tokenizer=tokenizer)
+        info.notes = passed_over + info.notes
+        for note in passed_over:
+            logger.warning("hf_qat: %s", note)
         info.expected_bytes = _expected_bytes(fmt, layers, others)
         if tokenizer is not None and name != "gguf":
             saved = [f for f in tokenizer.save_pretrained(out_dir) if os.path.isfile(f)]

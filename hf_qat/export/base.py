@@ -108,11 +108,17 @@ def register_format(cls: type[ExportFormat]) -> type[ExportFormat]:
     return cls
 
 
-def choose_format(layers: list[QuantizedLayer]) -> str:
-    """format="auto": the registered format of lowest ``auto_priority`` that accepts every layer."""
+def choose_format(layers: list[QuantizedLayer]) -> tuple[str, list[str]]:
+    """format="auto": the registered format of lowest ``auto_priority`` that accepts every layer, and why
+    each format tried before it did not (one reason each, for the export's notes)."""
+    skipped = []
     for cls in sorted((c for c in FORMATS.values() if c.auto_priority is not None), key=lambda c: c.auto_priority):
-        if cls().auto_accepts(layers):
-            return cls.name
+        fmt = cls()
+        if fmt.auto_accepts(layers):
+            return cls.name, skipped
+        reason = next((f"{layer.name}: {p}" for layer in layers if (p := fmt.problem(layer)) is not None),
+                      "not chosen automatically for these layers")
+        skipped.append(f"format='auto' passed over {cls.name!r}: {reason}")
     raise ExportFormatError(f"no registered format accepts these layers; formats: {', '.join(FORMATS)}")
 
 

@@ -69,6 +69,37 @@ def _write_fp4(tensors: dict[str, torch.Tensor], prefix: str, codes: torch.Tenso
         tensors[f"{prefix}.weight_global_scale"] = global_scale.reshape(1).clone()
 
 
+# Linear layers that vLLM fuses into one (q/k/v; gate/up) and then scales by ONE NVFP4 global scale.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def shared_nvfp4_scales(layers: list[QuantizedLayer]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``name -> (E4M3 block scales, global scale)`` of the NVFP4 Linear layers, siblings that vLLM fuses
+    sharing one global scale: the smallest of theirs g, each sibling's block scales multiplied by g / g_i
+    (a power of two, so the weight ``q * s_b / g`` is unchanged) where that is exact in E4M3; raises
+    ExportFormatError naming the layers where it is not (a block scale would underflow)."""
+    scales = {layer.name: stored_scales(layer.scale_dtype, layer.step) for layer in layers
+              if is_fp4(layer) and layer.scale_dtype == NVFP4 and layer.kind == "linear"}
+    for group in FUSED_SIBLINGS:
+        families: dict[str, list[str]] = {}
+        for name in scales:
+            parent, _, leaf = name.rpartition(".")
+            if leaf in group:
+                families.setdefault(parent, []).append(name)
+        for names in families.values():
+            shared = min(float(scales[n][1]) for n in names)
+            for name in names:
+                block, own = scales[name]
+                moved = (block.float() * (shared / float(own))).to(torch.float8_e4m3fn)
+                if not torch.equal(moved.float(), block.float() * (shared / float(own))):
+                    raise ExportFormatError(
+                        f"{', '.join(names)}: vLLM fuses these layers and scales them by one NVFP4 global scale, but "
+                        f"{name}'s block scales cannot move to the shared one ({shared:g} instead of {float(own):g}) "
+                        "exactly in E4M3. Formats that can: gguf, hf-qat")
+                scales[name] = (moved, torch.tensor(shared, dtype=torch.float32))
+    return scales
+
+
 def _scheme(layer: QuantizedLayer, bits: int | None) -> dict:
     """The config_groups entry (without targets) of a layer's quantization."""
     if is_fp4(layer):
@@ -159,6 +190,7 @@ class CompressedTensorsFormat(ExportFormat):
         from transformers.core_model_loading import revert_weight_conversion
 
         tensors = dict(others)
+        nvfp4_scales = shared_nvfp4_scales(layers)
         experts: dict[str, torch.Tensor] = {}
         groups: dict[tuple, list[str]] = {}
         notes = []
@@ -178,7 +210,8 @@ class CompressedTensorsFormat(ExportFormat):
                     for key, expert in expert_codes.items():
                         _write_packed(experts, key.removesuffix(".weight"), expert, expert_steps[key], bits, layer.dtype)
             elif is_fp4(layer):
-                _write_fp4(tensors, layer.name, layer.codes, *stored_scales(layer.scale_dtype, layer.step))
+                _write_fp4(tensors, layer.name, layer.codes,
+                           *nvfp4_scales.get(layer.name) or stored_scales(layer.scale_dtype, layer.step))
             else:
                 _write_packed(tensors, layer.name, layer.codes, layer.step, bits, layer.dtype)
             if layer.bias is not None:

@@ -18,7 +18,8 @@
 * NVFP4 (``block_nvfp4``): blocks of 64 = four sub-blocks of 16: four UE4M3 scale bytes ``s_b``, then 32
   bytes, byte ``8s + j`` holding element ``16s + j`` (low) and ``16s + j + 8`` (high); the per-tensor
   scale ``1 / g`` (a power of two, exact) as the F32 tensor ``<name>.scale`` that llama.cpp multiplies
-  into the matmul's output (``{n_expert}`` for an expert stack). Exact for the nvfp4 family, except the
+  into the matmul's output (``{n_expert}`` for an expert stack) in the graphs that read it (llama,
+  mistral, qwen3, mixtral, qwen3_moe; refused for the others: ``GGUFArchitecture.nvfp4_scales``). Exact for the nvfp4 family, except the
   token embedding (llama.cpp has no scale for it, nor for a tied output) and MLP layers with a bias
   (llama.cpp's FFN asserts against a scale with a bias).
 
@@ -160,7 +161,13 @@ class GGUFFormat(ExportFormat):
         return blocks * SCALE_BYTES[qtype] + tensor_scales
 
     def check_model(self, model, layers, tokenizer=None) -> None:
-        architecture(model.config)
+        arch = architecture(model.config)
+        nvfp4 = [layer.name for layer in layers if self.qtype(layer) == NVFP4 and not layer.tied_to]
+        if nvfp4 and not arch.nvfp4_scales:
+            raise ExportFormatError(
+                f"llama.cpp's {model.config.model_type} graph does not multiply in the per-tensor scale of NVFP4 "
+                f"weights ({nvfp4[0]}, ...: it would compute with weights g times too large). Formats that can: "
+                "compressed-tensors, hf-qat (or MXFP4 for GGUF)")
         _vocab(tokenizer, model.config)
 
     def write(self, model, layers, others, out_dir, tokenizer=None) -> ExportInfo:

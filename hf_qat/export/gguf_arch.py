@@ -51,6 +51,9 @@ class GGUFArchitecture:
             cannot be written).
         output_required: llama.cpp's graph reads ``output.weight`` with no fallback to ``token_embd``
             (a tied head is written as its own copy).
+        nvfp4_scales: llama.cpp's graph multiplies the per-tensor ``<name>.scale`` of NVFP4 weights into
+            every matmul (its llama, qwen3, qwen3moe graphs do; qwen2's, gemma2/3's dense FFN and olmoe's
+            experts do not: NVFP4 is refused there).
     """
 
     gguf_arch: str
@@ -61,6 +64,7 @@ class GGUFArchitecture:
     extra_tensors: Callable = lambda cfg: {}
     tied_head_only: bool = False
     output_required: bool = False
+    nvfp4_scales: bool = False
 
 
 def rope_parameters(cfg) -> dict:
@@ -250,15 +254,16 @@ def _moe(check_rope: Callable, renormalised: bool) -> Callable:
 
 ARCHITECTURES = {
     "llama": GGUFArchitecture("LLAMA", lambda cfg: _check_rope_and_window(cfg, ("default", "llama3")), _rope_base_only,
-                              permute_qk=True, extra_tensors=_llama_rope_freqs),
+                              permute_qk=True, extra_tensors=_llama_rope_freqs, nvfp4_scales=True),
     "mistral": GGUFArchitecture("LLAMA", lambda cfg: _check_rope_and_window(cfg, ("default",)), _rope_base_only,
-                                permute_qk=True),
+                                permute_qk=True, nvfp4_scales=True),
     "qwen2": GGUFArchitecture("QWEN2", lambda cfg: _check_rope_and_window(cfg, ("default",)), _rope_base_only),
-    "qwen3": GGUFArchitecture("QWEN3", lambda cfg: _check_rope_and_window(cfg, ("default",)), _rope_base_only),
+    "qwen3": GGUFArchitecture("QWEN3", lambda cfg: _check_rope_and_window(cfg, ("default",)), _rope_base_only,
+                              nvfp4_scales=True),
     "mixtral": GGUFArchitecture("LLAMA", _moe(lambda cfg: _check_rope_and_window(cfg, ("default",)), True),
-                                _moe_metadata, permute_qk=True),
+                                _moe_metadata, permute_qk=True, nvfp4_scales=True),
     "qwen3_moe": GGUFArchitecture("QWEN3MOE", _moe(lambda cfg: _check_rope_and_window(cfg, ("default",)), True),
-                                  _moe_metadata),
+                                  _moe_metadata, nvfp4_scales=True),
     "olmoe": GGUFArchitecture("OLMOE", _moe(lambda cfg: _check_rope_and_window(cfg, ("default",)), False),
                               _moe_metadata, output_required=True),
     "gemma2": GGUFArchitecture("GEMMA2", _check_gemma2, _gemma2_metadata, norm_shift=1.0, tied_head_only=True),

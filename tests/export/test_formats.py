@@ -162,10 +162,10 @@ def test_the_format_registry_refuses_a_duplicate_name_and_drives_auto():
     register_format(Always)
     try:
         layers, _ = collect_layers(qat_trained_model(QATConfig(start=0, bits=4, group_size=16)))
-        assert choose_format(layers) == "test-always"  # "auto" asks the registry, in priority order
+        assert choose_format(layers)[0] == "test-always"  # "auto" asks the registry, in priority order
     finally:
         del FORMATS["test-always"]
-    assert choose_format(layers) == "compressed-tensors"
+    assert choose_format(layers) == ("compressed-tensors", [])
 
 
 def test_gguf_refuses_rope_scaling_llama_cpp_would_not_reproduce_and_writes_llama3_factors(tokenizer, tmp_path):

@@ -68,6 +68,14 @@ def test_compressed_tensors_fp4_reloads_without_hf_qat_bit_for_bit(family, tmp_p
     assert (f"{prefix}.weight_global_scale" in tensors) == (family == "nvfp4")
     want = layer.weight_quantizer.quantized(layer.weight).double().numpy()
     assert np.array_equal(ct_weight(tensors, prefix, family), want)
+    if family == "nvfp4":  # vLLM fuses q/k/v and gate/up under one global scale: the siblings share it, exactly
+        for parent, group in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+            names = [f"model.layers.0.{parent}.{leaf}" for leaf in group]
+            assert len({float(tensors[f"{n}.weight_global_scale"]) for n in names}) == 1, names
+            for name in names:
+                sibling = model.get_submodule(name)
+                assert np.array_equal(ct_weight(tensors, name, family),
+                                      sibling.weight_quantizer.quantized(sibling.weight).double().numpy()), name
     got = logits_in_fresh_process(tmp_path / "ct", "compressed-tensors", INPUT, tmp_path)
     assert torch.equal(got, logits(model))
     assert info.weight_bytes == info.expected_bytes
@@ -103,7 +111,9 @@ def test_compressed_tensors_refuses_fp4_of_a_float32_model_and_auto_takes_an_exa
                                                  r"model's dtype \(torch.float32 here\).*expected m1 and m2"):
         export_checkpoint(model, tmp_path / "ct", format="compressed-tensors")
     assert not (tmp_path / "ct" / "config.json").exists()
-    assert export_checkpoint(model, tmp_path / "auto32", format="auto").format == "hf-qat"
+    auto = export_checkpoint(model, tmp_path / "auto32", format="auto")
+    assert auto.format == "hf-qat"  # and it says why compressed-tensors was passed over
+    assert any("passed over 'compressed-tensors'" in note and "bfloat16" in note for note in auto.notes), auto.notes
     bf16 = qat_trained_model(QATConfig(bits=4, method="mxfp4", start=0), hidden=64, dtype=torch.bfloat16)
     assert export_checkpoint(bf16, tmp_path / "auto16", format="auto").format == "compressed-tensors"
 
@@ -174,3 +184,21 @@ def test_gguf_nvfp4_refusals_name_llama_cpp_reasons(tokenizer, tmp_path):
     with pytest.raises(ExportFormatError, match=r"NVFP4 blocks hold 64 weights .*this input width is 32"):
         export_checkpoint(narrow, tmp_path / "narrow", format="gguf", tokenizer=tokenizer)
     assert not (tmp_path / "tied").exists() and not (tmp_path / "narrow").exists()
+
+
+def test_gguf_nvfp4_is_refused_where_llama_cpp_ignores_the_per_tensor_scale(tokenizer, tmp_path):
+    """qwen2's graph (like gemma2/3's dense FFN and olmoe's experts) never multiplies <name>.scale in: its
+    logits came out NaN. Refused before anything is written; MXFP4 has no per-tensor scale and is written."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def qwen2(method):
+        config = AutoConfig.for_model("qwen2", vocab_size=320, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=True)
+        return hf_qat.ptq(AutoModelForCausalLM.from_config(config), QATConfig(bits=4, method=method, start=0))
+
+    with pytest.raises(ExportFormatError, match="qwen2 graph does not multiply in the per-tensor scale of NVFP4"):
+        export_checkpoint(qwen2("nvfp4"), tmp_path / "nvfp4", format="gguf", tokenizer=tokenizer)
+    assert not (tmp_path / "nvfp4").exists()
+    export_checkpoint(qwen2("mxfp4"), tmp_path / "mxfp4", format="gguf", tokenizer=tokenizer)
+    assert (tmp_path / "mxfp4" / "model.gguf").is_file()

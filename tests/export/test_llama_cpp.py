@@ -131,9 +131,9 @@ CASES["llama-sentencepiece"] = (lambda: tiny("llama", vocab_size=400), "sentence
 TERNARY = {"llama-TQ2_0": "TQ2_0", "llama-TQ1_0": "TQ1_0"}  # case -> GGUF ternary type (blocks 256 wide)
 for case in TERNARY:
     CASES[case] = (lambda: tiny("llama", sharpen=1.0, hidden_size=256, intermediate_size=512), "gpt-2")
-FP4 = {"llama-MXFP4": "mxfp4", "llama-NVFP4": "nvfp4"}  # case -> quantizer family (GGUF MXFP4 / NVFP4 blocks)
+FP4 = {"llama-MXFP4": "mxfp4", "llama-NVFP4": "nvfp4", "qwen3-NVFP4": "nvfp4"}  # case -> quantizer family
 for case in FP4:
-    CASES[case] = CASES["llama"]
+    CASES[case] = CASES[case.split("-")[0]]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
