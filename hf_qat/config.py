@@ -140,8 +140,9 @@ class QATConfig:
         fuse_cooldown: use the paper's fused schedule (LR stays at its stable value until the switch,
             then decays over the QAT phase); False gives the classic schedule.
         scale_dtype: scales are rounded to this dtype in the forward pass (exact export). The
-            block-scaled formats (mxfp4, nvfp4) round to their own scale formats; with them only the
-            default "float16" is accepted (it then serves an integer-family embedding_method, if any).
+            block-scaled formats (mxfp4, nvfp4) round to their own scale formats; when every family in
+            use is one of them, only the default "float16" is accepted (with an integer family beside
+            one, e.g. an LSQ embedding_method, scale_dtype applies to that family).
         scale_lr_multiplier: when set, the scales' learning rate is the base LR times this (the rule
             of hf_qat 0.1 / 0.2, whose default was 10). None (default): ``scale_lr``.
         scale_lr: the scales' peak learning rate, whatever the base LR (None: 0.02, ``DEFAULT_SCALE_LR``,
@@ -284,6 +285,14 @@ class QATConfig:
         families = self._families()
         for field_name, cls in families.items():
             cls.check_group_size(self.group_size, method_field=field_name)
+        embedding = families.get("embedding_method")
+        if embedding is not None and embedding.block_size is not None and families["method"].block_size is None:
+            # one group_size serves both: the embedding's block would silently become the weights' group size
+            raise QATConfigError("embedding_method", self.embedding_method,
+                                 f"an integer family (the weights' {families['method'].name!r} is one), or a "
+                                 "block-scaled method for the weights too",
+                                 detail="group_size serves the weights and the embeddings alike, and a block-scaled "
+                                        "format takes only its own block")
         if self.scale_dtype != "float16" and all(cls.scale_dtype is not None for cls in families.values()):
             names = " and ".join(sorted({repr(cls.name) for cls in families.values()}))
             raise QATConfigError("scale_dtype", self.scale_dtype, f"'float16' (the default) with {names}",

@@ -183,3 +183,12 @@ def test_a_width_that_is_not_a_multiple_of_the_block_is_named():
     with pytest.raises(QATModelError, match=r"mlp.experts.down_proj: its input width 16 is not a multiple of mxfp4's "
                                             r"block of 32 weights; exclude it with exclude_modules"):
         hf_qat.prepare_model_for_qat(tiny_moe("qwen3_moe"), QATConfig(bits=4, method="mxfp4", start=0))
+
+
+def test_a_block_scaled_embedding_beside_integer_weights_is_refused():
+    """One group_size serves weights and embeddings: an NVFP4 embedding would turn the integer weights'
+    groups of 32 into groups of 16 without a word."""
+    with pytest.raises(QATConfigError, match="embedding_method='nvfp4'") as info:
+        QATConfig(bits=4, embedding_bits=4, embedding_method="nvfp4")
+    assert info.value.field == "embedding_method"
+    assert QATConfig(bits=4, method="nvfp4", embedding_bits=4).group_size == 16  # the weights' block serves both
