@@ -198,7 +198,7 @@ def _plot_cells(cs: list[Cell], law: QATScalingLaw | None, path: str) -> str:
 
 
 def _plot_optimum(cs: list[Cell], path: str) -> str:
-    from ..planner import FITTED_RANGE, PAPER_A, optimal_qat_fraction
+    from ..planner import FITTED_RANGE, PAPER_A, optimal_qat_fraction, tokens_per_parameter_byte
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
@@ -207,9 +207,18 @@ def _plot_optimum(cs: list[Cell], path: str) -> str:
     ax.semilogx(grid, [optimal_qat_fraction(v, PAPER_A) for v in grid], color="k", lw=1, label="paper f_hat")
     ax.axvspan(*FITTED_RANGE, color="0.5", alpha=0.08, label="paper's fitted range")
     for i, bits in enumerate(sorted({c.bits for c in cs})):
-        sel = [c for c in cs if c.bits == bits]
+        sel = [c for c in cs if c.bits == bits and not c.active_params]
+        label = f"observed, {bits_label(bits)}" + ("" if bits_label(bits) == "ternary" else "-bit")
         ax.scatter([c.tokens_per_param_byte for c in sel], [c.observed_optimum for c in sel], color=f"C{i}",
-                   label=f"observed, {bits_label(bits)}" + ("" if bits_label(bits) == "ternary" else "-bit"), zorder=3)
+                   label=label, zorder=3)
+        moe = [c for c in cs if c.bits == bits and c.active_params]
+        if moe:  # a mixture of experts at both of its S: from every parameter, and from the active ones
+            ax.scatter([c.tokens_per_param_byte for c in moe], [c.observed_optimum for c in moe], color=f"C{i}",
+                       marker="s", facecolors="none", label=f"{label} MoE, S from total N", zorder=3)
+            active = [tokens_per_parameter_byte(c.active_params, c.tokens, c.bits) for c in moe]
+            ax.scatter(active, [c.observed_optimum for c in moe], color=f"C{i}", marker="x",
+                       label=f"{label} MoE, S from active N", zorder=3)
+            grid = np.logspace(math.log10(grid[0]), math.log10(max(grid[-1], max(active) * 2)), 200)
     ax.set_xlim(grid[0], grid[-1])
     ax.set_xlabel("tokens per parameter byte S")
     ax.set_ylabel("optimal QAT fraction")
