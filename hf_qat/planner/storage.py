@@ -29,12 +29,12 @@ class WeightFormat:
 def weight_format(spec: str | float | int, method: str | None = None) -> WeightFormat:
     """A bit width (with ``method``: that quantizer family's format when it fixes one), "mxfp4", "nvfp4",
     or "int<B>-g<G>" -> its :class:`WeightFormat`; ValueError names what is allowed."""
-    from ..quantizers import available_quantizers, get_quantizer
+    from ..quantizers import available_quantizers, get_quantizer, get_quantizer_class
 
     text = spec.strip().lower() if isinstance(spec, str) else None
-    if text in available_quantizers():
-        method, spec = text, 4
-    match = re.fullmatch(r"int(\d)-g(\d+)", text or "")
+    if text in available_quantizers() and get_quantizer_class(text).block_size is not None:
+        method, spec = text, 4  # a block-scaled format is named by its family (its bits are fixed)
+    match = re.fullmatch(r"int(\d)-g([1-9]\d*)", text or "")
     if match:
         bits, group = normalize_bits(int(match.group(1))), int(match.group(2))
         return WeightFormat(text, bits, bits + 16.0 / group)

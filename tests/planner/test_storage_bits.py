@@ -51,3 +51,11 @@ def test_best_bits_compares_int4_g32_mxfp4_and_nvfp4_at_equal_memory(capsys):
     assert "best bit width for 64KB of weights and 1M tokens: mxfp4" in out and "knows no element grid" in out
     assert main(["plan", "--params", "131K", "--tokens", "1M", "--bits", "4", "--method", "nvfp4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["storage_bits"] == 4.5
+
+
+def test_weight_format_names_only_formats():
+    from hf_qat.planner.storage import weight_format
+
+    for spec in ("lsq", "seq", "int4-g0", "fp4"):
+        with pytest.raises(ValueError, match="is not a weight format"):
+            weight_format(spec)
