@@ -1,4 +1,5 @@
-"""The cost of QAT in a training step: FP vs weight-only 4-bit QAT vs int8-activation/4-bit-weight QAT.
+"""The cost of QAT in a training step: FP vs weight-only 4-bit QAT vs int8-activation/4-bit-weight QAT vs
+MXFP4 and NVFP4 QAT (weight-only).
 
     python benchmarks/step_overhead.py [--model smollm2-135m|demo|tiny|qwen3-moe|qwen3-moe-gpu|dense-active]
                                        [--out benchmarks/results/step_overhead.json]
@@ -60,6 +61,8 @@ MODES = {
     "fp": None,
     "w4 QAT": dict(bits=4, group_size=32),
     "a8w4 QAT": dict(bits=4, group_size=32, activation_bits=8),
+    "mxfp4 QAT": dict(bits=4, method="mxfp4"),
+    "nvfp4 QAT": dict(bits=4, method="nvfp4"),
 }
 
 
