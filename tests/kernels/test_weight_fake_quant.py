@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_qat.config import TERNARY_BITS
-from hf_qat.kernels.dispatch import TorchEngine
+from hf_qat.kernels.dispatch import TorchEngine, weight_fake_quant
 from hf_qat.quantizers import ScaleLayout, get_quantizer
 from hf_qat.quantizers.reference import WeightQuantSpec, finish_scale_grad, prepare_scales
 
@@ -80,7 +80,6 @@ def test_activation_fake_quant_is_bit_exact(shape, dtype):
 def test_a_stack_of_expert_matrices_is_bit_exact_through_the_dispatch(group, transposed, dtype, monkeypatch):
     """A fused expert stack [E, out, in] (or [E, in, out]) goes through WeightFakeQuant as its matrix
     view: Triton and the reference agree bit for bit on the output and on both gradients."""
-    from hf_qat.kernels.dispatch import weight_fake_quant
     from hf_qat.unit import WeightQuantizer
 
     gen = torch.Generator().manual_seed(4)
@@ -90,17 +89,8 @@ def test_a_stack_of_expert_matrices_is_bit_exact_through_the_dispatch(group, tra
                            scale_grad_mode="paretoq", name="experts.gate_up_proj", transposed=transposed).to(DEVICE)
     unit.initialize(stack)
     grad = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
-    results = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("HF_QAT_BACKEND", backend)
-        weight = stack.clone().requires_grad_(True)
-        unit.zero_grad()
-        out = weight_fake_quant(weight, unit.scale(weight), unit.spec, unit.view)
-        out.backward(grad)
-        results[backend] = (out.detach(), weight.grad, unit.log_scale_ratio.grad.clone())
-    for ref, tri in zip(results["torch"], results["triton"]):
-        assert torch.equal(bits_of(tri), bits_of(ref))
-    assert results["torch"][0].shape == shape and torch.equal(results["torch"][0], unit.quantized(stack))
+    assert_engines_agree_on_a_stack(unit, stack, grad, monkeypatch)
+    assert unit.quantized(stack).shape == shape
 
 
 @pytest.mark.parametrize("family,block", [("mxfp4", 32), ("nvfp4", 16)])
@@ -135,7 +125,6 @@ def test_fp4_families_are_bit_exact(family, block, rows, blocks, dtype):
 @pytest.mark.parametrize("family", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["stored-out-in", "stored-in-out"])
 def test_fp4_expert_stacks_are_bit_exact_through_the_dispatch(family, transposed, monkeypatch):
-    from hf_qat.kernels.dispatch import weight_fake_quant
     from hf_qat.unit import WeightQuantizer
 
     gen = torch.Generator().manual_seed(5)
@@ -146,6 +135,13 @@ def test_fp4_expert_stacks_are_bit_exact_through_the_dispatch(family, transposed
                            scale_grad_mode="paretoq", name="experts.gate_up_proj", transposed=transposed).to(DEVICE)
     unit.initialize(stack)
     grad = torch.randn(shape, generator=gen).to(torch.bfloat16).to(DEVICE)
+    assert_engines_agree_on_a_stack(unit, stack, grad, monkeypatch)
+    assert unit.quantized(stack).shape == shape
+
+
+def assert_engines_agree_on_a_stack(unit, stack, grad, monkeypatch):
+    """The reference and the Triton kernel on an expert stack: output, weight and scale gradients bit for
+    bit, and the output is the unit's quantized stack."""
     results = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("HF_QAT_BACKEND", backend)
