@@ -89,7 +89,7 @@ def substituted_parameters(module: nn.Module, tensors: dict[str, torch.Tensor]) 
 
 class QATExperts(nn.Module):
     """The QAT behaviour mixed into a fused experts class (see the module docstring); built by
-    :func:`qat_experts_class`, installed by :func:`install`. ``experts_class`` is the original class."""
+    :func:`mixed_class`, installed by :func:`install`. ``experts_class`` is the original class."""
 
     experts_class: type[nn.Module]
 
@@ -112,15 +112,16 @@ class QATExperts(nn.Module):
 
 
 @functools.cache
-def qat_experts_class(experts_class: type[nn.Module]) -> type[nn.Module]:
-    """``QAT<experts_class>``: the experts class with :class:`QATExperts` in front (one per class)."""
-    return type(f"QAT{experts_class.__name__}", (QATExperts, experts_class),
-                {"__module__": __name__, "experts_class": experts_class})
+def mixed_class(mixin: type[nn.Module], experts_class: type[nn.Module], prefix: str) -> type[nn.Module]:
+    """``<prefix><experts_class>``: the experts class with ``mixin`` in front (one per pair), remembering
+    the original as ``experts_class`` (QAT experts here, packed experts in the native format)."""
+    return type(f"{prefix}{experts_class.__name__}", (mixin, experts_class),
+                {"__module__": mixin.__module__, "experts_class": experts_class})
 
 
 def install(module: nn.Module, units: dict[str, WeightQuantizer]) -> None:
     """Make ``module`` (a fused experts module) compute with its fused weights' ``units`` in place."""
-    module.__class__ = qat_experts_class(type(module))
+    module.__class__ = mixed_class(QATExperts, type(module), "QAT")
     for name, unit in units.items():
         module.add_module(name + UNIT_SUFFIX, unit)
 

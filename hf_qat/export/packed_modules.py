@@ -17,7 +17,6 @@ layers without depending on the exporter.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch import nn
 from ..convert import register_restorer
 from ..dtypes import torch_dtype
 from ..errors import QATModelError
-from ..experts import substituted_parameters
+from ..experts import mixed_class, substituted_parameters
 from ..kernels import activation_fake_quant, dequantize_packed
 from ..kernels.pack import packed_bytes_per_row
 from ..quantizers import MatrixView
@@ -130,7 +129,7 @@ class TiedPackedHead(nn.Module):
 
 
 class PackedExperts(nn.Module):
-    """Mixed into a fused experts class (:func:`packed_experts_class`): each fused stack ``P`` lives
+    """Mixed into a fused experts class (:func:`hf_qat.experts.mixed_class`): each fused stack ``P`` lives
     packed in the child ``P_packed`` and is dequantized for the forward. ``experts_class`` is the
     original class."""
 
@@ -147,13 +146,6 @@ class PackedExperts(nn.Module):
             return super().forward(*args, **kwargs)
 
 
-@functools.cache
-def packed_experts_class(experts_class: type[nn.Module]) -> type[nn.Module]:
-    """``Packed<experts_class>``: the experts class with :class:`PackedExperts` in front (one per class)."""
-    return type(f"Packed{experts_class.__name__}", (PackedExperts, experts_class),
-                {"__module__": __name__, "experts_class": experts_class})
-
-
 def _pack_expert_stack(model: nn.Module, name: str, spec: dict[str, Any], dtype: torch.dtype) -> None:
     """Replace the fused Parameter ``name`` (``<experts>.<P>``) by its packed child ``P_packed``."""
     module_name, _, parameter = name.rpartition(".")
@@ -166,7 +158,7 @@ def _pack_expert_stack(model: nn.Module, name: str, spec: dict[str, Any], dtype:
         )
     del experts._parameters[parameter]
     if not isinstance(experts, PackedExperts):
-        experts.__class__ = packed_experts_class(type(experts))
+        experts.__class__ = mixed_class(PackedExperts, type(experts), "Packed")
     experts.add_module(parameter + PACKED_SUFFIX, PackedWeight(spec, dtype, weight.device))
     # transformers' _init_weights would initialise the (now packed) stack by name; everything this module
     # holds comes from the checkpoint, which the quantizer checks after loading.

@@ -270,3 +270,18 @@ class Quantizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(bits={bits_label(self.bits)})"
+
+
+class E2M1Quantizer(Quantizer):
+    """A block-scaled 4-bit float family (MXFP4, NVFP4): E2M1 elements, one scale per ``block_size``
+    weights stored as ``scale_dtype``; the first scale is the block's ``amax / first_scale_divisor``.
+    Subclasses set those three."""
+
+    supported_bits = (4,)
+    first_scale_divisor: ClassVar[float] = 6.0
+
+    def grid(self) -> Grid:
+        return e2m1_grid()
+
+    def init_scale(self, groups: torch.Tensor) -> torch.Tensor:
+        return groups.abs().amax(dim=-1) / self.first_scale_divisor

@@ -23,18 +23,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import Grid, Quantizer, e2m1_grid
+from .base import E2M1Quantizer
 from .registry import register_quantizer
 
 
 @register_quantizer("nvfp4")
-class NVFP4Quantizer(Quantizer):
-    supported_bits = (4,)
+class NVFP4Quantizer(E2M1Quantizer):
     block_size = 16
     scale_dtype = torch.float8_e4m3fn
-
-    def grid(self) -> Grid:
-        return e2m1_grid()
-
-    def init_scale(self, groups: torch.Tensor) -> torch.Tensor:
-        return groups.abs().amax(dim=-1) / 6
+    first_scale_divisor = 6.0
