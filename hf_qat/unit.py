@@ -42,6 +42,7 @@ from .dtypes import torch_dtype
 from .errors import QATModelError, QATRuntimeError
 from .kernels import weight_fake_quant
 from .quantizers import MatrixView, Quantizer, ScaleLayout
+from .quantizers.kquants import BlockScales, block_scales, ggml_codes, ggml_fake_quantize
 from .quantizers.reference import WeightQuantSpec, fake_quantize_weight, mse_scale, quantize_codes
 
 UNIT_SUFFIX = "_quantizer"  # a unit is the child <layer>.weight_quantizer, or <experts>.<P>_quantizer
@@ -75,9 +76,11 @@ class WeightQuantizer(nn.Module):
         self.view = MatrixView(transposed=transposed and stacked, per_matrix=stacked and group_size == "tensor")
         matrix_shape = self.view.matrix_shape(weight.shape)
         layout = ScaleLayout("channel" if self.view.per_matrix else group_size)
-        if quantizer.block_size is not None and matrix_shape[1] % quantizer.block_size:
+        multiple = quantizer.row_multiple or quantizer.block_size
+        if multiple is not None and matrix_shape[1] % multiple:
             raise QATModelError(f"{name}: its input width {matrix_shape[1]} is not a multiple of {quantizer.name}'s block "
-                                f"of {quantizer.block_size} weights; exclude it with exclude_modules")
+                                f"of {multiple} weights; exclude it with exclude_modules (or train a llama.cpp mix, "
+                                "gguf_mix, which gives such weights llama.cpp's fallback type)")
         layout.check(matrix_shape, name)
         scale_shape = layout.scale_shape(matrix_shape)
         matrices = int(weight.shape[0]) if stacked else 1
@@ -90,8 +93,10 @@ class WeightQuantizer(nn.Module):
             grid=quantizer.grid(), group_size=layout.group_size, scale_dtype=quantizer.scale_dtype or torch_dtype(scale_dtype),
             grad_scale=quantizer.grad_scale(weight.numel() // matrices, scale_shape[0] * scale_shape[1] // matrices,
                                             scale_grad_mode),
-            learnable=quantizer.learnable,
+            learnable=quantizer.learnable, ggml_grid=getattr(quantizer, "ggml_grid", None),
         )
+        if quantizer.scale_components > 1:  # a (scale, min) pair per group: the asymmetric ggml k-quants
+            scale_shape = (*scale_shape, quantizer.scale_components)
         if quantizer.learnable:
             self.log_scale_ratio = nn.Parameter(torch.zeros(scale_shape, dtype=weight.dtype, device=weight.device))
             self.register_buffer("init_scale", torch.ones(scale_shape, dtype=torch.float32, device=weight.device))
@@ -120,7 +125,8 @@ class WeightQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ scales
     def scale(self, weight: torch.Tensor) -> torch.Tensor:
-        """The scale the forward uses (fp32, scale shape): ``init_scale * exp(log_scale_ratio)``, or
+        """The scale the forward uses (fp32, scale shape; ``[*scale shape, 2]``, scale and min, for the
+        asymmetric ggml families): ``init_scale * exp(log_scale_ratio)``, or
         for the non-learnable absmax family the one recomputed from ``weight``."""
         if self.log_scale_ratio is None:
             return self.quantizer.init_scale(self.layout.scale_view(self.view.to_matrix(weight.detach()).float()))
@@ -174,14 +180,24 @@ class WeightQuantizer(nn.Module):
     def codes(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes int8 [R, C], step fp32 [scale shape])`` of the weight's matrix (:attr:`view`): what
         export packs; ``step * codes`` equals the fake-quantized matrix exactly."""
-        return quantize_codes(self.view.to_matrix(full_weight.detach()), self.full_scale(full_weight), self.spec)
+        matrix = self.view.to_matrix(full_weight.detach())
+        if self.spec.ggml_grid is not None:
+            codes, scales = ggml_codes(matrix, self.full_scale(full_weight), self.spec.ggml_grid)
+            return codes, scales.step
+        return quantize_codes(matrix, self.full_scale(full_weight), self.spec)
+
+    @torch.no_grad()
+    def ggml_scales(self, full_weight: torch.Tensor) -> BlockScales:
+        """A ggml family's rounded block scales (what GGUF stores beside :meth:`codes`)."""
+        return block_scales(self.full_scale(full_weight), self.spec.ggml_grid)
 
     @torch.no_grad()
     def quantized(self, full_weight: torch.Tensor) -> torch.Tensor:
         """The fake-quantized full weight in its stored layout, no autograd (bake, metrics)."""
-        matrix = self.view.to_matrix(full_weight.detach())
-        return self.view.from_matrix(fake_quantize_weight(matrix, self.full_scale(full_weight), self.spec),
-                                     full_weight.shape)
+        matrix, scale = self.view.to_matrix(full_weight.detach()), self.full_scale(full_weight)
+        quantized = (ggml_fake_quantize(matrix, scale, self.spec.ggml_grid) if self.spec.ggml_grid is not None
+                     else fake_quantize_weight(matrix, scale, self.spec))
+        return self.view.from_matrix(quantized, full_weight.shape)
 
     @torch.no_grad()
     def error(self, full_weight: torch.Tensor) -> float:

@@ -17,6 +17,9 @@ from ..errors import QATModelError
 from .layers import QuantizedLayer
 
 MANIFEST_NAME = "hf_qat_export.json"
+# Why a format other than GGUF refuses a layer of the ggml block families (q4_k, ..., iq4_nl, q5_1).
+GGML_ONLY = ("ggml's k-quant / IQ4_NL / Q5_1 blocks (integer block scales under an fp16 super-block scale, "
+             "mins) are written exactly by format='gguf' only")
 
 
 class ExportFormatError(ValueError):

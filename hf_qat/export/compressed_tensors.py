@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..kernels.pack import pack_int32
-from .base import (ExportFormat, ExportFormatError, ExportInfo, register_format, save_tensors, tensor_bytes,
+from .base import (GGML_ONLY, ExportFormat, ExportFormatError, ExportInfo, register_format, save_tensors, tensor_bytes,
                    write_model_config)
 from .fp4 import MXFP4, NVFP4, e2m1_nibbles, is_fp4, stored_scales
 from .layers import QuantizedLayer
@@ -134,6 +134,8 @@ class CompressedTensorsFormat(ExportFormat):
         return all(self.problem(layer) is None and self.native_width(layer) for layer in layers)
 
     def problem(self, layer: QuantizedLayer) -> str | None:
+        if layer.ggml_grid is not None:
+            return GGML_ONLY
         if layer.kind == "experts" and layer.group_size == "tensor":
             return "per-tensor scales are not written to compressed-tensors here (use group or channel scales)"
         if layer.kind == "embedding" or layer.tied_to is not None:

@@ -42,25 +42,34 @@ from .fp4 import MXFP4 as MXFP4_SCALES
 from .fp4 import NVFP4 as NVFP4_SCALES
 from .fp4 import e2m1_nibbles, is_fp4, stored_scales
 from .gguf_arch import GGUFArchitecture, add_metadata, architecture
+from .gguf_kquants import BYTES as GGML_BYTES
+from .gguf_kquants import pack_ggml
+from ..quantizers.kquants import GRIDS as GGML_GRIDS
 from .gguf_vocab import add_tokenizer, gguf_vocab
 from .layers import QuantizedLayer
 
-Q4_0, Q8_0, TQ1_0, TQ2_0, MXFP4, NVFP4 = "Q4_0", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4"
-BLOCK = {Q4_0: 32, Q8_0: 32, TQ1_0: 256, TQ2_0: 256, MXFP4: 32, NVFP4: 64}
-BYTES = {Q4_0: 18, Q8_0: 34, TQ1_0: 54, TQ2_0: 66, MXFP4: 17, NVFP4: 36}
-SCALE_BYTES = {Q4_0: 2, Q8_0: 2, TQ1_0: 2, TQ2_0: 2, MXFP4: 1, NVFP4: 4}  # per block
+Q4_0, Q5_0, Q8_0, TQ1_0, TQ2_0, MXFP4, NVFP4 = "Q4_0", "Q5_0", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4"
+BLOCK = {Q4_0: 32, Q5_0: 32, Q8_0: 32, TQ1_0: 256, TQ2_0: 256, MXFP4: 32, NVFP4: 64,
+         **{grid.ggml_type: grid.super_block for grid in GGML_GRIDS.values()}}
+BYTES = {Q4_0: 18, Q5_0: 22, Q8_0: 34, TQ1_0: 54, TQ2_0: 66, MXFP4: 17, NVFP4: 36, **GGML_BYTES}
+SCALE_BYTES = {Q4_0: 2, Q5_0: 2, Q8_0: 2, TQ1_0: 2, TQ2_0: 2, MXFP4: 1, NVFP4: 4,  # per block
+               "Q2_K": 20, "Q3_K": 14, "Q4_K": 16, "Q5_K": 16, "Q6_K": 18, "IQ4_NL": 2, "Q5_1": 4}
 TERNARY_TYPES = (TQ2_0, TQ1_0)
 
 
 def gguf_type(layer: QuantizedLayer, ternary_type: str = TQ2_0) -> str | None:
     """The GGML block type that stores ``layer`` exactly (ternary layers: ``ternary_type``), or None."""
     codes = layer.grid.codes
+    if layer.ggml_grid is not None:
+        return layer.ggml_grid.ggml_type
     if is_fp4(layer):
         return MXFP4 if layer.scale_dtype == MXFP4_SCALES else NVFP4
     if layer.scale_dtype != torch.float16:
         return None
     if layer.grid.level == 1.0 and codes == list(range(-8, 8)) and layer.group_size == 32:
         return Q4_0
+    if layer.grid.level == 1.0 and codes == list(range(-16, 16)) and layer.group_size == 32:
+        return Q5_0
     if layer.grid.level == 1.0 and codes == list(range(-128, 128)) and layer.group_size == 32:
         return Q8_0
     if layer.bits == TERNARY_BITS and codes == [-1, 0, 1] and layer.group_size == 256:
@@ -103,6 +112,11 @@ def pack_blocks(codes: torch.Tensor, step: torch.Tensor, qtype: str) -> np.ndarr
         u = (q + 8).to(torch.uint8)
         qs = u[..., :16] | (u[..., 16:] << 4)
         out = torch.cat([d, qs], dim=-1)
+    elif qtype == Q5_0:  # d, 4 bytes qh (bit j: the fifth bit of element j), 16 bytes as Q4_0
+        u = (q + 16).to(torch.uint8)
+        qs = (u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)
+        qh = sum(((u[..., j] >> 4).to(torch.int64) << j) for j in range(32))
+        out = torch.cat([d, qh.unsqueeze(-1).view(torch.uint8)[..., :4], qs], dim=-1)
     elif qtype == Q8_0:
         out = torch.cat([d, q.to(torch.int8).view(torch.uint8)], dim=-1)
     elif qtype == TQ1_0:
@@ -118,6 +132,18 @@ def pack_blocks(codes: torch.Tensor, step: torch.Tensor, qtype: str) -> np.ndarr
     return out.reshape(rows, -1).numpy()
 
 
+def _pack_layer(layer: QuantizedLayer, codes: torch.Tensor, step: torch.Tensor, qtype: str,
+                heads: int | None = None) -> np.ndarray:
+    """The raw blocks of a layer's matrix ``codes [R, C]`` (rows of ``layer.codes``: ``heads`` permutes them,
+    with the steps or the ggml families' block scales, as llama.cpp orders q/k rows)."""
+    if heads:
+        codes, step = _permute_qk(codes, heads), _permute_qk(step, heads)
+    if layer.ggml_grid is None:
+        return pack_blocks(codes, step, qtype)
+    scales = layer.ggml_scales.map(lambda t: _permute_qk(t, heads)) if heads else layer.ggml_scales
+    return pack_ggml(codes, scales, layer.ggml_grid)
+
+
 def _permute_qk(t: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp's row order for Llama q/k projections (a row permutation)."""
     rows = t.shape[0]
@@ -131,15 +157,20 @@ class GGUFFormat(ExportFormat):
     tags = ("gguf", "llama.cpp")
 
     OPTIONS = {"ternary_type": TERNARY_TYPES}
+    auto_priority = 2  # for the ggml families only (auto_accepts): the others load in transformers first
 
     def qtype(self, layer: QuantizedLayer) -> str | None:
         return gguf_type(layer, self.options["ternary_type"])
 
+    def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
+        return any(layer.ggml_grid is not None for layer in layers) and super().auto_accepts(layers)
+
     def problem(self, layer: QuantizedLayer) -> str | None:
         qtype = self.qtype(layer)
         if qtype is None:
-            return ("GGUF holds Q4_0 (4-bit LSQ, groups of 32), Q8_0 (8-bit, groups of 32) and TQ2_0 / TQ1_0 (ternary, "
-                    "groups of 256), all with fp16 scales, and the mxfp4 / nvfp4 families (MXFP4, NVFP4)")
+            return ("GGUF holds Q4_0 / Q5_0 / Q8_0 (4-, 5-, 8-bit LSQ, groups of 32), TQ2_0 / TQ1_0 (ternary, groups "
+                    "of 256), all with fp16 scales, the mxfp4 / nvfp4 families (MXFP4, NVFP4) and the ggml families "
+                    "(q2_k .. q6_k, iq4_nl, q5_1)")
         if layer.activation_bits:
             return "llama.cpp does not fake-quantize activations as int8 per token"
         if qtype == NVFP4:
@@ -229,7 +260,7 @@ def _expert_tensors(layer: QuantizedLayer, qtype: str) -> list[tuple[str, np.nda
 
     codes, step = layer.expert_codes_and_steps()  # [E, out, in], [E, out, groups]: each expert a Linear
     experts, out, width = codes.shape
-    raw = pack_blocks(codes.reshape(experts * out, width), step.reshape(experts * out, -1), qtype)
+    raw = _pack_layer(layer, codes.reshape(experts * out, width), step.reshape(experts * out, -1), qtype)
     raw = raw.reshape(experts, out, -1)
     tensor_scale = np.full(experts, nvfp4_tensor_scale(step), dtype=np.float32) if qtype == NVFP4 else None
     block = int(layer.name.split(".layers.")[1].split(".")[0])
@@ -277,17 +308,14 @@ def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others, qtype_of) 
                                   else None)
                 written[name] = torch.from_numpy(raw)
             continue
-        codes, step = layer.codes, layer.step
         heads = qk_heads(layer.name)
-        if heads:
-            codes, step = _permute_qk(codes, heads), _permute_qk(step, heads)
         qtype = qtype_of(layer)
-        raw = pack_blocks(codes, step, qtype)
+        raw = _pack_layer(layer, layer.codes, layer.step, qtype, heads)
         name = gguf_name(f"{layer.name}.weight")
         writer.add_tensor(name, raw, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
         written[layer.name] = torch.from_numpy(raw)
         if qtype == NVFP4:
-            scale = np.array([nvfp4_tensor_scale(step)], dtype=np.float32)
+            scale = np.array([nvfp4_tensor_scale(layer.step)], dtype=np.float32)
             writer.add_tensor(name.removesuffix(".weight") + ".scale", scale)
             written[f"{layer.name}.scale"] = torch.from_numpy(scale)
         if layer.bias is not None:

@@ -19,6 +19,7 @@ from ..lora import has_unmerged_adapters
 from ..quantizers import Grid, MatrixView
 from ..quantizers.block_scales import SCALE_DTYPES as BLOCK_SCALE_DTYPES
 from ..quantizers.block_scales import STEP_DTYPE
+from ..quantizers.kquants import BlockScales, GGMLGrid
 
 
 @dataclass
@@ -41,6 +42,9 @@ class QuantizedLayer:
         weight_shape: the stored weight's shape (``[E, out, in]`` or ``[E, in, out]`` for experts).
         view: how the stored weight is seen as the ``[R, C]`` matrix of ``codes``
             (:class:`~hf_qat.quantizers.base.MatrixView`; a 2-D weight is its own matrix).
+        ggml_scales: for the ggml block families (q4_k, ..., :mod:`hf_qat.quantizers.kquants`), their
+            block scales (``d``, ``sc``, mins): the matrix is ``step * code - min`` in fp32; None otherwise.
+        ggml_grid: that family's GGMLGrid, or None.
     """
 
     name: str
@@ -58,6 +62,8 @@ class QuantizedLayer:
     tied_to: str | None = None
     weight_shape: tuple[int, ...] = ()
     view: MatrixView = MatrixView()
+    ggml_scales: BlockScales | None = None
+    ggml_grid: GGMLGrid | None = None
 
     @property
     def step_dtype(self) -> torch.dtype:
@@ -127,7 +133,8 @@ def collect_layers(model: nn.Module, keep: bool = True) -> tuple[list[QuantizedL
             bits=unit.quantizer.bits, method=unit.quantizer.name, group_size=unit.group_size,
             scale_dtype=unit.spec.scale_dtype, dtype=weight.dtype,
             bias=bias, activation_bits=getattr(module, "activation_bits", None), tied_to=tied_to,
-            weight_shape=tuple(weight.shape), view=unit.view,
+            weight_shape=tuple(weight.shape), view=unit.view, ggml_grid=unit.spec.ggml_grid,
+            ggml_scales=None if unit.spec.ggml_grid is None else unit.ggml_scales(weight).map(torch.Tensor.cpu),
         ))
     others = {}
     for key, value in model.state_dict().items():

@@ -1,4 +1,4 @@
-"""Quantizer families (METHOD.md sections 5 and 9) and the registry that names them.
+"""Quantizer families (METHOD.md sections 5, 9 and 10) and the registry that names them.
 
 ``reference.py`` holds the PyTorch forward/backward that is the specification the Triton kernels
 match bit for bit.
@@ -8,7 +8,7 @@ from .base import SCALE_MIN, SEQ_CLIP, Grid, MatrixView, Quantizer, ScaleLayout,
 from .registry import available_quantizers, get_quantizer, get_quantizer_class, register_quantizer
 
 # Importing the families registers them (in this order: the names "auto" resolves to come first).
-from . import lsq, seq, binary, absmax, mxfp4, nvfp4  # noqa: E402,F401  isort: skip
+from . import lsq, seq, binary, absmax, mxfp4, nvfp4, kquants  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "SCALE_MIN",

@@ -220,6 +220,11 @@ class Quantizer:
     # None: the config's group_size and scale_dtype.
     block_size: ClassVar[int | None] = None
     scale_dtype: ClassVar[torch.dtype | None] = None
+    # Learned numbers per group: 1 (a scale), or 2 (a scale and a min: the asymmetric ggml k-quants, whose
+    # scales are then ``[*scale_shape, 2]``).
+    scale_components: ClassVar[int] = 1
+    # A weight's input width must be a multiple of this (None: of block_size): ggml's k-quant super-block.
+    row_multiple: ClassVar[int | None] = None
 
     def __init__(self, bits: float | int) -> None:
         self.check_bits(bits)

@@ -46,6 +46,8 @@ class WeightQuantSpec:
         scale_dtype: the dtype scales are rounded to in the forward pass.
         grad_scale: ParetoQ's g, multiplied into the scale gradient.
         learnable: False for absmax (no scale gradient, scale recomputed from the weight).
+        ggml_grid: for the ggml block families (:mod:`.kquants`), their GGMLGrid: the math is theirs
+            (two-level block scales, mins), not :func:`fake_quantize_forward`'s.
     """
 
     grid: Grid
@@ -53,6 +55,7 @@ class WeightQuantSpec:
     scale_dtype: torch.dtype
     grad_scale: float
     learnable: bool = True
+    ggml_grid: "object | None" = None
 
     @functools.cached_property
     def layout(self) -> ScaleLayout:
@@ -103,16 +106,22 @@ def _ratio(weight: torch.Tensor, s_r: torch.Tensor, layout: ScaleLayout) -> torc
     return torch.div(layout.group_view(weight.float()), s_r.unsqueeze(-1))
 
 
-def nearest_magnitude(x: torch.Tensor, magnitudes: tuple[int, ...]) -> torch.Tensor:
-    """``sign(x) * m`` with ``m`` the entry of the ascending table ``magnitudes`` nearest to ``|x|``, a tie
-    between entries i and i + 1 going to the even index: ``m = m_0 + sum_i (m_{i+1} - m_i) * [|x| past
-    the midpoint of i and i + 1]`` ("past": ``>=`` when i + 1 is even, ``>`` when odd). fp32, a new tensor."""
-    a = x.abs()
-    m = torch.full_like(a, float(magnitudes[0]))
-    for i, (lo, hi) in enumerate(zip(magnitudes, magnitudes[1:])):
+def nearest_value(x: torch.Tensor, table: tuple[int, ...]) -> torch.Tensor:
+    """The entry of the ascending table ``table`` nearest to ``x``, a tie between entries i and i + 1 going
+    to the even index: ``t_0 + sum_i (t_{i+1} - t_i) * [x past the midpoint of i and i + 1]`` ("past": ``>=``
+    when i + 1 is even, ``>`` when odd). fp32, a new tensor (x below t_0 gives t_0)."""
+    out = torch.full_like(x, float(table[0]))
+    for i, (lo, hi) in enumerate(zip(table, table[1:])):
         mid = (lo + hi) / 2
-        past = a >= mid if (i + 1) % 2 == 0 else a > mid
-        m += past * float(hi - lo)
+        past = x >= mid if (i + 1) % 2 == 0 else x > mid
+        out += past * float(hi - lo)
+    return out
+
+
+def nearest_magnitude(x: torch.Tensor, magnitudes: tuple[int, ...]) -> torch.Tensor:
+    """``sign(x) * m`` with ``m`` the entry of the ascending table ``magnitudes`` nearest to ``|x|``
+    (:func:`nearest_value`: ties to the even index). fp32, a new tensor."""
+    m = nearest_value(x.abs(), magnitudes)
     return torch.where(x < 0, -m, m)
 
 

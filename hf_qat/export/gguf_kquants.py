@@ -1,0 +1,127 @@
+"""GGUF blocks of ggml's k-quants, IQ4_NL and Q5_1, packed from the QAT codes and block scales of the
+ggml families (:mod:`hf_qat.quantizers.kquants`): the inverse of ggml's ``dequantize_row_<type>``
+(ggml-common.h's structs, ggml-quants.c's unpacking), byte for byte. gguf-py's ``dequantize`` reads
+them back to the QAT weights exactly (tests/export/test_kquant_export.py).
+
+Layouts, per super-block of 256 weights (``e`` = element index in it, codes stored unsigned as ``u``):
+
+* Q4_K (144 bytes): fp16 ``d``, fp16 ``dmin``, 12 bytes of 6-bit ``sc``/``mq`` (:func:`k4_scale_bytes`),
+  128 bytes: chunk ``c`` of 64 holds ``e = 64c + l`` in the low nibble of byte ``32c + l`` and
+  ``64c + 32 + l`` in the high nibble.
+* Q5_K (176): ``d``, ``dmin``, 12 scale bytes, 32 bytes ``qh`` (bit ``2c`` / ``2c + 1`` of byte ``l``: the
+  fifth bit of ``64c + l`` / ``64c + 32 + l``), then the low nibbles as Q4_K.
+* Q6_K (210): 128 bytes ``ql``, 64 bytes ``qh``, 16 int8 scales, fp16 ``d``; ``u = code + 32``; half
+  ``n`` of 128: ``e = 128n + 32k + l`` (k = 0..3) has its low nibble in ``ql[64n + l + 32 (k odd)]``
+  (high nibble for k >= 2) and its top two bits at bit ``2k`` of ``qh[32n + l]``.
+* Q3_K (110): 32 bytes ``hmask``, 64 bytes ``qs``, 12 bytes of 6-bit ``sc + 32``, fp16 ``d``; ``u = code + 4``;
+  ``e = 128n + 32j + 16h + l``: low two bits at bit ``2j`` of ``qs[32n + 16h + l]``, the third bit at bit
+  ``4n + j`` of ``hmask[16h + l]``.
+* Q2_K (84): 16 bytes ``sc | mq << 4``, 64 bytes ``qs`` (the Q3_K low-bit order), fp16 ``d``, fp16 ``dmin``.
+
+and per block of 32: IQ4_NL (18): fp16 ``d``, 16 bytes of level indices (element ``j`` low nibble,
+``j + 16`` high); Q5_1 (24): fp16 ``d``, fp16 ``m`` (= ``-min``), 4 bytes ``qh`` (bit ``j``: the fifth bit of
+element ``j``), 16 bytes as IQ4_NL.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..quantizers.kquants import IQ4_NL_VALUES, BlockScales, GGMLGrid
+
+BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "IQ4_NL": 18, "Q5_1": 24}
+
+
+def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[..., n]`` holding fp16 values -> uint8 ``[..., 2n]`` (little-endian halves)."""
+    return x.to(torch.float16).contiguous().view(torch.uint8)
+
+
+def _bits(u: torch.Tensor, shift: int, width: int) -> torch.Tensor:
+    return (u >> shift) & ((1 << width) - 1)
+
+
+def k4_scale_bytes(sc: torch.Tensor, mq: torch.Tensor) -> torch.Tensor:
+    """Eight 6-bit scales and mins ``[..., 8]`` -> ggml's 12 bytes (the inverse of ``get_scale_min_k4``):
+    bytes 0..3 ``sc_j | (sc_{j+4} >> 4) << 6``, 4..7 ``mq_j | (mq_{j+4} >> 4) << 6``, 8..11
+    ``(sc_{j+4} & 15) | (mq_{j+4} & 15) << 4``."""
+    lo_s, hi_s, lo_m, hi_m = sc[..., :4], sc[..., 4:], mq[..., :4], mq[..., 4:]
+    return torch.cat([lo_s | ((hi_s >> 4) << 6), lo_m | ((hi_m >> 4) << 6), (hi_s & 15) | ((hi_m & 15) << 4)], -1)
+
+
+def k3_scale_bytes(s: torch.Tensor) -> torch.Tensor:
+    """Sixteen 6-bit values ``[..., 16]`` -> Q3_K's 12 bytes: byte ``i`` (0..7) ``(s_i & 15) | (s_{i+8} & 15) << 4``,
+    byte ``8 + i`` (0..3) the top two bits of ``s_i``, ``s_{i+4}``, ``s_{i+8}``, ``s_{i+12}`` at bits 0, 2, 4, 6."""
+    low = (s[..., :8] & 15) | ((s[..., 8:] & 15) << 4)
+    high = sum(((s[..., 4 * k:4 * k + 4] >> 4) << (2 * k)) for k in range(4))
+    return torch.cat([low, high], -1)
+
+
+def _low_bits_2(u: torch.Tensor) -> torch.Tensor:
+    """Codes ``[..., 256]`` (< 4 after masking) -> 64 bytes: ``e = 128n + 32j + i`` at bit ``2j`` of byte
+    ``32n + i`` (Q2_K and Q3_K)."""
+    u = (u & 3).view(*u.shape[:-1], 2, 4, 32)
+    return sum(u[..., j, :] << (2 * j) for j in range(4)).reshape(*u.shape[:-3], 64)
+
+
+def _nibbles_k(u: torch.Tensor) -> torch.Tensor:
+    """Codes ``[..., 256]`` -> 128 bytes: ``64c + l`` low nibble, ``64c + 32 + l`` high (Q4_K, Q5_K)."""
+    u = (u & 15).view(*u.shape[:-1], 4, 2, 32)
+    return (u[..., 0, :] | (u[..., 1, :] << 4)).reshape(*u.shape[:-3], 128)
+
+
+def _super_rows(x: torch.Tensor, rows: int, supers: int) -> torch.Tensor:
+    return x.reshape(rows, supers, -1)
+
+
+def pack_ggml(codes: torch.Tensor, scales: BlockScales, grid: GGMLGrid) -> np.ndarray:
+    """``codes int8 [R, C]`` with their :class:`BlockScales` -> the raw GGUF blocks ``uint8 [R, bytes]``."""
+    rows, cols = codes.shape
+    supers = cols // grid.super_block
+    q = codes.to(torch.int16)
+    if grid.values:
+        index = {v: i for i, v in enumerate(IQ4_NL_VALUES)}
+        lut = torch.zeros(256, dtype=torch.int16)
+        for v, i in index.items():
+            lut[v + 128] = i
+        q = lut[(q + 128).long()]
+    u = (q - grid.lo if not grid.values else q).to(torch.uint8).reshape(rows, supers, grid.super_block)
+    kind = grid.ggml_type
+    d = _fp16_bytes(scales.d.reshape(rows, supers, 1))
+    if kind in ("IQ4_NL", "Q5_1"):
+        qs = (u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)
+        if kind == "IQ4_NL":
+            parts = [d, qs]
+        else:
+            qh = sum(((u[..., j] >> 4).to(torch.int64) << j) for j in range(32))
+            parts = [d, _fp16_bytes(-scales.min.reshape(rows, supers, 1)), qh.unsqueeze(-1).view(torch.uint8)[..., :4], qs]
+    else:
+        sc = _super_rows(scales.sc.to(torch.uint8), rows, supers)
+        if kind in ("Q4_K", "Q5_K"):
+            mq = _super_rows(scales.mq.to(torch.uint8), rows, supers)
+            dmin = _fp16_bytes(scales.dmin.reshape(rows, supers, 1))
+            parts = [d, dmin, k4_scale_bytes(sc, mq)]
+            if kind == "Q5_K":
+                high = (u >> 4).view(rows, supers, 4, 2, 32)
+                parts.append(sum(high[..., c, h, :] << (2 * c + h) for c in range(4) for h in range(2)))
+            parts.append(_nibbles_k(u))
+        elif kind == "Q6_K":
+            halves = u.view(rows, supers, 2, 4, 32)
+            ql = torch.cat([(halves[..., 0, :] & 15) | ((halves[..., 2, :] & 15) << 4),
+                            (halves[..., 1, :] & 15) | ((halves[..., 3, :] & 15) << 4)], -1)
+            qh = sum((halves[..., k, :] >> 4) << (2 * k) for k in range(4))
+            parts = [ql.reshape(rows, supers, 128), qh.reshape(rows, supers, 64), sc, d]
+        elif kind == "Q3_K":
+            halves = (u >> 2).view(rows, supers, 2, 4, 32)  # [n, j, 16h + l]
+            hmask = sum(halves[..., n, j, :] << (4 * n + j) for n in range(2) for j in range(4))
+            parts = [hmask, _low_bits_2(u), k3_scale_bytes(sc + 32), d]
+        elif kind == "Q2_K":
+            mq = _super_rows(scales.mq.to(torch.uint8), rows, supers)
+            dmin = _fp16_bytes(scales.dmin.reshape(rows, supers, 1))
+            parts = [sc | (mq << 4), _low_bits_2(u), d, dmin]
+        else:
+            raise ValueError(f"no packer for {kind}")
+    out = torch.cat([p.to(torch.uint8) for p in parts], -1)
+    assert out.shape[-1] == BYTES[kind], (kind, out.shape)
+    return out.reshape(rows, -1).numpy()

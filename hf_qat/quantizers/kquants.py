@@ -1,0 +1,295 @@
+"""ggml's k-quant grids (Q2_K .. Q6_K), IQ4_NL and Q5_1 as QAT families (METHOD.md section 10).
+
+Each family's forward computes exactly what ggml's ``dequantize_row_<type>`` computes, so a GGUF export
+is packing only. The weight matrix ``[R, C]`` is cut along its input dim into blocks of ``block``
+weights; every block has a learned scale ``s`` (and, for the asymmetric types, a learned min ``m >= 0``,
+weight ~ ``s * q - m``). A k-quant groups ``super_block / block`` blocks under one fp16 ``d`` (and
+``dmin``), and stores each block's scale (min) as a small integer times it:
+
+    d      = fp16(max_j s_j / scale_max)              (at least 2^-24, fp16's smallest step)
+    sc_j   = clamp(round(s_j / d), 1, scale_max)       (round half to even; 1: no block collapses to 0)
+    dmin   = fp16(max_j m_j / min_max)
+    mq_j   = clamp(round(m_j / dmin), 0, min_max)      (0 when dmin is 0)
+    step_j = d * sc_j,  min_j = dmin * mq_j            (fp32; exact: at most 11 + 8 significant bits)
+
+A type without super-blocks (IQ4_NL, Q5_1: ``scale_max == 0``) stores ``d = fp16(s)`` (and Q5_1
+``-fp16(m)``) per block. Then per weight, with the type's codes ``lo..hi``:
+
+    r      = (w + min_j) / step_j                      (IEEE fp32; min_j = 0 for symmetric types)
+    code   = clamp(round_half_even(r), lo, hi)        (IQ4_NL: the nearest of its 16 levels, ties to
+                                                        the even index, as :func:`reference.nearest_magnitude`)
+    value  = step_j * code - min_j                      (fp32: the product is exact, the subtraction is
+                                                        ggml's one rounding; fused or not, the same)
+
+Types (ggml-common.h / ggml-quants.c):
+
+======== ====== ======== =========== ========= ======== ===========================
+type     block  super    codes       scale_max min_max  bits / weight
+======== ====== ======== =========== ========= ======== ===========================
+Q2_K     16     256      0..3        15        15       2.625
+Q3_K     16     256      -4..3       31 (*)    -        3.4375
+Q4_K     32     256      0..15       63        63       4.5
+Q5_K     32     256      0..31       63        63       5.5
+Q6_K     16     256      -32..31     127 (*)   -        6.5625
+IQ4_NL   32     32       16 levels   -         -        4.5
+Q5_1     32     32       0..31       -         fp16     6.0
+======== ====== ======== =========== ========= ======== ===========================
+
+(*) the format stores signed block scales (Q3_K: -32..31, Q6_K: -128..127); a learned scale is
+positive, so QAT uses 1..31 and 1..127 (the quantizers of llama.cpp use the sign of the block's
+largest weight, a symmetric choice that changes nothing for symmetric codes except at -lo).
+
+Learned: ``s = init_s * exp(rho_s)`` and ``m = init_m * exp(rho_m)`` (a scale pair per block for the
+asymmetric types), straight-through through every rounding (of ``code``, ``sc``, ``mq``, ``d``,
+``dmin``). Gradients, with ``g`` ParetoQ's factor (``Qp = hi``):
+
+    dL/dw = dL/dvalue where lo <= r <= hi, else 0
+    dL/ds = g * sum over the block of dL/dvalue * (code - r inside, code where clipped)
+    dL/dm = g * sum over the block of dL/dvalue * (0 inside, -1 where clipped)
+
+First scales (from the block's weights ``w``): symmetric ``s = max|w| / |lo|`` (Q6_K 32, Q3_K 4;
+IQ4_NL ``max|w| / 127``); asymmetric ``m = max(-min(w), 1e-5)``, ``s = (max(w) + m) / hi``: the
+block's range on the codes, as ggml's round-to-nearest baseline starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import SCALE_MIN, Grid, Quantizer
+from .reference import nearest_value
+from .registry import register_quantizer
+
+QK_K = 256
+FP16_TINY = 2.0**-24  # fp16's smallest positive value: d never rounds to 0
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+@dataclass(frozen=True)
+class GGMLGrid:
+    """One ggml block type's numbers (see the module table).
+
+    Attributes:
+        ggml_type: the GGML type name ("Q4_K").
+        block: weights per block (one scale, and min, each).
+        super_block: weights per super-block (one fp16 ``d``, ``dmin``); ``block`` when there is none.
+        lo, hi: the codes' range.
+        scale_max: the largest integer block scale (0: the block scale is fp16 itself).
+        min_max: the largest integer block min (0: fp16 itself); None for symmetric types.
+        values: a table of levels (IQ4_NL): the code is the nearest level.
+        bits_per_weight: what the format stores per weight, scales included.
+    """
+
+    ggml_type: str
+    block: int
+    super_block: int
+    lo: int
+    hi: int
+    scale_max: int
+    min_max: int | None
+    bits_per_weight: float
+    values: tuple[int, ...] = ()
+
+    @property
+    def asymmetric(self) -> bool:
+        return self.min_max is not None
+
+    @property
+    def blocks_per_super(self) -> int:
+        return self.super_block // self.block
+
+
+GRIDS = {
+    "q2_k": GGMLGrid("Q2_K", 16, QK_K, 0, 3, 15, 15, 2.625),
+    "q3_k": GGMLGrid("Q3_K", 16, QK_K, -4, 3, 31, None, 3.4375),
+    "q4_k": GGMLGrid("Q4_K", 32, QK_K, 0, 15, 63, 63, 4.5),
+    "q5_k": GGMLGrid("Q5_K", 32, QK_K, 0, 31, 63, 63, 5.5),
+    "q6_k": GGMLGrid("Q6_K", 16, QK_K, -32, 31, 127, None, 6.5625),
+    "iq4_nl": GGMLGrid("IQ4_NL", 32, 32, -127, 113, 0, None, 4.5, IQ4_NL_VALUES),
+    "q5_1": GGMLGrid("Q5_1", 32, 32, 0, 31, 0, 0, 6.0),
+}
+
+
+@dataclass
+class BlockScales:
+    """The rounded scales of a matrix ``[R, C]`` with ``G = C / block`` blocks per row (fp32 unless said).
+
+    Attributes:
+        step: ``[R, G]`` ``d * sc`` (or ``d``): the value of one code step.
+        min: ``[R, G]`` ``dmin * mq`` (or ``fp16(m)``), subtracted; None for symmetric types.
+        d: ``[R, G / blocks_per_super]`` fp16 values (as fp32); ``dmin`` likewise, or None.
+        sc, mq: ``[R, G]`` the integer block scales and mins (int32), or None without super-blocks.
+    """
+
+    step: torch.Tensor
+    min: torch.Tensor | None
+    d: torch.Tensor
+    dmin: torch.Tensor | None
+    sc: torch.Tensor | None
+    mq: torch.Tensor | None
+
+    def map(self, fn) -> "BlockScales":
+        """``fn`` applied to every tensor (all are row-wise: a row permutation or a device move)."""
+        return BlockScales(*(None if t is None else fn(t) for t in
+                             (self.step, self.min, self.d, self.dmin, self.sc, self.mq)))
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).float()
+
+
+def _two_level(values: torch.Tensor, top: int, per_super: int, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values [R, G]`` (>= 0) -> ``(d fp16-valued [R, G / per_super], q int32 [R, G])`` with
+    ``d = max(fp16(max / top), floor)`` per super-block, ``q = clamp(round(v / d), floor > 0, top)``."""
+    rows, groups = values.shape
+    sub = values.reshape(rows, groups // per_super, per_super)
+    d = _fp16(sub.amax(-1) / top).clamp_min(floor)
+    if floor == 0.0:  # mins: a super-block without any has dmin = 0 and all mq = 0
+        q = torch.where(d.unsqueeze(-1) > 0, torch.round(sub / d.clamp_min(FP16_TINY).unsqueeze(-1)), 0.0).clamp(0, top)
+    else:
+        q = torch.round(sub / d.unsqueeze(-1)).clamp(1, top)
+    return d, q.reshape(rows, groups).to(torch.int32)
+
+
+def block_scales(scale: torch.Tensor, grid: GGMLGrid) -> BlockScales:
+    """Learned ``scale [R, G]`` (or ``[R, G, 2]``: scale and min for an asymmetric type, fp32, weight
+    units) -> the rounded :class:`BlockScales` (the module docstring's first four lines)."""
+    scale = scale.detach().float()
+    s = (scale[..., 0] if grid.asymmetric else scale).clamp_min(SCALE_MIN)
+    m = scale[..., 1].clamp_min(0.0) if grid.asymmetric else None
+    if grid.scale_max == 0:  # one fp16 scale (and min) per block
+        d = _fp16(s).clamp_min(FP16_TINY)
+        dmin = _fp16(m) if m is not None else None
+        return BlockScales(step=d, min=dmin, d=d, dmin=dmin, sc=None, mq=None)
+    per_super = grid.blocks_per_super
+    d, sc = _two_level(s, grid.scale_max, per_super, FP16_TINY)
+    step = d.repeat_interleave(per_super, dim=1) * sc
+    if m is None:
+        return BlockScales(step=step, min=None, d=d, dmin=None, sc=sc, mq=None)
+    dmin, mq = _two_level(m, grid.min_max, per_super, 0.0)
+    return BlockScales(step=step, min=dmin.repeat_interleave(per_super, dim=1) * mq, d=d, dmin=dmin, sc=sc, mq=mq)
+
+
+def _blocks(matrix: torch.Tensor, block: int) -> torch.Tensor:
+    rows, cols = matrix.shape
+    return matrix.reshape(rows, cols // block, block)
+
+
+def _ratio(matrix: torch.Tensor, scales: BlockScales, grid: GGMLGrid) -> torch.Tensor:
+    """``r = (w + min) / step`` fp32 ``[R, G, block]``."""
+    w = _blocks(matrix.float(), grid.block)
+    if scales.min is not None:
+        w = w + scales.min.unsqueeze(-1)
+    return w / scales.step.unsqueeze(-1)
+
+
+def _codes(r: torch.Tensor, grid: GGMLGrid) -> torch.Tensor:
+    clamped = r.clamp(grid.lo, grid.hi)
+    return nearest_value(clamped, grid.values) if grid.values else torch.round(clamped)
+
+
+def _values(codes: torch.Tensor, scales: BlockScales) -> torch.Tensor:
+    value = codes * scales.step.unsqueeze(-1)
+    return value if scales.min is None else value - scales.min.unsqueeze(-1)
+
+
+def ggml_codes(matrix: torch.Tensor, scale: torch.Tensor, grid: GGMLGrid) -> tuple[torch.Tensor, BlockScales]:
+    """``(codes int8 [R, C], BlockScales)``: what a GGUF packer writes; :func:`ggml_dequantize` of them is
+    :func:`ggml_fake_quantize` exactly."""
+    scales = block_scales(scale, grid)
+    codes = _codes(_ratio(matrix.detach(), scales, grid), grid)
+    return codes.reshape(matrix.shape).to(torch.int8), scales
+
+
+def ggml_dequantize(codes: torch.Tensor, scales: BlockScales, grid: GGMLGrid) -> torch.Tensor:
+    """``codes [R, C]`` -> the fp32 weights ggml dequantizes them to."""
+    return _values(_blocks(codes.float(), grid.block), scales).reshape(codes.shape)
+
+
+def ggml_fake_quantize(matrix: torch.Tensor, scale: torch.Tensor, grid: GGMLGrid) -> torch.Tensor:
+    """Forward only: the matrix on the grid, in its dtype."""
+    scales = block_scales(scale, grid)
+    return _values(_codes(_ratio(matrix, scales, grid), grid), scales).reshape(matrix.shape).to(matrix.dtype)
+
+
+class GGMLFakeQuant(torch.autograd.Function):
+    """Differentiable :func:`ggml_fake_quantize` of a matrix ``[R, C]`` (PyTorch on every device: no Triton
+    kernel for these families). Saves only its inputs; the backward recomputes the codes."""
+
+    @staticmethod
+    def forward(ctx, matrix: torch.Tensor, scale: torch.Tensor, grid: GGMLGrid, grad_scale: float) -> torch.Tensor:
+        ctx.save_for_backward(matrix, scale)
+        ctx.grid, ctx.grad_scale = grid, grad_scale
+        return ggml_fake_quantize(matrix, scale, grid)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        matrix, scale = ctx.saved_tensors
+        grid = ctx.grid
+        scales = block_scales(scale, grid)
+        r = _ratio(matrix.detach(), scales, grid)
+        inside = (r >= grid.lo) & (r <= grid.hi)
+        grad = _blocks(grad_output, grid.block)
+        grad_matrix = torch.where(inside, grad, torch.zeros((), dtype=grad.dtype)).reshape(grad_output.shape)
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            g = grad.float()
+            codes = _codes(r, grid)
+            grad_s = (g * torch.where(inside, codes - r, codes)).sum(-1)
+            if grid.asymmetric:
+                grad_s = torch.stack([grad_s, torch.where(inside, 0.0, -g).sum(-1)], -1)
+            grad_s = grad_s * ctx.grad_scale
+            s = scale.detach().float()
+            clamped = (s[..., 0] if grid.asymmetric else s) < SCALE_MIN  # the scale's clamp: no gradient
+            (grad_s[..., 0] if grid.asymmetric else grad_s).masked_fill_(clamped, 0.0)
+            grad_scale = grad_s.to(scale.dtype)
+        return grad_matrix, grad_scale, None, None
+
+
+class GGMLQuantizer(Quantizer):
+    """A family on one ggml block type (:data:`GRIDS`); subclasses set ``ggml_grid``."""
+
+    ggml_grid: ClassVar[GGMLGrid]
+    scale_dtype = torch.float16  # d (and dmin) are fp16
+
+    def storage_bits(self) -> float:
+        return self.ggml_grid.bits_per_weight
+
+    def grid(self) -> Grid:
+        """The codes' range as a :class:`Grid` (for ``codes``, ``qp_int`` and export checks; the math is
+        :class:`GGMLFakeQuant`'s)."""
+        lo, hi = self.ggml_grid.lo, self.ggml_grid.hi
+        return Grid(sign=False, clip_lo=float(lo), clip_hi=float(hi), mul=1.0, add=0.0, code_mul=1, code_add=0,
+                    level=1.0, grad_lo=float(lo), grad_hi=float(hi), mask_lo=float(lo), mask_hi=float(hi),
+                    qp_int=hi)
+
+    def init_scale(self, groups: torch.Tensor) -> torch.Tensor:
+        """``groups [R, G, block]`` -> ``[R, G]`` (symmetric) or ``[R, G, 2]`` (scale, min)."""
+        grid = self.ggml_grid
+        if not grid.asymmetric:
+            top = max(abs(v) for v in grid.values) if grid.values else -grid.lo
+            return groups.abs().amax(-1) / top
+        m = (-groups.amin(-1)).clamp_min(SCALE_MIN)
+        s = (groups.amax(-1) + m).clamp_min(SCALE_MIN) / grid.hi
+        return torch.stack([s, m], -1)
+
+
+def _family(name: str, bits: int) -> type[GGMLQuantizer]:
+    cls = type(f"{GRIDS[name].ggml_type}Quantizer", (GGMLQuantizer,),
+               {"ggml_grid": GRIDS[name], "supported_bits": (bits,), "block_size": GRIDS[name].block,
+                "row_multiple": GRIDS[name].super_block,
+                "scale_components": 2 if GRIDS[name].asymmetric else 1, "__module__": __name__,
+                "__doc__": f"ggml's {GRIDS[name].ggml_type} (see the module docstring)."})
+    return register_quantizer(name)(cls)
+
+
+Q2KQuantizer = _family("q2_k", 2)
+Q3KQuantizer = _family("q3_k", 3)
+Q4KQuantizer = _family("q4_k", 4)
+Q5KQuantizer = _family("q5_k", 5)
+Q6KQuantizer = _family("q6_k", 6)
+IQ4NLQuantizer = _family("iq4_nl", 4)
+Q51Quantizer = _family("q5_1", 5)

@@ -1,0 +1,135 @@
+"""The ggml block families (q2_k .. q6_k, iq4_nl, q5_1): the forward is ggml's dequantizer of the codes
+(gguf-py's ``dequantize`` of the packed blocks, an independent implementation), the scale rounding is
+restated here block by block, the gradients are the straight-through ones, and bad settings are refused."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from hf_qat import QATConfig
+from hf_qat.errors import QATConfigError, QATModelError
+from hf_qat.export.gguf_kquants import BYTES, pack_ggml
+from hf_qat.quantizers import ScaleLayout, get_quantizer
+from hf_qat.quantizers.kquants import GRIDS, GGMLFakeQuant, block_scales, ggml_codes, ggml_fake_quantize
+from hf_qat.unit import WeightQuantizer
+
+BITS = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "iq4_nl": 4, "q5_1": 5}
+
+
+def learned_scale(name: str, w: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The family's first scale, moved as training would move it (x exp(N(0, 0.3)))."""
+    grid = GRIDS[name]
+    first = get_quantizer(name, BITS[name]).init_scale(ScaleLayout(grid.block).scale_view(w))
+    return first * torch.exp(torch.randn(first.shape, generator=torch.Generator().manual_seed(seed)) * 0.3)
+
+
+@pytest.mark.parametrize("name", sorted(GRIDS))
+def test_forward_is_what_ggml_dequantizes_from_the_packed_blocks(name):
+    torch.manual_seed(0)
+    w = torch.randn(6, 512) * 0.03
+    w[0, :40] = 0.0  # a zero block, and a block of positive weights (min 0)
+    w[1, :32] = w[1, :32].abs() + 0.01
+    scale = learned_scale(name, w)
+    fq = ggml_fake_quantize(w, scale, GRIDS[name])
+    codes, scales = ggml_codes(w, scale, GRIDS[name])
+    raw = pack_ggml(codes, scales, GRIDS[name])
+    assert raw.shape == (6, 512 // GRIDS[name].super_block * BYTES[GRIDS[name].ggml_type])
+    back = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, GRIDS[name].ggml_type))
+    assert np.array_equal(back, fq.numpy())
+    assert codes.min() >= GRIDS[name].lo and codes.max() <= GRIDS[name].hi
+    if GRIDS[name].values:
+        assert set(codes.unique().tolist()) <= set(GRIDS[name].values)
+    assert float(((fq - w) ** 2).sum() / (w ** 2).sum()) < 0.5  # a quantizer (jittered scales), not noise
+
+
+@pytest.mark.parametrize("name", ["q4_k", "q6_k", "q2_k", "q3_k"])
+def test_block_scale_rounding_restated(name):
+    """d = fp16(max s / scale_max) per super-block, sc = clamp(round(s / d), 1, scale_max), step = d * sc;
+    mins alike from 0: restated with a loop over super-blocks."""
+    grid = GRIDS[name]
+    w = torch.randn(3, 512) * 0.02
+    scale = learned_scale(name, w, seed=3)
+    got = block_scales(scale, grid)
+    per = grid.blocks_per_super
+    for row in range(3):
+        for sb in range(512 // grid.super_block):
+            blocks = slice(sb * per, (sb + 1) * per)
+            s = (scale[row, blocks, 0] if grid.asymmetric else scale[row, blocks]).double()
+            d = float(np.float16(s.max().item() / grid.scale_max))
+            assert got.d[row, sb].item() == d
+            for j, sj in enumerate(s.tolist()):
+                sc = min(max(round(sj / d), 1), grid.scale_max)
+                assert got.sc[row, sb * per + j].item() == sc
+                assert got.step[row, sb * per + j].item() == np.float32(d * sc)
+            if grid.asymmetric:
+                m = scale[row, blocks, 1].double()
+                dmin = float(np.float16(m.max().item() / grid.min_max))
+                assert got.dmin[row, sb].item() == dmin
+                for j, mj in enumerate(m.tolist()):
+                    assert got.mq[row, sb * per + j].item() == min(max(round(mj / dmin), 0), grid.min_max)
+
+
+def test_codes_round_half_to_even_and_iq4_nl_takes_the_nearest_level():
+    grid = GRIDS["iq4_nl"]
+    w = torch.tensor([[-127.0, -115.5, -115.6, 0.0, 0.5, 7.0, 7.1, 113.0, 200.0] + [0.0] * 23])
+    scale = torch.ones(1, 1)  # d = 1: the ratio is the weight
+    codes, _ = ggml_codes(w, scale, grid)
+    # -115.5 is the midpoint of -127 (index 0) and -104 (index 1): the tie goes to the even index
+    assert codes[0, :9].tolist() == [-127, -127, -127, 1, 1, 1, 13, 113, 113]
+    grid6 = GRIDS["q6_k"]
+    scale6 = torch.full((1, 16), 1.0)
+    step = block_scales(scale6, grid6).step[0, 0]  # fp16(1 / 127) * 127, not 1
+    w6 = torch.cat([step * torch.tensor([0.5, 1.5, 2.5, -0.5, 40.0, -40.0]), torch.zeros(250)]).view(1, 256)
+    codes6, _ = ggml_codes(w6, scale6, grid6)
+    assert codes6[0, :6].tolist() == [0, 2, 2, 0, 31, -32]
+
+
+@pytest.mark.parametrize("name", ["q4_k", "q6_k", "iq4_nl"])
+def test_gradients_are_straight_through(name):
+    grid = GRIDS[name]
+    torch.manual_seed(1)
+    w = (torch.randn(4, 256) * 0.03).requires_grad_()
+    scale = learned_scale(name, w.detach(), seed=1).requires_grad_()
+    g_out = torch.randn(4, 256)
+    GGMLFakeQuant.apply(w, scale, grid, 0.5).backward(g_out)
+    scales = block_scales(scale, grid)
+    r = (w.detach().view(4, -1, grid.block) + (0 if scales.min is None else scales.min.unsqueeze(-1))) / scales.step.unsqueeze(-1)
+    inside = (r >= grid.lo) & (r <= grid.hi)
+    assert torch.equal(w.grad, torch.where(inside, g_out.view(4, -1, grid.block), 0.0).view(4, 256))
+    codes, _ = ggml_codes(w.detach(), scale.detach(), grid)
+    codes = codes.float().view(4, -1, grid.block)
+    want_s = (g_out.view(4, -1, grid.block) * torch.where(inside, codes - r, codes)).sum(-1) * 0.5
+    got_s = scale.grad[..., 0] if grid.asymmetric else scale.grad
+    torch.testing.assert_close(got_s, want_s, rtol=1e-5, atol=1e-7)
+    if grid.asymmetric:
+        want_m = torch.where(inside, 0.0, -g_out.view(4, -1, grid.block)).sum(-1) * 0.5
+        torch.testing.assert_close(scale.grad[..., 1], want_m)
+    assert bool((~inside).any()) or name == "q6_k"  # the clipped branch is exercised (jittered scales)
+
+
+def test_unit_learns_a_scale_and_min_pair_and_bakes_exactly():
+    w = torch.nn.Parameter(torch.randn(8, 256) * 0.05)
+    unit = WeightQuantizer(get_quantizer("q4_k", 4), w, group_size=32, scale_dtype="float16",
+                           scale_grad_mode="paretoq", name="layer")
+    assert unit.log_scale_ratio.shape == (8, 8, 2)
+    out = unit.fake_quantize(w)
+    out.pow(2).sum().backward()
+    assert unit.log_scale_ratio.grad.abs().sum() > 0 and w.grad.abs().sum() > 0
+    assert torch.equal(unit.quantized(w.detach()), out.detach())
+    codes, step = unit.codes(w.detach())
+    assert codes.shape == (8, 256) and step.shape == (8, 8)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(QATConfigError, match="group_size"):
+        QATConfig(bits=4, method="q4_k", group_size=64)
+    with pytest.raises(QATConfigError, match="bits"):
+        QATConfig(bits=4, method="q6_k")
+    assert QATConfig(bits=6, method="q6_k").group_size == 16
+    w = torch.nn.Parameter(torch.randn(8, 576))  # SmolLM2's width: not a multiple of 256
+    with pytest.raises(QATModelError, match="256"):
+        WeightQuantizer(get_quantizer("q4_k", 4), w, group_size=32, scale_dtype="float16", scale_grad_mode="paretoq",
+                        name="model.layers.0.self_attn.q_proj")
