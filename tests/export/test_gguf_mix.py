@@ -7,7 +7,8 @@ ffn_down "more bits" layers, q4_k_s's first layers); (b) the same tied (token_em
 Q6_K); (c) hidden 320, intermediate 400 (rows not a multiple of 256: Q5_0 / Q5_1 / Q8_0 fallbacks;
 ffn_down's 400 not a multiple of 32: F16; output Q8_0); (d) a qwen3moe with 8 experts (the 8-expert
 Q8_0 attn_v / attn_k and Q5_K attn_output, ffn_down layers read from the names, routers and q/k norms
-F32, 128-wide expert rows falling back); (e) an 80-layer GQA llama, which llama.cpp types as 70B (attn_v
+F32, 128-wide expert rows falling back); (e) an olmoe with 4 experts (an MoE
+under the dense attn_v / attn_output rules); (f) an 80-layer GQA llama, which llama.cpp types as 70B (attn_v
 Q4_K lifted to Q5_K), kept small by narrow heads and FFN.
 """
 
@@ -29,6 +30,7 @@ MODELS = {
     "llama-tied": dict(arch="llama", layers=16, hidden=256, ff=512, heads=8, kv=2, tied=True),
     "llama-320": dict(arch="llama", layers=16, hidden=320, ff=400, heads=8, kv=2),
     "qwen3moe": dict(arch="qwen3moe", layers=8, hidden=256, ff=128, heads=8, kv=2, head_dim=32, experts=8),
+    "olmoe": dict(arch="olmoe", layers=8, hidden=256, ff=256, heads=8, kv=8, experts=4),
     "llama-70b": dict(arch="llama", layers=80, hidden=256, ff=32, heads=8, kv=2, head_dim=8),
 }
 
