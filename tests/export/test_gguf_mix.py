@@ -131,7 +131,7 @@ def test_mix_tensor_types_are_llama_cpps(case, tmp_path):
     print(f"{case}: types {sorted(seen)}")
 
 
-def test_mix_tensor_types_rule_in_brief():
+def test_mix_tensor_types_spot_checks():
     """Spot checks of the rule that need no llama.cpp (the comparison above is the real test)."""
     model = MixModel(arch="llama", n_layers=16, n_head=8, n_head_kv=2)
     tensors = [("token_embd.weight", (256, 320)), ("output_norm.weight", (256,))]
