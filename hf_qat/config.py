@@ -182,6 +182,12 @@ class QATConfig:
         moe_params: for a mixture of experts, the N of the planner's tokens per parameter byte: "total"
             (every parameter, what memory holds; default) or "active" (the parameters one token uses).
             The plan states both.
+        gguf_mix: None, or a llama.cpp quantization mix: "q4_k_m", "q4_k_s", "q5_k_m" or "q6_k". Every weight,
+            the embedding and LM head included, then trains on the GGML type llama.cpp's quantizer gives
+            its tensor in that mix (:mod:`hf_qat.mix`: Q6_K for the output and some attn_v / ffn_down
+            layers, Q5_0 / Q5_1 / Q8_0 where rows are not a multiple of 256, ...), so the GGUF export is
+            the file ``llama-quantize`` would write, tensor by tensor. ``bits`` / ``method`` must be the
+            mix's base type (the presets of the same names set them) and ``embedding_bits`` unset.
     """
 
     bits: float | int | str = 4
@@ -214,6 +220,7 @@ class QATConfig:
     scale_init: str = "max"
     scale_lr: float | None = None
     moe_params: str = "total"
+    gguf_mix: str | None = None
 
     def __post_init__(self) -> None:
         self._check_quantizers()
@@ -235,6 +242,10 @@ class QATConfig:
                 raise QATConfigError(name, getattr(self, name), ", ".join(allowed))
         self._check_numbers()
         self._check_distill()
+        self._check_gguf_mix()
+        if self.scale_init == "mse" and any(getattr(cls, "ggml_grid", None) for cls in self._families().values()):
+            raise QATConfigError("scale_init", "mse", f"'max' with method={self.resolved_method!r} (the clipping search "
+                                 "is for one scale per group; the ggml families start from the block's range)")
         if self.scale_init == "mse" and not self._learnable_families():
             raise QATConfigError("scale_init", "mse", "'max' with method='absmax' (its scale is recomputed from "
                                  "the weight every step, so there is no first scale to search)")
@@ -298,6 +309,22 @@ class QATConfig:
             raise QATConfigError("scale_dtype", self.scale_dtype, f"'float16' (the default) with {names}",
                                  detail="A block-scaled format rounds its scales to its own FP8 format (MXFP4: "
                                  "E8M0, NVFP4: E4M3); scale_dtype applies to the integer families")
+
+    def _check_gguf_mix(self) -> None:
+        """``gguf_mix``: a known mix, with its base family as bits / method and no embedding_bits."""
+        if self.gguf_mix is None:
+            return
+        from .mix import MIX_BASE
+
+        if self.gguf_mix not in MIX_BASE:
+            raise QATConfigError("gguf_mix", self.gguf_mix, "None, " + ", ".join(MIX_BASE))
+        method, bits = MIX_BASE[self.gguf_mix]
+        if (self.resolved_method, self.bits) != (method, bits):
+            raise QATConfigError("method", self.method, f"{method!r} with bits={bits} for gguf_mix={self.gguf_mix!r} "
+                                 f"(its base type; QATConfig.from_preset({self.gguf_mix!r}) sets both)")
+        if self.embedding_bits is not None:
+            raise QATConfigError("embedding_bits", self.embedding_bits, f"None with gguf_mix={self.gguf_mix!r} (the mix "
+                                 "gives the embedding and the LM head their llama.cpp types)")
 
     def _learnable_families(self) -> bool:
         return all(cls.learnable for cls in self._families().values())
@@ -509,4 +536,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # FP4 E2M1 in blocks of 16 with E4M3 scales and a per-tensor scale: compressed-tensors
     # nvfp4-pack-quantized, GGUF NVFP4.
     "nvfp4": {"bits": 4, "method": "nvfp4"},
+    # llama.cpp's k-quant mixes: every tensor on the type `llama-quantize <ftype>` gives it (GGUF, exact).
+    "q4_k_m": {"bits": 4, "method": "q4_k", "gguf_mix": "q4_k_m"},
+    "q4_k_s": {"bits": 4, "method": "q4_k", "gguf_mix": "q4_k_s"},
+    "q5_k_m": {"bits": 5, "method": "q5_k", "gguf_mix": "q5_k_m"},
+    "q6_k": {"bits": 6, "method": "q6_k", "gguf_mix": "q6_k"},
 }

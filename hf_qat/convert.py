@@ -28,6 +28,7 @@ from . import experts
 from .config import QATConfig
 from .coverage import Coverage, coverage
 from .errors import QATModelError
+from .mix import WeightFamily, mix_families
 from .experts import QATExperts
 from .modules import QATEmbedding, QATLinear
 from .quantizers import get_quantizer
@@ -86,7 +87,14 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
 
     targets = {**find_targets(model, config), **embedding_targets(model, config)}
     check_uncovered(model, config, targets)
-    units = make_units(targets, config)
+    families = None
+    if config.gguf_mix is not None:
+        families = mix_families(model, [name for name, t in targets.items() if t.tied_to is None], config.gguf_mix)
+        kept_float = [name for name, family in families.items() if family is None]
+        if kept_float:
+            logger.info("hf_qat: llama.cpp's %s keeps %s in float: so does QAT", config.gguf_mix, ", ".join(kept_float))
+        targets = {name: t for name, t in targets.items() if families.get(t.tied_to or name) is not None}
+    units = make_units(targets, config, families)
     _attach(model, targets, units, config)
     _link_adapters(model, config)
     if restored is not None and restored[0] == config.to_dict():
@@ -96,17 +104,23 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
     return model
 
 
-def make_units(targets: dict[str, WeightTarget], config: QATConfig) -> dict[str, WeightQuantizer]:
-    """One unit per target weight, by weight name (a head tied to the embedding gets the embedding's)."""
+def make_units(targets: dict[str, WeightTarget], config: QATConfig,
+               families: dict[str, WeightFamily | None] | None = None) -> dict[str, WeightQuantizer]:
+    """One unit per target weight, by weight name (a head tied to the embedding gets the embedding's);
+    ``families``: each weight's own family (a ``gguf_mix``, :func:`hf_qat.mix.mix_families`)."""
     main = get_quantizer(config.resolved_method, config.bits)
     embedding = get_quantizer(config.resolved_embedding_method, config.embedding_bits) if config.embedding_bits else None
     units: dict[str, WeightQuantizer] = {}
     for name, target in targets.items():
         if target.tied_to is not None:
             continue
+        quantizer, group_size = (embedding if target.embedding else main), config.group_size
+        if families is not None:
+            family = families[name]
+            quantizer, group_size = get_quantizer(family.method, family.bits), family.group_size
         unit = WeightQuantizer(
-            embedding if target.embedding else main, getattr(target.module, target.parameter),
-            group_size=config.group_size, scale_dtype=config.scale_dtype, scale_grad_mode=config.scale_grad_mode,
+            quantizer, getattr(target.module, target.parameter),
+            group_size=group_size, scale_dtype=config.scale_dtype, scale_grad_mode=config.scale_grad_mode,
             scale_init=config.scale_init, name=name, transposed=target.transposed,
         )
         unit.config = config

@@ -216,9 +216,9 @@ def _check_head_target(model: nn.Module, head: nn.Module, config: QATConfig) -> 
 
 
 def embedding_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTarget]:
-    """With ``embedding_bits``: the input embedding and the LM head (the head marked ``tied_to`` the
-    embedding when they share their weight); empty otherwise."""
-    if config.embedding_bits is None:
+    """With ``embedding_bits`` or ``gguf_mix``: the input embedding and the LM head (the head marked
+    ``tied_to`` the embedding when they share their weight); empty otherwise."""
+    if config.embedding_bits is None and config.gguf_mix is None:
         return {}
     names = {id(module): name for name, module in model.named_modules()}
     emb, head = input_embedding(model), output_embedding(model)
