@@ -204,3 +204,26 @@ def tiny_moe(model_type: str, seed: int = 0, experts_implementation: str | None 
         config._experts_implementation = experts_implementation
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def tiny_causal_lm(model_type: str, sharpen: float = 4.0, **extra):
+    """A 2-layer model of ``model_type`` (seed 0) for the llama.cpp tests: q/k scaled by ``sharpen`` (sharp
+    attention: the logits depend on positions), norms off their init, MoE routers x20 (decisive)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=0,
+                  eos_token_id=0)
+    fields.update(extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
+    with torch.no_grad():  # sharp attention: the logits depend on positions
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
+        for name, param in model.named_parameters():  # norms that differ: each must be written where it belongs
+            if name.endswith("norm.weight"):
+                param.add_(torch.randn(param.shape) * 0.3)
+            if name.endswith("mlp.gate.weight"):  # MoE routers: decisive (moe_reference)
+                param.mul_(20.0)
+    return model

@@ -1,4 +1,4 @@
-"""Quantizer families (METHOD.md sections 5, 9 and 10) and the registry that names them.
+"""Quantizer families (METHOD.md sections 5 and 9) and the registry that names them.
 
 ``reference.py`` holds the PyTorch forward/backward that is the specification the Triton kernels
 match bit for bit.

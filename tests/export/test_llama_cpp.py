@@ -10,7 +10,11 @@ spread and fails. The ternary cases (TQ2_0, TQ1_0: blocks of 256, so hidden 256)
 as initialised: sharpened at that width, the int8 activation rounding alone reaches 2 % of the spread
 even for Q4_0. Their blocks are checked bit for bit in test_formats; here TQ1_0 and TQ2_0 give
 llama.cpp the same logits. The FP4 cases (llama-MXFP4, llama-NVFP4; blocks checked in test_fp4_export)
-run llama.cpp's own MXFP4 / NVFP4 CPU kernels, NVFP4 with its per-tensor ``<name>.scale``. The MoE cases (mixtral, qwen3_moe, olmoe) compare with llama.cpp's
+run llama.cpp's own MXFP4 / NVFP4 CPU kernels, NVFP4 with its per-tensor ``<name>.scale``. The k-quant
+cases (llama-Q2_K .. -Q6_K, -IQ4_NL, -Q5_1, -Q5_0, qwen3-Q4_K; blocks checked in test_kquant_export) run
+llama.cpp's k-quant kernels, whose dot products round activations to Q8_K (int8 per 256, fp32 scale):
+measured 0.09-0.17 % of the spread; the mixes (llama-Q4_K_M, 8 layers, Q4_K with Q6_K layers; -320
+cases, Q5_0 / Q5_1 / Q8_0 fallbacks beside them) likewise. The MoE cases (mixtral, qwen3_moe, olmoe) compare with llama.cpp's
 activation rounding applied to the QAT model (moe_reference). The Gemma cases are set so that each Gemma setting shows: norm weights
 moved off their init (written as 1 + w: without the shift the difference is 4 x the spread), a window
 of 6 tokens (no window or a window of 7: 4 % and 1.2 % for Gemma-2, 47 % and 23 % for Gemma-3),
@@ -28,8 +32,10 @@ import torch
 
 import hf_qat
 from hf_qat import QATConfig
+from hf_qat.convert import qat_modules
+from hf_qat.modules import QATLinear
 from hf_qat.export import export_checkpoint
-from helpers import byte_level_bpe, sentencepiece_bpe
+from helpers import byte_level_bpe, sentencepiece_bpe, tiny_causal_lm
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -37,29 +43,9 @@ TEXT = "def f(x):\n    return x + 1  # 12345\nclass A:\n    pass\n"
 ATOL_OF_SPREAD = 0.005
 
 
-def tiny(model_type: str, sharpen: float = 4.0, **extra):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    fields = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=0,
-                  eos_token_id=0)
-    fields.update(extra)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
-    with torch.no_grad():  # sharp attention: the logits depend on positions
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(sharpen)
-            layer.self_attn.k_proj.weight.mul_(sharpen)
-        for name, param in model.named_parameters():  # norms that differ: each must be written where it belongs
-            if name.endswith("norm.weight"):
-                param.add_(torch.randn(param.shape) * 0.3)
-            if name.endswith("mlp.gate.weight"):  # MoE routers: decisive (moe_reference)
-                param.mul_(20.0)
-    return model
-
-
-def qat_train(model, tokenizer, steps: int = 4, bits=4, group_size: int | None = 32, method: str = "auto"):
-    hf_qat.prepare_model_for_qat(model, QATConfig(bits=bits, group_size=group_size, method=method, start=0))
+def qat_train(model, tokenizer, steps: int = 4, bits=4, group_size: int | None = 32, method: str = "auto",
+              config: QATConfig | None = None):
+    hf_qat.prepare_model_for_qat(model, config or QATConfig(bits=bits, group_size=group_size, method=method, start=0))
     hf_qat.activate_qat(model)
     ids = torch.tensor([tokenizer(TEXT * 3)["input_ids"][:64]])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -71,27 +57,27 @@ def qat_train(model, tokenizer, steps: int = 4, bits=4, group_size: int | None =
 
 
 CASES = {
-    "llama": (lambda: tiny("llama"), "gpt-2"),
-    "llama3-rope": (lambda: tiny("llama", rope_parameters={
+    "llama": (lambda: tiny_causal_lm("llama"), "gpt-2"),
+    "llama3-rope": (lambda: tiny_causal_lm("llama", rope_parameters={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64, "rope_theta": 100.0}), "llama-bpe"),  # a small theta: the
     # scaled (long) wavelengths turn by whole radians within the test text, so a missing rope_freqs fails
-    "mistral": (lambda: tiny("mistral", sliding_window=None), "gpt-2"),
-    "qwen2": (lambda: tiny("qwen2"), "qwen2"),
-    "qwen3": (lambda: tiny("qwen3", head_dim=32), "qwen2"),
+    "mistral": (lambda: tiny_causal_lm("mistral", sliding_window=None), "gpt-2"),
+    "qwen2": (lambda: tiny_causal_lm("qwen2"), "qwen2"),
+    "qwen3": (lambda: tiny_causal_lm("qwen3", head_dim=32), "qwen2"),
 }
 GEMMA = dict(vocab_size=400, head_dim=16, query_pre_attn_scalar=16, sliding_window=6, final_logit_softcapping=3.0,
              bos_token_id=2, eos_token_id=1, pad_token_id=0)
-CASES["gemma2"] = (lambda: tiny("gemma2", attn_logit_softcapping=1.0, **GEMMA), "sentencepiece")
-CASES["gemma3"] = (lambda: tiny("gemma3_text", sharpen=2.0, num_hidden_layers=3, layer_types=[
+CASES["gemma2"] = (lambda: tiny_causal_lm("gemma2", attn_logit_softcapping=1.0, **GEMMA), "sentencepiece")
+CASES["gemma3"] = (lambda: tiny_causal_lm("gemma3_text", sharpen=2.0, num_hidden_layers=3, layer_types=[
     "sliding_attention", "full_attention", "sliding_attention"], rope_parameters={
     "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 10.0},
     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}, **GEMMA), "sentencepiece")
 MOE = dict(num_experts_per_tok=2, intermediate_size=64)  # 4 experts of 64, 2 per token (see moe_reference)
-CASES["mixtral"] = (lambda: tiny("mixtral", num_local_experts=4, sliding_window=None, **MOE), "gpt-2")
-CASES["qwen3_moe"] = (lambda: tiny("qwen3_moe", num_experts=4, moe_intermediate_size=64, head_dim=16,
+CASES["mixtral"] = (lambda: tiny_causal_lm("mixtral", num_local_experts=4, sliding_window=None, **MOE), "gpt-2")
+CASES["qwen3_moe"] = (lambda: tiny_causal_lm("qwen3_moe", num_experts=4, moe_intermediate_size=64, head_dim=16,
                                    norm_topk_prob=True, **MOE), "qwen2")
-CASES["olmoe"] = (lambda: tiny("olmoe", num_experts=4, num_key_value_heads=4, **MOE), "gpt-2")
+CASES["olmoe"] = (lambda: tiny_causal_lm("olmoe", num_experts=4, num_key_value_heads=4, **MOE), "gpt-2")
 MOE_CASES = ("mixtral", "qwen3_moe", "olmoe")
 
 
@@ -101,6 +87,40 @@ def q8_0_activations(x: torch.Tensor) -> torch.Tensor:
     blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
     d = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
     return (torch.round(blocks / d.clamp_min(1e-30)) * d).reshape(x.shape).to(x.dtype)
+
+
+def q8_k_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as llama.cpp's k-quant dot products round it (``quantize_row_q8_K``): blocks of 256, fp32
+    scale ``d = max / -127`` with ``max`` the block's value of largest magnitude, codes at most 127."""
+    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // 256, 256)
+    peak = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    iscale = -127.0 / torch.where(peak == 0, 1.0, peak)
+    q = torch.round(iscale * blocks).clamp(max=127)
+    return (q * torch.where(peak == 0, 0.0, 1.0 / iscale)).reshape(x.shape).to(x.dtype)
+
+
+@contextlib.contextmanager
+def kquant_reference(model):
+    """The QAT model with every quantized Linear's input rounded as llama.cpp rounds it for that weight's
+    type (Q8_K for the k-quants, Q8_0 otherwise): what separates a real difference from llama.cpp's
+    activation rounding, which grows with depth (8 layers of Q4_K_M: 0.55 % of the spread unrounded)."""
+    hooks = []
+    for _, module in qat_modules(model):
+        if isinstance(module, QATLinear):
+            grid = module.weight_quantizer.spec.ggml_grid
+            rounding = q8_k_activations if grid is not None and grid.super_block == 256 else q8_0_activations
+            hooks.append(module.register_forward_pre_hook(lambda _, args, rounding=rounding: (rounding(args[0]),)))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def reference_for(case: str, model):
+    if case in MOE_CASES:
+        return moe_reference(model)
+    return kquant_reference(model) if case in KQUANT else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -127,13 +147,32 @@ def moe_reference(model):
         yield
     finally:
         torch.nn.functional.linear = linear
-CASES["llama-sentencepiece"] = (lambda: tiny("llama", vocab_size=400), "sentencepiece-prefix")  # Llama-2's "▁" prefix
+CASES["llama-sentencepiece"] = (lambda: tiny_causal_lm("llama", vocab_size=400), "sentencepiece-prefix")  # Llama-2's "▁" prefix
 TERNARY = {"llama-TQ2_0": "TQ2_0", "llama-TQ1_0": "TQ1_0"}  # case -> GGUF ternary type (blocks 256 wide)
 for case in TERNARY:
-    CASES[case] = (lambda: tiny("llama", sharpen=1.0, hidden_size=256, intermediate_size=512), "gpt-2")
+    CASES[case] = (lambda: tiny_causal_lm("llama", sharpen=1.0, hidden_size=256, intermediate_size=512), "gpt-2")
 FP4 = {"llama-MXFP4": "mxfp4", "llama-NVFP4": "nvfp4", "qwen3-NVFP4": "nvfp4"}  # case -> quantizer family
 for case in FP4:
     CASES[case] = CASES[case.split("-")[0]]
+# ggml's block families (rows of 256 for the k-quants), Q5_0 (5-bit LSQ, g32), and llama.cpp's mixes: 8 layers
+# so that Q4_K_M's Q6_K layers show, tied (token_embd as the output: Q6_K) and 320 wide, untied (Q5_0 / Q8_0 /
+# Q6_K fallbacks beside Q4_K). case -> (method, bits, group_size) or a preset name.
+KQUANT = {"llama-Q2_K": ("q2_k", 2, None), "llama-Q3_K": ("q3_k", 3, None), "llama-Q4_K": ("q4_k", 4, None),
+          "llama-Q5_K": ("q5_k", 5, None), "llama-Q6_K": ("q6_k", 6, None), "llama-IQ4_NL": ("iq4_nl", 4, None),
+          "llama-Q5_1": ("q5_1", 5, None), "llama-Q5_0": ("lsq", 5, 32), "qwen3-Q4_K": ("q4_k", 4, None),
+          "llama-Q4_K_M": "q4_k_m", "llama-Q4_K_M-320": "q4_k_m", "llama-Q5_K_M-320": "q5_k_m"}
+for case in KQUANT:
+    wide = dict(sharpen=1.0, hidden_size=256, intermediate_size=512)
+    if case.startswith("qwen3"):
+        CASES[case] = (lambda: tiny_causal_lm("qwen3", head_dim=64, **wide), "qwen2")
+    elif case.endswith("-320"):
+        CASES[case] = (lambda: tiny_causal_lm("llama", sharpen=1.0, hidden_size=320, intermediate_size=512, num_hidden_layers=8,
+                                    num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False), "gpt-2")
+    elif case.endswith("_M"):
+        CASES[case] = (lambda: tiny_causal_lm("llama", num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, **wide),
+                       "gpt-2")
+    else:
+        CASES[case] = (lambda: tiny_causal_lm("llama", **wide), "gpt-2")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -146,6 +185,11 @@ def test_llama_cpp_reproduces_the_qat_model(case, tmp_path):
         options = {"ternary_type": TERNARY[case]}
     elif case in FP4:
         model, options = qat_train(build(), tokenizer, group_size=None, method=FP4[case]), None
+    elif case in KQUANT and isinstance(KQUANT[case], str):
+        model, options = qat_train(build(), tokenizer, config=QATConfig.from_preset(KQUANT[case], start=0)), None
+    elif case in KQUANT:
+        method, bits, group_size = KQUANT[case]
+        model, options = qat_train(build(), tokenizer, bits=bits, group_size=group_size, method=method), None
     else:
         model, options = qat_train(build(), tokenizer), None
     export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer, format_options=options)
@@ -156,7 +200,7 @@ def test_llama_cpp_reproduces_the_qat_model(case, tmp_path):
     llm.reset()
     llm.eval(ids)
     got = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
-    reference = moe_reference(model) if case in MOE_CASES else contextlib.nullcontext()
+    reference = reference_for(case, model)
     with torch.no_grad(), reference:
         want = model(torch.tensor([ids])).logits[0].double().numpy()
     spread = want.std()
@@ -167,7 +211,7 @@ def test_llama_cpp_reproduces_the_qat_model(case, tmp_path):
     # greedy continuation: the same first tokens
     prompt, new = ids[:8], []
     context = list(prompt)
-    with torch.no_grad(), (moe_reference(model) if case in MOE_CASES else contextlib.nullcontext()):
+    with torch.no_grad(), reference_for(case, model):
         for _ in range(8):
             context.append(int(model(torch.tensor([context])).logits[0, -1].argmax()))
     llm.reset()

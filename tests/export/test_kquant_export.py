@@ -1,0 +1,104 @@
+"""GGUF exports of the ggml families and of llama.cpp's mixes (presets q4_k_m, q4_k_s, q5_k_m, q6_k):
+every tensor has the type llama.cpp's own quantizer gives it in that mix, gguf-py's dequantizer gives back
+the QAT weights bit for bit, and the formats that cannot hold these blocks say so. (llama.cpp runs the
+exports in test_llama_cpp.)"""
+
+from __future__ import annotations
+
+import ctypes
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import hf_qat
+from hf_qat import QATConfig
+from hf_qat.convert import quantized_weights
+from hf_qat.export import ExportFormatError, export_checkpoint
+from hf_qat.export.gguf_mix import MIXES
+from helpers import byte_level_bpe, tiny_causal_lm
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+          "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+MODELS = {  # 8 layers: the mixes' use_more_bits layers; 256 wide and tied, or 320 wide (fallbacks) and untied
+    "tied-256": dict(hidden_size=256, tie_word_embeddings=True),
+    "untied-320": dict(hidden_size=320, tie_word_embeddings=False),
+}
+
+
+def mixed_model(model_key: str, mix: str):
+    model = tiny_causal_lm("llama", sharpen=1.0, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=2, **MODELS[model_key])
+    return hf_qat.ptq(model, QATConfig.from_preset(mix))
+
+
+def tensor_types(path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+@pytest.mark.parametrize("model_key", sorted(MODELS))
+@pytest.mark.parametrize("mix", MIXES)
+def test_every_tensor_has_the_type_llama_quantize_gives_it(mix, model_key, tmp_path):
+    """Our export, requantized by llama.cpp's quantizer at the same mix (allow_requantize), keeps every
+    tensor's type: the file is, tensor by tensor, the one llama-quantize would write."""
+    model = mixed_model(model_key, mix)
+    export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=byte_level_bpe("gpt-2"))
+    ours = tensor_types(tmp_path / "gguf" / "model.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, FTYPES[mix])
+    params.allow_requantize = True
+    out = tmp_path / "requantized.gguf"
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "gguf" / "model.gguf").encode(), str(out).encode(),
+                                          ctypes.byref(params)) == 0
+    assert ours == tensor_types(out)
+    quantized = set(ours.values()) - {"F32"}
+    assert len(quantized) >= (2 if mix != "q6_k" or model_key == "untied-320" else 1), quantized  # a mix
+
+
+def test_gguf_py_reads_back_every_qat_weight_exactly(tmp_path):
+    model = mixed_model("untied-320", "q4_k_m")
+    export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=byte_level_bpe("gpt-2"))
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf")).tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 8)
+    cfg = model.config
+    seen = set()
+    for name, weight in quantized_weights(model):
+        baked = weight.weight_quantizer.quantized(weight.weight.detach()).numpy()
+        if name.endswith(("q_proj", "k_proj")):  # llama.cpp's row order for rotary pairs
+            heads = cfg.num_attention_heads if name.endswith("q_proj") else cfg.num_key_value_heads
+            baked = baked.reshape(heads, 2, -1, baked.shape[1]).swapaxes(1, 2).reshape(baked.shape)
+        tensor = tensors[names.get_name(f"{name}.weight", try_suffixes=(".weight",))]
+        back = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(baked.shape)
+        assert np.array_equal(back, baked), name
+        seen.add(tensor.tensor_type.name)
+    assert seen == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}
+
+
+def test_other_formats_refuse_ggml_blocks_and_auto_picks_gguf(tmp_path):
+    model = mixed_model("tied-256", "q4_k_m")
+    with pytest.raises(ExportFormatError, match="format='gguf' only"):
+        export_checkpoint(model, tmp_path / "ct", format="compressed-tensors")
+    with pytest.raises(ExportFormatError, match="format='gguf' only"):
+        export_checkpoint(model, tmp_path / "native", format="hf-qat")
+    with pytest.raises(ExportFormatError, match="tokenizer"):
+        export_checkpoint(model, tmp_path / "auto", format="auto")
+    info = export_checkpoint(model, tmp_path / "auto", format="auto", tokenizer=byte_level_bpe("gpt-2"))
+    assert info.format == "gguf"
+
+
+def test_the_mix_is_checked_when_the_config_is_built():
+    from hf_qat.errors import QATConfigError
+
+    with pytest.raises(QATConfigError, match="gguf_mix"):
+        QATConfig(bits=4, method="q4_k", gguf_mix="q3_k_m")
+    with pytest.raises(QATConfigError, match="method"):
+        QATConfig(bits=4, gguf_mix="q4_k_m")  # lsq is not the mix's base type
+    with pytest.raises(QATConfigError, match="embedding_bits"):
+        QATConfig.from_preset("q4_k_m", embedding_bits=8)
+    with pytest.raises(QATConfigError, match="scale_init"):
+        QATConfig.from_preset("q4_k_m", scale_init="mse")
+    assert QATConfig.from_preset("q6_k").group_size == 16
+    assert QATConfig.from_dict(QATConfig.from_preset("q5_k_m").to_dict()).gguf_mix == "q5_k_m"
