@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..bits import TERNARY_BITS
+from ..quantizers.kquants import GRIDS as GGML_GRIDS
 from .base import ExportFormat, ExportFormatError, ExportInfo, register_format, tensor_bytes, write_model_config
 from .fp4 import MXFP4 as MXFP4_SCALES
 from .fp4 import NVFP4 as NVFP4_SCALES
@@ -44,7 +45,6 @@ from .fp4 import e2m1_nibbles, is_fp4, stored_scales
 from .gguf_arch import GGUFArchitecture, add_metadata, architecture
 from .gguf_kquants import BYTES as GGML_BYTES
 from .gguf_kquants import pack_ggml
-from ..quantizers.kquants import GRIDS as GGML_GRIDS
 from .gguf_vocab import add_tokenizer, gguf_vocab
 from .layers import QuantizedLayer
 
@@ -221,6 +221,17 @@ class GGUFFormat(ExportFormat):
             self.qtype(layer) == NVFP4 for layer in layers) else []
         return ExportInfo(format=self.name, path=out_dir, files=["model.gguf", *files], weight_bytes=tensor_bytes(written),
                           notes=notes)
+
+
+def export_float_gguf(model, out_dir: str, tokenizer) -> str:
+    """``model`` as it computes now (not prepared for QAT), every tensor in F32, as ``<out_dir>/model.gguf``:
+    the input llama.cpp's own quantizer expects (``llama-quantize`` / ``llama_cpp.llama_model_quantize``), for
+    comparing it with QAT on the same file layout. Returns the file's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    fmt = GGUFFormat()
+    fmt.check_model(model, [], tokenizer)
+    fmt.write(model, [], {key: value.detach().cpu() for key, value in model.state_dict().items()}, out_dir, tokenizer)
+    return os.path.join(out_dir, "model.gguf")
 
 
 def _nvfp4_problem(layer: QuantizedLayer) -> str | None:

@@ -16,6 +16,7 @@ import hf_qat
 from hf_qat import QATConfig
 from hf_qat.convert import quantized_weights
 from hf_qat.export import ExportFormatError, export_checkpoint
+from hf_qat.export.gguf import export_float_gguf
 from hf_qat.export.gguf_mix import MIXES
 from helpers import byte_level_bpe, tiny_causal_lm
 
@@ -42,17 +43,19 @@ def tensor_types(path) -> dict[str, str]:
 @pytest.mark.parametrize("model_key", sorted(MODELS))
 @pytest.mark.parametrize("mix", MIXES)
 def test_every_tensor_has_the_type_llama_quantize_gives_it(mix, model_key, tmp_path):
-    """Our export, requantized by llama.cpp's quantizer at the same mix (allow_requantize), keeps every
-    tensor's type: the file is, tensor by tensor, the one llama-quantize would write."""
+    """llama.cpp's quantizer, run at the mix on the F32 GGUF of the same model, gives every tensor the type our
+    QAT export has: the file is, tensor by tensor, the one llama-quantize writes."""
+    tokenizer = byte_level_bpe("gpt-2")
     model = mixed_model(model_key, mix)
-    export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=byte_level_bpe("gpt-2"))
+    export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer)
     ours = tensor_types(tmp_path / "gguf" / "model.gguf")
+    hf_qat.remove_qat(model)
+    f32 = export_float_gguf(model, str(tmp_path / "f32"), tokenizer)
+    assert set(tensor_types(f32).values()) == {"F32"}
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, FTYPES[mix])
-    params.allow_requantize = True
-    out = tmp_path / "requantized.gguf"
-    assert llama_cpp.llama_model_quantize(str(tmp_path / "gguf" / "model.gguf").encode(), str(out).encode(),
-                                          ctypes.byref(params)) == 0
+    out = tmp_path / "llama-quantize.gguf"
+    assert llama_cpp.llama_model_quantize(f32.encode(), str(out).encode(), ctypes.byref(params)) == 0
     assert ours == tensor_types(out)
     quantized = set(ours.values()) - {"F32"}
     assert len(quantized) >= (2 if mix != "q6_k" or model_key == "untied-320" else 1), quantized  # a mix
