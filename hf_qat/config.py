@@ -243,9 +243,6 @@ class QATConfig:
         self._check_numbers()
         self._check_distill()
         self._check_gguf_mix()
-        if self.scale_init == "mse" and any(getattr(cls, "ggml_grid", None) for cls in self._families().values()):
-            raise QATConfigError("scale_init", "mse", f"'max' with method={self.resolved_method!r} (the clipping search "
-                                 "is for one scale per group; the ggml families start from the block's range)")
         if self.scale_init == "mse" and not self._learnable_families():
             raise QATConfigError("scale_init", "mse", "'max' with method='absmax' (its scale is recomputed from "
                                  "the weight every step, so there is no first scale to search)")

@@ -42,7 +42,7 @@ from .dtypes import torch_dtype
 from .errors import QATModelError, QATRuntimeError
 from .kernels import weight_fake_quant
 from .quantizers import MatrixView, Quantizer, ScaleLayout
-from .quantizers.kquants import BlockScales, block_scales, ggml_codes, ggml_fake_quantize
+from .quantizers.kquants import BlockScales, block_scales, ggml_codes, ggml_fake_quantize, ggml_mse_scale
 from .quantizers.reference import WeightQuantSpec, fake_quantize_weight, mse_scale, quantize_codes
 
 UNIT_SUFFIX = "_quantizer"  # a unit is the child <layer>.weight_quantizer, or <experts>.<P>_quantizer
@@ -148,7 +148,9 @@ class WeightQuantizer(nn.Module):
                 "initialised. The FP phase diverged: lower the learning rate or check the data"
             )
         first = self.quantizer.init_scale(self.layout.scale_view(w))
-        return mse_scale(w, first, self.spec) if self.scale_init == "mse" else first
+        if self.scale_init != "mse":
+            return first
+        return ggml_mse_scale(w, first, self.spec.ggml_grid) if self.spec.ggml_grid else mse_scale(w, first, self.spec)
 
     def initialize(self, full_weight: torch.Tensor) -> None:
         """Scale from the full weight, ratio 0 (collective under FSDP2: call on every rank)."""

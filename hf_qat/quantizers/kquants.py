@@ -47,9 +47,11 @@ asymmetric types), straight-through through every rounding (of ``code``, ``sc``,
     dL/ds = g * sum over the block of dL/dvalue * (code - r inside, code where clipped)
     dL/dm = g * sum over the block of dL/dvalue * (0 inside, -1 where clipped)
 
-First scales (from the block's weights ``w``): symmetric ``s = max|w| / |lo|`` (Q6_K 32, Q3_K 4;
-IQ4_NL ``max|w| / 127``); asymmetric ``m = max(-min(w), 1e-5)``, ``s = (max(w) + m) / hi``: the
-block's range on the codes, as ggml's round-to-nearest baseline starts.
+First scales (from the block's weights ``w``): symmetric ``s = max|w| / hi`` (Q6_K 31, Q3_K 3, IQ4_NL 113:
+no weight clips, as LSQ's ``max|w| / Qp``); asymmetric ``m = max(-min(w), 1e-5)``, ``s = (max(w) + m) / hi``: the
+block's range on the codes, as ggml's round-to-nearest baseline starts. ``scale_init="mse"`` then
+shrinks each block's range by the clipping ratio of least squared error (:func:`ggml_mse_scale`), as
+llama.cpp's own quantizers search their block scales.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from typing import ClassVar
 import torch
 
 from .base import SCALE_MIN, Grid, Quantizer
-from .reference import nearest_value
+from .reference import MSE_SCALE_RATIOS, nearest_value
 from .registry import register_quantizer
 
 QK_K = 256
@@ -215,6 +217,29 @@ def ggml_fake_quantize(matrix: torch.Tensor, scale: torch.Tensor, grid: GGMLGrid
     return _values(_codes(_ratio(matrix, scales, grid), grid), scales).reshape(matrix.shape).to(matrix.dtype)
 
 
+@torch.no_grad()
+def ggml_mse_scale(matrix: torch.Tensor, first_scale: torch.Tensor, grid: GGMLGrid,
+                   ratios: tuple[float, ...] = MSE_SCALE_RATIOS) -> torch.Tensor:
+    """``scale_init="mse"`` for the ggml families: per block, the candidate ``ratio * first_scale`` (scale and
+    min alike: the block's range shrunk by ``ratio``) whose forward (:func:`ggml_fake_quantize`, super-block
+    rounding included, every block of the matrix at that ratio) has the least squared error over the block;
+    1.0 first, a later ratio wins only when strictly better. ``matrix [R, C]``, ``first_scale`` as
+    :meth:`GGMLQuantizer.init_scale` -> the same shape."""
+    w = matrix.float()
+
+    def block_error(scale: torch.Tensor) -> torch.Tensor:
+        return _blocks((ggml_fake_quantize(w, scale, grid) - w).pow(2), grid.block).sum(-1)
+
+    best, best_error = first_scale * ratios[0], block_error(first_scale * ratios[0])
+    for ratio in ratios[1:]:
+        candidate = first_scale * ratio
+        error = block_error(candidate)
+        better = error < best_error
+        best = torch.where(better.unsqueeze(-1) if grid.asymmetric else better, candidate, best)
+        best_error = torch.where(better, error, best_error)
+    return best
+
+
 class GGMLFakeQuant(torch.autograd.Function):
     """Differentiable :func:`ggml_fake_quantize` of a matrix ``[R, C]`` (PyTorch on every device: no Triton
     kernel for these families). Saves only its inputs; the backward recomputes the codes."""
@@ -270,8 +295,7 @@ class GGMLQuantizer(Quantizer):
         """``groups [R, G, block]`` -> ``[R, G]`` (symmetric) or ``[R, G, 2]`` (scale, min)."""
         grid = self.ggml_grid
         if not grid.asymmetric:
-            top = max(abs(v) for v in grid.values) if grid.values else -grid.lo
-            return groups.abs().amax(-1) / top
+            return groups.abs().amax(-1) / grid.hi
         m = (-groups.amin(-1)).clamp_min(SCALE_MIN)
         s = (groups.amax(-1) + m).clamp_min(SCALE_MIN) / grid.hi
         return torch.stack([s, m], -1)

@@ -101,7 +101,5 @@ def test_the_mix_is_checked_when_the_config_is_built():
         QATConfig(bits=4, gguf_mix="q4_k_m")  # lsq is not the mix's base type
     with pytest.raises(QATConfigError, match="embedding_bits"):
         QATConfig.from_preset("q4_k_m", embedding_bits=8)
-    with pytest.raises(QATConfigError, match="scale_init"):
-        QATConfig.from_preset("q4_k_m", scale_init="mse")
     assert QATConfig.from_preset("q6_k").group_size == 16
     assert QATConfig.from_dict(QATConfig.from_preset("q5_k_m").to_dict()).gguf_mix == "q5_k_m"
