@@ -133,3 +133,23 @@ def test_bad_settings_are_refused():
     with pytest.raises(QATModelError, match="256"):
         WeightQuantizer(get_quantizer("q4_k", 4), w, group_size=32, scale_dtype="float16", scale_grad_mode="paretoq",
                         name="model.layers.0.self_attn.q_proj")
+
+
+@pytest.mark.parametrize("name", ["q4_k", "q6_k", "q3_k"])
+def test_mse_scale_init_never_loses_to_the_first_scale_and_usually_wins(name):
+    from hf_qat.quantizers.kquants import ggml_mse_scale
+
+    grid = GRIDS[name]
+    torch.manual_seed(2)
+    w = torch.randn(16, 512) * 0.02
+    w.view(-1)[::97] *= 6  # a few outliers: clipping them pays
+    first = get_quantizer(name, BITS[name]).init_scale(ScaleLayout(grid.block).scale_view(w))
+    chosen = ggml_mse_scale(w, first, grid)
+
+    def block_error(scale):
+        return ((ggml_fake_quantize(w, scale, grid) - w) ** 2).view(16, -1, grid.block).sum(-1)
+
+    # blocks are chosen with the others at the same ratio (d couples them), so compare whole matrices
+    assert block_error(chosen).sum() < block_error(first).sum()
+    ratio = (chosen / first)
+    assert bool(((ratio > 0.29) & (ratio <= 1.0)).all()) and bool((ratio < 1.0).any())
