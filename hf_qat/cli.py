@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which N the tokens per parameter byte use (default total: what memory holds)")
     p.add_argument("--tokens", type=_count, required=True, help="training tokens of this run, e.g. 10B")
     p.add_argument("--bits", type=_bits, required=True, help="1, 1.58/ternary, 2, 3, 4, 5, 6, 8")
-    p.add_argument("--method", default=None, help="the quantizer family; mxfp4 / nvfp4 count their block scales "
-                   "(4.25 / 4.5 bits per weight)")
+    p.add_argument("--method", default=None, help="the quantizer family; mxfp4 / nvfp4 and the ggml families count "
+                   "their block scales (mxfp4 4.25, nvfp4 4.5, q4_k 4.5, q6_k 6.5625 bits per weight)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of the run")
     p.add_argument("--tokens-per-step", type=_count, default=None)
     p.add_argument("--pretrained-tokens", type=_count, default=None, help="FP tokens the checkpoint already saw")
