@@ -60,6 +60,7 @@ from .distributed import is_dtensor
 from .errors import QATConfigError, QATModelError, QATRuntimeError
 from .jsonio import write_json
 from .lora import is_peft_model
+from .mix import mean_storage_bits
 from .optim import SCALE_GROUP_KEY, add_scale_param_group, has_scale_group, reset_weight_state, scale_parameters
 from .planner import Plan, QATScalingLaw, plan_qat
 from .qat_state import STATE_FILE, load_unit_state, save_unit_state
@@ -222,6 +223,7 @@ class QATCallback(TrainerCallback, ExportableState):
             self.plan = plan_qat(
                 count_parameters(model, cfg.count_quantized_params_only), tps.tokens * max_steps, cfg.bits,
                 active_params=active, moe_params=cfg.moe_params, method=cfg.resolved_method,
+                storage_bits=mean_storage_bits(model) if cfg.gguf_mix else None,
                 total_steps=max_steps, tokens_per_step=tps.tokens, pretrained_tokens=cfg.pretrained_tokens,
                 law=QATScalingLaw.load(cfg.law_path) if cfg.law_path else None,
                 strategy=cfg.strategy if fixed is None else "fixed",

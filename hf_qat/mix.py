@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import QATModelError
+from .weights import quantizer_units
 
 # A GGML type -> the family that trains it: (method, bits, group_size).
 TYPE_FAMILIES: dict[str, tuple[str, int, int]] = {
@@ -115,3 +116,15 @@ def mix_families(model: nn.Module, names: list[str], mix: str) -> dict[str, Weig
         else:
             raise QATModelError(f"{name}: llama.cpp's {mix} gives it {ggml_type}, which hf_qat does not train")
     return out
+
+
+def mean_storage_bits(model: nn.Module) -> float:
+    """The GGUF bits per weight of a prepared model's quantized weights, scales included, averaged over their
+    weights (what a mix stores: Q4_K 4.5, Q6_K 6.5625, Q5_0 5.5, Q8_0 8.5, ...)."""
+    bits = weights = 0.0
+    for _, qweight in quantizer_units(model):
+        quantizer = qweight.weight_quantizer.quantizer
+        per_weight = quantizer.storage_bits() or quantizer.bits + 16.0 / qweight.weight_quantizer.group_size
+        bits += per_weight * qweight.weight.numel()
+        weights += qweight.weight.numel()
+    return bits / weights

@@ -111,6 +111,7 @@ def plan_qat(
     active_params: float | None = None,
     moe_params: str = "total",
     method: str | None = None,
+    storage_bits: float | None = None,
 ) -> Plan:
     """Plan the QAT phase of a run.
 
@@ -132,6 +133,8 @@ def plan_qat(
         moe_params: which N the tokens per parameter byte (and a law) use: "total" (every parameter, what
             memory holds; the default) or "active" (``active_params``). Which one predicts the optimum of an
             MoE is an open question (docs/moe.md).
+        storage_bits: the bits per weight in memory when the model mixes formats (a ``gguf_mix``: the mean
+            over its weights, :func:`hf_qat.mix.mean_storage_bits`); None: the ``method``'s.
     """
     bits = normalize_bits(bits)
     pretrained = float(pretrained_tokens or 0.0)
@@ -139,7 +142,7 @@ def plan_qat(
     n = _planner_params(float(num_params), active_params, moe_params)  # the N behind S
     total_steps, tokens_per_step = _steps(total_tokens, total_steps, tokens_per_step)
     d_total = pretrained + float(total_tokens)
-    storage_bits = weight_format(bits, method).storage_bits
+    storage_bits = storage_bits or weight_format(bits, method).storage_bits
     s_total = tokens_per_parameter_byte(n, d_total, bits, storage_bits)
     warnings: list[str] = []
     if strategy != "fixed" and (text := range_warning(s_total)):

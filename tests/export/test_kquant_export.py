@@ -103,3 +103,37 @@ def test_the_mix_is_checked_when_the_config_is_built():
         QATConfig.from_preset("q4_k_m", embedding_bits=8)
     assert QATConfig.from_preset("q6_k").group_size == 16
     assert QATConfig.from_dict(QATConfig.from_preset("q5_k_m").to_dict()).gguf_mix == "q5_k_m"
+
+
+def test_the_plan_counts_the_bits_the_mix_stores(tmp_path):
+    """mean_storage_bits (the planner's bits per weight under a mix) equals the quantized tensors' bytes in
+    the GGUF file per weight, and the callback's plan uses it."""
+    from hf_qat.mix import mean_storage_bits
+    from hf_qat.planner import plan_qat
+
+    model = mixed_model("untied-320", "q4_k_m")
+    export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=byte_level_bpe("gpt-2"))
+    quantized = [t for t in gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf")).tensors if t.tensor_type.name != "F32"]
+    file_bits = 8 * sum(int(t.n_bytes) for t in quantized) / sum(int(t.n_elements) for t in quantized)
+    assert mean_storage_bits(model) == pytest.approx(file_bits, rel=1e-12)
+    assert 5.0 < file_bits < 6.0  # mostly Q5_0 at this width
+    plan = plan_qat(1e6, 1e8, 4, method="q4_k", storage_bits=mean_storage_bits(model))
+    assert plan.storage_bits == mean_storage_bits(model)
+    assert plan.tokens_per_param_byte == pytest.approx(1e8 / (1e6 * file_bits / 8))
+
+
+def test_a_mix_trains_through_the_trainer_and_its_plan_counts_the_mix(tmp_path):
+    """QATCallback with the q4_k_m preset on a 32-wide Llama (every row llama.cpp's fallback: Q5_0, the tied
+    embedding Q8_0): the plan's bits per weight are the mix's and the loss stays finite."""
+    from helpers import make_trainer
+    from hf_qat.mix import mean_storage_bits
+
+    callback = hf_qat.QATCallback(QATConfig.from_preset("q4_k_m", start=0.5))
+    trainer = make_trainer(tmp_path / "run", callbacks=[callback], max_steps=6)
+    result = trainer.train()
+    assert np.isfinite(result.training_loss)
+    assert callback.plan.storage_bits == mean_storage_bits(trainer.model) > 5.5
+    kinds = {w.weight_quantizer.quantizer.name for _, w in quantized_weights(trainer.model)}
+    assert kinds == {"lsq"}  # Q5_0 and Q8_0 are LSQ grids
+    bits = {(w.weight_quantizer.quantizer.bits, w.kind) for _, w in quantized_weights(trainer.model)}
+    assert bits == {(5, "linear"), (8, "embedding"), (8, "linear")}  # the tied head is the embedding's Q8_0
