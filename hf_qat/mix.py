@@ -1,7 +1,7 @@
 """A llama.cpp quantization mix (``QATConfig.gguf_mix``, e.g. "q4_k_m") as one quantizer per weight.
 
 ``llama-quantize model-f32.gguf out.gguf Q4_K_M`` gives every tensor a GGML type by a rule
-(:mod:`hf_qat.export.gguf_mix`, which mirrors llama.cpp's ``llama_tensor_get_type``): Q4_K for most,
+(:mod:`hf_qat.gguf_mix`, which mirrors llama.cpp's ``llama_tensor_get_type``): Q4_K for most,
 Q6_K for the output and some ``attn_v`` / ``ffn_down`` layers, llama.cpp's fallback (Q5_0, Q5_1, Q8_0, ...)
 for a tensor whose rows are not a multiple of 256 wide, F32 for what it leaves alone. With a mix, hf_qat
 asks that rule about the GGUF file its writer would produce for this model, and trains each weight on
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import QATModelError
+from .gguf_mix import MixModel, mix_tensor_types
 from .weights import quantizer_units
 
 # A GGML type -> the family that trains it: (method, bits, group_size).
@@ -40,14 +41,13 @@ class WeightFamily:
     group_size: int
 
 
-def gguf_tensors(model: nn.Module, names: list[str]) -> tuple[object, list[tuple[str, tuple[int, ...]]], dict[str, str]]:
+def gguf_tensors(model: nn.Module, names: list[str]) -> tuple[MixModel, list[tuple[str, tuple[int, ...]]], dict[str, str]]:
     """``(MixModel, [(gguf name, ggml shape)], {weight name: gguf name})`` of the tensors the GGUF writer
     writes for ``model``: the weights ``names`` (in that order, the writer's) then every other state-dict
     tensor; ggml shapes list the input dim first."""
     import gguf
 
-    from .export.gguf_arch import architecture
-    from .export.gguf_mix import MixModel
+    from .export.gguf_arch import architecture  # here: hf_qat.export imports hf_qat.convert, which imports this
 
     cfg = model.config
     arch = architecture(cfg)
@@ -99,8 +99,6 @@ def mix_families(model: nn.Module, names: list[str], mix: str) -> dict[str, Weig
     """The family of every weight in ``names`` (module names, or ``<experts module>.<parameter>`` for a fused
     expert stack, whose gate and up halves llama.cpp types alike) under the llama.cpp mix ``mix``; None for
     a weight llama.cpp leaves in float."""
-    from .export.gguf_mix import mix_tensor_types
-
     mix_model, tensors, by_weight = gguf_tensors(model, names)
     types = mix_tensor_types(mix, mix_model, tensors)
     out: dict[str, WeightFamily | None] = {}

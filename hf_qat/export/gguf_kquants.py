@@ -31,6 +31,8 @@ import torch
 from ..quantizers.kquants import IQ4_NL_VALUES, BlockScales, GGMLGrid
 
 BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "IQ4_NL": 18, "Q5_1": 24}
+IQ4_NL_INDEX = torch.zeros(256, dtype=torch.int16)  # level + 128 -> its index in kvalues_iq4nl
+IQ4_NL_INDEX[torch.tensor(IQ4_NL_VALUES) + 128] = torch.arange(len(IQ4_NL_VALUES), dtype=torch.int16)
 
 
 def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -71,22 +73,13 @@ def _nibbles_k(u: torch.Tensor) -> torch.Tensor:
     return (u[..., 0, :] | (u[..., 1, :] << 4)).reshape(*u.shape[:-3], 128)
 
 
-def _super_rows(x: torch.Tensor, rows: int, supers: int) -> torch.Tensor:
-    return x.reshape(rows, supers, -1)
-
-
 def pack_ggml(codes: torch.Tensor, scales: BlockScales, grid: GGMLGrid) -> np.ndarray:
     """``codes int8 [R, C]`` with their :class:`BlockScales` -> the raw GGUF blocks ``uint8 [R, bytes]``."""
     rows, cols = codes.shape
     supers = cols // grid.super_block
     q = codes.to(torch.int16)
-    if grid.values:
-        index = {v: i for i, v in enumerate(IQ4_NL_VALUES)}
-        lut = torch.zeros(256, dtype=torch.int16)
-        for v, i in index.items():
-            lut[v + 128] = i
-        q = lut[(q + 128).long()]
-    u = (q - grid.lo if not grid.values else q).to(torch.uint8).reshape(rows, supers, grid.super_block)
+    u = IQ4_NL_INDEX[(q + 128).long()] if grid.values else q - grid.lo  # unsigned codes
+    u = u.to(torch.uint8).reshape(rows, supers, grid.super_block)
     kind = grid.ggml_type
     d = _fp16_bytes(scales.d.reshape(rows, supers, 1))
     if kind in ("IQ4_NL", "Q5_1"):
@@ -97,9 +90,9 @@ def pack_ggml(codes: torch.Tensor, scales: BlockScales, grid: GGMLGrid) -> np.nd
             qh = sum(((u[..., j] >> 4).to(torch.int64) << j) for j in range(32))
             parts = [d, _fp16_bytes(-scales.min.reshape(rows, supers, 1)), qh.unsqueeze(-1).view(torch.uint8)[..., :4], qs]
     else:
-        sc = _super_rows(scales.sc.to(torch.uint8), rows, supers)
+        sc = scales.sc.to(torch.uint8).reshape(rows, supers, -1)
         if kind in ("Q4_K", "Q5_K"):
-            mq = _super_rows(scales.mq.to(torch.uint8), rows, supers)
+            mq = scales.mq.to(torch.uint8).reshape(rows, supers, -1)
             dmin = _fp16_bytes(scales.dmin.reshape(rows, supers, 1))
             parts = [d, dmin, k4_scale_bytes(sc, mq)]
             if kind == "Q5_K":
@@ -117,7 +110,7 @@ def pack_ggml(codes: torch.Tensor, scales: BlockScales, grid: GGMLGrid) -> np.nd
             hmask = sum(halves[..., n, j, :] << (4 * n + j) for n in range(2) for j in range(4))
             parts = [hmask, _low_bits_2(u), k3_scale_bytes(sc + 32), d]
         elif kind == "Q2_K":
-            mq = _super_rows(scales.mq.to(torch.uint8), rows, supers)
+            mq = scales.mq.to(torch.uint8).reshape(rows, supers, -1)
             dmin = _fp16_bytes(scales.dmin.reshape(rows, supers, 1))
             parts = [sc | (mq << 4), _low_bits_2(u), d, dmin]
         else:

@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .base import SCALE_MIN, Grid, ScaleLayout
 from .block_scales import SCALE_DTYPES as BLOCK_SCALE_DTYPES
 from .block_scales import round_block_scale
+
+if TYPE_CHECKING:  # kquants imports this module
+    from .kquants import GGMLGrid
 
 _SCALE_MIN_F32 = float(torch.tensor(SCALE_MIN, dtype=torch.float32))
 
@@ -55,7 +59,7 @@ class WeightQuantSpec:
     scale_dtype: torch.dtype
     grad_scale: float
     learnable: bool = True
-    ggml_grid: "object | None" = None
+    ggml_grid: GGMLGrid | None = None
 
     @functools.cached_property
     def layout(self) -> ScaleLayout:

@@ -1,4 +1,4 @@
-"""hf_qat.export.gguf_mix predicts the tensor types llama.cpp's own quantizer (``llama_model_quantize``,
+"""hf_qat.gguf_mix predicts the tensor types llama.cpp's own quantizer (``llama_model_quantize``,
 llama-cpp-python) writes for the k-quant mixes: tiny all-F32 GGUF files, quantized by llama.cpp under
 each mix, every tensor's type compared with the prediction.
 
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from hf_qat.errors import QATConfigError
-from hf_qat.export.gguf_mix import MIXES, MixModel, mix_tensor_types
+from hf_qat.gguf_mix import MIXES, MixModel, mix_tensor_types
 
 FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
           "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}

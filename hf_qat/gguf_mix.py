@@ -42,7 +42,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import QATConfigError
+from .errors import QATConfigError
 
 MIXES: tuple[str, ...] = ("q4_k_m", "q4_k_s", "q5_k_m", "q6_k")
 DEFAULT_TYPE = {"q4_k_m": "Q4_K", "q4_k_s": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}  # llama_ftype_get_default_type
