@@ -110,16 +110,24 @@ def _ratio(weight: torch.Tensor, s_r: torch.Tensor, layout: ScaleLayout) -> torc
     return torch.div(layout.group_view(weight.float()), s_r.unsqueeze(-1))
 
 
-def nearest_value(x: torch.Tensor, table: tuple[int, ...]) -> torch.Tensor:
-    """The entry of the ascending table ``table`` nearest to ``x``, a tie between entries i and i + 1 going
-    to the even index: ``t_0 + sum_i (t_{i+1} - t_i) * [x past the midpoint of i and i + 1]`` ("past": ``>=``
-    when i + 1 is even, ``>`` when odd). fp32, a new tensor (x below t_0 gives t_0)."""
-    out = torch.full_like(x, float(table[0]))
+@functools.lru_cache(maxsize=None)
+def _table_search(table: tuple[int, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(thresholds, levels)`` fp32 on ``device`` for :func:`nearest_value`: threshold i is the midpoint of
+    entries i and i + 1 when a tie there goes down (i + 1 odd), else the float just below it (a tie goes up)."""
+    thresholds = []
     for i, (lo, hi) in enumerate(zip(table, table[1:])):
-        mid = (lo + hi) / 2
-        past = x >= mid if (i + 1) % 2 == 0 else x > mid
-        out += past * float(hi - lo)
-    return out
+        mid = torch.tensor((lo + hi) / 2, dtype=torch.float32)
+        thresholds.append(mid if (i + 1) % 2 else torch.nextafter(mid, torch.tensor(-float("inf"))))
+    return torch.stack(thresholds).to(device), torch.tensor(table, dtype=torch.float32, device=device)
+
+
+def nearest_value(x: torch.Tensor, table: tuple[int, ...]) -> torch.Tensor:
+    """The entry of the ascending table ``table`` nearest to ``x`` (fp32), a tie between entries i and i + 1
+    going to the even index: ``t_0 + sum_i (t_{i+1} - t_i) * [x past the midpoint of i and i + 1]`` ("past":
+    ``>=`` when i + 1 is even, ``>`` when odd), computed as the entry whose index counts the thresholds below
+    ``x`` (:func:`_table_search`; one binary search per element). A new tensor; x below t_0 gives t_0."""
+    thresholds, levels = _table_search(tuple(table), str(x.device))
+    return levels[torch.bucketize(x, thresholds)]
 
 
 def nearest_magnitude(x: torch.Tensor, magnitudes: tuple[int, ...]) -> torch.Tensor:
