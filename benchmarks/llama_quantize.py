@@ -63,7 +63,7 @@ def llama_quantize(model, tokenizer, out_dir: str, ftype: str, imatrix: dict[str
     """The GGUF llama.cpp's quantizer makes of ``model`` at ``ftype`` (with ``imatrix`` if given); its path."""
     import llama_cpp
 
-    from hf_qat.export.gguf import export_float_gguf
+    from hf_qat.export import export_float_gguf
 
     f32 = export_float_gguf(model, os.path.join(out_dir, "f32"), tokenizer)
     params = llama_cpp.llama_model_quantize_default_params()

@@ -8,6 +8,7 @@ Importing this package registers the native format's transformers quantizer.
 from . import bitnet, compressed_tensors, gguf, native  # noqa: F401  (registers the formats)
 from .api import export_checkpoint, load_exported, load_qat_checkpoint
 from .base import FORMATS, ExportFormatError, ExportInfo, choose_format
+from .gguf import export_float_gguf
 from .layers import QuantizedLayer, collect_layers
 from .packed_modules import PackedEmbedding, PackedLinear, TiedPackedHead
 from .native_quantizer import register as _register_native_quantizer
@@ -25,6 +26,7 @@ __all__ = [
     "choose_format",
     "collect_layers",
     "export_checkpoint",
+    "export_float_gguf",
     "load_exported",
     "load_qat_checkpoint",
 ]

@@ -15,8 +15,7 @@ import torch
 import hf_qat
 from hf_qat import QATConfig
 from hf_qat.convert import quantized_weights
-from hf_qat.export import ExportFormatError, export_checkpoint
-from hf_qat.export.gguf import export_float_gguf
+from hf_qat.export import ExportFormatError, export_checkpoint, export_float_gguf
 from hf_qat.gguf_mix import MIXES
 from helpers import byte_level_bpe, tiny_causal_lm
 
