@@ -42,7 +42,7 @@ from .dtypes import torch_dtype
 from .errors import QATModelError, QATRuntimeError
 from .kernels import weight_fake_quant
 from .quantizers import MatrixView, Quantizer, ScaleLayout
-from .quantizers.kquants import BlockScales, block_scales, ggml_codes, ggml_fake_quantize, ggml_mse_scale
+from .quantizers.kquants import BlockScales, ggml_codes, ggml_fake_quantize, ggml_mse_scale
 from .quantizers.reference import WeightQuantSpec, fake_quantize_weight, mse_scale, quantize_codes
 
 UNIT_SUFFIX = "_quantizer"  # a unit is the child <layer>.weight_quantizer, or <experts>.<P>_quantizer
@@ -181,17 +181,18 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def codes(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes int8 [R, C], step fp32 [scale shape])`` of the weight's matrix (:attr:`view`): what
-        export packs; ``step * codes`` equals the fake-quantized matrix exactly."""
-        matrix = self.view.to_matrix(full_weight.detach())
+        export packs; the fake-quantized matrix is ``step * codes`` exactly (minus the blocks' mins for the
+        asymmetric ggml families: :meth:`ggml_codes`)."""
         if self.spec.ggml_grid is not None:
-            codes, scales = ggml_codes(matrix, self.full_scale(full_weight), self.spec.ggml_grid)
+            codes, scales = self.ggml_codes(full_weight)
             return codes, scales.step
-        return quantize_codes(matrix, self.full_scale(full_weight), self.spec)
+        return quantize_codes(self.view.to_matrix(full_weight.detach()), self.full_scale(full_weight), self.spec)
 
     @torch.no_grad()
-    def ggml_scales(self, full_weight: torch.Tensor) -> BlockScales:
-        """A ggml family's rounded block scales (what GGUF stores beside :meth:`codes`)."""
-        return block_scales(self.full_scale(full_weight), self.spec.ggml_grid)
+    def ggml_codes(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, BlockScales]:
+        """A ggml family's ``(codes int8 [R, C], BlockScales)``: what its GGUF blocks store (one gather of the
+        scales under FSDP2: call on every rank)."""
+        return ggml_codes(self.view.to_matrix(full_weight.detach()), self.full_scale(full_weight), self.spec.ggml_grid)
 
     @torch.no_grad()
     def quantized(self, full_weight: torch.Tensor) -> torch.Tensor:

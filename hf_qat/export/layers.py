@@ -1,8 +1,8 @@
 """What every export starts from: the integer codes and steps of each quantized layer, and the rest.
 
 Export is packing, never re-quantization (DESIGN.md rule 4): the codes are the ones the QAT forward
-pass used (``quantize_codes`` on the current weight and scale), and ``step * code`` is exactly the
-weight the QAT model computed with.
+pass used (``quantize_codes`` / ``ggml_codes`` on the current weight and scale), and ``step * code`` (minus
+the blocks' mins for the asymmetric ggml families) is exactly the weight the QAT model computed with.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class QuantizedLayer:
             ``<experts module>.<parameter>`` of a fused expert stack ("model.layers.0.mlp.experts.gate_up_proj").
         kind: "linear", "embedding" or "experts".
         codes: int8 ``[R, C]`` integer codes of ``grid``, of the weight's matrix (``view``).
-        step: fp32 ``[R or 1, n_groups]``: the matrix is ``step * code`` (in fp32), cast to ``dtype``.
+        step: fp32 ``[R or 1, n_groups]``: the matrix is ``step * code`` (in fp32; minus ``ggml_scales.min`` for the
+            asymmetric ggml families), cast to ``dtype``.
         grid, bits, method, group_size: the quantizer (``bits`` as configured, 1.58 for ternary).
         scale_dtype: what scales were rounded to in the forward pass (float8_e8m0fnu / float8_e4m3fn for
             the MXFP4 / NVFP4 block-scale formats).
@@ -123,7 +124,11 @@ def collect_layers(model: nn.Module, keep: bool = True) -> tuple[list[QuantizedL
         tied_to = names_of_weight.get(id(qweight.weight))
         unit = qweight.weight_quantizer
         weight = qweight.full_weight().detach()
-        codes, step = unit.codes(weight)
+        if unit.spec.ggml_grid is not None:
+            codes, ggml_scales = unit.ggml_codes(weight)
+            step, ggml_scales = ggml_scales.step, ggml_scales.map(torch.Tensor.cpu)
+        else:
+            (codes, step), ggml_scales = unit.codes(weight), None
         bias = None if bias is None else full_tensor(bias).detach().cpu()
         names_of_weight.setdefault(id(qweight.weight), name)
         if not keep:
@@ -134,7 +139,7 @@ def collect_layers(model: nn.Module, keep: bool = True) -> tuple[list[QuantizedL
             scale_dtype=unit.spec.scale_dtype, dtype=weight.dtype,
             bias=bias, activation_bits=getattr(module, "activation_bits", None), tied_to=tied_to,
             weight_shape=tuple(weight.shape), view=unit.view, ggml_grid=unit.spec.ggml_grid,
-            ggml_scales=None if unit.spec.ggml_grid is None else unit.ggml_scales(weight).map(torch.Tensor.cpu),
+            ggml_scales=ggml_scales,
         ))
     others = {}
     for key, value in model.state_dict().items():

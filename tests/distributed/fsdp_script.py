@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=4)
     parser.add_argument("--export-memory", action="store_true")
     parser.add_argument("--moe", action="store_true", help="a tiny Qwen3-MoE instead of the tiny Llama")
+    parser.add_argument("--kquant", action="store_true", help="a 256-wide Llama on q4_k (a [R, G, 2] scale-pair "
+                        "parameter); its GGUF blocks' inputs are collected instead of an hf-qat export")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -72,6 +74,9 @@ def main() -> None:
     if args.moe:  # a Qwen3-MoE: FSDP2 shards the fused experts' dim 0 (the experts)
         model = tiny_moe("qwen3_moe", intermediate_size=32, moe_intermediate_size=32)
         cfg = hf_qat.QATConfig(bits=4, group_size=16, start=args.start)
+    elif args.kquant:
+        model = tiny_llama(tie=True, hidden=256)
+        cfg = hf_qat.QATConfig(bits=4, method="q4_k", start=args.start)
     else:
         model = tiny_llama(tie=True)
         cfg = hf_qat.QATConfig(bits=4, group_size=16, start=args.start, embedding_bits=4)
@@ -110,7 +115,14 @@ def main() -> None:
 
     state = {k: full_tensor(v).detach().clone() for k, v in model.state_dict().items()}
     torch.save({"state": state, "losses": losses, "world": world}, os.path.join(args.out, f"rank{rank}.pt"))
-    hf_qat.export_checkpoint(model, os.path.join(args.out, "export"), format="hf-qat")
+    if args.kquant:  # every rank gathers, rank 0 keeps: the codes and block scales GGUF would pack
+        from hf_qat.export import collect_layers
+
+        layers, _ = collect_layers(model, keep=rank == 0)
+        blocks = {layer.name: (layer.codes, layer.ggml_scales.step, layer.ggml_scales.min) for layer in layers}
+        torch.save(blocks, os.path.join(args.out, f"blocks{rank}.pt"))
+    else:
+        hf_qat.export_checkpoint(model, os.path.join(args.out, "export"), format="hf-qat")
     if world > 1:
         dist.destroy_process_group()
 

@@ -86,3 +86,31 @@ def test_fsdp2_shards_the_fused_experts_and_matches_one_process(tmp_path):
     assert sorted(sharded) == sorted(reference) and any("experts" in key for key in reference)
     for key in reference:
         assert torch.equal(sharded[key], reference[key]), key
+
+
+def test_fsdp2_trains_and_exports_a_k_quant_like_one_process(tmp_path):
+    """q4_k (a scale and a min per block: a [R, G, 2] Parameter) under FSDP2: the ranks gather the same state,
+    the losses equal one process's, and the GGUF blocks' codes and scales collected from the sharded model
+    (every rank gathering, rank 0 keeping) equal those of one process given the sharded run's weights."""
+    run_distributed(tmp_path / "fsdp", 2, "--kquant", script=FSDP_SCRIPT)
+    run_distributed(tmp_path / "single", 1, "--kquant", script=FSDP_SCRIPT)
+    r0, r1 = torch.load(tmp_path / "fsdp" / "rank0.pt"), torch.load(tmp_path / "fsdp" / "rank1.pt")
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    pairs = [name for name in r0["state"] if name.endswith("log_scale_ratio")]
+    assert pairs and all(r0["state"][name].shape[-1] == 2 for name in pairs)
+    for name in r0["state"]:
+        assert torch.equal(r0["state"][name], r1["state"][name]), name
+    for a, b in zip(r0["losses"], single["losses"]):  # 256 wide: sharded reductions differ more than at 32
+        assert abs(a - b) <= 1e-4 * abs(b)
+    sharded, reference = torch.load(tmp_path / "fsdp" / "blocks0.pt"), torch.load(tmp_path / "single" / "blocks0.pt")
+    assert torch.load(tmp_path / "fsdp" / "blocks1.pt") == {}  # rank 1 took part in the gathers and kept nothing
+    assert sorted(sharded) == sorted(reference) and len(reference) == 14
+    model = tiny_llama(tie=True, hidden=256)
+    hf_qat.prepare_model_for_qat(model, hf_qat.QATConfig(bits=4, method="q4_k", start=4))
+    model.load_state_dict(r0["state"])
+    from hf_qat.export import collect_layers
+
+    for layer in collect_layers(model)[0]:
+        codes, step, minimum = sharded[layer.name]
+        assert torch.equal(codes, layer.codes) and torch.equal(step, layer.ggml_scales.step), layer.name
+        assert torch.equal(minimum, layer.ggml_scales.min), layer.name
