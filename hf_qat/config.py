@@ -304,8 +304,15 @@ class QATConfig:
         if self.scale_dtype != "float16" and all(cls.scale_dtype is not None for cls in families.values()):
             names = " and ".join(sorted({repr(cls.name) for cls in families.values()}))
             raise QATConfigError("scale_dtype", self.scale_dtype, f"'float16' (the default) with {names}",
-                                 detail="A block-scaled format rounds its scales to its own FP8 format (MXFP4: "
-                                 "E8M0, NVFP4: E4M3); scale_dtype applies to the integer families")
+                                 detail="A block-scaled format rounds its scales to its own format (MXFP4: E8M0, "
+                                 "NVFP4: E4M3, the ggml k-quants: integers under an fp16 scale); scale_dtype "
+                                 "applies to the integer families")
+        ggml = [cls.name for cls in families.values() if getattr(cls, "ggml_grid", None) is not None]
+        if self.activation_bits is not None and (ggml or self.gguf_mix is not None):
+            raise QATConfigError("activation_bits", self.activation_bits,
+                                 f"None with {'gguf_mix=' + repr(self.gguf_mix) if self.gguf_mix else repr(ggml[0])}",
+                                 detail="llama.cpp's blocks are exported to GGUF only, and llama.cpp does not "
+                                 "fake-quantize activations as int8 per token")
 
     def _check_gguf_mix(self) -> None:
         """``gguf_mix``: a known mix, with its base family as bits / method and no embedding_bits."""

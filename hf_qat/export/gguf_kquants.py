@@ -78,6 +78,8 @@ def pack_ggml(codes: torch.Tensor, scales: BlockScales, grid: GGMLGrid) -> np.nd
     rows, cols = codes.shape
     supers = cols // grid.super_block
     q = codes.to(torch.int16)
+    if grid.values and not bool(torch.isin(q, torch.tensor(grid.values, dtype=q.dtype)).all()):
+        raise ValueError(f"{grid.ggml_type} codes must be its levels {grid.values}")
     u = IQ4_NL_INDEX[(q + 128).long()] if grid.values else q - grid.lo  # unsigned codes
     u = u.to(torch.uint8).reshape(rows, supers, grid.super_block)
     kind = grid.ggml_type

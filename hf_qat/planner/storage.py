@@ -27,13 +27,14 @@ class WeightFormat:
 
 
 def weight_format(spec: str | float | int, method: str | None = None) -> WeightFormat:
-    """A bit width (with ``method``: that quantizer family's format when it fixes one), "mxfp4", "nvfp4",
-    or "int<B>-g<G>" -> its :class:`WeightFormat`; ValueError names what is allowed."""
+    """A bit width (with ``method``: that quantizer family's format when it fixes one), a block-scaled family
+    ("mxfp4", "nvfp4", "q4_k", "q6_k", ...), or "int<B>-g<G>" -> its :class:`WeightFormat`; ValueError names
+    what is allowed."""
     from ..quantizers import available_quantizers, get_quantizer, get_quantizer_class
 
     text = spec.strip().lower() if isinstance(spec, str) else None
     if text in available_quantizers() and get_quantizer_class(text).block_size is not None:
-        method, spec = text, 4  # a block-scaled format is named by its family (its bits are fixed)
+        method, spec = text, get_quantizer_class(text).supported_bits[0]  # named by its family (bits fixed)
     match = re.fullmatch(r"int(\d)-g([1-9]\d*)", text or "")
     if match:
         bits, group = normalize_bits(int(match.group(1))), int(match.group(2))
@@ -42,7 +43,7 @@ def weight_format(spec: str | float | int, method: str | None = None) -> WeightF
         bits = normalize_bits(spec)
     except ValueError:
         raise ValueError(f"{spec!r} is not a weight format; write a bit width (1, 1.58, 2, 3, 4, 5, 6, 8), "
-                         "mxfp4, nvfp4, or int<B>-g<G> (e.g. int4-g32)") from None
+                         "a block-scaled family (mxfp4, nvfp4, q4_k, q6_k, ...), or int<B>-g<G> (e.g. int4-g32)") from None
     family_bits = get_quantizer(method, bits).storage_bits() if method not in (None, "auto") else None
     if family_bits is not None:
         return WeightFormat(method, bits, family_bits)

@@ -223,21 +223,30 @@ def ggml_mse_scale(matrix: torch.Tensor, first_scale: torch.Tensor, grid: GGMLGr
     """``scale_init="mse"`` for the ggml families: per block, the candidate ``ratio * first_scale`` (scale and
     min alike: the block's range shrunk by ``ratio``) whose forward (:func:`ggml_fake_quantize`, super-block
     rounding included, every block of the matrix at that ratio) has the least squared error over the block;
-    1.0 first, a later ratio wins only when strictly better. ``matrix [R, C]``, ``first_scale`` as
-    :meth:`GGMLQuantizer.init_scale` -> the same shape."""
+    1.0 first, a later ratio wins only when strictly better. Blocks chosen apart share their super-block's
+    ``d``, so a super-block whose error with the chosen scales exceeds its error with the first ones keeps
+    the first ones: never worse than the first scale, super-block by super-block. ``matrix [R, C]``,
+    ``first_scale`` as :meth:`GGMLQuantizer.init_scale` -> the same shape."""
     w = matrix.float()
+    per_super = grid.blocks_per_super
 
     def block_error(scale: torch.Tensor) -> torch.Tensor:
         return _blocks((ggml_fake_quantize(w, scale, grid) - w).pow(2), grid.block).sum(-1)
 
+    def pick(better: torch.Tensor, candidate: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        return torch.where(better.unsqueeze(-1) if grid.asymmetric else better, candidate, current)
+
     best, best_error = first_scale * ratios[0], block_error(first_scale * ratios[0])
+    first_error = best_error
     for ratio in ratios[1:]:
         candidate = first_scale * ratio
         error = block_error(candidate)
         better = error < best_error
-        best = torch.where(better.unsqueeze(-1) if grid.asymmetric else better, candidate, best)
-        best_error = torch.where(better, error, best_error)
-    return best
+        best, best_error = pick(better, candidate, best), torch.where(better, error, best_error)
+    rows, groups = first_error.shape
+    super_error = block_error(best).reshape(rows, groups // per_super, per_super).sum(-1)
+    worse = super_error > first_error.reshape(rows, groups // per_super, per_super).sum(-1)
+    return pick(worse.repeat_interleave(per_super, dim=1), first_scale, best)
 
 
 class GGMLFakeQuant(torch.autograd.Function):
@@ -295,9 +304,9 @@ class GGMLQuantizer(Quantizer):
         """``groups [R, G, block]`` -> ``[R, G]`` (symmetric) or ``[R, G, 2]`` (scale, min)."""
         grid = self.ggml_grid
         if not grid.asymmetric:
-            return groups.abs().amax(-1) / grid.hi
+            return (groups.abs().amax(-1) / grid.hi).clamp_min(SCALE_MIN)
         m = (-groups.amin(-1)).clamp_min(SCALE_MIN)
-        s = (groups.amax(-1) + m).clamp_min(SCALE_MIN) / grid.hi
+        s = ((groups.amax(-1) + m) / grid.hi).clamp_min(SCALE_MIN)  # a zero block keeps a trainable scale
         return torch.stack([s, m], -1)
 
 

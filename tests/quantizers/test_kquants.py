@@ -87,26 +87,33 @@ def test_codes_round_half_to_even_and_iq4_nl_takes_the_nearest_level():
     assert codes6[0, :6].tolist() == [0, 2, 2, 0, 31, -32]
 
 
-@pytest.mark.parametrize("name", ["q4_k", "q6_k", "iq4_nl"])
-def test_gradients_are_straight_through(name):
+@pytest.mark.parametrize("name", ["q4_k", "q6_k", "iq4_nl", "q2_k"])
+def test_gradients_are_those_of_the_straight_through_surrogate(name):
+    """Autograd through an independent surrogate, ``value = step' * q' - min'`` where every rounding is
+    ``x + (rounded - x).detach()`` (step' = s + (step - s).detach(), min' likewise, q' = clamp(r) + (code -
+    clamp(r)).detach()), gives the gradients GGMLFakeQuant writes (the scale's times g)."""
     grid = GRIDS[name]
     torch.manual_seed(1)
     w = (torch.randn(4, 256) * 0.03).requires_grad_()
     scale = learned_scale(name, w.detach(), seed=1).requires_grad_()
     g_out = torch.randn(4, 256)
     GGMLFakeQuant.apply(w, scale, grid, 0.5).backward(g_out)
-    scales = block_scales(scale, grid)
-    r = (w.detach().view(4, -1, grid.block) + (0 if scales.min is None else scales.min.unsqueeze(-1))) / scales.step.unsqueeze(-1)
-    inside = (r >= grid.lo) & (r <= grid.hi)
-    assert torch.equal(w.grad, torch.where(inside, g_out.view(4, -1, grid.block), 0.0).view(4, 256))
-    codes, _ = ggml_codes(w.detach(), scale.detach(), grid)
-    codes = codes.float().view(4, -1, grid.block)
-    want_s = (g_out.view(4, -1, grid.block) * torch.where(inside, codes - r, codes)).sum(-1) * 0.5
-    got_s = scale.grad[..., 0] if grid.asymmetric else scale.grad
-    torch.testing.assert_close(got_s, want_s, rtol=1e-5, atol=1e-7)
-    if grid.asymmetric:
-        want_m = torch.where(inside, 0.0, -g_out.view(4, -1, grid.block)).sum(-1) * 0.5
-        torch.testing.assert_close(scale.grad[..., 1], want_m)
+
+    w2, scale2 = w.detach().clone().requires_grad_(), scale.detach().clone().requires_grad_()
+    rounded = block_scales(scale2, grid)
+    s = scale2[..., 0] if grid.asymmetric else scale2
+    step = (s + (rounded.step - s).detach()).unsqueeze(-1)
+    minimum = 0.0 if not grid.asymmetric else (scale2[..., 1] + (rounded.min - scale2[..., 1]).detach()).unsqueeze(-1)
+    r = (w2.view(4, -1, grid.block) + minimum) / step
+    clamped = r.clamp(grid.lo, grid.hi)
+    codes = ggml_codes(w2.detach(), scale2.detach(), grid)[0].float().view(4, -1, grid.block)
+    value = step * (clamped + (codes - clamped).detach()) - minimum
+    value.view(4, 256).backward(g_out)
+    assert torch.equal(w.grad == 0, w2.grad == 0)  # passed inside the range, blocked where clipped
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-6, atol=0)  # (step * (1 / step) is 1 within rounding)
+    # the surrogate's step * (1 / step) - 1 and (code - r) carry fp32 rounding that a block sum can cancel into
+    torch.testing.assert_close(scale.grad, scale2.grad * 0.5, rtol=1e-4, atol=1e-4 * float(scale.grad.abs().max()))
+    inside = (r.detach() >= grid.lo) & (r.detach() <= grid.hi)
     assert bool((~inside).any()) or name == "q6_k"  # the clipped branch is exercised (jittered scales)
 
 
@@ -136,7 +143,7 @@ def test_bad_settings_are_refused():
 
 
 @pytest.mark.parametrize("name", ["q4_k", "q6_k", "q3_k"])
-def test_mse_scale_init_never_loses_to_the_first_scale_and_usually_wins(name):
+def test_mse_scale_init_never_loses_to_the_first_scale_per_super_block_and_wins_overall(name):
     from hf_qat.quantizers.kquants import ggml_mse_scale
 
     grid = GRIDS[name]
@@ -146,10 +153,10 @@ def test_mse_scale_init_never_loses_to_the_first_scale_and_usually_wins(name):
     first = get_quantizer(name, BITS[name]).init_scale(ScaleLayout(grid.block).scale_view(w))
     chosen = ggml_mse_scale(w, first, grid)
 
-    def block_error(scale):
-        return ((ggml_fake_quantize(w, scale, grid) - w) ** 2).view(16, -1, grid.block).sum(-1)
+    def super_block_error(scale):
+        return ((ggml_fake_quantize(w, scale, grid) - w) ** 2).view(16, -1, grid.super_block).sum(-1)
 
-    # blocks are chosen with the others at the same ratio (d couples them), so compare whole matrices
-    assert block_error(chosen).sum() < block_error(first).sum()
+    assert bool((super_block_error(chosen) <= super_block_error(first)).all())  # never worse, super-block-wise
+    assert super_block_error(chosen).sum() < 0.99 * super_block_error(first).sum()
     ratio = (chosen / first)
     assert bool(((ratio > 0.29) & (ratio <= 1.0)).all()) and bool((ratio < 1.0).any())
