@@ -101,6 +101,14 @@ def mix_families(model: nn.Module, names: list[str], mix: str) -> dict[str, Weig
     a weight llama.cpp leaves in float."""
     mix_model, tensors, by_weight = gguf_tensors(model, names)
     types = mix_tensor_types(mix, mix_model, tensors)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    if tied and types.get("output.weight", types.get("token_embd.weight")) != types.get("token_embd.weight"):
+        raise QATModelError(
+            f"llama.cpp's {model.config.model_type} file holds the tied LM head as its own output.weight, which "
+            f"{mix} stores as {types['output.weight']} while token_embd is {types['token_embd.weight']}: one tied "
+            "weight cannot train on both grids. Untie the head (a copy of the embedding: "
+            "model.config.tie_word_embeddings = False) or train this model without gguf_mix")
     out: dict[str, WeightFamily | None] = {}
     for name in names:
         gguf_name = by_weight.get(name)

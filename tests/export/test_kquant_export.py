@@ -136,3 +136,32 @@ def test_a_mix_trains_through_the_trainer_and_its_plan_counts_the_mix(tmp_path):
     assert kinds == {"lsq"}  # Q5_0 and Q8_0 are LSQ grids
     bits = {(w.weight_quantizer.quantizer.bits, w.kind) for _, w in quantized_weights(trainer.model)}
     assert bits == {(5, "linear"), (8, "embedding"), (8, "linear")}  # the tied head is the embedding's Q8_0
+
+
+def test_a_mix_on_fused_experts_and_the_tied_head_llama_cpp_writes_apart(tmp_path):
+    """Qwen3-MoE under q4_k_m: the fused stacks train on their tensors' types (ffn_down_exps Q6_K on llama.cpp's
+    use_more_bits layers) and gguf-py reads the stacked blocks back exactly. OLMoE's file holds a tied head as
+    its own output.weight, which the mix types apart from token_embd: refused, not trained on one of them."""
+    from hf_qat.errors import QATModelError
+    from hf_qat.gguf_mix import MixModel, mix_tensor_types
+
+    model = tiny_causal_lm("qwen3_moe", sharpen=1.0, hidden_size=256, intermediate_size=256, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=256, head_dim=64, num_hidden_layers=4,
+                           norm_topk_prob=True)
+    hf_qat.ptq(model, QATConfig.from_preset("q4_k_m"))
+    export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=byte_level_bpe("qwen2"))
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf")).tensors}
+    ours = {name: t.tensor_type.name for name, t in tensors.items()}
+    rule = mix_tensor_types("q4_k_m", MixModel("qwen3moe", 4, 4, 2, 4),
+                            [(name, tuple(int(n) for n in t.shape)) for name, t in tensors.items()])
+    assert ours == rule
+    assert [ours[f"blk.{i}.ffn_down_exps.weight"] for i in range(4)] == ["Q4_K", "Q4_K", "Q6_K", "Q6_K"]
+    experts = model.model.layers[2].mlp.experts
+    baked = experts.down_proj_quantizer.quantized(experts.down_proj.detach()).numpy()  # [E, out, in]
+    down = tensors["blk.2.ffn_down_exps.weight"]
+    assert np.array_equal(gguf.quants.dequantize(down.data, down.tensor_type).reshape(baked.shape), baked)
+
+    olmoe = tiny_causal_lm("olmoe", sharpen=1.0, hidden_size=256, intermediate_size=256, num_experts=4,
+                           num_experts_per_tok=2, num_key_value_heads=4)
+    with pytest.raises(QATModelError, match="output.weight"):
+        hf_qat.prepare_model_for_qat(olmoe, QATConfig.from_preset("q4_k_m"))
