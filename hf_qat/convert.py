@@ -91,8 +91,9 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
     if config.gguf_mix is not None:
         families = mix_families(model, [name for name, t in targets.items() if t.tied_to is None], config.gguf_mix)
         kept_float = [name for name, family in families.items() if family is None]
-        if kept_float:
-            logger.info("hf_qat: llama.cpp's %s keeps %s in float: so does QAT", config.gguf_mix, ", ".join(kept_float))
+        if kept_float:  # rows not a multiple of 32: llama.cpp writes them F16, hf_qat's GGUF writes F32
+            logger.warning("hf_qat: llama.cpp's %s keeps %s in float (F16 in its file, F32 in hf_qat's GGUF): so does "
+                           "QAT", config.gguf_mix, ", ".join(kept_float))
         targets = {name: t for name, t in targets.items() if families.get(t.tied_to or name) is not None}
     units = make_units(targets, config, families)
     _attach(model, targets, units, config)

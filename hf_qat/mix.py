@@ -17,12 +17,12 @@ from torch import nn
 
 from .errors import QATModelError
 from .gguf_mix import MixModel, mix_tensor_types
+from .quantizers.kquants import GRIDS
 from .weights import quantizer_units
 
 # A GGML type -> the family that trains it: (method, bits, group_size).
 TYPE_FAMILIES: dict[str, tuple[str, int, int]] = {
-    "Q2_K": ("q2_k", 2, 16), "Q3_K": ("q3_k", 3, 16), "Q4_K": ("q4_k", 4, 32), "Q5_K": ("q5_k", 5, 32),
-    "Q6_K": ("q6_k", 6, 16), "IQ4_NL": ("iq4_nl", 4, 32), "Q5_1": ("q5_1", 5, 32),
+    **{grid.ggml_type: (name, grid.bits, grid.block) for name, grid in GRIDS.items()},
     "Q4_0": ("lsq", 4, 32), "Q5_0": ("lsq", 5, 32), "Q8_0": ("lsq", 8, 32),
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")

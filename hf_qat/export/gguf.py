@@ -1,8 +1,13 @@
-"""GGUF for llama.cpp: Q4_0, Q8_0 and TQ2_0 blocks written from the QAT integers (never re-quantized).
+"""GGUF for llama.cpp: blocks written from the QAT integers (never re-quantized).
 
 * Q4_0: blocks of 32 along the input dim: fp16 ``d`` then 16 bytes; byte j holds element j (low nibble)
   and j + 16 (high nibble) as ``q + 8``. Exact for LSQ 4-bit, groups of 32, fp16 scales.
+* Q5_0: fp16 ``d``, 4 bytes ``qh`` (bit j: the fifth bit of element j), then 16 bytes as Q4_0 of the low
+  nibbles, codes stored as ``q + 16``. Exact for LSQ 5-bit, groups of 32, fp16 scales (llama.cpp's fallback
+  for Q4_K where rows are not a multiple of 256).
 * Q8_0: fp16 ``d`` then 32 int8. Exact for LSQ 8-bit, groups of 32, fp16 scales.
+* Q2_K .. Q6_K, IQ4_NL, Q5_1: the ggml families (:mod:`hf_qat.quantizers.kquants`), packed by
+  :mod:`.gguf_kquants` from their codes and block scales.
 * TQ2_0: blocks of 256: 64 bytes of 2-bit codes ``q + 1`` (byte ``c*32 + m`` holds elements
   ``c*128 + l*32 + m`` at bits ``2l``), then fp16 ``d``. Exact for ternary, groups of 256, fp16 scales.
 * TQ1_0 (``format_options={"ternary_type": "TQ1_0"}``): blocks of 256 in 54 bytes, trits ``t = q + 1``
@@ -53,7 +58,7 @@ BLOCK = {Q4_0: 32, Q5_0: 32, Q8_0: 32, TQ1_0: 256, TQ2_0: 256, MXFP4: 32, NVFP4:
          **{grid.ggml_type: grid.super_block for grid in GGML_GRIDS.values()}}
 BYTES = {Q4_0: 18, Q5_0: 22, Q8_0: 34, TQ1_0: 54, TQ2_0: 66, MXFP4: 17, NVFP4: 36, **GGML_BYTES}
 SCALE_BYTES = {Q4_0: 2, Q5_0: 2, Q8_0: 2, TQ1_0: 2, TQ2_0: 2, MXFP4: 1, NVFP4: 4,  # per block
-               "Q2_K": 20, "Q3_K": 14, "Q4_K": 16, "Q5_K": 16, "Q6_K": 18, "IQ4_NL": 2, "Q5_1": 4}
+               **{g.ggml_type: GGML_BYTES[g.ggml_type] - g.bits * g.super_block // 8 for g in GGML_GRIDS.values()}}
 TERNARY_TYPES = (TQ2_0, TQ1_0)
 
 
@@ -209,6 +214,10 @@ class GGUFFormat(ExportFormat):
         path = os.path.join(out_dir, "model.gguf")
         writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)])
         add_metadata(writer, cfg, arch)
+        file_type = _file_type(model, layers, self.qtype)
+        if file_type is not None:
+            writer.add_file_type(file_type)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer, _vocab(tokenizer, cfg))
         written = _add_tensors(writer, cfg, arch, layers, others, self.qtype)
         writer.write_header_to_file()
@@ -223,10 +232,31 @@ class GGUFFormat(ExportFormat):
                           notes=notes)
 
 
+def _file_type(model, layers: list[QuantizedLayer], qtype_of) -> int | None:
+    """``general.file_type`` as llama-quantize writes it: the mix (``gguf_mix``), else the type holding most of
+    the quantized weights when llama.cpp names a file type after it, F32 for a float model; None otherwise."""
+    import gguf
+
+    from ..convert import get_qat_config
+
+    config = get_qat_config(model)
+    if config is not None and config.gguf_mix is not None:
+        return gguf.LlamaFileType[f"MOSTLY_{config.gguf_mix.upper()}"]
+    if not layers:
+        return gguf.LlamaFileType.ALL_F32
+    weights: dict[str, int] = {}
+    for layer in layers:
+        weights[qtype_of(layer)] = weights.get(qtype_of(layer), 0) + layer.codes.numel()
+    return getattr(gguf.LlamaFileType, f"MOSTLY_{max(weights, key=weights.get)}", None)
+
+
 def export_float_gguf(model, out_dir: str, tokenizer) -> str:
     """``model`` as it computes now (not prepared for QAT), every tensor in F32, as ``<out_dir>/model.gguf``:
     the input llama.cpp's own quantizer expects (``llama-quantize`` / ``llama_cpp.llama_model_quantize``), for
     comparing it with QAT on the same file layout. Returns the file's path."""
+    if any(value.ndim == 3 for value in model.state_dict().values()):
+        raise ExportFormatError("export_float_gguf writes dense models only (fused expert stacks are written by the "
+                                "quantized GGUF export)")
     os.makedirs(out_dir, exist_ok=True)
     fmt = GGUFFormat()
     fmt.check_model(model, [], tokenizer)

@@ -70,7 +70,10 @@ class Plan:
             step += (f", N={self.num_params:.3g} total / {self.active_params:.3g} active parameters, S from the "
                      f"{self.moe_params}")
         weights = f"{bits_label(self.bits)}-bit"
-        if self.method is not None and self.method == weight_format(self.bits, self.method).name:
+        own = weight_format(self.bits, self.method) if self.method is not None else None
+        if own is not None and self.storage_bits not in (None, own.storage_bits):  # a mix (gguf_mix)
+            weights = f"{self.method}-based mix ({self.storage_bits:.3g} bits per weight on average, scales included)"
+        elif own is not None and self.method == own.name:
             weights = f"{self.method} ({self.storage_bits:g} bits per weight with its scales)"
         return (
             f"{weights} QAT on {self.run_qat_fraction:.1%} of the run "

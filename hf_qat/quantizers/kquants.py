@@ -76,6 +76,7 @@ class GGMLGrid:
 
     Attributes:
         ggml_type: the GGML type name ("Q4_K").
+        bits: bits per code (the family's ``bits``).
         block: weights per block (one scale, and min, each).
         super_block: weights per super-block (one fp16 ``d``, ``dmin``); ``block`` when there is none.
         lo, hi: the codes' range.
@@ -86,6 +87,7 @@ class GGMLGrid:
     """
 
     ggml_type: str
+    bits: int
     block: int
     super_block: int
     lo: int
@@ -105,13 +107,13 @@ class GGMLGrid:
 
 
 GRIDS = {
-    "q2_k": GGMLGrid("Q2_K", 16, QK_K, 0, 3, 15, 15, 2.625),
-    "q3_k": GGMLGrid("Q3_K", 16, QK_K, -4, 3, 31, None, 3.4375),
-    "q4_k": GGMLGrid("Q4_K", 32, QK_K, 0, 15, 63, 63, 4.5),
-    "q5_k": GGMLGrid("Q5_K", 32, QK_K, 0, 31, 63, 63, 5.5),
-    "q6_k": GGMLGrid("Q6_K", 16, QK_K, -32, 31, 127, None, 6.5625),
-    "iq4_nl": GGMLGrid("IQ4_NL", 32, 32, -127, 113, 0, None, 4.5, IQ4_NL_VALUES),
-    "q5_1": GGMLGrid("Q5_1", 32, 32, 0, 31, 0, 0, 6.0),
+    "q2_k": GGMLGrid("Q2_K", 2, 16, QK_K, 0, 3, 15, 15, 2.625),
+    "q3_k": GGMLGrid("Q3_K", 3, 16, QK_K, -4, 3, 31, None, 3.4375),
+    "q4_k": GGMLGrid("Q4_K", 4, 32, QK_K, 0, 15, 63, 63, 4.5),
+    "q5_k": GGMLGrid("Q5_K", 5, 32, QK_K, 0, 31, 63, 63, 5.5),
+    "q6_k": GGMLGrid("Q6_K", 6, 16, QK_K, -32, 31, 127, None, 6.5625),
+    "iq4_nl": GGMLGrid("IQ4_NL", 4, 32, 32, -127, 113, 0, None, 4.5, IQ4_NL_VALUES),
+    "q5_1": GGMLGrid("Q5_1", 5, 32, 32, 0, 31, 0, 0, 6.0),
 }
 
 
@@ -310,19 +312,19 @@ class GGMLQuantizer(Quantizer):
         return torch.stack([s, m], -1)
 
 
-def _family(name: str, bits: int) -> type[GGMLQuantizer]:
+def _family(name: str) -> type[GGMLQuantizer]:
     cls = type(f"{GRIDS[name].ggml_type}Quantizer", (GGMLQuantizer,),
-               {"ggml_grid": GRIDS[name], "supported_bits": (bits,), "block_size": GRIDS[name].block,
+               {"ggml_grid": GRIDS[name], "supported_bits": (GRIDS[name].bits,), "block_size": GRIDS[name].block,
                 "row_multiple": GRIDS[name].super_block,
                 "scale_components": 2 if GRIDS[name].asymmetric else 1, "__module__": __name__,
                 "__doc__": f"ggml's {GRIDS[name].ggml_type} (see the module docstring)."})
     return register_quantizer(name)(cls)
 
 
-Q2KQuantizer = _family("q2_k", 2)
-Q3KQuantizer = _family("q3_k", 3)
-Q4KQuantizer = _family("q4_k", 4)
-Q5KQuantizer = _family("q5_k", 5)
-Q6KQuantizer = _family("q6_k", 6)
-IQ4NLQuantizer = _family("iq4_nl", 4)
-Q51Quantizer = _family("q5_1", 5)
+Q2KQuantizer = _family("q2_k")
+Q3KQuantizer = _family("q3_k")
+Q4KQuantizer = _family("q4_k")
+Q5KQuantizer = _family("q5_k")
+Q6KQuantizer = _family("q6_k")
+IQ4NLQuantizer = _family("iq4_nl")
+Q51Quantizer = _family("q5_1")

@@ -39,6 +39,12 @@ def tensor_types(path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
 
 
+def file_type(path) -> tuple[int, int]:
+    """``(general.file_type, general.quantization_version)`` of a GGUF file."""
+    fields = gguf.GGUFReader(str(path)).fields
+    return tuple(int(fields[key].parts[-1][0]) for key in ("general.file_type", "general.quantization_version"))
+
+
 @pytest.mark.parametrize("model_key", sorted(MODELS))
 @pytest.mark.parametrize("mix", MIXES)
 def test_every_tensor_has_the_type_llama_quantize_gives_it(mix, model_key, tmp_path):
@@ -56,6 +62,7 @@ def test_every_tensor_has_the_type_llama_quantize_gives_it(mix, model_key, tmp_p
     out = tmp_path / "llama-quantize.gguf"
     assert llama_cpp.llama_model_quantize(f32.encode(), str(out).encode(), ctypes.byref(params)) == 0
     assert ours == tensor_types(out)
+    assert file_type(tmp_path / "gguf" / "model.gguf") == file_type(out)  # e.g. MOSTLY_Q4_K_M, version 2
     quantized = set(ours.values()) - {"F32"}
     assert len(quantized) >= (2 if mix != "q6_k" or model_key == "untied-320" else 1), quantized  # a mix
 
@@ -117,7 +124,7 @@ def test_the_plan_counts_the_bits_the_mix_stores(tmp_path):
     assert mean_storage_bits(model) == pytest.approx(file_bits, rel=1e-12)
     assert 5.0 < file_bits < 6.0  # mostly Q5_0 at this width
     plan = plan_qat(1e6, 1e8, 4, method="q4_k", storage_bits=mean_storage_bits(model))
-    assert plan.storage_bits == mean_storage_bits(model)
+    assert plan.storage_bits == mean_storage_bits(model) and "mix" in plan.summary()
     assert plan.tokens_per_param_byte == pytest.approx(1e8 / (1e6 * file_bits / 8))
 
 
