@@ -100,13 +100,15 @@ def reloaded_difference(export_dir: str, batch: torch.Tensor, reference: torch.T
     return float((reloaded - reference).abs().max())
 
 
-def llama_cpp_check(path: str, model, held_out: torch.Tensor, tokenizer, text: str) -> dict:
+def llama_cpp_check(path: str, model, held_out: torch.Tensor, tokenizer, text: str, n_threads: int | None = None) -> dict:
     """The GGUF in llama.cpp (llama-cpp-python): token ids of ``text`` against the transformers
-    tokenizer, held-out loss and argmax agreement of llama.cpp against the QAT model (same blocks)."""
+    tokenizer, held-out loss and argmax agreement of llama.cpp against the QAT model (same blocks).
+    ``n_threads``: llama.cpp's threads (None: llama-cpp-python's default, half the CPUs)."""
     import llama_cpp
     import numpy as np
 
-    llm = llama_cpp.Llama(model_path=path, n_ctx=held_out.shape[1], logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=held_out.shape[1], logits_all=True, verbose=False,
+                          **({"n_threads": n_threads} if n_threads else {}))
     same_ids = llm.tokenize(text.encode(), add_bos=True, special=False) == tokenizer(text)["input_ids"]
     losses, agree, total = [], 0, 0
     for block in held_out:

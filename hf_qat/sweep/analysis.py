@@ -1,7 +1,8 @@
 """What a sweep's rows say about the paper's claims (METHOD.md section 8).
 
-* A cell is one (size, seed, budget, bits): its fused-schedule losses at every QAT fraction, with
-  fraction 0 = the PTQ row of that model.
+* A cell is one (size, seed, budget, bits, method): its fused-schedule losses at every QAT fraction,
+  with fraction 0 = the PTQ row of that model (rows without ``method``, written before the sweep had
+  the key, are the bit width's auto method).
 * The observed optimal fraction of a cell: the argmin over the measured fractions, refined by a
   parabola in log f through the argmin and its two neighbours (the three lowest points of a convex
   curve; our choice where the curve is not convex), the vertex kept inside them; 0 when PTQ is the
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..bits import bits_label
+from ..config import auto_method
 from ..planner.fraction import optimal_qat_fraction, tokens_per_parameter_byte
 
 QAT_SCHEDULES = ("fused", "classic")
@@ -37,6 +40,12 @@ class Cell:
     losses: dict[float, float] = field(default_factory=dict)  # fraction -> loss (0.0 = PTQ)
     fp_loss: float | None = None
     active_params: int | None = None  # a mixture of experts: the parameters one token uses
+    method: str = "auto"  # the quantizer family when not the bit width's auto one (e.g. "mxfp4")
+
+    @property
+    def label(self) -> str:
+        """The bit width ("4", "ternary"), with the method when not the auto one ("4-mxfp4")."""
+        return format_label(self.bits, self.method)
 
     @property
     def tokens_per_param_byte(self) -> float:
@@ -75,6 +84,20 @@ def refined_optimum(losses: dict[float, float]) -> float:
     return float(min(max(math.exp(-b / (2 * a)), points[0]), points[-1]))
 
 
+def row_method(row: dict) -> str:
+    """The quantizer family of a row as a cell tells them apart: "auto" when the bit width's auto family
+    (or the row predates the ``method`` field), else its name."""
+    method = row.get("method")
+    if row.get("bits") is None or method is None or method == auto_method(float(row["bits"])):
+        return "auto"
+    return method
+
+
+def format_label(bits: float, method: str = "auto") -> str:
+    """"4", "ternary", or "4-mxfp4" for a method other than the bit width's auto one."""
+    return bits_label(bits) + ("" if method == "auto" else f"-{method}")
+
+
 def cells(rows: list[dict], schedule: str = "fused") -> list[Cell]:
     """The cells of ``rows`` with at least one ``schedule`` row, each with its PTQ row as fraction 0."""
     out: dict[tuple, Cell] = {}
@@ -86,15 +109,15 @@ def cells(rows: list[dict], schedule: str = "fused") -> list[Cell]:
             continue
         if row["schedule"] not in (schedule, "ptq"):
             continue
-        key = base + (float(row["bits"]),)
+        key = base + (float(row["bits"]), row_method(row))
         cell = out.setdefault(key, Cell(row["size"], row["seed"], float(row["budget"]), float(row["bits"]),
                                         int(row["num_params"]), int(row["fp_tokens"]) + int(row["qat_tokens"]),
-                                        active_params=row.get("active_params")))
+                                        active_params=row.get("active_params"), method=row_method(row)))
         cell.losses[float(row["fraction"])] = float(row["loss"])
     result = [c for c in out.values() if any(f > 0 for f in c.losses)]
     for cell in result:
         cell.fp_loss = fp.get((cell.size, cell.seed, cell.budget))
-    return sorted(result, key=lambda c: (c.bits, c.num_params, c.budget, c.seed))
+    return sorted(result, key=lambda c: (c.bits, c.method, c.num_params, c.budget, c.seed))
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -116,8 +139,9 @@ def paper_comparison(cell_list: list[Cell]) -> dict[str, float]:
                 "S_max": max(s, default=float("nan"))}
 
     out = {"all": stats(cell_list)}
-    for bits in sorted({c.bits for c in cell_list}):
-        out[f"{bits:g}"] = stats([c for c in cell_list if c.bits == bits])
+    for bits, method in sorted({(c.bits, c.method) for c in cell_list}):
+        key = f"{bits:g}" + ("" if method == "auto" else f"-{method}")
+        out[key] = stats([c for c in cell_list if c.bits == bits and c.method == method])
     return out
 
 
@@ -138,17 +162,23 @@ def moe_comparison(cell_list: list[Cell]) -> dict[str, dict[str, float]] | None:
 
 
 def fused_classic_pairs(rows: list[dict]) -> list[tuple[float, float, float]]:
-    """``(bits, fraction, loss(fused) - loss(classic))`` for every classic row with a fused twin."""
+    """``(bits, fraction, loss(fused) - loss(classic))`` for every classic row with a fused twin (of the
+    same method)."""
     fused = {_match(r): r["loss"] for r in rows if r["schedule"] == "fused"}
     return [(float(r["bits"]), float(r["fraction"]), fused[_match(r)] - r["loss"])
             for r in rows if r["schedule"] == "classic" and _match(r) in fused]
 
 
 def fused_minus_classic(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Per bit width: mean, min and max of loss(fused) - loss(classic) over matching runs."""
+    """Per bit width (and method, when not the auto one: "4-mxfp4"): mean, min and max of loss(fused) -
+    loss(classic) over matching runs."""
     diffs: dict[str, list[float]] = {}
-    for bits, _, diff in fused_classic_pairs(rows):
-        diffs.setdefault(f"{bits:g}", []).append(diff)
+    fused = {_match(r): r["loss"] for r in rows if r["schedule"] == "fused"}
+    for r in rows:
+        if r["schedule"] == "classic" and _match(r) in fused:
+            method = row_method(r)
+            diffs.setdefault(f"{float(r['bits']):g}" + ("" if method == "auto" else f"-{method}"), []).append(
+                fused[_match(r)] - r["loss"])
     return {bits: {"pairs": len(v), "mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
             for bits, v in sorted(diffs.items())}
 
@@ -158,10 +188,12 @@ def seed_noise(rows: list[dict]) -> list[dict[str, float]]:
     groups: dict[tuple, list[float]] = {}
     for row in rows:
         key = (row["size"], float(row["budget"]), row["bits"], float(row["fraction"]), row["schedule"])
+        if row_method(row) != "auto":
+            key += (row_method(row),)
         groups.setdefault(key, []).append(row["loss"])
     return [{"key": "/".join(str(k) for k in key), "seeds": len(v), "spread": max(v) - min(v)}
             for key, v in groups.items() if len(v) > 1]
 
 
 def _match(row: dict) -> tuple:
-    return row["size"], row["seed"], float(row["budget"]), float(row["bits"]), float(row["fraction"])
+    return row["size"], row["seed"], float(row["budget"]), float(row["bits"]), float(row["fraction"]), row_method(row)

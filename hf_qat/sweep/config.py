@@ -16,6 +16,9 @@ The keys (the contract of ``hf-qat sweep``; keys may be added, never renamed)::
     warmup_steps:     linear warmup, shared by every run
     budgets:          total tokens per run
     bits:             weight bit widths (1, 1.58/"ternary", 2, 3, 4, 5, 6, 8)
+    method:           the quantizer family, as QATConfig's ``method`` (optional; "auto" by default:
+                      binary for 1 bit, seq for ternary/2, lsq for 3..8; or lsq, seq, binary, absmax,
+                      mxfp4, nvfp4, ...); an ``extra`` grid may name another, e.g. mxfp4 beside lsq at 4 bits
     fractions:        QAT fractions in [0, 1]; 0 = the FP row and one PTQ row per bit width
     schedules:        fused | classic
     group_size:       scales per group of input columns (int, "channel", "tensor")
@@ -26,9 +29,15 @@ Added keys: ``weight_decay`` (0.1), ``max_grad_norm`` (1.0), ``decay_shape`` ("l
 ``min_lr_ratio`` (0.0), ``fp_cooldown_fraction`` (0.2, the FP row's and classic runs' cooldown),
 ``qat_warmup_fraction`` (0.05, classic runs), ``scale_lr`` / ``scale_lr_multiplier`` (the scales'
 learning rate, as QATConfig's: absolute, 0.02 by default, or the base LR times a multiplier),
-``tie_word_embeddings`` (true), and ``extra``: a list of partial grids, each overriding any of
-``sizes`` (a list of size names), budgets, bits, fractions, schedules, seed (e.g. classic runs at one
-size, or a second seed at one point to measure eval noise).
+``tie_word_embeddings`` (true), ``method`` ("auto"), and ``extra``: a list of partial grids, each
+overriding any of ``sizes`` (a list of size names), budgets, bits, method, fractions, schedules, seed
+(e.g. classic runs at one size, a second seed at one point to measure eval noise, or the same cell
+with another quantizer family).
+
+A method that ``auto`` would choose for a bit width anyway (lsq at 4 bits) is that bit width's auto
+method: the same runs, rows and keys as a sweep without the key. Any other method is part of the run
+key (``.../4-mxfp4/0.5/fused``) and of each row (``method``), so rows of two methods never collide,
+and a folder written before the key existed reads as it did.
 """
 
 from __future__ import annotations
@@ -54,7 +63,8 @@ NUMBER_KEYS = ("learning_rate", "weight_decay", "max_grad_norm", "min_lr_ratio",
                "qat_warmup_fraction", "scale_lr_multiplier", "scale_lr")
 # Keys passed on to QATConfig as they are, so validated by it.
 QAT_KEYS = ("group_size", "decay_shape", "min_lr_ratio", "fp_cooldown_fraction", "qat_warmup_fraction")
-EXTRA_KEYS = ("sizes", "budgets", "bits", "fractions", "schedules", "seed")
+EXTRA_KEYS = ("sizes", "budgets", "bits", "method", "fractions", "schedules", "seed")
+AUTO = "auto"
 
 
 class SweepConfigError(ValueError):
@@ -76,6 +86,7 @@ class Grid:
     fractions: tuple[float, ...]
     schedules: tuple[str, ...]
     seed: int
+    method: str = AUTO  # the quantizer family of the grid's QAT and PTQ rows (QATConfig.method)
 
 
 @dataclass
@@ -104,6 +115,7 @@ class SweepConfig:
     scale_lr: float | None = None
     tie_word_embeddings: bool = True
     extra: list[dict[str, Any]] = field(default_factory=list)
+    method: str = AUTO
 
     def __post_init__(self) -> None:
         # PyYAML reads 1.0e6 (no sign in the exponent) as a string: numbers written so are numbers.
@@ -200,8 +212,16 @@ class SweepConfig:
                 raise SweepConfigError(prefix + "schedules", value, ", ".join(SCHEDULES))
         seed = spec.get("seed", self.seed)
         _non_negative_int(prefix + "seed", seed)
+        method = spec.get("method", self.method)
+        for value in bits:  # QATConfig's rules: a known family, at a bit width and group size it takes
+            try:
+                self.qat_config(value, method)
+            except QATConfigError as exc:
+                key = exc.field if exc.field == "group_size" else prefix + exc.field
+                raise SweepConfigError(key, exc.value, exc.allowed, detail="" if exc.field == "method" else
+                                       f"with bits {value} and method {method!r}") from None
         return Grid(tuple(sizes), tuple(float(b) for b in budgets), tuple(bits), tuple(float(f) for f in fractions),
-                    tuple(schedules), int(seed))
+                    tuple(schedules), int(seed), method)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -211,10 +231,11 @@ class SweepConfig:
     def total_steps(self, budget: float) -> int:
         return max(1, int(round(budget / self.tokens_per_step)))
 
-    def qat_config(self, bits: float | int) -> QATConfig:
-        """The QATConfig of every tail at ``bits`` (the switch is placed by the sweep, not the config)."""
-        return QATConfig(bits=bits, group_size=self.group_size, start=0, scale_lr_multiplier=self.scale_lr_multiplier,
-                         scale_lr=self.scale_lr, log_quant_error=False)
+    def qat_config(self, bits: float | int, method: str = AUTO) -> QATConfig:
+        """The QATConfig of every tail at ``bits`` with ``method`` (the switch is placed by the sweep, not
+        the config)."""
+        return QATConfig(bits=bits, method=method, group_size=self.group_size, start=0,
+                         scale_lr_multiplier=self.scale_lr_multiplier, scale_lr=self.scale_lr, log_quant_error=False)
 
     def scale_peak_lr(self, base_lr: float) -> float:
         """The scales' peak LR (QATConfig's rule, from ``scale_lr`` / ``scale_lr_multiplier``)."""

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..bits import bits_label
+from ..config import auto_method
 from ..planner.fraction import optimal_qat_fraction, tokens_per_parameter_byte
 from ..planner.plan import switch_step_for
 from ..schedule import FusedSchedule, make_schedule, wsd_schedule
-from .config import SweepConfig
+from .config import AUTO, SweepConfig
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class RunSpec:
         schedule: "fp", "ptq", "fused" or "classic".
         switch_step: the step QAT turns on (``total_steps`` for fp and ptq rows: never).
         branch_step: the trunk step the tail starts from (``total_steps`` for ptq: no tail).
+        method: the quantizer family (QATConfig.method): "auto", or a family that auto would not
+            choose at ``bits`` (:func:`run_method`), which is then part of the key.
     """
 
     size: str
@@ -54,11 +57,21 @@ class RunSpec:
     schedule: str
     switch_step: int
     branch_step: int
+    method: str = AUTO
 
     @property
     def key(self) -> str:
         bits = "fp" if self.bits is None else bits_label(self.bits)
+        if self.method != AUTO:
+            bits += f"-{self.method}"
         return f"{self.size}/seed{self.seed}/{self.budget:.6g}/{bits}/{self.fraction:g}/{self.schedule}"
+
+    @property
+    def resolved_method(self) -> str | None:
+        """The quantizer family's name (None for the FP row)."""
+        if self.bits is None:
+            return None
+        return auto_method(self.bits) if self.method == AUTO else self.method
 
     @property
     def tail_steps(self) -> int:
@@ -93,16 +106,23 @@ def _branch_step(spec: RunSpec, config: SweepConfig) -> int:
     return spec.switch_step
 
 
+def run_method(bits, method: str) -> str:
+    """``method`` as a run's identity at ``bits``: "auto" when auto would choose that family anyway (lsq at
+    4 bits: the same runs as a sweep that does not name a method), else the family's name."""
+    return AUTO if bits is None or method in (AUTO, auto_method(bits)) else method
+
+
 def plan_runs(config: SweepConfig) -> list[RunSpec]:
     """Every row of the sweep, once, in a stable order (trunk by trunk, then by branch step)."""
     runs: dict[str, RunSpec] = {}
 
-    def add(size, seed, budget, steps, bits, fraction, schedule, switch):
-        spec = RunSpec(size, seed, budget, steps, bits, fraction, schedule, switch, 0)
+    def add(size, seed, budget, steps, bits, fraction, schedule, switch, method=AUTO):
+        method = run_method(bits, method)
+        spec = RunSpec(size, seed, budget, steps, bits, fraction, schedule, switch, 0, method)
         if spec.key in runs:
             return
         branch = steps if schedule == "ptq" else _branch_step(spec, config)
-        runs[spec.key] = RunSpec(size, seed, budget, steps, bits, fraction, schedule, switch, branch)
+        runs[spec.key] = RunSpec(size, seed, budget, steps, bits, fraction, schedule, switch, branch, method)
 
     for grid in config.grids:
         for size in grid.sizes:
@@ -111,14 +131,14 @@ def plan_runs(config: SweepConfig) -> list[RunSpec]:
                 if 0.0 in grid.fractions:
                     add(size, grid.seed, budget, steps, None, 0.0, "fp", steps)
                     for bits in grid.bits:
-                        add(size, grid.seed, budget, steps, bits, 0.0, "ptq", steps)
+                        add(size, grid.seed, budget, steps, bits, 0.0, "ptq", steps, grid.method)
                 for bits in grid.bits:
                     for fraction in grid.fractions:
                         if fraction == 0.0:
                             continue
                         switch = min(switch_step_for(fraction, steps), steps - 1)
                         for schedule in grid.schedules:
-                            add(size, grid.seed, budget, steps, bits, fraction, schedule, switch)
+                            add(size, grid.seed, budget, steps, bits, fraction, schedule, switch, grid.method)
     return sorted(runs.values(), key=lambda r: (r.size, r.seed, r.branch_step, r.key))
 
 

@@ -2,7 +2,8 @@
 
 Writes into ``DIR/report/``:
 
-* ``loss_vs_fraction_<bits>.png``: per (size, budget), the measured loss at each QAT fraction
+* ``loss_vs_fraction_<bits>.png`` (``<bits>-<method>`` for a method other than the bit width's auto
+  one, e.g. ``4-mxfp4``): per (size, budget), the measured loss at each QAT fraction
   (0 = PTQ), the fitted law's curve, the paper's f_hat and the observed optimum;
 * ``optimum_vs_S.png``: the observed optimal fraction against tokens per parameter byte, with the
   paper's curve;
@@ -77,9 +78,9 @@ def sweep_report(out_dir: str | os.PathLike, law: str | os.PathLike | QATScaling
         law = fit_law(rows)
         report.law_path = law.save(os.path.join(folder, "law.json"))
     fused = cells(rows, "fused")
-    for bits in sorted({c.bits for c in fused}):
-        report.figures.append(_plot_cells([c for c in fused if c.bits == bits], law, os.path.join(
-            folder, f"loss_vs_fraction_{bits_label(bits)}.png")))
+    for bits, method in sorted({(c.bits, c.method) for c in fused}):
+        selected = [c for c in fused if c.bits == bits and c.method == method]
+        report.figures.append(_plot_cells(selected, law, os.path.join(folder, f"loss_vs_fraction_{selected[0].label}.png")))
     if fused:
         report.figures.append(_plot_optimum(fused, os.path.join(folder, "optimum_vs_S.png")))
     diffs = fused_minus_classic(rows)
@@ -130,7 +131,7 @@ def markdown(rows: list[dict], fused: list[Cell], summary: dict[str, Any]) -> st
         best = min(c.losses, key=c.losses.get)
         cols = [f"**{v}**" if f == best else v for f, v in zip(fractions, cols)]
         fp = "-" if c.fp_loss is None else f"{c.fp_loss:.4f}"
-        lines.append(f"| {c.size} | {c.seed} | {c.budget:.3g} | {bits_label(c.bits)} | {c.tokens_per_param_byte:.3g} | "
+        lines.append(f"| {c.size} | {c.seed} | {c.budget:.3g} | {c.label} | {c.tokens_per_param_byte:.3g} | "
                      f"{fp} | " + " | ".join(cols) + f" | {c.observed_optimum:.3f} | {c.paper_fraction:.3f} |"
                      + (f" {c.paper_fraction_with('active'):.3f} |" if moe else ""))
     lines += ["", "## Against the paper's formula", "", "| bits | cells | S range | MAE of f_hat | Spearman(f*, S) |",
@@ -190,7 +191,7 @@ def _plot_cells(cs: list[Cell], law: QATScalingLaw | None, path: str) -> str:
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6)
             ax.grid(alpha=0.3)
-    fig.suptitle(f"{bits_label(cs[0].bits)}-bit: held-out loss against the QAT fraction (fused schedule)", fontsize=10)
+    fig.suptitle(f"{bits_label(cs[0].bits)}-bit{'' if cs[0].method == 'auto' else ' ' + cs[0].method}: held-out loss against the QAT fraction (fused schedule)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -206,12 +207,13 @@ def _plot_optimum(cs: list[Cell], path: str) -> str:
     grid = np.logspace(math.log10(max(1.5, min(s_values) / 2)), math.log10(max(s_values) * 2), 200)
     ax.semilogx(grid, [optimal_qat_fraction(v, PAPER_A) for v in grid], color="k", lw=1, label="paper f_hat")
     ax.axvspan(*FITTED_RANGE, color="0.5", alpha=0.08, label="paper's fitted range")
-    for i, bits in enumerate(sorted({c.bits for c in cs})):
-        sel = [c for c in cs if c.bits == bits and not c.active_params]
+    for i, (bits, method) in enumerate(sorted({(c.bits, c.method) for c in cs})):
+        sel = [c for c in cs if c.bits == bits and c.method == method and not c.active_params]
         label = f"observed, {bits_label(bits)}" + ("" if bits_label(bits) == "ternary" else "-bit")
+        label += "" if method == "auto" else f" {method}"
         ax.scatter([c.tokens_per_param_byte for c in sel], [c.observed_optimum for c in sel], color=f"C{i}",
                    label=label, zorder=3)
-        moe = [c for c in cs if c.bits == bits and c.active_params]
+        moe = [c for c in cs if c.bits == bits and c.method == method and c.active_params]
         if moe:  # a mixture of experts at both of its S: from every parameter, and from the active ones
             ax.scatter([c.tokens_per_param_byte for c in moe], [c.observed_optimum for c in moe], color=f"C{i}",
                        marker="s", facecolors="none", label=f"{label} MoE, S from total N", zorder=3)

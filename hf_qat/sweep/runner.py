@@ -39,7 +39,7 @@ from .results import RUNS_NAME, append_row, read_rows, repair
 CONFIG_NAME = "sweep_config.json"
 DATA_NAME = "sweep_data.json"  # the training blocks of the folder's data (see _folder_train_blocks)
 # Keys that may change between invocations on the same folder (they add or drop grid points).
-GRID_KEYS = ("budgets", "bits", "fractions", "schedules", "extra", "sizes")
+GRID_KEYS = ("budgets", "bits", "method", "fractions", "schedules", "extra", "sizes")
 
 
 @dataclass
@@ -206,7 +206,7 @@ class _Sweep:
     def train_tail(self, run: RunSpec) -> tuple[torch.nn.Module, float]:
         """The model at the end of ``run`` (trained from its trunk checkpoint) and the seconds it took."""
         started = time.perf_counter()
-        qat = self.config.qat_config(run.bits) if run.schedule in ("fused", "classic") else None
+        qat = self.config.qat_config(run.bits, run.method) if run.schedule in ("fused", "classic") else None
         model = build_model(self.config, run.size, run.seed, self.device)
         optimizer = prepare_tail(model, qat, self.config)
         load_checkpoint(self.trunk_path(run.size, run.seed, run.branch_step), model, optimizer)
@@ -223,7 +223,7 @@ class _Sweep:
         qat_tokens = run.qat_tokens(tps)
         tokens = run.total_steps * tps
         row = {"key": run.key, "num_params": n, "fp_tokens": tokens - qat_tokens, "qat_tokens": qat_tokens,
-               "bits": run.bits, "loss": loss, "schedule": run.schedule, "size": run.size, "budget": run.budget,
+               "bits": run.bits, "method": run.resolved_method, "loss": loss, "schedule": run.schedule, "size": run.size, "budget": run.budget,
                "fraction": run.fraction, "eval_tokens": self.data.eval_tokens, "seed": run.seed,
                "seconds": round(seconds, 3), "hf_qat_version": __version__, "tokens": tokens,
                "total_steps": run.total_steps, "switch_step": run.switch_step, "branch_step": run.branch_step,
@@ -272,7 +272,7 @@ class _Sweep:
             if run.key in done:
                 continue
             started = time.perf_counter()
-            quantized = ptq(copy.deepcopy(model), self.config.qat_config(run.bits))
+            quantized = ptq(copy.deepcopy(model), self.config.qat_config(run.bits, run.method))
             self.finish(run, quantized, time.perf_counter() - started, counts)
 
 
@@ -297,9 +297,9 @@ def run_sweep(
     out_dir = os.fspath(out_dir)
     index, count = shard if isinstance(shard, tuple) else parse_shard(shard)
     runs = plan_runs(config)
-    for bits in sorted({r.bits for r in runs if r.bits is not None}, key=float):
+    for bits, method in sorted({(r.bits, r.method) for r in runs if r.bits is not None}, key=lambda b: (float(b[0]), b[1])):
         for size in sorted({r.size for r in runs}):
-            check_size(config, size, config.qat_config(normalize_bits(bits)))
+            check_size(config, size, config.qat_config(normalize_bits(bits), method))
     os.makedirs(out_dir, exist_ok=True)
     saved = _check_saved_config(config, out_dir)
     train_blocks = _folder_train_blocks(config, out_dir, max(r.total_steps for r in runs) * config.batch_size)
@@ -357,7 +357,7 @@ def train_unbranched(config: SweepConfig, run: RunSpec, data: SweepData) -> torc
     model = build_model(config, run.size, run.seed)
     if run.schedule == "ptq":
         raise ValueError("a ptq row is not trained: train its fp row and apply hf_qat.ptq")
-    qat = config.qat_config(run.bits) if run.schedule in ("fused", "classic") else None
+    qat = config.qat_config(run.bits, run.method) if run.schedule in ("fused", "classic") else None
     optimizer = prepare_tail(model, qat, config)
     train_steps(model, optimizer, data, data.order(run.seed), config, run.multiplier(config), 0, run.total_steps,
                 switch_step=run.switch_step if qat else None)
