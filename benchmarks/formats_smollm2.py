@@ -223,7 +223,7 @@ def write_row(out: str, name: str, row: dict) -> None:
 def run(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
-    wanted = ["fp"] + [f"{f}/{r}" for f in args.formats for r in args.runs]
+    wanted = ([] if args.no_fp else ["fp"]) + [f"{f}/{r}" for f in args.formats for r in args.runs]
     todo = [name for name in wanted if not os.path.exists(row_path(args.out, name))]
     print(f"{len(wanted) - len(todo)} of {len(wanted)} rows done; to run: {', '.join(todo) or 'none'}", flush=True)
     if not todo:
@@ -392,6 +392,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/formats_smollm2")
     parser.add_argument("--work", default=None, help="scratch folder for trainer output and exports (default: OUT/work)")
     parser.add_argument("--table", action="store_true", help="only print the table of the rows written")
+    parser.add_argument("--no-fp", action="store_true", help="do not run the shared FP fine-tune row (another run "
+                        "writes it; rows that need the FP model still train it)")
     args = parser.parse_args()
     args.work = args.work or os.path.join(args.out, "work")
     if not args.table:
