@@ -308,9 +308,8 @@ class QATConfig:
                                  "NVFP4: E4M3, the ggml k-quants: integers under an fp16 scale); scale_dtype "
                                  "applies to the integer families")
         ggml = [cls.name for cls in families.values() if getattr(cls, "ggml_grid", None) is not None]
-        if self.activation_bits is not None and (ggml or self.gguf_mix is not None):
-            raise QATConfigError("activation_bits", self.activation_bits,
-                                 f"None with {'gguf_mix=' + repr(self.gguf_mix) if self.gguf_mix else repr(ggml[0])}",
+        if self.activation_bits is not None and ggml:  # (a gguf_mix's base family is one of them)
+            raise QATConfigError("activation_bits", self.activation_bits, f"None with {ggml[0]!r}",
                                  detail="llama.cpp's blocks are exported to GGUF only, and llama.cpp does not "
                                  "fake-quantize activations as int8 per token")
 
@@ -320,7 +319,7 @@ class QATConfig:
             return
         from .mix import MIX_BASE
 
-        if self.gguf_mix not in MIX_BASE:
+        if not isinstance(self.gguf_mix, str) or self.gguf_mix not in MIX_BASE:
             raise QATConfigError("gguf_mix", self.gguf_mix, "None, " + ", ".join(MIX_BASE))
         method, bits = MIX_BASE[self.gguf_mix]
         if (self.resolved_method, self.bits) != (method, bits):

@@ -64,7 +64,7 @@ def test_invalid_config_is_refused_with_the_field_named(kwargs, exc, pattern):
 
 FUZZ_VALUES = [None, True, False, 0, -1, 1, 2, 3, 4, 7, 8, 16, 32, 48, 1.58, 0.0, 0.5, 1.0, 1.5, -0.1, math.nan, math.inf,
                10 ** 30, "auto", "ternary", "channel", "tensor", "", "x", "4", "32", "²", "float16", "bfloat16", "law",
-               "paper", "merged", "base", "mse", "max", "lsq", "seq", "absmax", "2T", "1e99", "cosine", [], ["q_proj"],
+               "paper", "merged", "base", "mse", "max", "lsq", "seq", "absmax", "2T", "1e99", "cosine", "q4_k", "q4_k_m", "mxfp4", [], ["q_proj"],
                [3], ["("], {}, {"teacher": "initial"}, {"teacher": "nn.Module"}, {"weight": 2}, {"bogus": 1}, {1: 2},
                {"top_k": 0}, (1, 2), object(), b"bytes"]
 

@@ -22,7 +22,10 @@ def test_weight_formats_count_their_scales():
         fmt = weight_format(name)
         assert (fmt.bits, fmt.storage_bits) == (4, bits)
     assert weight_format(4, method="nvfp4").storage_bits == 4.5 and weight_format(4, method="lsq").storage_bits == 4.0
-    with pytest.raises(ValueError, match=r"'fp5' is not a weight format; write a bit width .* mxfp4, nvfp4, or int<B>-g<G>"):
+    for name, bits, storage in (("q6_k", 6, 6.5625), ("q2_k", 2, 2.625), ("q4_k", 4, 4.5), ("q5_1", 5, 6.0)):
+        fmt = weight_format(name)  # a ggml family is named by itself, at its own bit width
+        assert (fmt.name, fmt.bits, fmt.storage_bits) == (name, bits, storage)
+    with pytest.raises(ValueError, match=r"'fp5' is not a weight format; write a bit width .* a block-scaled family \(mxfp4, nvfp4, q4_k, q6_k, ...\), or int<B>-g<G>"):
         weight_format("fp5")
 
 
