@@ -187,9 +187,23 @@ class Bench:
                 out[fmt] = entry
             except Exception as exc:  # recorded, not fatal: the row's torch figures stand
                 out[fmt] = {"error": f"{type(exc).__name__}: {exc}"}
+                out[fmt]["expected_bytes_if_written"] = expected_bytes(model, fmt)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
         return out
+
+
+def expected_bytes(model, fmt: str) -> int | None:
+    """What ``fmt`` would hold for ``model`` (quantized weights at its storage bits, scales, other tensors at
+    the model's dtype) when the export itself is refused."""
+    from hf_qat.export.api import _expected_bytes
+    from hf_qat.export.base import get_format
+    from hf_qat.export.layers import collect_layers
+
+    try:
+        return _expected_bytes(get_format(fmt), *collect_layers(model))
+    except Exception:
+        return None
 
 
 def gguf_tensor_types(path: str) -> dict[str, int]:
@@ -354,11 +368,15 @@ def table(out: str, formats: list[str]) -> str:
 
     def mb(entry, fmt):
         e = (entry or {}).get(fmt) if isinstance(entry, dict) else None
-        return f"{e['file_bytes'] / 1e6:.1f}" if e and "file_bytes" in e else "-"
+        if e and "file_bytes" in e:
+            return f"{e['file_bytes'] / 1e6:.1f}"
+        if e and e.get("expected_bytes_if_written"):
+            return f"refused ({e['expected_bytes_if_written'] / 1e6:.1f} if written)"
+        return "refused" if e and "error" in e else "-"
 
     fp = read("fp")
-    lines = ["| format | run | held-out loss (torch) | gap to FP | GGUF loss (llama.cpp) | GGUF MB | compressed-tensors MB "
-             "| s/step |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| format | run | held-out loss (torch, {EVAL_BLOCKS} blocks) | gap to FP | first {LLAMA_BLOCKS} blocks: torch / "
+             "GGUF in llama.cpp | GGUF MB | compressed-tensors MB | s/step |", "|---|---|---|---|---|---|---|---|"]
     if fp:
         lines.append(f"| FP32 | fp fine-tune | {fp['loss']:.4f} | 0 | - | {fp['fp32_bytes'] / 1e6:.1f} (fp32) | - | "
                      f"{fp['seconds_per_step']:.2f} |")
@@ -377,8 +395,10 @@ def table(out: str, formats: list[str]) -> str:
                 continue
             gap = f"{r['loss'] - fp['loss']:+.4f}" if fp else "-"
             g = export.get("gguf", {}) if isinstance(export, dict) else {}
-            llama = f"{g['llama_cpp']['eval_loss_llama_cpp']:.4f}" if "llama_cpp" in g else (
-                "error" if "error" in g else "-")
+            if "llama_cpp" in g:
+                llama = f"{g['llama_cpp']['eval_loss_torch_same_blocks']:.4f} / {g['llama_cpp']['eval_loss_llama_cpp']:.4f}"
+            else:
+                llama = "error" if "error" in g else "-"
             lines.append(f"| {fmt} | {kind} | {r['loss']:.4f} | {gap} | {llama} | {mb(export, 'gguf')} | "
                          f"{mb(export, 'compressed-tensors')} | {r['seconds_per_step']:.2f} |")
     return "\n".join(lines)

@@ -80,7 +80,8 @@ def sweep_report(out_dir: str | os.PathLike, law: str | os.PathLike | QATScaling
     fused = cells(rows, "fused")
     for bits, method in sorted({(c.bits, c.method) for c in fused}):
         selected = [c for c in fused if c.bits == bits and c.method == method]
-        report.figures.append(_plot_cells(selected, law, os.path.join(folder, f"loss_vs_fraction_{selected[0].label}.png")))
+        path = os.path.join(folder, f"loss_vs_fraction_{selected[0].label}.png")
+        report.figures.append(_plot_cells(selected, law, path))
     if fused:
         report.figures.append(_plot_optimum(fused, os.path.join(folder, "optimum_vs_S.png")))
     diffs = fused_minus_classic(rows)
@@ -191,7 +192,9 @@ def _plot_cells(cs: list[Cell], law: QATScalingLaw | None, path: str) -> str:
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6)
             ax.grid(alpha=0.3)
-    fig.suptitle(f"{bits_label(cs[0].bits)}-bit{'' if cs[0].method == 'auto' else ' ' + cs[0].method}: held-out loss against the QAT fraction (fused schedule)", fontsize=10)
+    method = "" if cs[0].method == "auto" else f" {cs[0].method}"
+    fig.suptitle(f"{bits_label(cs[0].bits)}-bit{method}: held-out loss against the QAT fraction (fused schedule)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

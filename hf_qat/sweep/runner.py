@@ -297,7 +297,8 @@ def run_sweep(
     out_dir = os.fspath(out_dir)
     index, count = shard if isinstance(shard, tuple) else parse_shard(shard)
     runs = plan_runs(config)
-    for bits, method in sorted({(r.bits, r.method) for r in runs if r.bits is not None}, key=lambda b: (float(b[0]), b[1])):
+    for bits, method in sorted({(r.bits, r.method) for r in runs if r.bits is not None},
+                               key=lambda pair: (float(pair[0]), pair[1])):
         for size in sorted({r.size for r in runs}):
             check_size(config, size, config.qat_config(normalize_bits(bits), method))
     os.makedirs(out_dir, exist_ok=True)
