@@ -409,13 +409,14 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--out", default="benchmarks/results/formats_smollm2")
-    parser.add_argument("--work", default=None, help="scratch folder for trainer output and exports (default: OUT/work)")
+    parser.add_argument("--out", default="docs/formats/smollm2")
+    parser.add_argument("--work", default=None, help="scratch folder for trainer output, exports and the FP model's cache (default: "
+                        "<tmp>/formats_smollm2_work)")
     parser.add_argument("--table", action="store_true", help="only print the table of the rows written")
     parser.add_argument("--no-fp", action="store_true", help="do not run the shared FP fine-tune row (another run "
                         "writes it; rows that need the FP model still train it)")
     args = parser.parse_args()
-    args.work = args.work or os.path.join(args.out, "work")
+    args.work = args.work or os.path.join(tempfile.gettempdir(), "formats_smollm2_work")
     if not args.table:
         torch.manual_seed(0)
         run(args)
