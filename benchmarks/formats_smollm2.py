@@ -410,8 +410,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", default="docs/formats/smollm2")
-    parser.add_argument("--work", default=None, help="scratch folder for trainer output, exports and the FP model's cache (default: "
-                        "<tmp>/formats_smollm2_work)")
+    parser.add_argument("--work", default=None, help="scratch folder for trainer output, exports and the FP "
+                        "model's cache (default: <tmp>/formats_smollm2_work)")
     parser.add_argument("--table", action="store_true", help="only print the table of the rows written")
     parser.add_argument("--no-fp", action="store_true", help="do not run the shared FP fine-tune row (another run "
                         "writes it; rows that need the FP model still train it)")
