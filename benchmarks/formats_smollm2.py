@@ -333,8 +333,9 @@ def llama_cpp_row(bench: Bench, fmt: Format, kind: str, fine_tuned) -> dict[str,
     try:
         path = llama_quantize(model, bench.tokenizer, folder, fmt.llama_ftype, imatrix)
         gguf_entry = {"file_bytes": os.path.getsize(path), "tensor_types": gguf_tensor_types(path),
-                      "llama_cpp": llama_cpp_check(path, model, bench.held_out, bench.tokenizer, bench.sample_text,
-                                                   n_threads=torch.get_num_threads())}
+                      "llama_cpp": llama_cpp_check(path, model, bench.held_out[:LLAMA_BLOCKS], bench.tokenizer,
+                                                   bench.sample_text, n_threads=torch.get_num_threads())}
+        gguf_entry["llama_cpp"]["blocks"] = LLAMA_BLOCKS  # the hf_qat rows' blocks: paired comparisons
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return {"llama_ftype": fmt.llama_ftype, "imatrix_blocks": IMATRIX_BLOCKS if imatrix else 0,
