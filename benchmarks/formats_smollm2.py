@@ -388,11 +388,14 @@ def table(out: str, formats: list[str]) -> str:
                 continue
             export = r.get("export")
             if "loss" not in r and kind in LLAMA_RUNS and "error" not in r:  # measured in llama.cpp only
-                llama = export["gguf"]["llama_cpp"]["eval_loss_llama_cpp"]
-                lines.append(f"| {fmt} | {kind} ({r['llama_ftype']}) | - | - | {llama:.4f} | {mb(export, 'gguf')} | - | - |")
+                check = export["gguf"]["llama_cpp"]
+                source = f"{check['eval_loss_torch_same_blocks']:.4f} (its FP source)"
+                lines.append(f"| {fmt} | {kind} ({r['llama_ftype']}) | - | - | {source} / {check['eval_loss_llama_cpp']:.4f} "
+                             f"| {mb(export, 'gguf')} | - | - |")
                 continue
             if "loss" not in r:
-                lines.append(f"| {fmt} | {kind} | did not run: {r.get('error', '?')[:160]} | | | | | |")
+                error = " ".join(r.get("error", "?").split())[:160]
+                lines.append(f"| {fmt} | {kind} | did not run: {error} | | | | | |")
                 continue
             gap = f"{r['loss'] - fp['loss']:+.4f}" if fp else "-"
             g = export.get("gguf", {}) if isinstance(export, dict) else {}
