@@ -95,6 +95,14 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
             logger.warning("hf_qat: llama.cpp's %s keeps %s in float (F16 in its file, F32 in hf_qat's GGUF): so does "
                            "QAT", config.gguf_mix, ", ".join(kept_float))
         targets = {name: t for name, t in targets.items() if families.get(t.tied_to or name) is not None}
+        if not targets:
+            raise QATModelError(
+                f"llama.cpp's {config.gguf_mix} keeps every weight of this model in float (no input width is a "
+                "multiple of 32, ggml's smallest block), so there is nothing for QAT to train. Train a model whose "
+                "widths are multiples of 32 (256 for the k-quants), or another method without gguf_mix")
+    if not targets:
+        raise QATModelError("QATConfig selects no weight to quantize (target_modules / exclude_modules leave nothing): "
+                            "QAT would be full-precision training")
     units = make_units(targets, config, families)
     _attach(model, targets, units, config)
     _link_adapters(model, config)

@@ -47,13 +47,20 @@ def gguf_tensors(model: nn.Module, names: list[str]) -> tuple[MixModel, list[tup
     tensor; ggml shapes list the input dim first."""
     import gguf
 
-    from .export.gguf_arch import architecture  # here: hf_qat.export imports hf_qat.convert, which imports this
+    from .export.base import ExportFormatError  # here: hf_qat.export imports hf_qat.convert, which imports this
+    from .export.gguf_arch import architecture
 
     cfg = model.config
-    arch = architecture(cfg)
+    try:
+        arch = architecture(cfg)
+    except ExportFormatError as exc:
+        raise QATModelError(
+            f"gguf_mix trains the file llama.cpp's quantizer writes for this model, and hf_qat writes no GGUF of it: "
+            f"{exc} Train it without gguf_mix for another format, e.g. QATConfig(bits=4, group_size=32), which "
+            "the native hf-qat format always holds and compressed-tensors (vLLM) holds for most models") from None
     gguf_arch = getattr(gguf.MODEL_ARCH, arch.gguf_arch)
     tensor_names = gguf.get_tensor_name_map(gguf_arch, cfg.num_hidden_layers)
-    state = model.state_dict()
+    state = {_transformers_name(key): value for key, value in model.state_dict().items()}  # PEFT: base_layer
     experts = int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0)
     mix_model = MixModel(arch=gguf.MODEL_ARCH_NAMES[gguf_arch], n_layers=cfg.num_hidden_layers,
                          n_head=cfg.num_attention_heads,
@@ -71,6 +78,20 @@ def gguf_tensors(model: nn.Module, names: list[str]) -> tuple[MixModel, list[tup
                 tensors.append((name, shape))
                 by_weight.setdefault(key.removesuffix(".weight"), name)
     return mix_model, tensors, by_weight
+
+
+def _peft_base(model: nn.Module) -> tuple[nn.Module, str]:
+    """``(the transformers model, the prefix of its names in model)``: a PEFT model's base model and
+    ``"base_model.model."``; ``(model, "")`` for a plain model."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    prefix = next((f"{name}." for name, module in model.named_modules() if module is base and name), "")
+    return base, prefix
+
+
+def _transformers_name(name: str, prefix: str = "") -> str:
+    """A weight's name in the transformers model: without PEFT's prefix and ``.base_layer``."""
+    return name.removeprefix(prefix).replace(".base_layer", "")
 
 
 def _gguf_names(key: str, shape: tuple[int, ...], tensor_names) -> list[tuple[str, tuple[int, ...]]]:
@@ -98,8 +119,11 @@ def _gguf_names(key: str, shape: tuple[int, ...], tensor_names) -> list[tuple[st
 def mix_families(model: nn.Module, names: list[str], mix: str) -> dict[str, WeightFamily | None]:
     """The family of every weight in ``names`` (module names, or ``<experts module>.<parameter>`` for a fused
     expert stack, whose gate and up halves llama.cpp types alike) under the llama.cpp mix ``mix``; None for
-    a weight llama.cpp leaves in float."""
-    mix_model, tensors, by_weight = gguf_tensors(model, names)
+    a weight llama.cpp leaves in float. Under PEFT, ``model`` is the PEFT model and ``names`` its names
+    (``base_model.model.<name>.base_layer``): the rule types the transformers model inside."""
+    model, prefix = _peft_base(model)
+    plain = {name: _transformers_name(name, prefix) for name in names}
+    mix_model, tensors, by_weight = gguf_tensors(model, list(plain.values()))
     types = mix_tensor_types(mix, mix_model, tensors)
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and embedding is not None and head.weight is embedding.weight
@@ -111,7 +135,7 @@ def mix_families(model: nn.Module, names: list[str], mix: str) -> dict[str, Weig
             "model.config.tie_word_embeddings = False) or train this model without gguf_mix")
     out: dict[str, WeightFamily | None] = {}
     for name in names:
-        gguf_name = by_weight.get(name)
+        gguf_name = by_weight.get(plain[name])
         if gguf_name is None:
             raise QATModelError(f"{name}: no llama.cpp tensor name, so gguf_mix={mix!r} cannot type it")
         ggml_type = types[gguf_name]

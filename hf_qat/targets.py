@@ -16,6 +16,7 @@ dimensions (any module type, any shape) is a QATModelError naming it, never a si
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from torch import nn
 from .config import QATConfig
 from .errors import QATModelError
 from .experts import fused_weights, is_fused_experts, router_modules
+
+logger = logging.getLogger("hf_qat")
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,7 @@ def embedding_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTa
     emb, head = input_embedding(model), output_embedding(model)
     if emb is None and head is None:
         raise QATModelError("QATConfig.embedding_bits is set but the model exposes no input or output embedding")
+    emb, head = _unless_excluded(emb, head, names, config)
     out: dict[str, WeightTarget] = {}
     if emb is not None:
         name = names.get(id(emb), "embed_tokens")
@@ -241,6 +245,28 @@ def embedding_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTa
         out[name] = WeightTarget(name, name, head, "weight", "linear", embedding=True,
                                  tied_to=names.get(id(emb)) if tied else None)
     return out
+
+
+def _unless_excluded(emb: nn.Module | None, head: nn.Module | None, names: dict[int, str],
+                     config: QATConfig) -> tuple[nn.Module | None, nn.Module | None]:
+    """The embedding and the head, each None where ``exclude_modules`` names it (a tied pair is excluded
+    whole or not at all: one weight cannot be both on the grid and in float)."""
+    def excluded(module: nn.Module | None) -> bool:
+        name = _unwrapped_name(names.get(id(module), ""))
+        return module is not None and any(name_matches(n, p) for n in (name, f"{name}.weight")
+                                          for p in config.exclude_modules or [])
+
+    emb_out, head_out = excluded(emb), excluded(head)
+    if emb is not None and head is not None and head.weight is emb.weight and emb_out != head_out:
+        kept, dropped = (names[id(emb)], names[id(head)]) if head_out else (names[id(head)], names[id(emb)])
+        raise QATModelError(
+            f"QATConfig.exclude_modules names {dropped} but not {kept}, which shares its weight (tied): one weight "
+            f"cannot be both quantized and in full precision. Exclude both ({dropped!r}, {kept!r}) or neither")
+    if config.gguf_mix is not None and (emb_out or head_out):
+        kept = [names[id(m)] for m, out in ((emb, emb_out), (head, head_out)) if out and m is not None]
+        logger.warning("hf_qat: exclude_modules keeps %s in float: llama.cpp's %s file quantizes it, hf_qat's GGUF "
+                       "export writes it in F32", ", ".join(kept), config.gguf_mix)
+    return None if emb_out else emb, None if head_out else head
 
 
 def check_uncovered(model: nn.Module, config: QATConfig, targets: dict[str, WeightTarget]) -> None:

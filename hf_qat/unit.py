@@ -79,8 +79,7 @@ class WeightQuantizer(nn.Module):
         multiple = quantizer.row_multiple or quantizer.block_size
         if multiple is not None and matrix_shape[1] % multiple:
             raise QATModelError(f"{name}: its input width {matrix_shape[1]} is not a multiple of {quantizer.name}'s block "
-                                f"of {multiple} weights; exclude it with exclude_modules (or train a llama.cpp mix, "
-                                "gguf_mix, which gives such weights llama.cpp's fallback type)")
+                                f"of {multiple} weights; exclude it with exclude_modules{quantizer.narrow_width_advice(matrix_shape[1])}")
         layout.check(matrix_shape, name)
         scale_shape = layout.scale_shape(matrix_shape)
         matrices = int(weight.shape[0]) if stacked else 1

@@ -61,6 +61,9 @@ class ExportFormat:
     # the options a format takes (export_checkpoint(format_options=...)): name -> allowed values, the
     # first one the default
     OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Whether it writes llama.cpp's file types: format="auto" sends a model trained for one (gguf_mix) to
+    # such a format only.
+    writes_llama_cpp_files: ClassVar[bool] = False
 
     def __init__(self, **options: str) -> None:
         for key, value in options.items():
@@ -115,7 +118,10 @@ def choose_format(layers: list[QuantizedLayer]) -> tuple[str, list[str]]:
     """format="auto": the registered format of lowest ``auto_priority`` that accepts every layer, and why
     each format tried before it did not (one reason each, for the export's notes)."""
     skipped = []
+    file_type = next((layer.gguf_mix for layer in layers if layer.gguf_mix), None)
     for cls in sorted((c for c in FORMATS.values() if c.auto_priority is not None), key=lambda c: c.auto_priority):
+        if file_type is not None and not cls.writes_llama_cpp_files:
+            continue  # the model was trained for llama.cpp's file: only a format that writes it is chosen
         fmt = cls()
         if fmt.auto_accepts(layers):
             return cls.name, skipped
@@ -134,6 +140,16 @@ def get_format(name: str, options: dict[str, str] | None = None) -> ExportFormat
 
 def formats_that_can(layers: list[QuantizedLayer]) -> list[str]:
     return [name for name, cls in FORMATS.items() if all(cls().problem(layer) is None for layer in layers)]
+
+
+def other_formats(refusing: str, layers: list[QuantizedLayer]) -> str:
+    """The advice of a format that refuses a model: the other formats that can write ``layers``, or what
+    to train instead when none can (advice that works when followed)."""
+    able = [name for name in formats_that_can(layers) if name != refusing]
+    if able:
+        return f"Formats that can: {', '.join(able)}"
+    return (f"No other format can hold these layers exactly: train this model for another format, e.g. "
+            f"QATConfig(bits=4, group_size=32) for compressed-tensors")
 
 
 def check_layers(fmt: ExportFormat, layers: list[QuantizedLayer]) -> None:

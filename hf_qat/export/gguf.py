@@ -43,7 +43,8 @@ import torch
 
 from ..bits import TERNARY_BITS
 from ..quantizers.kquants import GRIDS as GGML_GRIDS
-from .base import ExportFormat, ExportFormatError, ExportInfo, register_format, tensor_bytes, write_model_config
+from .base import (ExportFormat, ExportFormatError, ExportInfo, other_formats, register_format, tensor_bytes,
+                   write_model_config)
 from .fp4 import MXFP4 as MXFP4_SCALES
 from .fp4 import NVFP4 as NVFP4_SCALES
 from .fp4 import e2m1_nibbles, is_fp4, stored_scales
@@ -163,12 +164,15 @@ class GGUFFormat(ExportFormat):
 
     OPTIONS = {"ternary_type": TERNARY_TYPES}
     auto_priority = 2  # for the ggml families only (auto_accepts): the others load in transformers first
+    writes_llama_cpp_files = True
 
     def qtype(self, layer: QuantizedLayer) -> str | None:
         return gguf_type(layer, self.options["ternary_type"])
 
     def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
-        return any(layer.ggml_grid is not None for layer in layers) and super().auto_accepts(layers)
+        """The ggml families, and any model trained for a llama.cpp file type (``gguf_mix``), every layer exact."""
+        return (any(layer.ggml_grid is not None or layer.gguf_mix is not None for layer in layers)
+                and super().auto_accepts(layers))
 
     def problem(self, layer: QuantizedLayer) -> str | None:
         qtype = self.qtype(layer)
@@ -197,13 +201,16 @@ class GGUFFormat(ExportFormat):
         return blocks * SCALE_BYTES[qtype] + tensor_scales
 
     def check_model(self, model, layers, tokenizer=None) -> None:
-        arch = architecture(model.config)
+        try:
+            arch = architecture(model.config)
+        except ExportFormatError as exc:
+            raise ExportFormatError(f"{exc} {other_formats(self.name, layers)}") from None
         nvfp4 = [layer.name for layer in layers if self.qtype(layer) == NVFP4 and not layer.tied_to]
         if nvfp4 and not arch.nvfp4_scales:
             raise ExportFormatError(
                 f"llama.cpp's {model.config.model_type} graph does not multiply in the per-tensor scale of NVFP4 "
-                f"weights ({nvfp4[0]}, ...: it would compute with weights g times too large). Formats that can: "
-                "compressed-tensors, hf-qat (or MXFP4 for GGUF)")
+                f"weights ({nvfp4[0]}, ...: it would compute with weights g times too large). "
+                f"{other_formats(self.name, layers)} (or train MXFP4 for GGUF)")
         _vocab(tokenizer, model.config)
 
     def write(self, model, layers, others, out_dir, tokenizer=None) -> ExportInfo:
@@ -228,6 +235,13 @@ class GGUFFormat(ExportFormat):
         notes = ["NVFP4 tensors carry their per-tensor scale as <name>.scale, which llama.cpp reads and transformers' "
                  "GGUF loader (5.24) cannot: load this file with llama.cpp"] if any(
             self.qtype(layer) == NVFP4 for layer in layers) else []
+        low = sorted({str(layer.dtype).removeprefix("torch.") for layer in layers if layer.dtype != torch.float32})
+        if low:
+            notes.append(
+                f"the model computes in {', '.join(low)}: the file holds each weight as ggml dequantizes it, in float32, "
+                f"which the QAT forward computed too and then rounded once to {', '.join(low)}. Read back in "
+                f"{', '.join(low)} the file gives the QAT weights bit for bit; llama.cpp computes with the float32 "
+                "values (at most half a unit in the last place apart)")
         return ExportInfo(format=self.name, path=out_dir, files=["model.gguf", *files], weight_bytes=tensor_bytes(written),
                           notes=notes)
 

@@ -31,7 +31,6 @@ import torch
 
 from .base import ExportFormatError
 
-OTHER_FORMATS = "Formats that can: compressed-tensors, hf-qat"
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -86,13 +85,13 @@ def _check_rope_and_window(cfg, rope_types: tuple[str, ...]) -> None:
     if rope_type not in rope_types:
         raise ExportFormatError(
             f"GGUF export of {cfg.model_type} supports the rope types {', '.join(rope_types)}; this model's is "
-            f"{rope_type!r} (llama.cpp would compute other positions). {OTHER_FORMATS}"
+            f"{rope_type!r} (llama.cpp would compute other positions)."
         )
     window = getattr(cfg, "sliding_window", None)
     if window is not None and (getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings):
         raise ExportFormatError(
             f"this {cfg.model_type} model attends within a sliding window of {window} tokens, which llama.cpp's "
-            f"{cfg.model_type} graph does not apply. {OTHER_FORMATS}"
+            f"{cfg.model_type} graph does not apply."
         )
 
 
@@ -124,20 +123,20 @@ def _check_gemma_common(cfg) -> None:
     activation = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
     if activation != "gelu_pytorch_tanh":
         raise ExportFormatError(f"llama.cpp's {cfg.model_type} graph uses the tanh GELU; this model's activation is "
-                                f"{activation!r}. {OTHER_FORMATS}")
+                                f"{activation!r}.")
     if getattr(cfg, "attention_bias", False):
-        raise ExportFormatError(f"llama.cpp's {cfg.model_type} graph has no attention biases. {OTHER_FORMATS}")
+        raise ExportFormatError(f"llama.cpp's {cfg.model_type} graph has no attention biases.")
     large = {"gemma2": 46, "gemma3_text": 62}[cfg.model_type] == cfg.num_hidden_layers  # llama.cpp's 27B rule
     expected = cfg.hidden_size // cfg.num_attention_heads if large else head_dim(cfg)
     if getattr(cfg, "query_pre_attn_scalar", expected) != expected:
         raise ExportFormatError(
             f"llama.cpp scales {cfg.model_type} queries by 1/sqrt({expected}) for a model of {cfg.num_hidden_layers} "
-            f"layers; this model's query_pre_attn_scalar is {cfg.query_pre_attn_scalar}. {OTHER_FORMATS}"
+            f"layers; this model's query_pre_attn_scalar is {cfg.query_pre_attn_scalar}."
         )
     kinds = sorted(set(_layer_types(cfg)) - set(LAYER_TYPES))
     if kinds:
         raise ExportFormatError(f"GGUF export of {cfg.model_type} knows the layer types {', '.join(LAYER_TYPES)}; "
-                                f"this model has {', '.join(kinds)}. {OTHER_FORMATS}")
+                                f"this model has {', '.join(kinds)}.")
 
 
 def _layer_types(cfg) -> list[str]:
@@ -155,10 +154,10 @@ def _check_gemma2(cfg) -> None:
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(cfg, name, None) is None:
             raise ExportFormatError(f"llama.cpp's gemma2 graph always soft-caps the logits; this model's {name} is "
-                                    f"None. {OTHER_FORMATS}")
+                                    "None.")
     if "sliding_attention" not in _layer_types(cfg):
         raise ExportFormatError("llama.cpp's gemma2 graph needs sliding-window layers (it aborts without any); this "
-                                f"model's layers are all full attention. {OTHER_FORMATS}")
+                                "model's layers are all full attention.")
     _check_layer_ropes(cfg, (rope_parameters(cfg),) * 2, {"default"})
 
 
@@ -184,7 +183,7 @@ def _check_layer_ropes(cfg, ropes: tuple[dict, dict], full_types: set[str]) -> N
         if rope_type not in allowed:
             raise ExportFormatError(
                 f"GGUF export of {cfg.model_type} supports the rope types {', '.join(sorted(allowed))} on its {kind} "
-                f"layers; this model's is {rope_type!r} (llama.cpp would compute other positions). {OTHER_FORMATS}"
+                f"layers; this model's is {rope_type!r} (llama.cpp would compute other positions)."
             )
 
 
@@ -192,9 +191,9 @@ def _check_gemma3(cfg) -> None:
     _check_gemma_common(cfg)
     if getattr(cfg, "attn_logit_softcapping", None) is not None:
         raise ExportFormatError("llama.cpp's gemma3 graph does not soft-cap attention logits; this model's "
-                                f"attn_logit_softcapping is {cfg.attn_logit_softcapping}. {OTHER_FORMATS}")
+                                f"attn_logit_softcapping is {cfg.attn_logit_softcapping}.")
     if getattr(cfg, "use_bidirectional_attention", False):
-        raise ExportFormatError(f"llama.cpp's gemma3 graph is causal; this model attends both ways. {OTHER_FORMATS}")
+        raise ExportFormatError("llama.cpp's gemma3 graph is causal; this model attends both ways.")
     _check_layer_ropes(cfg, _gemma3_rope(cfg), {"default", "linear"})
 
 
@@ -219,19 +218,19 @@ def _check_moe(cfg, renormalised: bool) -> None:
     ``num_experts_per_tok``, renormalised to sum 1 or not as that graph does (its ``norm_w``)."""
     if getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1:
         raise ExportFormatError(f"GGUF export of {cfg.model_type} writes models whose every layer is an MoE block; "
-                                "this one has dense layers (mlp_only_layers / decoder_sparse_step). " + OTHER_FORMATS)
+                                "this one has dense layers (mlp_only_layers / decoder_sparse_step).")
     norm = getattr(cfg, "norm_topk_prob", True)  # Mixtral always renormalises (no such setting)
     if bool(norm) != renormalised:
         raise ExportFormatError(
             f"llama.cpp's {cfg.model_type} graph {'renormalises' if renormalised else 'does not renormalise'} the "
-            f"top-k routing weights; this model's norm_topk_prob is {norm}. {OTHER_FORMATS}")
+            f"top-k routing weights; this model's norm_topk_prob is {norm}.")
     if cfg.model_type == "olmoe" and cfg.num_key_value_heads != cfg.num_attention_heads:
         raise ExportFormatError("llama.cpp's olmoe graph normalises keys over the whole hidden size (as many key "
                                 f"heads as query heads); this model has {cfg.num_key_value_heads} key/value heads for "
-                                f"{cfg.num_attention_heads} query heads. {OTHER_FORMATS}")
+                                f"{cfg.num_attention_heads} query heads.")
     if getattr(cfg, "clip_qkv", None) is not None:
         raise ExportFormatError(f"llama.cpp's {cfg.model_type} graph does not clip q/k/v; this model's clip_qkv is "
-                                f"{cfg.clip_qkv}. {OTHER_FORMATS}")
+                                f"{cfg.clip_qkv}.")
 
 
 def _moe_metadata(writer, cfg) -> None:
@@ -277,15 +276,14 @@ def architecture(cfg) -> GGUFArchitecture:
     model_type = getattr(cfg, "model_type", None)
     if model_type == "gemma3":
         raise ExportFormatError("GGUF export writes Gemma-3's text model (model_type 'gemma3_text', "
-                                "Gemma3ForCausalLM); this is the multimodal Gemma-3. " + OTHER_FORMATS)
+                                "Gemma3ForCausalLM); this is the multimodal Gemma-3.")
     if model_type not in ARCHITECTURES:
-        raise ExportFormatError(f"GGUF export writes {', '.join(ARCHITECTURES)}; this model is {model_type!r}. "
-                                + OTHER_FORMATS)
+        raise ExportFormatError(f"GGUF export writes {', '.join(ARCHITECTURES)}; this model is {model_type!r}.")
     arch = ARCHITECTURES[model_type]
     arch.check(cfg)
     if arch.tied_head_only and not getattr(cfg, "tie_word_embeddings", True):
         raise ExportFormatError(f"llama.cpp's {model_type} graph reads the output from the token embedding; this "
-                                f"model's LM head is untied. {OTHER_FORMATS}")
+                                "model's LM head is untied.")
     return arch
 
 

@@ -46,6 +46,7 @@ class QuantizedLayer:
         ggml_scales: for the ggml block families (q4_k, ..., :mod:`hf_qat.quantizers.kquants`), their
             block scales (``d``, ``sc``, mins): the matrix is ``step * code - min`` in fp32; None otherwise.
         ggml_grid: that family's GGMLGrid, or None.
+        gguf_mix: the llama.cpp file type the model was trained for (``QATConfig.gguf_mix``), or None.
     """
 
     name: str
@@ -65,6 +66,7 @@ class QuantizedLayer:
     view: MatrixView = MatrixView()
     ggml_scales: BlockScales | None = None
     ggml_grid: GGMLGrid | None = None
+    gguf_mix: str | None = None
 
     @property
     def step_dtype(self) -> torch.dtype:
@@ -102,6 +104,7 @@ def collect_layers(model: nn.Module, keep: bool = True) -> tuple[list[QuantizedL
     if has_unmerged_adapters(model):
         raise QATModelError("the model holds unmerged PEFT adapters: call model.merge_and_unload() first "
                             "(lora_mode='merged' exports exactly), or export the base model and save the adapters with PEFT")
+    file_type = get_qat_config(model).gguf_mix
     layers: list[QuantizedLayer] = []
     names_of_weight: dict[int, str] = {}
     covered: set[str] = set()
@@ -139,7 +142,7 @@ def collect_layers(model: nn.Module, keep: bool = True) -> tuple[list[QuantizedL
             scale_dtype=unit.spec.scale_dtype, dtype=weight.dtype,
             bias=bias, activation_bits=getattr(module, "activation_bits", None), tied_to=tied_to,
             weight_shape=tuple(weight.shape), view=unit.view, ggml_grid=unit.spec.ggml_grid,
-            ggml_scales=ggml_scales,
+            ggml_scales=ggml_scales, gguf_mix=file_type,
         ))
     others = {}
     for key, value in model.state_dict().items():

@@ -257,6 +257,11 @@ class Quantizer:
             return None
         return self.bits + 8 * self.scale_dtype.itemsize / self.block_size
 
+    def narrow_width_advice(self, width: int) -> str:
+        """What else to do, besides excluding it, with a weight of input width ``width``, not a multiple of
+        the family's block ("" when nothing else works); appended to the width error."""
+        return ""
+
     def grid(self) -> Grid:
         raise NotImplementedError
 

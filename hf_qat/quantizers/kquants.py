@@ -61,6 +61,7 @@ from typing import ClassVar
 
 import torch
 
+from ..gguf_mix import BLOCK, DEFAULT_TYPE, FALLBACK
 from .base import SCALE_MIN, Grid, Quantizer
 from .reference import MSE_SCALE_RATIOS, nearest_value
 from .registry import register_quantizer
@@ -293,6 +294,15 @@ class GGMLQuantizer(Quantizer):
 
     def storage_bits(self) -> float:
         return self.ggml_grid.bits_per_weight
+
+    def narrow_width_advice(self, width: int) -> str:
+        """A llama.cpp file type whose base type is this one gives a weight 32 wide (ggml's smaller blocks)
+        llama.cpp's fallback type, which hf_qat trains."""
+        mixes = [mix for mix, ggml_type in DEFAULT_TYPE.items() if ggml_type == self.ggml_grid.ggml_type]
+        if not mixes or width % BLOCK[FALLBACK.get(self.ggml_grid.ggml_type, "F16")]:
+            return ""
+        return (f", or train llama.cpp's file type (QATConfig.from_preset({mixes[0]!r})), which gives it llama.cpp's "
+                f"fallback type {FALLBACK[self.ggml_grid.ggml_type]}")
 
     def grid(self) -> Grid:
         """The codes' range as a :class:`Grid` (for ``codes``, ``qp_int`` and export checks; the math is

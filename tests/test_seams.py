@@ -1,0 +1,181 @@
+"""Where llama.cpp's file types, PEFT, low-precision weights and the export formats meet: each case a user hit,
+each must either work exactly or be refused with advice that works when followed."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import hf_qat
+from hf_qat import QATCallback, QATConfig, QATModelError
+from hf_qat.convert import quantized_weights
+from hf_qat.export import ExportFormatError, export_checkpoint, load_exported
+from helpers import byte_level_bpe, make_trainer, tiny_causal_lm, tiny_llama, tiny_moe
+
+peft = pytest.importorskip("peft")
+
+
+def unit_types(model) -> dict[str, tuple[str, int]]:
+    """Each quantized weight's (method, bits), by its transformers name (PEFT's wrapping removed)."""
+    return {name.removeprefix("base_model.model.").replace(".base_layer", ""):
+            (qw.weight_quantizer.quantizer.name, qw.weight_quantizer.quantizer.bits)
+            for name, qw in quantized_weights(model)}
+
+
+def wide_llama(hidden: int = 256, tie: bool = True):
+    return tiny_causal_lm("llama", sharpen=1.0, hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+
+
+def gguf_weights(path, model, dtype) -> dict[str, torch.Tensor]:
+    """Every quantized weight of ``model`` as gguf-py dequantizes the file (fp32, in transformers' row order),
+    then cast once to ``dtype``, by weight name."""
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    out = {}
+    for name, qw in quantized_weights(model):
+        tensor = tensors.get(names.get_name(f"{name}.weight", try_suffixes=(".weight",)))
+        if tensor is None:  # a tied head: llama.cpp reads token_embd
+            continue
+        shape = tuple(qw.weight.shape)
+        back = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        if name.endswith(("q_proj", "k_proj")):  # undo llama.cpp's row order for rotary pairs
+            heads = cfg.num_attention_heads if name.endswith("q_proj") else cfg.num_key_value_heads
+            back = back.reshape(heads, -1, 2, shape[1]).swapaxes(1, 2).reshape(shape)
+        out[name] = torch.from_numpy(np.ascontiguousarray(back)).to(dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- 1. PEFT and a file type
+def test_peft_lora_trains_each_weight_on_the_type_of_its_file_type(tmp_path):
+    """PEFT's names (``base_model.model.`` prefix, ``.base_layer``) are the transformers model's to llama.cpp's
+    rule: every weight under LoRA gets the type it gets without LoRA, and the merged model exports that file."""
+    cfg = QATConfig.from_preset("q4_k_m", start=0)
+    plain = hf_qat.prepare_model_for_qat(wide_llama(), cfg)
+    lora = peft.get_peft_model(wide_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
+                                                                                                  "down_proj"]))
+    hf_qat.prepare_model_for_qat(lora, cfg)
+    expected = unit_types(plain)
+    assert unit_types(lora) == expected
+    assert {("q4_k", 4), ("q6_k", 6)} <= set(expected.values())  # a mix, not one type
+    hf_qat.activate_qat(lora)
+    batch = torch.randint(0, 320, (2, 8))
+    lora(input_ids=batch, labels=batch).loss.backward()
+    info = export_checkpoint(lora.merge_and_unload(), tmp_path / "out", tokenizer=byte_level_bpe("gpt-2"))
+    assert info.format == "gguf"
+    hf_qat.activate_qat(plain)
+    export_checkpoint(plain, tmp_path / "plain", tokenizer=byte_level_bpe("gpt-2"))
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "out" / "model.gguf")).tensors}
+    assert types == {t.name: t.tensor_type.name
+                     for t in gguf.GGUFReader(str(tmp_path / "plain" / "model.gguf")).tensors}
+
+
+# ---------------------------------------------------------------------------------------- 2. auto and a file type
+@pytest.mark.parametrize("mix, types", [("q4_k_m", {"Q5_0", "Q8_0"}), ("q6_k", {"Q8_0"})])
+def test_auto_writes_the_gguf_of_a_file_type_without_k_quant_layers(mix, types, tmp_path):
+    """At 64 wide llama.cpp falls back to Q5_0 / Q8_0 everywhere: no k-quant layer is left, and a Q8_0-only
+    model would fit compressed-tensors, but the user trained llama.cpp's file: auto writes GGUF."""
+    model = hf_qat.ptq(wide_llama(hidden=64), QATConfig.from_preset(mix))
+    info = export_checkpoint(model, tmp_path / "auto", format="auto", tokenizer=byte_level_bpe("gpt-2"))
+    assert info.format == "gguf"
+    written = {t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "auto" / "model.gguf")).tensors}
+    assert written - {"F32"} == types
+
+
+# ---------------------------------------------------------------------------------------- 3. exclude_modules
+@pytest.mark.parametrize("cfg", [dict(bits=4, group_size=32, embedding_bits=8), dict(preset="q4_k_m")],
+                         ids=["embedding_bits", "gguf_mix"])
+def test_exclude_modules_keeps_the_embedding_and_the_head_in_float(cfg, caplog):
+    exclude = ["lm_head", "embed_tokens"]
+    preset = cfg.pop("preset", None)
+    config = (QATConfig.from_preset(preset, exclude_modules=exclude) if preset else
+              QATConfig(exclude_modules=exclude, **cfg))
+    model = hf_qat.prepare_model_for_qat(wide_llama(tie=False), config)
+    names = {name for name, _ in quantized_weights(model)}
+    assert names and not names & {"lm_head", "model.embed_tokens"}
+    assert type(model.lm_head) is torch.nn.Linear and type(model.model.embed_tokens) is torch.nn.Embedding
+    quantized = hf_qat.prepare_model_for_qat(wide_llama(tie=False), QATConfig(**cfg) if not preset else
+                                             QATConfig.from_preset(preset))
+    assert {"lm_head", "model.embed_tokens"} <= {name for name, _ in quantized_weights(quantized)}
+
+
+def test_excluding_one_of_a_tied_pair_is_refused_naming_both():
+    with pytest.raises(QATModelError, match=r"names lm_head but not model\.embed_tokens.*tied.*Exclude both"):
+        hf_qat.prepare_model_for_qat(wide_llama(tie=True), QATConfig(bits=4, group_size=32, embedding_bits=8,
+                                                                   exclude_modules=["lm_head"]))
+    both = hf_qat.prepare_model_for_qat(wide_llama(tie=True), QATConfig(bits=4, group_size=32, embedding_bits=8,
+                                                                      exclude_modules=["lm_head", "embed_tokens"]))
+    assert "model.embed_tokens" not in {name for name, _ in quantized_weights(both)}
+
+
+# ---------------------------------------------------------------------------------------- 4. low-precision weights
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("preset", ["q4_k_m", "w4g32", "mxfp4"])
+def test_a_low_precision_model_and_its_files_hold_the_same_weights(preset, dtype, tmp_path):
+    """The GGUF holds the fp32 value each weight dequantizes to, which the QAT forward computes too and rounds
+    once to the model's dtype: read back in that dtype it is the QAT weight bit for bit, and the export says
+    so. The native format reloads the same weights; compressed-tensors reproduces them or refuses."""
+    model = wide_llama().to(dtype)
+    hf_qat.ptq(model, QATConfig.from_preset(preset, scale_dtype="float16") if preset == "w4g32"
+               else QATConfig.from_preset(preset))
+    qat = {name: qw.weight_quantizer.quantized(qw.weight.detach()) for name, qw in quantized_weights(model)}
+    assert all(w.dtype == dtype for w in qat.values())
+    info = export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=byte_level_bpe("gpt-2"))
+    back = gguf_weights(tmp_path / "gguf" / "model.gguf", model, dtype)
+    assert back and all(torch.equal(back[name], qat[name]) for name in back), [n for n in back
+                                                                              if not torch.equal(back[n], qat[n])]
+    assert any(f"computes in {str(dtype).removeprefix('torch.')}" in note for note in info.notes), info.notes
+    if preset != "q4_k_m":  # the ggml families are GGUF's alone (test_kquant_export)
+        export_checkpoint(model, tmp_path / "native", format="hf-qat")
+        reloaded = dict(load_exported(tmp_path / "native").named_modules())
+        for name, weight in qat.items():
+            assert torch.equal(reloaded[name].dequantize(), weight), name
+
+
+# ---------------------------------------------------------------------------------------- 5. nothing to train
+def test_a_file_type_that_leaves_every_weight_in_float_is_an_error_that_says_why(tmp_path):
+    """48 and 80 wide: llama.cpp's Q4_K_M keeps every tensor in F16; the planner must not divide by zero."""
+    model = tiny_llama(hidden=48)
+    model.config.intermediate_size = 80
+    model = type(model)._from_config(model.config)
+    cb = QATCallback(QATConfig.from_preset("q4_k_m", start="auto"))
+    with pytest.raises(QATModelError, match=r"keeps every weight of this model in float.*nothing for QAT to train"):
+        make_trainer(tmp_path, callbacks=[cb], model=model, max_steps=4)
+
+
+# ---------------------------------------------------------------------------------------- 6. advice that works
+def test_a_file_type_on_an_architecture_without_gguf_advises_a_config_that_trains(tmp_path):
+    with pytest.raises(QATModelError, match=r"gguf_mix.*writes no GGUF.*without gguf_mix") as refused:
+        hf_qat.prepare_model_for_qat(tiny_moe("qwen2_moe", moe_intermediate_size=32), QATConfig.from_preset("q4_k_m"))
+    assert "Formats that can" not in str(refused.value)
+    model = hf_qat.ptq(tiny_moe("qwen2_moe", moe_intermediate_size=32), QATConfig(bits=4, group_size=32))  # followed
+    assert export_checkpoint(model, tmp_path / "native", format="hf-qat").format == "hf-qat"
+
+
+def test_width_errors_advise_only_what_trains():
+    with pytest.raises(QATModelError, match="not a multiple of mxfp4's block") as mxfp4:
+        hf_qat.prepare_model_for_qat(tiny_llama(hidden=48), QATConfig.from_preset("mxfp4"))
+    assert "gguf_mix" not in str(mxfp4.value) and "from_preset" not in str(mxfp4.value)
+    with pytest.raises(QATModelError, match=r"from_preset\('q4_k_m'\)"):
+        hf_qat.prepare_model_for_qat(wide_llama(hidden=64), QATConfig(bits=4, method="q4_k"))
+    assert list(quantized_weights(hf_qat.prepare_model_for_qat(wide_llama(hidden=64),
+                                                               QATConfig.from_preset("q4_k_m"))))
+    with pytest.raises(QATModelError, match="exclude_modules") as narrow:  # 48: no fallback type trains it
+        hf_qat.prepare_model_for_qat(tiny_llama(hidden=48), QATConfig(bits=4, method="q4_k"))
+    assert "from_preset" not in str(narrow.value)
+
+
+def test_a_gguf_refusal_names_only_formats_that_can(tmp_path):
+    """An architecture GGUF cannot write: LSQ layers are advised to the formats that hold them; llama.cpp's
+    block types, which no other format holds, are advised to train for another format."""
+    model = hf_qat.ptq(tiny_moe("qwen2_moe", moe_intermediate_size=32), QATConfig(bits=4, group_size=32))
+    with pytest.raises(ExportFormatError, match=r"this model is 'qwen2_moe'\. Formats that can: .*hf-qat"):
+        export_checkpoint(model, tmp_path / "g", format="gguf", tokenizer=byte_level_bpe("gpt-2"))
+    k = hf_qat.ptq(tiny_causal_lm("gemma2", hidden_size=256, intermediate_size=512, head_dim=64,
+                                  hidden_activation="gelu"), QATConfig(bits=4, method="q4_k"))
+    with pytest.raises(ExportFormatError, match=r"tanh GELU.*No other format can hold these layers") as refused:
+        export_checkpoint(k, tmp_path / "k", format="gguf", tokenizer=byte_level_bpe("gpt-2"))
+    assert "Formats that can" not in str(refused.value)
