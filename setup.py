@@ -47,6 +47,8 @@ setup(
             "peft>=0.15",
             "datasets>=3.0",
             "matplotlib>=3.7",
+            "trl>=1.0",
+            "liger-kernel>=0.6",
         ],
     },
     entry_points={"console_scripts": ["hf-qat=hf_qat.cli:main"]},

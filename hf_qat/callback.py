@@ -58,6 +58,7 @@ from .convert import activate_qat, get_qat_config, is_qat_active, prepare_model_
 from .distill import DistillationLoss, Teacher
 from .distributed import is_dtensor
 from .errors import QATConfigError, QATModelError, QATRuntimeError
+from .fused_heads import check_fused_head
 from .jsonio import write_json
 from .lora import is_peft_model
 from .mix import mean_storage_bits
@@ -150,6 +151,7 @@ class QATCallback(TrainerCallback, ExportableState):
             elif self.teacher.config.teacher != "switch":
                 self.teacher.load_external(model)
         prepare_model_for_qat(model, self.config)
+        check_fused_head(model, args, self.config)
         trainer = constructing_trainer()
         if trainer is None:
             logger.warning("hf_qat: QATCallback is not inside a Trainer's __init__; the scales stay in the default "
@@ -245,6 +247,7 @@ class QATCallback(TrainerCallback, ExportableState):
                 "(Trainer(..., callbacks=[QATCallback(cfg)])), not trainer.add_callback() after it, so that "
                 "it can install them before the model is wrapped and the optimizer built"
             )
+        check_fused_head(model, args, self.config)  # TRL's fused head and Liger's loss are in place only now
         dataset = getattr(train_dataloader, "dataset", None)
         self._resolve(args, state.max_steps, model, dataset)
         if self.teacher is not None and self.teacher.config.teacher in ("switch", "initial") and any(

@@ -223,6 +223,7 @@ class QATConfig:
     gguf_mix: str | None = None
 
     def __post_init__(self) -> None:
+        self._adopt_gguf_mix()
         self._check_quantizers()
         self.group_size = self._check_group_size(self._default_group_size() if self.group_size is None
                                                  else self.group_size)
@@ -313,6 +314,16 @@ class QATConfig:
                                  detail="llama.cpp's blocks are exported to GGUF only, and llama.cpp does not "
                                  "fake-quantize activations as int8 per token")
 
+    def _adopt_gguf_mix(self) -> None:
+        """``QATConfig(gguf_mix=t)`` alone: method "auto" becomes the file type's base family, at its bits (bits
+        left at the default, or already those; other bits are refused by :meth:`_check_gguf_mix`)."""
+        from .mix import MIX_BASE
+
+        if self.method == "auto" and isinstance(self.gguf_mix, str) and self.gguf_mix in MIX_BASE:
+            method, bits = MIX_BASE[self.gguf_mix]
+            if self.bits in (QATConfig.bits, bits):
+                self.method, self.bits = method, bits
+
     def _check_gguf_mix(self) -> None:
         """``gguf_mix``: a known mix, with its base family as bits / method and no embedding_bits."""
         if self.gguf_mix is None:
@@ -323,8 +334,9 @@ class QATConfig:
             raise QATConfigError("gguf_mix", self.gguf_mix, "None, " + ", ".join(MIX_BASE))
         method, bits = MIX_BASE[self.gguf_mix]
         if (self.resolved_method, self.bits) != (method, bits):
-            raise QATConfigError("method", self.method, f"{method!r} with bits={bits} for gguf_mix={self.gguf_mix!r} "
-                                 f"(its base type; QATConfig.from_preset({self.gguf_mix!r}) sets both)")
+            field = "bits" if self.method == "auto" or self.resolved_method == method else "method"
+            raise QATConfigError(field, getattr(self, field), f"{method!r} with bits={bits} for gguf_mix={self.gguf_mix!r} "
+                                 f"(its base type; QATConfig(gguf_mix={self.gguf_mix!r}) sets both)")
         if self.embedding_bits is not None:
             raise QATConfigError("embedding_bits", self.embedding_bits, f"None with gguf_mix={self.gguf_mix!r} (the mix "
                                  "gives the embedding and the LM head their llama.cpp types)")

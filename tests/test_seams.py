@@ -179,3 +179,75 @@ def test_a_gguf_refusal_names_only_formats_that_can(tmp_path):
     with pytest.raises(ExportFormatError, match=r"tanh GELU.*No other format can hold these layers") as refused:
         export_checkpoint(k, tmp_path / "k", format="gguf", tokenizer=byte_level_bpe("gpt-2"))
     assert "Formats that can" not in str(refused.value)
+
+
+# ---------------------------------------------------------------------------------------- fuzz of the new options
+FUZZ_OPTIONS = {
+    "bits": [2, 3, 4, 5, 6, 8, "ternary"],
+    "method": ["auto", "lsq", "seq", "mxfp4", "nvfp4", "q4_k", "q6_k", "iq4_nl", "q5_1"],
+    "gguf_mix": [None, None, "q4_k_m", "q4_k_s", "q5_k_m", "q6_k"],
+    "moe_params": ["total", "active"],
+    "scale_init": ["max", "mse"],
+    "embedding_bits": [None, None, 4, 8],
+    "embedding_method": ["lsq", "mxfp4"],
+    "exclude_modules": [["lm_head"], ["embed_tokens"], ["lm_head", "embed_tokens"], ["q_proj"], ["mlp.experts"],
+                        ["o_proj", "lm_head", "embed_tokens"]],
+}
+FUZZ_MODELS = {
+    "tied-256": lambda: wide_llama(256, tie=True),
+    "untied-64": lambda: wide_llama(64, tie=False),
+    "qwen3_moe": lambda: tiny_moe("qwen3_moe", moe_intermediate_size=32),
+}
+FIELDS = set(QATConfig.__dataclass_fields__)
+
+
+def _names_a_field(message: str) -> bool:
+    return any(field in message for field in FIELDS)
+
+
+def _exact(model, fmt: str, directory, dtype=torch.float32) -> None:
+    """The export computes what the QAT model computes: GGUF's weights as gguf-py dequantizes them, the other
+    formats' logits after a reload."""
+    if fmt == "gguf":
+        qat = {name: qw.weight_quantizer.quantized(qw.weight.detach()) for name, qw in quantized_weights(model)}
+        back = gguf_weights(directory / "model.gguf", model, dtype) if model.config.model_type == "llama" else {}
+        assert all(torch.equal(back[name], qat[name]) for name in back)
+        return
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = model(ids).logits, load_exported(directory)(ids).logits
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+
+
+def test_fuzz_of_the_new_options_installs_and_exports_exactly_or_names_the_field(tmp_path):
+    """The options added for mixes, FP4, k-quants and experts, drawn together at random: a config either installs
+    on a tiny model and exports exactly (format="auto"), or its refusal names a QATConfig field."""
+    import random
+
+    rng = random.Random(23)
+    outcomes = {"exported": 0, "refused": 0}
+    for case in range(36):
+        data = {key: rng.choice(values) for key, values in FUZZ_OPTIONS.items() if rng.random() < 0.45}
+        if rng.random() < 0.3:  # a preset, as users write them
+            data = {**{k: v for k, v in data.items() if k not in ("bits", "method", "gguf_mix")},
+                    **QATConfig.from_preset(rng.choice(["q4_k_m", "q6_k", "mxfp4", "w4g32", "nvfp4"])).to_dict()}
+        model_key = rng.choice(sorted(FUZZ_MODELS))
+        try:
+            config = QATConfig.from_dict(data)
+            model = hf_qat.ptq(FUZZ_MODELS[model_key](), config)
+        except (hf_qat.QATConfigError, QATModelError) as exc:
+            assert _names_a_field(str(exc)), (data, model_key, str(exc))
+            outcomes["refused"] += 1
+            continue
+        out = tmp_path / str(case)
+        try:
+            info = export_checkpoint(model, out, format="auto", tokenizer=byte_level_bpe("gpt-2"))
+        except ExportFormatError as exc:  # nothing holds it: the refusal says what to train instead
+            assert "QATConfig(" in str(exc) or "Formats that can" in str(exc), (data, model_key, str(exc))
+            outcomes["refused"] += 1
+            continue
+        assert info.format == "gguf" or config.gguf_mix is None, (data, info.format)  # a file type is a GGUF
+        _exact(model, info.format, out)
+        outcomes["exported"] += 1
+        outcomes[info.format] = outcomes.get(info.format, 0) + 1
+    assert outcomes["exported"] >= 8 and outcomes["refused"] >= 4 and outcomes.get("gguf", 0) >= 2, outcomes

@@ -104,7 +104,10 @@ def test_the_mix_is_checked_when_the_config_is_built():
     with pytest.raises(QATConfigError, match="gguf_mix"):
         QATConfig(bits=4, method="q4_k", gguf_mix="q3_k_m")
     with pytest.raises(QATConfigError, match="method"):
-        QATConfig(bits=4, gguf_mix="q4_k_m")  # lsq is not the mix's base type
+        QATConfig(bits=4, method="lsq", gguf_mix="q4_k_m")  # lsq is not the mix's base type
+    with pytest.raises(QATConfigError, match=r"QATConfig\.bits=8 .*'q6_k' with bits=6"):
+        QATConfig(bits=8, gguf_mix="q6_k")
+    assert QATConfig(gguf_mix="q6_k") == QATConfig.from_preset("q6_k")  # method "auto": the file type's own
     with pytest.raises(QATConfigError, match="embedding_bits"):
         QATConfig.from_preset("q4_k_m", embedding_bits=8)
     assert QATConfig.from_preset("q6_k").group_size == 16
