@@ -19,6 +19,7 @@ from typing import Any, Union
 from .bits import ALLOWED_BITS, TERNARY_BITS, bits_label, normalize_bits  # noqa: F401  (re-exported)
 from .dtypes import DTYPES
 from .errors import QATConfigError
+from .gguf_mix import MIXES as FILE_TYPES
 from .schedule import DECAY_SHAPES
 
 ALLOWED_GROUP_STRINGS = ("channel", "tensor")
@@ -320,9 +321,10 @@ class QATConfig:
         from .mix import MIX_BASE
 
         if self.method == "auto" and isinstance(self.gguf_mix, str) and self.gguf_mix in MIX_BASE:
-            method, bits = MIX_BASE[self.gguf_mix]
-            if self.bits in (QATConfig.bits, bits):
+            method, bits, group_size = MIX_BASE[self.gguf_mix]
+            if normalize_bits(self.bits) in (QATConfig.bits, bits):
                 self.method, self.bits = method, bits
+                self.group_size = group_size if self.group_size is None else self.group_size
 
     def _check_gguf_mix(self) -> None:
         """``gguf_mix``: a known mix, with its base family as bits / method and no embedding_bits."""
@@ -330,13 +332,22 @@ class QATConfig:
             return
         from .mix import MIX_BASE
 
+        from .gguf_mix import UNTRAINABLE
+
+        if isinstance(self.gguf_mix, str) and self.gguf_mix.lower() in UNTRAINABLE:
+            raise QATConfigError("gguf_mix", self.gguf_mix, "None, " + ", ".join(MIX_BASE),
+                                 detail=f"hf_qat cannot train llama.cpp's {self.gguf_mix.upper()} file: "
+                                        f"{UNTRAINABLE[self.gguf_mix.lower()]}")
         if not isinstance(self.gguf_mix, str) or self.gguf_mix not in MIX_BASE:
             raise QATConfigError("gguf_mix", self.gguf_mix, "None, " + ", ".join(MIX_BASE))
-        method, bits = MIX_BASE[self.gguf_mix]
+        method, bits, group_size = MIX_BASE[self.gguf_mix]
         if (self.resolved_method, self.bits) != (method, bits):
             field = "bits" if self.method == "auto" or self.resolved_method == method else "method"
             raise QATConfigError(field, getattr(self, field), f"{method!r} with bits={bits} for gguf_mix={self.gguf_mix!r} "
                                  f"(its base type; QATConfig(gguf_mix={self.gguf_mix!r}) sets both)")
+        if self.group_size != group_size:
+            raise QATConfigError("group_size", self.group_size, f"{group_size} for gguf_mix={self.gguf_mix!r} (its base "
+                                 f"type's block; QATConfig(gguf_mix={self.gguf_mix!r}) sets it)")
         if self.embedding_bits is not None:
             raise QATConfigError("embedding_bits", self.embedding_bits, f"None with gguf_mix={self.gguf_mix!r} (the mix "
                                  "gives the embedding and the LM head their llama.cpp types)")
@@ -551,9 +562,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # FP4 E2M1 in blocks of 16 with E4M3 scales and a per-tensor scale: compressed-tensors
     # nvfp4-pack-quantized, GGUF NVFP4.
     "nvfp4": {"bits": 4, "method": "nvfp4"},
-    # llama.cpp's k-quant mixes: every tensor on the type `llama-quantize <ftype>` gives it (GGUF, exact).
-    "q4_k_m": {"bits": 4, "method": "q4_k", "gguf_mix": "q4_k_m"},
-    "q4_k_s": {"bits": 4, "method": "q4_k", "gguf_mix": "q4_k_s"},
-    "q5_k_m": {"bits": 5, "method": "q5_k", "gguf_mix": "q5_k_m"},
-    "q6_k": {"bits": 6, "method": "q6_k", "gguf_mix": "q6_k"},
+    # llama.cpp's file types (q4_0 ... q4_k_m ... mxfp4_moe): every tensor on the type `llama-quantize <ftype>`
+    # gives it (GGUF, exact); the base family comes from the file type (QATConfig(gguf_mix=...)).
+    **{file_type: {"gguf_mix": file_type} for file_type in FILE_TYPES},
 }

@@ -44,10 +44,29 @@ from dataclasses import dataclass
 
 from .errors import QATConfigError
 
-MIXES: tuple[str, ...] = ("q4_k_m", "q4_k_s", "q5_k_m", "q6_k")
-DEFAULT_TYPE = {"q4_k_m": "Q4_K", "q4_k_s": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}  # llama_ftype_get_default_type
-BLOCK = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "F16": 1}  # ggml_blck_size
-FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # tensor_type_fallback, for the types reached here
+# llama_ftype_get_default_type, for the file types whose every type hf_qat trains (lower case, as the presets)
+DEFAULT_TYPE = {
+    "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q8_0": "Q8_0",
+    "q2_k": "Q2_K", "q3_k_s": "Q3_K", "q3_k_m": "Q3_K", "q3_k_l": "Q3_K",
+    "q4_k_s": "Q4_K", "q4_k_m": "Q4_K", "q5_k_s": "Q5_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K",
+    "iq4_nl": "IQ4_NL", "iq4_xs": "IQ4_XS", "tq1_0": "TQ1_0", "tq2_0": "TQ2_0", "mxfp4_moe": "MXFP4",
+}
+MIXES: tuple[str, ...] = tuple(DEFAULT_TYPE)
+# llama.cpp file types hf_qat cannot train, and why (QATConfig.gguf_mix refuses them by name)
+UNTRAINABLE = {
+    **{t: "its IQ1 / IQ2 / IQ3 types pick each group of weights from a codebook of lattice vectors, which hf_qat "
+          "has no straight-through grid for"
+       for t in ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m")},
+    **{t: f"its {t.upper()} blocks are not among hf_qat's families yet" for t in ("q1_0", "q2_0")},
+    "q2_k_s": "llama.cpp's quantizer writes it only with an importance matrix, and hf_qat's port of its rule "
+              "follows the quantizer without one",
+    "nvfp4": "the vendored llama.cpp's quantizer has no default type for it (it writes no NVFP4 file); train "
+             "QATConfig.from_preset('nvfp4') and export it to GGUF instead",
+}
+BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "IQ4_NL": 32, "MXFP4": 32, "F16": 1,
+         **{t: 256 for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "TQ1_0", "TQ2_0")}}  # ggml_blck_size
+FALLBACK = {"IQ4_XS": "IQ4_NL", "Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0",
+            "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # tensor_type_fallback, for the types reached here
 _LAYER = re.compile(r"blk\.\s*([+-]?\d+)")  # sscanf(name, "blk.%d.", ...)
 
 
@@ -146,44 +165,81 @@ def mix_tensor_types(mix: str, model: MixModel, tensors: list[tuple[str, tuple[i
         raise QATConfigError("gguf_mix", mix, ", ".join(MIXES))
     shapes = dict(tensors)
     names = visit_order(list(shapes))
-    default = DEFAULT_TYPE[mix]
     tied = "output.weight" not in shapes  # llama.cpp's has_tied_embeddings
-    n_attention_wv = sum(category(name) in ("attn_v", "attn_qkv", "attn_kv_b") for name in names)
-    i_attention_wv = i_ffn_down = 0
+    n_attention_wv = sum(category(name) in ATTN_V for name in names)
+    counters = {"attn_v": 0, "ffn_down": 0}
     types = {}
     for name in names:
         shape = shapes[name]
         if not allows_quantization(name, shape):
             types[name] = "F32"
             continue
-        cat, qtype = category(name), default
-        if cat == "output" or (tied and cat == "token_embd"):
-            qtype = "Q8_0" if shape[0] % BLOCK[default] else "Q6_K"
-        elif cat in ("attn_v", "attn_qkv", "attn_kv_b"):
-            if mix in ("q4_k_m", "q5_k_m") and use_more_bits(i_attention_wv, n_attention_wv):
-                qtype = "Q6_K"
-            elif mix == "q4_k_s" and i_attention_wv < 4:
-                qtype = "Q5_K"
-            if model.is_70b and qtype == "Q4_K":
-                qtype = "Q5_K"
-            if model.n_expert == 8:
-                qtype = "Q8_0"
-            i_attention_wv += 1
-        elif cat == "attn_k":
-            if model.n_expert == 8:
-                qtype = "Q8_0"
-        elif cat == "ffn_down":
-            i_layer = _layer_of(name, model) if model.n_expert > 1 else i_ffn_down
-            if mix in ("q4_k_m", "q5_k_m") and use_more_bits(i_layer, model.n_layers):
-                qtype = "Q6_K"
-            elif mix == "q4_k_s" and i_layer < model.n_layers // 8:
-                qtype = "Q5_K"
-            i_ffn_down += 1
-        elif cat == "attn_output":
-            if model.n_expert == 8 and mix in ("q4_k_m", "q4_k_s"):
-                qtype = "Q5_K"
-        types[name] = fallback(qtype, shape[0])
+        types[name] = fallback(_impl_type(mix, model, name, shape, tied, counters, n_attention_wv), shape[0])
     return types
+
+
+ATTN_V = ("attn_v", "attn_qkv", "attn_kv_b")  # category_is_attn_v
+
+
+def _impl_type(mix: str, model: MixModel, name: str, shape: tuple[int, ...], tied: bool, counters: dict[str, int],
+               n_attention_wv: int) -> str:
+    """``llama_tensor_get_type_impl`` for the file type ``mix`` (no imatrix, default parameters), before the
+    fallback; ``counters`` are its per-category visit counters (updated)."""
+    cat, qtype = category(name), DEFAULT_TYPE[mix]
+    gqa = model.n_head // model.n_head_kv
+    if cat == "output" or (tied and cat == "token_embd"):
+        if mix == "mxfp4_moe" or shape[0] % BLOCK[qtype]:
+            return "Q8_0"
+        return qtype if qtype == "Q8_0" else "Q6_K"
+    if mix == "mxfp4_moe":  # experts MXFP4, the rest Q8_0
+        return "MXFP4" if len(shape) > 2 and shape[2] > 1 else "Q8_0"
+    if cat == "token_embd":
+        return "Q4_K" if mix in ("tq1_0", "tq2_0") else qtype
+    if cat in ATTN_V:
+        i = counters["attn_v"]
+        counters["attn_v"] += 1
+        if mix == "q2_k":
+            qtype = "Q4_K" if gqa >= 4 else "Q3_K"
+        elif mix == "q3_k_m":
+            qtype = "Q5_K" if i < 2 else "Q4_K"
+        elif mix == "q3_k_l":
+            qtype = "Q5_K"
+        elif mix in ("iq4_nl", "iq4_xs") and gqa >= 4:
+            qtype = "Q5_K"
+        elif mix in ("q4_k_m", "q5_k_m") and use_more_bits(i, n_attention_wv):
+            qtype = "Q6_K"
+        elif mix == "q4_k_s" and i < 4:
+            qtype = "Q5_K"
+        if model.is_70b and qtype in ("Q3_K", "Q4_K"):
+            qtype = "Q5_K"
+        return "Q8_0" if model.n_expert == 8 else qtype
+    if cat == "attn_k":
+        return "Q8_0" if model.n_expert == 8 else qtype
+    if cat == "ffn_down":
+        i = _layer_of(name, model) if model.n_expert > 1 else counters["ffn_down"]
+        counters["ffn_down"] += 1
+        n = model.n_layers
+        if mix == "q2_k":
+            return "Q3_K"
+        if mix == "q3_k_m":
+            return "Q5_K" if i < n // 16 else "Q4_K"
+        if mix == "q3_k_l":
+            return "Q5_K"
+        if mix == "q4_k_m":
+            return "Q6_K" if use_more_bits(i, n) else qtype
+        if i < n // 8 and mix in ("iq4_nl", "iq4_xs"):
+            return "Q5_K"
+        if mix == "q5_k_m" and use_more_bits(i, n):
+            return "Q6_K"
+        if mix == "q4_k_s" and i < n // 8:
+            return "Q5_K"
+        return qtype
+    if cat == "attn_output":
+        if model.n_expert == 8:
+            eight = ("q2_k", "q3_k_s", "q3_k_m", "iq4_nl", "q4_k_s", "q4_k_m", "iq4_xs")
+            return "Q5_K" if mix in eight else qtype
+        return {"q2_k": "Q3_K", "q3_k_m": "Q4_K", "q3_k_l": "Q5_K"}.get(mix, qtype)
+    return qtype
 
 
 def _layer_of(name: str, model: MixModel) -> int:

@@ -16,18 +16,20 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import QATModelError
-from .gguf_mix import MixModel, mix_tensor_types
+from .bits import TERNARY_BITS
+from .gguf_mix import DEFAULT_TYPE, MixModel, mix_tensor_types
 from .quantizers.kquants import GRIDS
 from .weights import quantizer_units
 
 # A GGML type -> the family that trains it: (method, bits, group_size).
-TYPE_FAMILIES: dict[str, tuple[str, int, int]] = {
+TYPE_FAMILIES: dict[str, tuple[str, float, int]] = {
     **{grid.ggml_type: (name, grid.bits, grid.block) for name, grid in GRIDS.items()},
     "Q4_0": ("lsq", 4, 32), "Q5_0": ("lsq", 5, 32), "Q8_0": ("lsq", 8, 32),
+    "TQ1_0": ("seq", TERNARY_BITS, 256), "TQ2_0": ("seq", TERNARY_BITS, 256), "MXFP4": ("mxfp4", 4, 32),
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")
-# The family each mix names for most weights (QATConfig.method / bits of the preset).
-MIX_BASE = {"q4_k_m": ("q4_k", 4), "q4_k_s": ("q4_k", 4), "q5_k_m": ("q5_k", 5), "q6_k": ("q6_k", 6)}
+# The family each file type names for most weights (QATConfig.method / bits / group_size of its preset).
+MIX_BASE = {mix: TYPE_FAMILIES[ggml_type] for mix, ggml_type in DEFAULT_TYPE.items()}
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class WeightFamily:
 
     ggml_type: str
     method: str
-    bits: int
+    bits: float
     group_size: int
 
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ..bits import TERNARY_BITS
+from ..gguf_mix import DEFAULT_TYPE
 from ..quantizers.kquants import GRIDS as GGML_GRIDS
 from .base import (ExportFormat, ExportFormatError, ExportInfo, other_formats, register_format, tensor_bytes,
                    write_model_config)
@@ -167,7 +168,9 @@ class GGUFFormat(ExportFormat):
     writes_llama_cpp_files = True
 
     def qtype(self, layer: QuantizedLayer) -> str | None:
-        return gguf_type(layer, self.options["ternary_type"])
+        """The layer's block type; ternary layers: the file type's (tq1_0 / tq2_0), else the ternary_type option."""
+        file_type = DEFAULT_TYPE.get(layer.gguf_mix)
+        return gguf_type(layer, file_type if file_type in TERNARY_TYPES else self.options["ternary_type"])
 
     def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
         """The ggml families, and any model trained for a llama.cpp file type (``gguf_mix``), every layer exact."""

@@ -1,4 +1,4 @@
-"""GGUF blocks of ggml's k-quants, IQ4_NL and Q5_1, packed from the QAT codes and block scales of the
+"""GGUF blocks of ggml's k-quants, IQ4_NL, IQ4_XS, Q4_1 and Q5_1, packed from the QAT codes and block scales of the
 ggml families (:mod:`hf_qat.quantizers.kquants`): the inverse of ggml's ``dequantize_row_<type>``
 (ggml-common.h's structs, ggml-quants.c's unpacking), byte for byte. gguf-py's ``dequantize`` reads
 them back to the QAT weights exactly (tests/export/test_kquant_export.py).
@@ -18,8 +18,12 @@ Layouts, per super-block of 256 weights (``e`` = element index in it, codes stor
   ``4n + j`` of ``hmask[16h + l]``.
 * Q2_K (84): 16 bytes ``sc | mq << 4``, 64 bytes ``qs`` (the Q3_K low-bit order), fp16 ``d``, fp16 ``dmin``.
 
+* IQ4_XS (136): fp16 ``d``, 2 bytes ``scales_h`` (bits ``2j``, ``2j + 1``: the top two bits of block ``j``'s
+  6-bit ``sc + 32``), 4 bytes ``scales_l`` (block ``j``'s low four bits, in the low nibble of byte ``j / 2`` for
+  even ``j``, else the high one), then each block of 32 as IQ4_NL's 16 bytes.
+
 and per block of 32: IQ4_NL (18): fp16 ``d``, 16 bytes of level indices (element ``j`` low nibble,
-``j + 16`` high); Q5_1 (24): fp16 ``d``, fp16 ``m`` (= ``-min``), 4 bytes ``qh`` (bit ``j``: the fifth bit of
+``j + 16`` high); Q4_1 (20): fp16 ``d``, fp16 ``m`` (= ``-min``), 16 bytes as IQ4_NL; Q5_1 (24): fp16 ``d``, fp16 ``m`` (= ``-min``), 4 bytes ``qh`` (bit ``j``: the fifth bit of
 element ``j``), 16 bytes as IQ4_NL.
 """
 
@@ -30,7 +34,8 @@ import torch
 
 from ..quantizers.kquants import IQ4_NL_VALUES, BlockScales, GGMLGrid
 
-BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "IQ4_NL": 18, "Q5_1": 24}
+BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "IQ4_NL": 18, "IQ4_XS": 136, "Q4_1": 20,
+         "Q5_1": 24}
 IQ4_NL_INDEX = torch.zeros(256, dtype=torch.int16)  # level + 128 -> its index in kvalues_iq4nl
 IQ4_NL_INDEX[torch.tensor(IQ4_NL_VALUES) + 128] = torch.arange(len(IQ4_NL_VALUES), dtype=torch.int16)
 
@@ -84,10 +89,12 @@ def pack_ggml(codes: torch.Tensor, scales: BlockScales, grid: GGMLGrid) -> np.nd
     u = u.to(torch.uint8).reshape(rows, supers, grid.super_block)
     kind = grid.ggml_type
     d = _fp16_bytes(scales.d.reshape(rows, supers, 1))
-    if kind in ("IQ4_NL", "Q5_1"):
+    if kind in ("IQ4_NL", "Q4_1", "Q5_1"):
         qs = (u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)
         if kind == "IQ4_NL":
             parts = [d, qs]
+        elif kind == "Q4_1":
+            parts = [d, _fp16_bytes(-scales.min.reshape(rows, supers, 1)), qs]
         else:
             qh = sum(((u[..., j] >> 4).to(torch.int64) << j) for j in range(32))
             parts = [d, _fp16_bytes(-scales.min.reshape(rows, supers, 1)), qh.unsqueeze(-1).view(torch.uint8)[..., :4], qs]
@@ -111,6 +118,13 @@ def pack_ggml(codes: torch.Tensor, scales: BlockScales, grid: GGMLGrid) -> np.nd
             halves = (u >> 2).view(rows, supers, 2, 4, 32)  # [n, j, 16h + l]
             hmask = sum(halves[..., n, j, :] << (4 * n + j) for n in range(2) for j in range(4))
             parts = [hmask, _low_bits_2(u), k3_scale_bytes(sc + 32), d]
+        elif kind == "IQ4_XS":
+            ls = (sc + 32).to(torch.int64)  # [R, S, 8]: 6 bits, the format's signed scale + 32
+            scales_h = sum(((ls[..., j] >> 4) & 3) << (2 * j) for j in range(8))
+            scales_l = (ls[..., 0::2] & 15) | ((ls[..., 1::2] & 15) << 4)
+            blocks = u.view(rows, supers, 8, 32)
+            qs = (blocks[..., :16] & 15) | ((blocks[..., 16:] & 15) << 4)
+            parts = [d, scales_h.unsqueeze(-1).view(torch.uint8)[..., :2], scales_l, qs.reshape(rows, supers, 128)]
         elif kind == "Q2_K":
             mq = scales.mq.to(torch.uint8).reshape(rows, supers, -1)
             dmin = _fp16_bytes(scales.dmin.reshape(rows, supers, 1))

@@ -1,4 +1,4 @@
-"""ggml's k-quant grids (Q2_K .. Q6_K), IQ4_NL and Q5_1 as QAT families (METHOD.md section 9).
+"""ggml's k-quant grids (Q2_K .. Q6_K), IQ4_NL, IQ4_XS, Q4_1 and Q5_1 as QAT families.
 
 Each family's forward computes exactly what ggml's ``dequantize_row_<type>`` computes, so a GGUF export
 is packing only. The weight matrix ``[R, C]`` is cut along its input dim into blocks of ``block``
@@ -12,11 +12,11 @@ weight ~ ``s * q - m``). A k-quant groups ``super_block / block`` blocks under o
     mq_j   = clamp(round(m_j / dmin), 0, min_max)      (0 when dmin is 0)
     step_j = d * sc_j,  min_j = dmin * mq_j            (fp32; exact: at most 11 + 8 significant bits)
 
-A type without super-blocks (IQ4_NL, Q5_1: ``scale_max == 0``) stores ``d = fp16(s)`` (and Q5_1
+A type without super-blocks (IQ4_NL, Q4_1, Q5_1: ``scale_max == 0``) stores ``d = fp16(s)`` (and Q4_1 / Q5_1
 ``-fp16(m)``) per block. Then per weight, with the type's codes ``lo..hi``:
 
     r      = (w + min_j) / step_j                      (IEEE fp32; min_j = 0 for symmetric types)
-    code   = clamp(round_half_even(r), lo, hi)        (IQ4_NL: the nearest of its 16 levels, ties to
+    code   = clamp(round_half_even(r), lo, hi)        (IQ4_NL, IQ4_XS: the nearest of its 16 levels, ties to
                                                         the even index, as :func:`reference.nearest_magnitude`)
     value  = step_j * code - min_j                      (fp32: the product is exact, the subtraction is
                                                         ggml's one rounding; fused or not, the same)
@@ -32,10 +32,12 @@ Q4_K     32     256      0..15       63        63       4.5
 Q5_K     32     256      0..31       63        63       5.5
 Q6_K     16     256      -32..31     127 (*)   -        6.5625
 IQ4_NL   32     32       16 levels   -         -        4.5
+IQ4_XS   32     256      16 levels   31 (*)    -        4.25
+Q4_1     32     32       0..15       -         fp16     5.0
 Q5_1     32     32       0..31       -         fp16     6.0
 ======== ====== ======== =========== ========= ======== ===========================
 
-(*) the format stores signed block scales (Q3_K: -32..31, Q6_K: -128..127); a learned scale is
+(*) the format stores signed block scales (Q3_K and IQ4_XS: -32..31, Q6_K: -128..127); a learned scale is
 positive, so QAT uses 1..31 and 1..127 (the quantizers of llama.cpp use the sign of the block's
 largest weight, a symmetric choice that changes nothing for symmetric codes except at -lo).
 
@@ -115,6 +117,8 @@ GRIDS = {
     "q6_k": GGMLGrid("Q6_K", 6, 16, QK_K, -32, 31, 127, None, 6.5625),
     "iq4_nl": GGMLGrid("IQ4_NL", 4, 32, 32, -127, 113, 0, None, 4.5, IQ4_NL_VALUES),
     "q5_1": GGMLGrid("Q5_1", 5, 32, 32, 0, 31, 0, 0, 6.0),
+    "q4_1": GGMLGrid("Q4_1", 4, 32, 32, 0, 15, 0, 0, 5.0),
+    "iq4_xs": GGMLGrid("IQ4_XS", 4, 32, QK_K, -127, 113, 31, None, 4.25, IQ4_NL_VALUES),
 }
 
 
@@ -299,7 +303,7 @@ class GGMLQuantizer(Quantizer):
         """A llama.cpp file type whose base type is this one gives a weight 32 wide (ggml's smaller blocks)
         llama.cpp's fallback type, which hf_qat trains."""
         mixes = [mix for mix, ggml_type in DEFAULT_TYPE.items() if ggml_type == self.ggml_grid.ggml_type]
-        if not mixes or width % BLOCK[FALLBACK.get(self.ggml_grid.ggml_type, "F16")]:
+        if not mixes or self.ggml_grid.ggml_type not in FALLBACK or width % BLOCK[FALLBACK[self.ggml_grid.ggml_type]]:
             return ""
         return (f", or train llama.cpp's file type (QATConfig.from_preset({mixes[0]!r})), which gives it llama.cpp's "
                 f"fallback type {FALLBACK[self.ggml_grid.ggml_type]}")
@@ -338,3 +342,5 @@ Q5KQuantizer = _family("q5_k")
 Q6KQuantizer = _family("q6_k")
 IQ4NLQuantizer = _family("iq4_nl")
 Q51Quantizer = _family("q5_1")
+Q41Quantizer = _family("q4_1")
+IQ4XSQuantizer = _family("iq4_xs")
