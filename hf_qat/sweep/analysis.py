@@ -170,7 +170,7 @@ def cells(rows: list[dict], schedule: str = "fused") -> list[Cell]:
     return sorted(result, key=lambda c: (c.bits, c.method, c.num_params, c.budget, c.seed))
 
 
-def spearman(x, y) -> float:
+def spearman(x: list[float], y: list[float]) -> float:
     from scipy.stats import spearmanr
 
     if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:

@@ -232,7 +232,8 @@ def _plot_cells(cs: list[Cell], law: QATScalingLaw | None, path: str) -> str:
                     ax.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.3 * (high - low + 1e-3))
             ax.set_xlabel("QAT fraction (0 = PTQ)", fontsize=8)
             ax.tick_params(labelsize=7)
-            ax.legend(fontsize=6)
+            if ax.get_legend_handles_labels()[0]:  # a (size, budget) without a cell of these bits: no legend
+                ax.legend(fontsize=6)
             ax.grid(alpha=0.3)
     method = "" if cs[0].method == "auto" else f" {cs[0].method}"
     fig.suptitle(f"{bits_label(cs[0].bits)}-bit{method}: held-out loss against the QAT fraction (fused schedule)",
