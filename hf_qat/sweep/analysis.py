@@ -1,14 +1,19 @@
-"""What a sweep's rows say about the paper's claims (METHOD.md section 8).
+"""What a sweep's rows say about the paper's claims.
 
 * A cell is one (size, seed, budget, bits, method): its fused-schedule losses at every QAT fraction,
   with fraction 0 = the PTQ row of that model (rows without ``method``, written before the sweep had
   the key, are the bit width's auto method).
-* The observed optimal fraction of a cell: the argmin over the measured fractions, refined by a
-  parabola in log f through the argmin and its two neighbours (the three lowest points of a convex
-  curve; our choice where the curve is not convex), the vertex kept inside them; 0 when PTQ is the
-  best row.
+* The observed optimal fraction of a cell (:func:`refined_optimum`): measured only where the grid
+  brackets it, that is where the best QAT fraction has a measured QAT fraction on each side; then
+  the argmin refined by a parabola in log f through it and its two neighbours (the three lowest
+  points of a convex curve; our choice where the curve is not convex), the vertex kept between them.
+  Otherwise a bound: best at the smallest QAT fraction (the PTQ row, fraction 0, worse) ->
+  "<= the next fraction"; PTQ best -> "<= the smallest QAT fraction"; best at the largest fraction
+  -> ">= the one below it".
 * Against the paper: f_hat = exp(-6.7297 / ln S) at the cell's S, the mean absolute error, and the
-  Spearman correlation of the observed optimum with S.
+  Spearman correlation of the observed optimum with S, over the cells with a measured optimum only,
+  each with a 95% bootstrap interval over those cells (:func:`bootstrap_interval`); the bounds are
+  counted apart, with how many of them f_hat satisfies.
 * Fused minus classic: the loss difference of the same (size, seed, budget, bits, fraction), per bit
   width (negative: the fused schedule is better).
 * Noise: the same cell trained with two seeds.
@@ -61,27 +66,72 @@ class Cell:
         return optimal_qat_fraction(tokens_per_parameter_byte(params, self.tokens, self.bits))
 
     @property
-    def observed_optimum(self) -> float:
+    def observed_optimum(self) -> "Optimum":
         return refined_optimum(self.losses)
 
 
-def refined_optimum(losses: dict[float, float]) -> float:
-    """The argmin fraction, refined by a parabola in log f through the argmin and its two neighbours
-    among the measured f > 0 (the two nearest at an end of the range); the vertex is kept between the
-    outer two points. 0 when PTQ (fraction 0) is the best row."""
+@dataclass(frozen=True)
+class Optimum:
+    """A cell's optimal QAT fraction: ``value`` measured between two grid points (``bound`` None), or a
+    one-sided bound where the grid does not bracket it: the optimum is ``<= value`` or ``>= value``."""
+
+    value: float
+    bound: str | None = None
+
+    @property
+    def measured(self) -> bool:
+        return self.bound is None
+
+    def __str__(self) -> str:
+        return f"{self.value:.3f}" if self.bound is None else f"{self.bound} {self.value:g}"
+
+    def satisfied_by(self, fraction: float) -> bool:
+        """Whether ``fraction`` (e.g. the paper's f_hat) is within the bound (a measured value: never)."""
+        return (self.bound == "<=" and fraction <= self.value) or (self.bound == ">=" and fraction >= self.value)
+
+
+def refined_optimum(losses: dict[float, float]) -> Optimum:
+    """The optimum of fraction -> loss (0.0 = PTQ), measured where the grid brackets it, else a bound.
+
+    The best QAT fraction with a measured QAT fraction on each side: the parabola in log f through it
+    and its two neighbours, its vertex kept between them (the best fraction itself when the three points
+    are not convex). At the grid's lower edge the PTQ row closes the bracket from below: best at the
+    smallest QAT fraction (PTQ worse) -> the optimum lies below the next fraction, ``<= next``; PTQ best
+    -> ``<= smallest``. Best at the largest fraction -> ``>= the one below it``."""
     best = min(losses, key=losses.get)
-    if best == 0.0:
-        return 0.0
     positive = sorted(f for f in losses if f > 0)
-    if len(positive) < 3:
-        return best
-    i = min(max(positive.index(best), 1), len(positive) - 2)
+    if best == 0.0:
+        return Optimum(positive[0] if positive else 0.0, "<=")
+    i = positive.index(best)
+    if len(positive) == 1:
+        return Optimum(0.0, ">=")  # one QAT fraction, better than PTQ: nothing but > 0
+    if i == 0:
+        return Optimum(positive[1], "<=")
+    if i == len(positive) - 1:
+        return Optimum(positive[-2], ">=")
     points = positive[i - 1:i + 2]
-    x = np.log(points)
-    a, b, _ = np.polyfit(x, [losses[f] for f in points], 2)
+    a, b, _ = np.polyfit(np.log(points), [losses[f] for f in points], 2)
     if a <= 0:
-        return best
-    return float(min(max(math.exp(-b / (2 * a)), points[0]), points[-1]))
+        return Optimum(best)
+    return Optimum(float(min(max(math.exp(-b / (2 * a)), points[0]), points[-1])))
+
+
+def bootstrap_interval(samples, statistic, resamples: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """The ``level`` percentile interval of ``statistic`` over ``resamples`` resamplings (with
+    replacement) of the rows of ``samples`` (an array, first axis = cells); statistics that are not
+    finite on a resample (a Spearman correlation of tied values) are left out. (nan, nan) for fewer
+    than 3 cells."""
+    samples = np.asarray(samples, dtype=np.float64)
+    if len(samples) < 3:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    values = np.array([statistic(samples[rng.integers(0, len(samples), len(samples))]) for _ in range(resamples)])
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2 * 100
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
 
 
 def row_method(row: dict) -> str:
@@ -128,15 +178,36 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def paper_comparison(cell_list: list[Cell]) -> dict[str, float]:
-    """MAE of f_hat against the observed optima, and Spearman(observed optimum, S), all cells and per bits."""
-    def stats(cs: list[Cell]) -> dict[str, float]:
-        observed = [c.observed_optimum for c in cs]
-        predicted = [c.paper_fraction for c in cs]
+def _mae(pairs: np.ndarray) -> float:
+    return float(np.mean(np.abs(pairs[:, 0] - pairs[:, 1])))
+
+
+def _spearman_columns(pairs: np.ndarray) -> float:
+    return spearman(list(pairs[:, 0]), list(pairs[:, 1]))
+
+
+def paper_comparison(cell_list: list[Cell]) -> dict[str, dict]:
+    """Against f_hat, all cells and per bit width: over the cells with a measured optimum, the MAE of
+    f_hat and Spearman(observed optimum, S), each with its 95% bootstrap interval over those cells, and
+    the mean signed error (observed - f_hat; > 0: the formula under-plans) with its interval; the
+    bounds counted apart, with how many of them f_hat satisfies."""
+    def stats(cs: list[Cell]) -> dict:
+        measured = [c for c in cs if c.observed_optimum.measured]
+        bounds = [c for c in cs if not c.observed_optimum.measured]
+        observed = np.array([c.observed_optimum.value for c in measured])
+        predicted = np.array([c.paper_fraction for c in measured])
         s = [c.tokens_per_param_byte for c in cs]
-        return {"cells": len(cs), "mae": float(np.mean(np.abs(np.subtract(observed, predicted)))) if cs else float("nan"),
-                "spearman_optimum_vs_S": spearman(s, observed), "S_min": min(s, default=float("nan")),
-                "S_max": max(s, default=float("nan"))}
+        pairs = np.column_stack([observed, predicted]) if measured else np.zeros((0, 2))
+        ranks = np.column_stack([[c.tokens_per_param_byte for c in measured], observed]) if measured else pairs
+        signed = (observed - predicted)[:, None]
+        return {"cells": len(cs), "measured": len(measured), "bounds": len(bounds),
+                "bounds_satisfied_by_f_hat": sum(c.observed_optimum.satisfied_by(c.paper_fraction) for c in bounds),
+                "mae": _mae(pairs) if measured else float("nan"), "mae_interval": bootstrap_interval(pairs, _mae),
+                "mean_signed_error": float(np.mean(signed)) if measured else float("nan"),
+                "mean_signed_error_interval": bootstrap_interval(signed, lambda x: float(np.mean(x))),
+                "spearman_optimum_vs_S": _spearman_columns(ranks) if measured else float("nan"),
+                "spearman_interval": bootstrap_interval(ranks, _spearman_columns),
+                "S_min": min(s, default=float("nan")), "S_max": max(s, default=float("nan"))}
 
     out = {"all": stats(cell_list)}
     for bits, method in sorted({(c.bits, c.method) for c in cell_list}):
@@ -145,20 +216,61 @@ def paper_comparison(cell_list: list[Cell]) -> dict[str, float]:
     return out
 
 
-def moe_comparison(cell_list: list[Cell]) -> dict[str, dict[str, float]] | None:
-    """For sweeps with mixtures of experts: the MAE of f_hat against the observed optima of the MoE cells
-    with N = total and with N = active parameters, and the dense cells' MAE for reference (None without
-    MoE cells)."""
+def moe_comparison(cell_list: list[Cell]) -> dict[str, dict] | None:
+    """For sweeps with mixtures of experts, over the MoE cells with a measured optimum: the MAE of f_hat
+    with N = total and with N = active parameters, each with its bootstrap interval, and the interval of
+    their difference (total - active, the same resamples of cells: > 0 favours N = active); the MoE
+    bounds apart, with how many each N's f_hat satisfies; the dense cells' MAE for reference (None
+    without MoE cells)."""
     moe = [c for c in cell_list if c.active_params]
     if not moe:
         return None
-    dense = [c for c in cell_list if not c.active_params]
+    measured = [c for c in moe if c.observed_optimum.measured]
+    bounds = [c for c in moe if not c.observed_optimum.measured]
+    dense = [c for c in cell_list if not c.active_params and c.observed_optimum.measured]
+    # per cell: |error| with N = total, with N = active
+    errors = np.array([[abs(c.observed_optimum.value - c.paper_fraction_with(n)) for n in ("total", "active")]
+                       for c in measured]).reshape(-1, 2)
 
-    def mae(cs: list[Cell], n: str) -> float:
-        return float(np.mean([abs(c.observed_optimum - c.paper_fraction_with(n)) for c in cs])) if cs else float("nan")
+    def mean(column: int):
+        return lambda x: float(np.mean(x[:, column]))
 
-    return {"moe": {"cells": len(moe), "mae_total": mae(moe, "total"), "mae_active": mae(moe, "active")},
-            "dense": {"cells": len(dense), "mae": mae(dense, "total")}}
+    def difference(x: np.ndarray) -> float:
+        return float(np.mean(x[:, 0] - x[:, 1]))
+
+    nan = float("nan")
+    return {"moe": {"cells": len(moe), "measured": len(measured), "bounds": len(bounds),
+                    "mae_total": mean(0)(errors) if measured else nan,
+                    "mae_total_interval": bootstrap_interval(errors, mean(0)),
+                    "mae_active": mean(1)(errors) if measured else nan,
+                    "mae_active_interval": bootstrap_interval(errors, mean(1)),
+                    "total_minus_active": difference(errors) if measured else nan,
+                    "total_minus_active_interval": bootstrap_interval(errors, difference),
+                    "bounds_satisfied_total": sum(c.observed_optimum.satisfied_by(c.paper_fraction_with("total"))
+                                                  for c in bounds),
+                    "bounds_satisfied_active": sum(c.observed_optimum.satisfied_by(c.paper_fraction_with("active"))
+                                                   for c in bounds)},
+            "dense": {"cells": len(dense),
+                      "mae": float(np.mean([abs(c.observed_optimum.value - c.paper_fraction) for c in dense]))
+                      if dense else nan}}
+
+
+def optimum_seed_spread(cell_list: list[Cell]) -> list[dict]:
+    """Cells trained with more than one seed: each seed's optimum (measured or a bound) and, where every
+    seed's is measured, their spread (max - min)."""
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cell_list:
+        groups.setdefault((c.size, c.budget, c.bits, c.method), []).append(c)
+    out = []
+    for (size, budget, bits, method), cs in groups.items():
+        if len(cs) < 2:
+            continue
+        optima = [c.observed_optimum for c in sorted(cs, key=lambda c: c.seed)]
+        values = [o.value for o in optima if o.measured]
+        out.append({"key": f"{size}/{budget:g}/{format_label(bits, method)}", "seeds": len(cs),
+                    "optima": [str(o) for o in optima],
+                    "spread": max(values) - min(values) if len(values) == len(optima) else None})
+    return out
 
 
 def fused_classic_pairs(rows: list[dict]) -> list[tuple[float, float, float]]:

@@ -19,7 +19,8 @@ The keys (the contract of ``hf-qat sweep``; keys may be added, never renamed)::
     method:           the quantizer family, as QATConfig's ``method`` (optional; "auto" by default:
                       binary for 1 bit, seq for ternary/2, lsq for 3..8; or lsq, seq, binary, absmax,
                       mxfp4, nvfp4, ...); an ``extra`` grid may name another, e.g. mxfp4 beside lsq at 4 bits
-    fractions:        QAT fractions in [0, 1]; 0 = the FP row and one PTQ row per bit width
+    fractions:        QAT fractions in [0, 1]; 0 = the FP row and one PTQ row per bit width (optional:
+                      DEFAULT_FRACTIONS, whose 0.03, 0.05 and 0.15 bracket an optimum near 0.1)
     schedules:        fused | classic
     group_size:       scales per group of input columns (int, "channel", "tensor")
     eval_tokens:      held-out tokens every row is evaluated on
@@ -65,6 +66,8 @@ NUMBER_KEYS = ("learning_rate", "weight_decay", "max_grad_norm", "min_lr_ratio",
 QAT_KEYS = ("group_size", "decay_shape", "min_lr_ratio", "fp_cooldown_fraction", "qat_warmup_fraction")
 EXTRA_KEYS = ("sizes", "budgets", "bits", "method", "fractions", "schedules", "seed")
 AUTO = "auto"
+# Fine below 0.25, where the optimum of short runs lies: an optimum at the smallest fraction is only a bound.
+DEFAULT_FRACTIONS = (0.0, 0.03, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0)
 
 
 class SweepConfigError(ValueError):
@@ -94,7 +97,7 @@ class SweepConfig:
     sizes: dict[str, dict[str, Any]]
     budgets: list[float]
     bits: list[Any]
-    fractions: list[float]
+    fractions: list[float] = field(default_factory=lambda: list(DEFAULT_FRACTIONS))
     data: Any = "demo"
     vocab_size: int = 512
     sequence_length: int = 128
@@ -253,7 +256,7 @@ class SweepConfig:
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise SweepConfigError(unknown[0], data[unknown[0]], ", ".join(names))
-        missing = [k for k in ("sizes", "budgets", "bits", "fractions") if k not in data]
+        missing = [k for k in ("sizes", "budgets", "bits") if k not in data]
         if missing:
             raise SweepConfigError(missing[0], None, "a value (required)")
         return cls(**data)

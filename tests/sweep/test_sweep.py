@@ -273,10 +273,9 @@ def test_observed_optimum_restates_the_parabola_in_log_f():
 
     true = 0.3
     losses = {f: 3.0 + 0.2 * (m.log(f) - m.log(true)) ** 2 for f in (0.1, 0.25, 0.5, 1.0)}
-    assert refined_optimum({0.0: 4.0, **losses}) == pytest.approx(true, rel=1e-9)  # exact for a parabola in log f
-    assert refined_optimum({0.0: 2.0, **losses}) == 0.0  # PTQ best
-    edge = {0.1: 3.0, 0.25: 3.1, 0.5: 3.3, 1.0: 3.6}
-    assert refined_optimum(edge) == 0.1  # an increasing curve: the vertex is kept at the measured edge
+    optimum = refined_optimum({0.0: 4.0, **losses})
+    assert optimum.measured and optimum.value == pytest.approx(true, rel=1e-9)  # exact for a parabola in log f
+    assert str(optimum) == "0.300"
 
 
 def test_moe_comparison_restates_the_mae_with_total_and_active_parameters():
@@ -296,7 +295,7 @@ def test_moe_comparison_restates_the_mae_with_total_and_active_parameters():
     result = moe_comparison(cell_list)
     moe = next(c for c in cell_list if c.active_params)
     for n, key in ((700_000, "mae_total"), (250_000, "mae_active")):
-        expected = abs(moe.observed_optimum - optimal_qat_fraction(tokens_per_parameter_byte(n, 1e6, 2)))
+        expected = abs(moe.observed_optimum.value - optimal_qat_fraction(tokens_per_parameter_byte(n, 1e6, 2)))
         assert result["moe"][key] == pytest.approx(expected)
     assert result["moe"]["cells"] == 1 and result["dense"]["cells"] == 1
     assert moe_comparison([c for c in cell_list if not c.active_params]) is None
