@@ -36,6 +36,7 @@ rows with their group scales; Gemma's norms become ``1 + w``) and the tokenizer
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -62,6 +63,7 @@ BYTES = {Q4_0: 18, Q5_0: 22, Q8_0: 34, TQ1_0: 54, TQ2_0: 66, MXFP4: 17, NVFP4: 3
 SCALE_BYTES = {Q4_0: 2, Q5_0: 2, Q8_0: 2, TQ1_0: 2, TQ2_0: 2, MXFP4: 1, NVFP4: 4,  # per block
                **{g.ggml_type: GGML_BYTES[g.ggml_type] - g.bits * g.super_block // 8 for g in GGML_GRIDS.values()}}
 TERNARY_TYPES = (TQ2_0, TQ1_0)
+logger = logging.getLogger("hf_qat")
 
 
 def gguf_type(layer: QuantizedLayer, ternary_type: str = TQ2_0) -> str | None:
@@ -238,6 +240,10 @@ class GGUFFormat(ExportFormat):
         notes = ["NVFP4 tensors carry their per-tensor scale as <name>.scale, which llama.cpp reads and transformers' "
                  "GGUF loader (5.24) cannot: load this file with llama.cpp"] if any(
             self.qtype(layer) == NVFP4 for layer in layers) else []
+        leftover = float_leftovers(path, model, layers, self.qtype)
+        if leftover:
+            notes.append(leftover)
+            logger.warning("hf_qat: %s", leftover)
         low = sorted({str(layer.dtype).removeprefix("torch.") for layer in layers if layer.dtype != torch.float32})
         if low:
             notes.append(
@@ -247,6 +253,45 @@ class GGUFFormat(ExportFormat):
                 "values (at most half a unit in the last place apart)")
         return ExportInfo(format=self.name, path=out_dir, files=["model.gguf", *files], weight_bytes=tensor_bytes(written),
                           notes=notes)
+
+
+def float_leftovers(path: str, model, layers: list[QuantizedLayer], qtype_of) -> str | None:
+    """What the GGUF at ``path`` writes in float that llama.cpp's quantizer would quantize, its bytes against
+    llama.cpp's file of the nearest type, and the preset that trains that file; None for a model trained for a
+    file type (``gguf_mix``) or with nothing left in float."""
+    import gguf
+
+    from ..convert import get_qat_config
+    from ..gguf_mix import allows_quantization, mix_tensor_types
+    from ..mix import gguf_tensors
+
+    config = get_qat_config(model)
+    if config is None or config.gguf_mix is not None:
+        return None
+    tensors = [(t.name, tuple(int(n) for n in t.shape), t.tensor_type, int(t.n_bytes))
+               for t in gguf.GGUFReader(path).tensors]
+    floats = [(name, size) for name, shape, kind, size in tensors
+              if kind.name in ("F32", "F16", "BF16") and allows_quantization(name, shape)]
+    if not floats:
+        return None
+    mb = sum(size for _, size in floats) / 1e6
+    note = (f"{len(floats)} weight tensor(s) written in float, {mb:.1f} MB of the file's "
+            f"{sum(t[3] for t in tensors) / 1e6:.1f} MB ({', '.join(name for name, _ in floats[:3])}"
+            f"{', ...' if len(floats) > 3 else ''})")
+    weights: dict[str, int] = {}
+    for layer in layers:
+        weights[qtype_of(layer)] = weights.get(qtype_of(layer), 0) + layer.codes.numel()
+    main = max(weights, key=weights.get) if weights else None
+    candidates = [ft for ft, ggml_type in DEFAULT_TYPE.items() if ggml_type == main]
+    if not candidates:
+        return note + "; no llama.cpp file type has these layers' type"
+    file_type = next((ft for ft in candidates if ft.endswith("_m")), candidates[0])
+    types = mix_tensor_types(file_type, gguf_tensors(model, [])[0], [(name, shape) for name, shape, _, _ in tensors])
+    sizes = gguf.GGML_QUANT_SIZES
+    llama_bytes = sum(int(np.prod(shape)) // sizes[gguf.GGMLQuantizationType[types[name]]][0]
+                      * sizes[gguf.GGMLQuantizationType[types[name]]][1] for name, shape, _, _ in tensors)
+    return (f"{note}: llama.cpp's {file_type.upper()} file of this model is {llama_bytes / 1e6:.1f} MB. "
+            f"QATConfig.from_preset({file_type!r}) trains that file, tensor by tensor")
 
 
 def _file_type(model, layers: list[QuantizedLayer], qtype_of) -> int | None:

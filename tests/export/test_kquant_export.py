@@ -174,3 +174,24 @@ def test_a_mix_on_fused_experts_and_the_tied_head_llama_cpp_writes_apart(tmp_pat
                            num_experts_per_tok=2, num_key_value_heads=4)
     with pytest.raises(QATModelError, match="output.weight"):
         hf_qat.prepare_model_for_qat(olmoe, QATConfig.from_preset("q4_k_m"))
+
+
+def test_a_gguf_with_float_weights_says_what_llama_cpps_file_would_hold(tmp_path):
+    """An int4 g32 model without a file type: its tied embedding goes to the GGUF in F32. The export says so, with
+    the size of llama.cpp's Q4_0 file of the same model (as llama_model_quantize writes it) and the preset."""
+    tokenizer = byte_level_bpe("gpt-2")
+    model = hf_qat.ptq(tiny_causal_lm("llama", sharpen=1.0, hidden_size=256, intermediate_size=512),
+                       QATConfig.from_preset("w4g32", scale_dtype="float16"))
+    info = export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer)
+    note = next(n for n in info.notes if "written in float" in n)
+    assert "token_embd.weight" in note and "from_preset('q4_0')" in note
+    hf_qat.remove_qat(model)
+    f32 = export_float_gguf(model, str(tmp_path / "f32"), tokenizer)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    out = tmp_path / "q4_0.gguf"
+    assert llama_cpp.llama_model_quantize(f32.encode(), str(out).encode(), ctypes.byref(params)) == 0
+    llama_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(out)).tensors)
+    assert f"Q4_0 file of this model is {llama_bytes / 1e6:.1f} MB" in note
+    mixed = export_checkpoint(mixed_model("tied-256", "q4_0"), tmp_path / "mix", format="gguf", tokenizer=tokenizer)
+    assert not any("written in float" in n for n in mixed.notes)  # the file type's file: nothing left over
