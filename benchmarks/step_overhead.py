@@ -2,6 +2,7 @@
 MXFP4 and NVFP4 QAT (weight-only).
 
     python benchmarks/step_overhead.py [--model smollm2-135m|demo|tiny|qwen3-moe|qwen3-moe-gpu|dense-active]
+                                       [--all-formats] [--memory] [--batch B --seq L] [--iters N]
                                        [--out benchmarks/results/step_overhead.json]
 
 Times a full optimizer step (forward, backward, AdamW) and records peak memory for the same model in
@@ -10,6 +11,8 @@ and a Qwen3-MoE-shaped model (8 experts, 2 active) in bf16; on a CPU the demo mo
 what CI trains), the tests' tiny model, a small Qwen3-MoE (8 experts, 2 active) and the dense Qwen3 with
 its active parameters. A mixture of experts is timed once per transformers experts implementation
 (eager, batched_mm, grouped_mm); int8 activations do not apply to fused experts, so it has two modes.
+``--all-formats`` adds every family and llama.cpp file type; ``--memory`` (CPU) measures each mode's peak
+resident memory in a fresh process (the CUDA run always records its peak allocation).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -64,6 +69,23 @@ MODES = {
     "mxfp4 QAT": dict(bits=4, method="mxfp4"),
     "nvfp4 QAT": dict(bits=4, method="nvfp4"),
 }
+# --all-formats: every family (LSQ, SEQ, ternary) and llama.cpp's file types (each weight on the type llama.cpp
+# gives it in that file, fallbacks included: the k-quant families need rows of 256, which these shapes have only
+# in places)
+EVERY_FORMAT = {
+    "w2 lsq": dict(bits=2, method="lsq", group_size=32), "w2 seq": dict(bits=2, group_size=32),
+    "w3 lsq": dict(bits=3, group_size=32), "w8 lsq": dict(bits=8, group_size=32),
+    "ternary": dict(bits="ternary", group_size=32),
+    **{f"{file_type} file": dict(preset=file_type)
+       for file_type in ("q4_0", "q8_0", "q2_k", "q3_k_m", "q4_k_m", "q6_k", "iq4_nl", "iq4_xs")},
+}
+
+
+def qat_config(mode: str) -> hf_qat.QATConfig:
+    fields = dict(MODES[mode])
+    preset = fields.pop("preset", None)
+    return (hf_qat.QATConfig.from_preset(preset, start=0, **fields) if preset else
+            hf_qat.QATConfig(start=0, **fields))
 
 
 def variants(model_name: str) -> list[tuple[str, str | None]]:
@@ -89,7 +111,7 @@ def build(model_name: str, mode: str, device: str, dtype: torch.dtype, experts_i
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype)
     if MODES[mode] is not None:
-        hf_qat.prepare_model_for_qat(model, hf_qat.QATConfig(start=0, **MODES[mode]))
+        hf_qat.prepare_model_for_qat(model, qat_config(mode))
         hf_qat.activate_qat(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, spec["config"]["vocab_size"], (spec["batch"], spec["seq"]), device=device)
@@ -110,8 +132,28 @@ def timed(step, device: str) -> float:
     return time.perf_counter() - start
 
 
-def measure_cpu(model_name: str, iters: int, experts_implementation: str | None = None) -> list[dict]:
-    """All modes built at once and timed round-robin, so that machine drift hits them alike."""
+def peak_rss(model_name: str, mode: str | None, iters: int, experts_implementation: str | None) -> int:
+    """Peak resident bytes of a fresh process that builds ``mode`` and takes ``iters`` steps (CPU peak memory:
+    parameters, optimizer state, activations and every temporary of the step) over one that only imports the
+    libraries (``mode=None``: that baseline itself)."""
+    spec = MODELS[model_name]
+    code = ("import resource, sys; sys.path.insert(0, %r); import step_overhead as b; b.MODES.update(b.EVERY_FORMAT); "
+            "b.MODELS[%r].update(batch=%d, seq=%d)\n"
+            "if %r is not None:\n"
+            "    step = b.build(%r, %r, 'cpu', b.torch.float32, %r)[2]\n"
+            "    for _ in range(%d): step()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % (
+        os.path.dirname(os.path.abspath(__file__)), model_name, spec["batch"], spec["seq"], mode, model_name, mode,
+        experts_implementation, iters)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak = int(out.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+    return peak if mode is None else peak - peak_rss(model_name, None, 0, experts_implementation)
+
+
+def measure_cpu(model_name: str, iters: int, experts_implementation: str | None = None,
+                memory: bool = False) -> list[dict]:
+    """All modes built at once and timed round-robin, so that machine drift hits them alike; with ``memory``,
+    each mode's peak RSS in a process of its own."""
     steps = {mode: build(model_name, mode, "cpu", torch.float32, experts_implementation)[2] for mode in modes(model_name)}
     for step in steps.values():
         for _ in range(3):
@@ -121,8 +163,11 @@ def measure_cpu(model_name: str, iters: int, experts_implementation: str | None 
         for mode, step in steps.items():
             times[mode].append(timed(step, "cpu"))
     tokens = MODELS[model_name]["batch"] * MODELS[model_name]["seq"]
+    del steps
+    gc.collect()
     return [{"model": model_name, "experts_implementation": experts_implementation, "mode": mode,
-             "step_ms": statistics.median(t) * 1e3, "peak_bytes": None, "tokens_per_step": tokens}
+             "step_ms": statistics.median(t) * 1e3, "tokens_per_step": tokens,
+             "peak_bytes": peak_rss(model_name, mode, 2, experts_implementation) if memory else None}
             for mode, t in times.items()]
 
 
@@ -150,9 +195,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=list(MODELS), action="append", default=None)
     parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--all-formats", action="store_true", help="every family and llama.cpp file type")
+    parser.add_argument("--memory", action="store_true", help="CPU: each mode's peak RSS in a fresh process")
+    parser.add_argument("--batch", type=int, default=None, help="override the model's batch size")
+    parser.add_argument("--seq", type=int, default=None, help="override the model's sequence length")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_overhead.json"))
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.all_formats:
+        MODES.update(EVERY_FORMAT)
+    for name in args.model or ():
+        MODELS[name].update({k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v is not None})
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     models = args.model or (["smollm2-135m", "qwen3-moe-gpu"] if device == "cuda" else ["demo", "tiny", "qwen3-moe",
                                                                                       "dense-active"])
@@ -162,14 +215,14 @@ def main() -> None:
     rows = []
     for name in models:
         for label, implementation in variants(name):
-            measure = measure_cuda if device == "cuda" else measure_cpu
-            model_rows = measure(name, iters, implementation)
+            model_rows = (measure_cuda(name, iters, implementation) if device == "cuda" else
+                          measure_cpu(name, iters, implementation, memory=args.memory))
             base = model_rows[0]
             for row in model_rows:
                 row["time_ratio"] = row["step_ms"] / base["step_ms"]
                 row["memory_ratio"] = row["peak_bytes"] / base["peak_bytes"] if row["peak_bytes"] else None
                 memory = f", peak {row['peak_bytes'] / 2**30:.2f} GiB (x{row['memory_ratio']:.3f})" if row["peak_bytes"] else ""
-                print(f"{label:<24} {row['mode']:<9} {row['step_ms']:9.2f} ms/step (x{row['time_ratio']:.3f}){memory}")
+                print(f"{label:<24} {row['mode']:<13} {row['step_ms']:9.2f} ms/step (x{row['time_ratio']:.3f}){memory}")
             rows.extend(model_rows)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:

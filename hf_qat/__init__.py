@@ -23,6 +23,7 @@ from .convert import (
     set_qat_active,
 )
 from .errors import QATConfigError, QATModelError, QATRuntimeError
+from .importance import calibrate_importance
 from .modules import QATEmbedding, QATLinear
 from .quantizers import Quantizer, available_quantizers, register_quantizer
 from .callback import QATCallback  # noqa: E402  (imports transformers)
@@ -43,6 +44,7 @@ __all__ = [
     "Quantizer",
     "activate_qat",
     "available_quantizers",
+    "calibrate_importance",
     "coverage",
     "export_checkpoint",
     "load_exported",

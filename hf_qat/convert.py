@@ -234,14 +234,20 @@ def activate_qat(model: nn.Module) -> None:
     initialize_scales(model)
 
 
-def ptq(model: nn.Module, config: QATConfig | dict) -> nn.Module:
+def ptq(model: nn.Module, config: QATConfig | dict, calibration=None) -> nn.Module:
     """One-shot round-to-nearest post-training quantization on the same grids (the PTQ baseline).
 
     Installs the QAT units (if needed), activates them and initialises every scale with the
-    family's rule (max|w| / Qp for LSQ, max|w| for SEQ, mean|w| for binary), without training. The
-    model then computes with the quantized weights and can be exported like a QAT model.
+    family's rule (max|w| / Qp for LSQ, max|w| for SEQ, mean|w| for binary; ``scale_init="mse"``: the clipping
+    of least error), without training. The model then computes with the quantized weights and can be exported
+    like a QAT model. ``calibration``: batches for an importance matrix (:mod:`hf_qat.importance`, llama.cpp's
+    imatrix) that weights the mse search by each input column's mean squared activation.
     """
     prepare_model_for_qat(model, config)
+    if calibration is not None:
+        from .importance import calibrate_importance
+
+        calibrate_importance(model, calibration)
     activate_qat(model)
     return model
 

@@ -107,6 +107,7 @@ class WeightQuantizer(nn.Module):
         self.is_active = False
         self.is_initialized = False
         self.config = None  # the QATConfig of prepare_model_for_qat (hf_qat.get_qat_config reads it)
+        self.importance: torch.Tensor | None = None  # [in]: weights the mse search (hf_qat.importance); not saved
 
     # ------------------------------------------------------------------ state
     def set_active(self, active: bool) -> None:
@@ -149,7 +150,9 @@ class WeightQuantizer(nn.Module):
         first = self.quantizer.init_scale(self.layout.scale_view(w))
         if self.scale_init != "mse":
             return first
-        return ggml_mse_scale(w, first, self.spec.ggml_grid) if self.spec.ggml_grid else mse_scale(w, first, self.spec)
+        importance = self.importance if full_weight.ndim == 2 else None  # per input column (hf_qat.importance)
+        return (ggml_mse_scale(w, first, self.spec.ggml_grid, importance=importance) if self.spec.ggml_grid
+                else mse_scale(w, first, self.spec, importance=importance))
 
     def initialize(self, full_weight: torch.Tensor) -> None:
         """Scale from the full weight, ratio 0 (collective under FSDP2: call on every rank)."""

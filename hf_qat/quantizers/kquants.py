@@ -226,19 +226,21 @@ def ggml_fake_quantize(matrix: torch.Tensor, scale: torch.Tensor, grid: GGMLGrid
 
 @torch.no_grad()
 def ggml_mse_scale(matrix: torch.Tensor, first_scale: torch.Tensor, grid: GGMLGrid,
-                   ratios: tuple[float, ...] = MSE_SCALE_RATIOS) -> torch.Tensor:
+                   ratios: tuple[float, ...] = MSE_SCALE_RATIOS, importance: torch.Tensor | None = None) -> torch.Tensor:
     """``scale_init="mse"`` for the ggml families: per block, the candidate ``ratio * first_scale`` (scale and
     min alike: the block's range shrunk by ``ratio``) whose forward (:func:`ggml_fake_quantize`, super-block
     rounding included, every block of the matrix at that ratio) has the least squared error over the block;
     1.0 first, a later ratio wins only when strictly better. Blocks chosen apart share their super-block's
     ``d``, so a super-block whose error with the chosen scales exceeds its error with the first ones keeps
     the first ones: never worse than the first scale, super-block by super-block. ``matrix [R, C]``,
-    ``first_scale`` as :meth:`GGMLQuantizer.init_scale` -> the same shape."""
+    ``first_scale`` as :meth:`GGMLQuantizer.init_scale` -> the same shape. ``importance`` (``[C]``) weights each
+    column's error, as :func:`~hf_qat.quantizers.reference.mse_scale`."""
     w = matrix.float()
     per_super = grid.blocks_per_super
+    weights = 1.0 if importance is None else importance.float().to(w.device)
 
     def block_error(scale: torch.Tensor) -> torch.Tensor:
-        return _blocks((ggml_fake_quantize(w, scale, grid) - w).pow(2), grid.block).sum(-1)
+        return _blocks((ggml_fake_quantize(w, scale, grid) - w).pow(2) * weights, grid.block).sum(-1)
 
     def pick(better: torch.Tensor, candidate: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         return torch.where(better.unsqueeze(-1) if grid.asymmetric else better, candidate, current)

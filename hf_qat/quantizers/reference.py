@@ -243,7 +243,7 @@ MSE_SCALE_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(36))
 
 @torch.no_grad()
 def mse_scale(weight: torch.Tensor, first_scale: torch.Tensor, spec: WeightQuantSpec,
-              ratios: tuple[float, ...] = MSE_SCALE_RATIOS) -> torch.Tensor:
+              ratios: tuple[float, ...] = MSE_SCALE_RATIOS, importance: torch.Tensor | None = None) -> torch.Tensor:
     """The clipped scale: for every scale (group, row or tensor), the candidate ``ratio * first_scale``
     whose fake-quantized weights (:func:`fake_quantize_weight`, scale-dtype rounding included) have
     the least squared error ``sum (Q(w) - w)^2`` over the weights that scale covers.
@@ -252,12 +252,15 @@ def mse_scale(weight: torch.Tensor, first_scale: torch.Tensor, spec: WeightQuant
     (the family's first scale, e.g. max|w| / Qp) -> fp32 ``scale shape``. Ratios are tried in the
     given order and a later ratio wins only with a strictly smaller error. Clipping trades a larger
     error on the few largest weights for a finer step on all the others (GPTQ/AWQ-style clip search,
-    llama.cpp's quantizers do the same for their scales).
+    llama.cpp's quantizers do the same for their scales). ``importance`` (fp32 ``[C]``, e.g. the mean squared
+    activation of each input column: :mod:`hf_qat.importance`) weights each column's error, as llama.cpp's
+    importance matrix does: the search then minimises the error of the layer's output, not of its weights.
     """
     w = weight.float()
+    weights = 1.0 if importance is None else importance.float().to(w.device)
 
     def squared_error(scale: torch.Tensor) -> torch.Tensor:
-        return spec.layout.scale_view((fake_quantize_weight(w, scale, spec).float() - w).pow(2)).sum(-1)
+        return spec.layout.scale_view((fake_quantize_weight(w, scale, spec).float() - w).pow(2) * weights).sum(-1)
 
     best_scale = first_scale.float() * ratios[0]
     best_error = squared_error(best_scale)
