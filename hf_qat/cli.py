@@ -153,6 +153,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import os
 
     from .export import export_checkpoint
+    from .export.base import MissingTokenizerError
 
     tokenizer = None
     source = args.tokenizer or (args.checkpoint if os.path.isfile(os.path.join(args.checkpoint, "tokenizer_config.json")) else None)
@@ -166,9 +167,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise ValueError(f"--format-option takes KEY=VALUE (e.g. ternary_type=TQ1_0), got {item!r}")
         options[key] = value
-    info = export_checkpoint(args.checkpoint, args.out_dir, format=args.format, tokenizer=tokenizer,
-                             push_to_hub=args.push_to_hub, private=not args.public, base_model=args.base_model,
-                             format_options=options)
+    try:
+        info = export_checkpoint(args.checkpoint, args.out_dir, format=args.format, tokenizer=tokenizer,
+                                 push_to_hub=args.push_to_hub, private=not args.public, base_model=args.base_model,
+                                 format_options=options)
+    except MissingTokenizerError:
+        raise ValueError(f"GGUF embeds the tokenizer in the file, and {args.checkpoint} holds none (no "
+                         "tokenizer_config.json): pass --tokenizer ID_OR_PATH (the base model's id, or a folder)") from None
     console.print(f"exported {info.format} to {info.path}: {info.weight_bytes / 1e6:.2f} MB of tensors "
                   f"(expected {info.expected_bytes / 1e6:.2f} MB); exact: {info.exact}")
     for note in info.notes:

@@ -4,12 +4,14 @@ Every field is validated when the config is built; an error names the field, the
 the values it allows. ``to_dict`` / ``from_dict`` / ``to_json_string`` / ``save_pretrained`` /
 ``from_pretrained`` round-trip the config (the callback writes ``qat_config.json`` into the trainer's
 output dir and every checkpoint). ``QATConfig.from_preset(name)`` gives the settings of
-:data:`PRESETS`, each one matching an export format exactly (METHOD.md section 6).
+:data:`PRESETS`, each one matching an export format exactly (docs/formats.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
 import os
@@ -450,12 +452,9 @@ class QATConfig:
             return data
         if not isinstance(data, dict):
             raise QATConfigError("config", data, "a dict of QATConfig fields")
-        names = {f.name for f in dataclasses.fields(cls)}
         if data.get("extra") == {}:  # hf_qat 0.1.0 wrote an always-empty "extra" field
             data = {k: v for k, v in data.items() if k != "extra"}
-        unknown = sorted(set(data) - names, key=str)
-        if unknown:
-            raise QATConfigError(str(unknown[0]), data[unknown[0]], "a QATConfig field: " + ", ".join(sorted(names)))
+        _refuse_unknown(data)
         return cls(**data)
 
     def to_json_string(self) -> str:
@@ -491,13 +490,45 @@ class QATConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "QATConfig":
         """A config from :data:`PRESETS` with ``overrides`` applied."""
-        if name not in PRESETS:
-            raise QATConfigError("preset", name, ", ".join(sorted(PRESETS)))
-        return cls(**{**PRESETS[name], **overrides})
+        key = name.lower() if isinstance(name, str) else name  # "Q4_K_M" as llama.cpp writes it
+        if key not in PRESETS:
+            raise QATConfigError("preset", name, ", ".join(sorted(PRESETS)),
+                                 detail=nearest(str(name).lower(), PRESETS))
+        return cls(**{**PRESETS[key], **overrides})
 
     def replace(self, **changes: Any) -> "QATConfig":
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
+
+
+def nearest(name: str, choices) -> str:
+    """'did you mean ...?' for the choice closest to ``name`` (difflib), or "" when none is close."""
+    match = difflib.get_close_matches(name, list(choices), n=1)
+    return f"did you mean {match[0]!r}?" if match else ""
+
+
+def _refuse_unknown(fields: dict[Any, Any]) -> None:
+    """A key that is no QATConfig field is a QATConfigError naming the closest field (``group_sise``)."""
+    names = [f.name for f in dataclasses.fields(QATConfig)]
+    unknown = sorted((k for k in fields if k not in names), key=str)
+    if unknown:
+        raise QATConfigError(str(unknown[0]), fields[unknown[0]], "a QATConfig field: " + ", ".join(sorted(names)),
+                             detail=nearest(str(unknown[0]), names))
+
+
+def _refuse_unknown_fields(init):
+    """QATConfig's generated __init__, refusing an unknown keyword (``QATConfig(group_sise=32)``) with
+    :func:`_refuse_unknown` instead of a bare TypeError."""
+
+    @functools.wraps(init)
+    def checked(self, *args: Any, **kwargs: Any) -> None:
+        _refuse_unknown(kwargs)
+        init(self, *args, **kwargs)
+
+    return checked
+
+
+QATConfig.__init__ = _refuse_unknown_fields(QATConfig.__init__)
 
 
 def auto_method(bits: float | int) -> str:

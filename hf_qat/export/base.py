@@ -26,6 +26,10 @@ class ExportFormatError(ValueError):
     """A layer's quantization cannot be written exactly in the requested format."""
 
 
+class MissingTokenizerError(ExportFormatError):
+    """The format embeds the tokenizer (GGUF) and none was given."""
+
+
 @dataclass
 class ExportInfo:
     """What an export wrote.
@@ -35,7 +39,8 @@ class ExportInfo:
         path: the output directory.
         files: the files written (relative to ``path``).
         weight_bytes: bytes of all tensors written.
-        expected_bytes: quantized weights at the format's storage bits + scales + other tensors.
+        expected_bytes: quantized weights at the format's storage bits + scales + other tensors (as the format
+            stores them: GGUF writes every float tensor in F32, whatever the model's dtype).
         exact: whether the loaded model reproduces the QAT model exactly (up to matmul rounding).
         notes: what the user should know (e.g. activation quantization a loader does not replicate).
     """
@@ -88,6 +93,11 @@ class ExportFormat:
     def scale_bytes(self, layer: QuantizedLayer) -> int:
         """Bytes of the scales this format stores for ``layer`` (default: one step each, in its step dtype)."""
         return 0 if layer.tied_to else layer.step.numel() * layer.step_dtype.itemsize
+
+    def float_bytes(self, tensor: torch.Tensor) -> int:
+        """Bytes this format stores for an unquantized tensor (norms, biases, a float embedding): default, as
+        the model holds it."""
+        return tensor.numel() * tensor.element_size()
 
     def check_model(self, model: nn.Module, layers: list[QuantizedLayer], tokenizer=None) -> None:
         """Model-level requirements (architecture, tokenizer...), checked before anything is written;

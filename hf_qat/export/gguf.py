@@ -43,7 +43,8 @@ import torch
 
 from ..bits import TERNARY_BITS
 from ..quantizers.kquants import GRIDS as GGML_GRIDS
-from .base import ExportFormat, ExportFormatError, ExportInfo, register_format, tensor_bytes, write_model_config
+from .base import (ExportFormat, ExportFormatError, ExportInfo, MissingTokenizerError, register_format, tensor_bytes,
+                   write_model_config)
 from .fp4 import MXFP4 as MXFP4_SCALES
 from .fp4 import NVFP4 as NVFP4_SCALES
 from .fp4 import e2m1_nibbles, is_fp4, stored_scales
@@ -196,6 +197,9 @@ class GGUFFormat(ExportFormat):
         tensor_scales = 4 * (layer.weight_shape[0] if layer.kind == "experts" else 1) if qtype == NVFP4 else 0
         return blocks * SCALE_BYTES[qtype] + tensor_scales
 
+    def float_bytes(self, tensor) -> int:
+        return tensor.numel() * 4  # every float tensor is written F32
+
     def check_model(self, model, layers, tokenizer=None) -> None:
         arch = architecture(model.config)
         nvfp4 = [layer.name for layer in layers if self.qtype(layer) == NVFP4 and not layer.tied_to]
@@ -228,6 +232,11 @@ class GGUFFormat(ExportFormat):
         notes = ["NVFP4 tensors carry their per-tensor scale as <name>.scale, which llama.cpp reads and transformers' "
                  "GGUF loader (5.24) cannot: load this file with llama.cpp"] if any(
             self.qtype(layer) == NVFP4 for layer in layers) else []
+        narrow = sorted({str(t.dtype).replace("torch.", "") for t in others.values()
+                         if t.is_floating_point() and t.element_size() < 4})
+        if narrow:
+            notes.append(f"the unquantized tensors (norms, float embeddings, biases) are written F32, wider than the "
+                         f"model's {', '.join(narrow)}: the file is larger than the model's own tensors, not inexact")
         return ExportInfo(format=self.name, path=out_dir, files=["model.gguf", *files], weight_bytes=tensor_bytes(written),
                           notes=notes)
 
@@ -280,7 +289,7 @@ def _nvfp4_problem(layer: QuantizedLayer) -> str | None:
 
 def _vocab(tokenizer, cfg):
     if tokenizer is None:
-        raise ExportFormatError("GGUF embeds the tokenizer: pass export_checkpoint(..., tokenizer=...)")
+        raise MissingTokenizerError("GGUF embeds the tokenizer: pass export_checkpoint(..., tokenizer=...)")
     return gguf_vocab(tokenizer, cfg.vocab_size)
 
 
