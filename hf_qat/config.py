@@ -26,7 +26,7 @@ from .schedule import DECAY_SHAPES
 ALLOWED_GROUP_STRINGS = ("channel", "tensor")
 # The one table of the fields that take one of a few names.
 CHOICES = {
-    "scale_dtype": tuple(DTYPES),
+    "scale_dtype": (*DTYPES, "auto"),
     "scale_grad_mode": ("paretoq", "lsq"),
     "decay_shape": DECAY_SHAPES,
     "strategy": ("paper", "law"),
@@ -141,7 +141,10 @@ class QATConfig:
             planner counts them as FP tokens).
         fuse_cooldown: use the paper's fused schedule (LR stays at its stable value until the switch,
             then decays over the QAT phase); False gives the classic schedule.
-        scale_dtype: scales are rounded to this dtype in the forward pass (exact export). The
+        scale_dtype: scales are rounded to this dtype in the forward pass (exact export): "float16",
+            "bfloat16", "float32", or "auto" (each weight's dtype when it is bfloat16, else float16). None (the
+            default): "auto" with ``export_format="compressed-tensors"`` (which stores scales in the weights'
+            dtype, so a bf16 model needs bf16 scales), "float16" otherwise (what GGUF's blocks hold). The
             block-scaled formats (mxfp4, nvfp4) round to their own scale formats; when every family in
             use is one of them, only the default "float16" is accepted (with an integer family beside
             one, e.g. an LSQ embedding_method, scale_dtype applies to that family).
@@ -190,6 +193,9 @@ class QATConfig:
             layers, Q5_0 / Q5_1 / Q8_0 where rows are not a multiple of 256, ...), so the GGUF export is
             the file ``llama-quantize`` would write, tensor by tensor. ``bits`` / ``method`` must be the
             mix's base type (the presets of the same names set them) and ``embedding_bits`` unset.
+        export_format: None, or the format the run will be exported to: "compressed-tensors", "gguf",
+            "bitnet" or "hf-qat" (the registered formats). The QAT layers are checked against it when they are
+            installed (before the first step), and the default ``scale_dtype`` follows it.
     """
 
     bits: float | int | str = 4
@@ -203,7 +209,7 @@ class QATConfig:
     start: Start = "auto"
     pretrained_tokens: float | int | None = None
     fuse_cooldown: bool = True
-    scale_dtype: str = "float16"
+    scale_dtype: str | None = None
     scale_lr_multiplier: float | None = None
     reset_optimizer_state: bool = False
     scale_grad_mode: str = "paretoq"
@@ -223,9 +229,11 @@ class QATConfig:
     scale_lr: float | None = None
     moe_params: str = "total"
     gguf_mix: str | None = None
+    export_format: str | None = None
 
     def __post_init__(self) -> None:
         self._check_quantizers()
+        self._check_export_format()
         self.group_size = self._check_group_size(self._default_group_size() if self.group_size is None
                                                  else self.group_size)
         self._check_block_formats()
@@ -303,7 +311,7 @@ class QATConfig:
                                  "block-scaled method for the weights too",
                                  detail="group_size serves the weights and the embeddings alike, and a block-scaled "
                                         "format takes only its own block")
-        if self.scale_dtype != "float16" and all(cls.scale_dtype is not None for cls in families.values()):
+        if self.scale_dtype not in ("float16", "auto") and all(cls.scale_dtype is not None for cls in families.values()):
             names = " and ".join(sorted({repr(cls.name) for cls in families.values()}))
             raise QATConfigError("scale_dtype", self.scale_dtype, f"'float16' (the default) with {names}",
                                  detail="A block-scaled format rounds its scales to its own format (MXFP4: E8M0, "
@@ -314,6 +322,26 @@ class QATConfig:
             raise QATConfigError("activation_bits", self.activation_bits, f"None with {ggml[0]!r}",
                                  detail="llama.cpp's blocks are exported to GGUF only, and llama.cpp does not "
                                  "fake-quantize activations as int8 per token")
+
+    def _check_export_format(self) -> None:
+        """``export_format``: a registered format; it sets the default scale_dtype (see the field's docs)."""
+        if self.export_format is not None:
+            from .export.base import FORMATS
+
+            if not isinstance(self.export_format, str) or self.export_format not in FORMATS:
+                raise QATConfigError("export_format", self.export_format, "None, " + ", ".join(FORMATS),
+                                     detail=nearest(str(self.export_format), FORMATS))
+        if self.scale_dtype is None:
+            integer_scales = any(cls.scale_dtype is None for cls in self._families().values())
+            self.scale_dtype = "auto" if self.export_format == "compressed-tensors" and integer_scales else "float16"
+
+    def resolved_scale_dtype(self, weight_dtype) -> str:
+        """The scale dtype of a weight of ``weight_dtype`` ("auto": bfloat16 for a bfloat16 weight, else float16)."""
+        import torch
+
+        if self.scale_dtype != "auto":
+            return self.scale_dtype
+        return "bfloat16" if weight_dtype == torch.bfloat16 else "float16"
 
     def _check_gguf_mix(self) -> None:
         """``gguf_mix``: a known mix, with its base family as bits / method and no embedding_bits."""

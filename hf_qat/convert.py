@@ -105,6 +105,10 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
         _resume_from_steps(model, restored[1])
     logger.info("hf_qat: %d weights prepared for QAT (%s); %s", len({id(u) for u in units.values()}),
                 config.resolved_method, coverage(model))
+    if config.export_format is not None:
+        from .export.base import check_target  # the exporter, only for a run that names its format
+
+        check_target(model, config.export_format)
     return model
 
 
@@ -124,7 +128,8 @@ def make_units(targets: dict[str, WeightTarget], config: QATConfig,
             quantizer, group_size = get_quantizer(family.method, family.bits), family.group_size
         unit = WeightQuantizer(
             quantizer, getattr(target.module, target.parameter),
-            group_size=group_size, scale_dtype=config.scale_dtype, scale_grad_mode=config.scale_grad_mode,
+            group_size=group_size, scale_dtype=config.resolved_scale_dtype(getattr(target.module, target.parameter).dtype),
+            scale_grad_mode=config.scale_grad_mode,
             scale_init=config.scale_init, name=name, transposed=target.transposed,
         )
         unit.config = config

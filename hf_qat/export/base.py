@@ -94,6 +94,10 @@ class ExportFormat:
         """Bytes of the scales this format stores for ``layer`` (default: one step each, in its step dtype)."""
         return 0 if layer.tied_to else layer.step.numel() * layer.step_dtype.itemsize
 
+    def check_target(self, model: nn.Module) -> None:
+        """Model-level requirements that hold before training (the architecture...): checked when
+        ``QATConfig.export_format`` names this format; raise ExportFormatError."""
+
     def float_bytes(self, tensor: torch.Tensor) -> int:
         """Bytes this format stores for an unquantized tensor (norms, biases, a float embedding): default, as
         the model holds it."""
@@ -147,16 +151,34 @@ def formats_that_can(layers: list[QuantizedLayer]) -> list[str]:
 
 
 def check_layers(fmt: ExportFormat, layers: list[QuantizedLayer]) -> None:
-    """Raise ExportFormatError listing the first layers ``fmt`` cannot write and the formats that can."""
-    problems = [(layer.name, p) for layer in layers if (p := fmt.problem(layer)) is not None]
+    """Raise ExportFormatError naming each reason ``fmt`` cannot write some layers once (with the first such
+    layer and how many more share it), and the formats that can."""
+    problems: dict[str, list[str]] = {}
+    for layer in layers:
+        if (p := fmt.problem(layer)) is not None:
+            problems.setdefault(p, []).append(layer.name)
     if problems:
-        shown = "; ".join(f"{name}: {p}" for name, p in problems[:3])
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        shown = "; ".join(f"{names[0]}{f' and {len(names) - 1} more layers' if len(names) > 1 else ''}: {p}"
+                          for p, names in problems.items())
         able = formats_that_can(layers)
         raise ExportFormatError(
-            f"format {fmt.name!r} cannot represent this model exactly: {shown}{more}. "
+            f"format {fmt.name!r} cannot represent this model exactly: {shown}. "
             f"Formats that can: {', '.join(able) if able else 'none'}"
         )
+
+
+def check_target(model: nn.Module, name: str) -> None:
+    """``QATConfig.export_format``: the QAT layers just installed in ``model``, checked against format ``name``
+    before training (as :func:`~hf_qat.export.layers.probe_layers` sees them), with the model-level
+    requirements the format can check without a tokenizer."""
+    from .layers import probe_layers
+
+    fmt = get_format(name)
+    try:
+        check_layers(fmt, probe_layers(model))
+        fmt.check_target(model)
+    except ExportFormatError as err:
+        raise ExportFormatError(f"QATConfig.export_format={name!r}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------- writing

@@ -161,7 +161,8 @@ class CompressedTensorsFormat(ExportFormat):
                     "integer and the export would compute something else")
         if not torch.equal(layer.step.to(layer.dtype).float(), layer.step):
             return (f"its steps (rounded to {layer.scale_dtype}) are not representable in the weight dtype {layer.dtype}, "
-                    "where compressed-tensors stores scales; train with scale_dtype matching the weights or export in float32")
+                    "where compressed-tensors stores scales; train with scale_dtype='auto' (scales in the weights' dtype; the "
+                    "default with export_format='compressed-tensors') or export in float32")
         return None
 
     def native_width(self, layer: QuantizedLayer) -> bool:

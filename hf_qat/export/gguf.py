@@ -200,6 +200,9 @@ class GGUFFormat(ExportFormat):
     def float_bytes(self, tensor) -> int:
         return tensor.numel() * 4  # every float tensor is written F32
 
+    def check_target(self, model) -> None:
+        architecture(model.config)
+
     def check_model(self, model, layers, tokenizer=None) -> None:
         arch = architecture(model.config)
         nvfp4 = [layer.name for layer in layers if self.qtype(layer) == NVFP4 and not layer.tied_to]

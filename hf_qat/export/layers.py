@@ -89,6 +89,34 @@ class QuantizedLayer:
         return codes.contiguous(), step.contiguous()
 
 
+def _layer(name: str, qweight, weight: torch.Tensor, codes: torch.Tensor, step: torch.Tensor,
+           ggml_scales: BlockScales | None, bias: torch.Tensor | None, tied_to: str | None) -> QuantizedLayer:
+    unit = qweight.weight_quantizer
+    return QuantizedLayer(
+        name=name, kind=qweight.kind, codes=codes.cpu(), step=step.cpu(), grid=unit.spec.grid,
+        bits=unit.quantizer.bits, method=unit.quantizer.name, group_size=unit.group_size,
+        scale_dtype=unit.spec.scale_dtype, dtype=weight.dtype,
+        bias=bias, activation_bits=getattr(qweight.module, "activation_bits", None), tied_to=tied_to,
+        weight_shape=tuple(weight.shape), view=unit.view, ggml_grid=unit.spec.ggml_grid,
+        ggml_scales=None if ggml_scales is None else ggml_scales.map(torch.Tensor.cpu),
+    )
+
+
+def probe_layers(model: nn.Module) -> list[QuantizedLayer]:
+    """The layers of a model just prepared for QAT as :func:`collect_layers` would give them were every
+    scale initialised now (:meth:`~hf_qat.unit.WeightQuantizer.probe_codes`): what ``QATConfig.export_format``
+    is checked against when the layers are installed, before the first step. Biases are left out (no format
+    refuses a layer for its bias)."""
+    layers: list[QuantizedLayer] = []
+    names_of_weight: dict[int, str] = {}
+    for name, qweight in quantized_weights(model):
+        weight = qweight.full_weight().detach()
+        codes, step, ggml_scales = qweight.weight_quantizer.probe_codes(weight)
+        layers.append(_layer(name, qweight, weight, codes, step, ggml_scales, None, names_of_weight.get(id(qweight.weight))))
+        names_of_weight.setdefault(id(qweight.weight), name)
+    return layers
+
+
 def collect_layers(model: nn.Module, keep: bool = True) -> tuple[list[QuantizedLayer], dict[str, torch.Tensor]]:
     """The quantized layers of a QAT model, and its other tensors by state-dict key (QAT state,
     quantized weights and their biases excluded), on the CPU.
@@ -126,21 +154,14 @@ def collect_layers(model: nn.Module, keep: bool = True) -> tuple[list[QuantizedL
         weight = qweight.full_weight().detach()
         if unit.spec.ggml_grid is not None:
             codes, ggml_scales = unit.ggml_codes(weight)
-            step, ggml_scales = ggml_scales.step, ggml_scales.map(torch.Tensor.cpu)
+            step = ggml_scales.step
         else:
             (codes, step), ggml_scales = unit.codes(weight), None
         bias = None if bias is None else full_tensor(bias).detach().cpu()
         names_of_weight.setdefault(id(qweight.weight), name)
         if not keep:
             continue
-        layers.append(QuantizedLayer(
-            name=name, kind=qweight.kind, codes=codes.cpu(), step=step.cpu(), grid=unit.spec.grid,
-            bits=unit.quantizer.bits, method=unit.quantizer.name, group_size=unit.group_size,
-            scale_dtype=unit.spec.scale_dtype, dtype=weight.dtype,
-            bias=bias, activation_bits=getattr(module, "activation_bits", None), tied_to=tied_to,
-            weight_shape=tuple(weight.shape), view=unit.view, ggml_grid=unit.spec.ggml_grid,
-            ggml_scales=ggml_scales,
-        ))
+        layers.append(_layer(name, qweight, weight, codes, step, ggml_scales, bias, tied_to))
     others = {}
     for key, value in model.state_dict().items():
         if key in covered or key.startswith(tuple(unit_prefixes)):
