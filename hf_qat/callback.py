@@ -1,6 +1,6 @@
 """QATCallback: one callback that turns an ordinary Trainer run into FP training followed by QAT.
 
-What it does, and when (transformers' Trainer, see INTEGRATION.md):
+What it does, and when (transformers' Trainer; how it reaches into it: :mod:`hf_qat.trainer_hooks`):
 
 * ``on_init_end`` (inside ``Trainer.__init__``, before the optimizer exists and before DDP/FSDP2
   wrap the model): installs the dormant QAT modules (``prepare_model_for_qat``) and attaches to the

@@ -1,6 +1,6 @@
 """Which weights a QATConfig quantizes: one pass over an unprepared model.
 
-A weight is what a module computes with, not a module type (DESIGN.md rule 0). The rules:
+A weight is what a module computes with, not a module type. The rules:
 
 * every plain ``nn.Linear`` except the LM head and the routers;
 * every fused expert weight (``mlp.experts.gate_up_proj``, ``down_proj``: :mod:`hf_qat.experts`);

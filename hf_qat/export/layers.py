@@ -1,6 +1,6 @@
 """What every export starts from: the integer codes and steps of each quantized layer, and the rest.
 
-Export is packing, never re-quantization (DESIGN.md rule 4): the codes are the ones the QAT forward
+Export is packing, never re-quantization: the codes are the ones the QAT forward
 pass used (``quantize_codes`` / ``ggml_codes`` on the current weight and scale), and ``step * code`` (minus
 the blocks' mins for the asymmetric ggml families) is exactly the weight the QAT model computed with.
 """

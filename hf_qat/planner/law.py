@@ -1,4 +1,4 @@
-"""The loss scaling law of compute-optimal QAT (arXiv 2509.22935; METHOD.md section 3), and its fit.
+"""The loss scaling law of compute-optimal QAT (arXiv 2509.22935), and its fit.
 
     L(N, D_fp, D_qat, B) = E + A / N^alpha + Bc / D_total^beta                      (Chinchilla part)
                          + theta  * 2^(-kappa * B)                                    (precision floor)

@@ -1,6 +1,6 @@
 """plan_qat: how many of a run's tokens go to QAT, and at which optimizer step QAT starts.
 
-Token accounting (METHOD.md sections 1-2): a run trains on ``total_tokens`` new tokens; a pretrained
+Token accounting: a run trains on ``total_tokens`` new tokens; a pretrained
 checkpoint already saw ``pretrained_tokens`` in full precision. The planner works on
 ``D_total = pretrained_tokens + total_tokens``: the optimal QAT fraction f of D_total gives the
 optimal QAT tokens ``f * D_total``. They are taken from the end of this run; when they exceed the
@@ -106,7 +106,7 @@ def _steps(total_tokens: float, total_steps: int | None, tokens_per_step: float 
 
 
 def switch_step_for(run_qat_fraction: float, total_steps: int) -> int:
-    """round((1 - f) * total_steps) (METHOD.md section 1)."""
+    """round((1 - f) * total_steps): the step at which a QAT fraction f of the run starts."""
     return int(round((1.0 - run_qat_fraction) * total_steps))
 
 

@@ -1,4 +1,4 @@
-"""ggml's k-quant grids (Q2_K .. Q6_K), IQ4_NL and Q5_1 as QAT families (METHOD.md section 9).
+"""ggml's k-quant grids (Q2_K .. Q6_K), IQ4_NL and Q5_1 as QAT families.
 
 Each family's forward computes exactly what ggml's ``dequantize_row_<type>`` computes, so a GGUF export
 is packing only. The weight matrix ``[R, C]`` is cut along its input dim into blocks of ``block``

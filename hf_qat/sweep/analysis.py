@@ -1,4 +1,4 @@
-"""What a sweep's rows say about the paper's claims (METHOD.md section 8).
+"""What a sweep's rows say about the paper's claims (arXiv 2509.22935).
 
 * A cell is one (size, seed, budget, bits, method): its fused-schedule losses at every QAT fraction,
   with fraction 0 = the PTQ row of that model (rows without ``method``, written before the sweep had
