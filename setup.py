@@ -1,6 +1,6 @@
 """Installs hf_qat, its console script `hf-qat`, and kernels/ as the subpackage `hf_qat.kernels`.
 
-kernels/ lives at the top of the repository (DESIGN.md) but is installed inside hf_qat: a top-level
+kernels/ lives at the top of the repository but is installed inside hf_qat: a top-level
 package named "kernels" would collide with the Hugging Face `kernels` package. model_cards/ (the Jinja
 templates of exported checkpoints' README.md) is installed the same way, as `hf_qat.model_cards`.
 """

@@ -1,13 +1,17 @@
 """hf_qat: compute-optimal quantization-aware training for Hugging Face Transformers.
 
-Public API (DESIGN.md)::
+Public API::
 
     from hf_qat import QATConfig, QATCallback, plan_qat, export_checkpoint
+
+hf_qat's log lines show at INFO by default; ``hf_qat.set_verbosity("warning")`` or
+``HF_QAT_VERBOSITY=warning`` quiet them (:mod:`hf_qat.verbosity`).
 
 The method follows "Compute-Optimal Quantization-Aware Training" (arXiv 2509.22935) with the ParetoQ
 quantizers (arXiv 2502.02631).
 """
 
+from .verbosity import get_verbosity, set_verbosity  # first: the hf_qat logger's handler and level
 from .config import PRESETS, QATConfig
 from .convert import (
     activate_qat,
@@ -50,6 +54,7 @@ __all__ = [
     "load_exported",
     "plan_qat",
     "get_qat_config",
+    "get_verbosity",
     "initialize_scales",
     "is_qat_active",
     "prepare_model_for_qat",
@@ -59,4 +64,5 @@ __all__ = [
     "register_quantizer",
     "remove_qat",
     "set_qat_active",
+    "set_verbosity",
 ]

@@ -1,6 +1,6 @@
 """QATCallback: one callback that turns an ordinary Trainer run into FP training followed by QAT.
 
-What it does, and when (transformers' Trainer, see INTEGRATION.md):
+What it does, and when (transformers' Trainer; how it reaches into it: :mod:`hf_qat.trainer_hooks`):
 
 * ``on_init_end`` (inside ``Trainer.__init__``, before the optimizer exists and before DDP/FSDP2
   wrap the model): installs the dormant QAT modules (``prepare_model_for_qat``) and attaches to the
@@ -53,7 +53,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .checkpoint import restore_converted_weights
-from .config import QATConfig
+from .config import CONFIG_NAME, QATConfig
 from .convert import activate_qat, get_qat_config, is_qat_active, prepare_model_for_qat, quantization_error
 from .distill import DistillationLoss, Teacher
 from .distributed import is_dtensor
@@ -68,7 +68,7 @@ from .qat_state import STATE_FILE, load_unit_state, save_unit_state
 from .run_inputs import active_parameters, count_parameters, tokens_per_step
 from .schedule import lambda_lr, make_schedule
 from .unit import UNIT_KEY
-from .trainer_hooks import TrainerHooks, attach, constructing_trainer
+from .trainer_hooks import TrainerHooks, attach, constructing_trainer, guard_resume
 
 logger = logging.getLogger("hf_qat")
 
@@ -89,6 +89,17 @@ def resolve_switch_step(start: Any, max_steps: int) -> int:
             )
         return start
     raise QATConfigError("start", start, "an int step or a float fraction once resolved")
+
+
+def _resume_without_callback(trainer: Trainer, directory: str) -> Exception | None:
+    """A QAT run's checkpoint resumed by a Trainer that has no QATCallback: the error that says so."""
+    if not os.path.isfile(os.path.join(directory, CONFIG_NAME)) or any(
+            isinstance(cb, QATCallback) for cb in trainer.callback_handler.callbacks):
+        return None
+    return QATRuntimeError(
+        f"{directory} is a checkpoint of a QAT run ({CONFIG_NAME}), but this Trainer has no QATCallback: its QAT "
+        f"scales and switch state have nowhere to go. Resume with Trainer(..., callbacks=[QATCallback({directory!r})]) "
+        "(the checkpoint's config), or export it (hf-qat export) to use the quantized model")
 
 
 class QATCallback(TrainerCallback, ExportableState):
@@ -180,8 +191,30 @@ class QATCallback(TrainerCallback, ExportableState):
             build_scheduler=build_scheduler if config.manage_schedule else None,
             compute_loss=compute_loss if distillation is not None else None,
             load_checkpoint=self._load_checkpoint,
+            check_checkpoint=self._check_checkpoint,
         ))
         self._trainer = weakref.ref(trainer)
+
+    def _check_checkpoint(self, directory: str, model: torch.nn.Module) -> None:
+        """Before the Trainer resumes from ``directory``: it must be a checkpoint of a QAT run saved with this
+        run's QATConfig (a difference would resume silently on other grids, or die in a shape mismatch)."""
+        if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+            raise QATRuntimeError(
+                f"{directory} holds no {CONFIG_NAME}: it is not a checkpoint of a QAT run, so there is no QAT state "
+                f"to resume. To QAT-train from its weights, start a new run: model = "
+                f"AutoModelForCausalLM.from_pretrained({directory!r}), then Trainer(model=model, ..., "
+                "callbacks=[QATCallback(cfg)]).train() without resume_from_checkpoint")
+        saved = QATConfig.from_pretrained(directory).to_dict()
+        ours = self.config.to_dict()
+        differ = [name for name in ours if saved.get(name) != ours[name]]
+        if differ:
+            listed = "; ".join(f"{name}: {saved.get(name)!r} in the checkpoint, {ours[name]!r} in this run"
+                               for name in differ)
+            raise QATConfigError(
+                differ[0], ours[differ[0]], f"{saved.get(differ[0])!r}, as the checkpoint {directory} was saved with",
+                detail=f"Differences: {listed}. Resume with the saved config, QATCallback({directory!r}) (it reads "
+                       f"its {CONFIG_NAME}), or start a new run from its weights with "
+                       f"AutoModelForCausalLM.from_pretrained({directory!r}) and no resume_from_checkpoint")
 
     def _load_checkpoint(self, directory: str, model: torch.nn.Module) -> None:
         """What the Trainer's checkpoint loading leaves out: a PEFT checkpoint's QAT state (its scales
@@ -364,3 +397,6 @@ class QATCallback(TrainerCallback, ExportableState):
         self.config.save_pretrained(directory)
         plan = self.plan.to_dict() if self.plan is not None else {"switch_step": self.switch_step, "total_steps": max_steps}
         write_json(os.path.join(directory, PLAN_NAME), plan)
+
+
+guard_resume(_resume_without_callback)

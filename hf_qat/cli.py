@@ -83,19 +83,22 @@ def _print_plan(plan) -> None:
         f"optimal QAT fraction {plan.qat_fraction:.3f} of D_total ({plan.strategy})"
     )
     table = Table(show_header=True, header_style="bold")
-    for column in ("schedule", "QAT share", "switch step", "QAT tokens", "pred. loss"):
+    with_law = plan.predicted_loss is not None  # predicted losses need a law (--law)
+    for column in ("schedule", "QAT share", "switch step", "QAT tokens", "pred. loss")[:5 if with_law else 4]:
         table.add_column(column, justify="right" if column != "schedule" else "left", no_wrap=True)
     steps = "-" if plan.switch_step is None else f"{plan.switch_step} / {plan.total_steps}"
-    loss = "-" if plan.predicted_loss is None else f"{plan.predicted_loss:.4f}"
-    table.add_row(f"planner ({plan.strategy})", f"{plan.run_qat_fraction:.3f}", steps, human(plan.qat_tokens), loss,
+    loss = [f"{plan.predicted_loss:.4f}"] if with_law else []
+    table.add_row(f"planner ({plan.strategy})", f"{plan.run_qat_fraction:.3f}", steps, human(plan.qat_tokens), *loss,
                   style="bold green")
     names = {"paretoq_10pct": "ParetoQ 10%", "switch_at_half": "half (torchtune)",
              "qat_from_start": "QAT from start", "ptq": "PTQ"}
     for name, row in plan.baselines.items():
         table.add_row(names.get(name, name), f"{row['run_qat_fraction']:.3f}",
                       "-" if "switch_step" not in row else f"{row['switch_step']} / {plan.total_steps}",
-                      human(row["qat_tokens"]), "-" if "predicted_loss" not in row else f"{row['predicted_loss']:.4f}")
+                      human(row["qat_tokens"]), *([f"{row['predicted_loss']:.4f}"] if with_law else []))
     console.print(table)
+    if not with_law:
+        console.print("predicted losses need a fitted law: --law law.json (hf-qat fit)")
     if plan.optimal_qat_tokens > plan.qat_tokens:
         console.print(f"the optimum wants {human(plan.optimal_qat_tokens)} QAT tokens")
     for warning in plan.warnings:
@@ -129,6 +132,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- best bits
 def cmd_best_bits(args: argparse.Namespace) -> int:
     from .planner import QATScalingLaw
+    from .planner.law import TIE_RELATIVE
 
     law = QATScalingLaw.load(args.law)
     choice = law.best_bits(args.memory, args.tokens, candidates=args.candidates)
@@ -136,11 +140,18 @@ def cmd_best_bits(args: argparse.Namespace) -> int:
     for column in ("format", "bits per weight", "parameters", "optimal QAT fraction", "predicted loss"):
         table.add_column(column, justify="right")
     for row in choice.candidates:
-        style = "bold green" if row is choice.best else None
+        style = "bold green" if row is choice.best or row in choice.ties else None
         table.add_row(row["format"], f"{row['storage_bits']:.3g}", human(row["num_params"]), f"{row['qat_fraction']:.3f}",
                       f"{row['predicted_loss']:.4f}", style=style)
-    console.print(f"best bit width for {human(args.memory, 'B')} of weights and {human(args.tokens)} tokens: "
-                  f"[bold]{choice.best['format']}[/bold]")
+    budget = f"{human(args.memory, 'B')} of weights and {human(args.tokens)} tokens"
+    if choice.ties:
+        console.print(f"no single best bit width for {budget}: [bold]{', '.join(r['format'] for r in choice.ties)}"
+                      f"[/bold] tie at a predicted loss of {choice.best['predicted_loss']:.4f} (within "
+                      f"{TIE_RELATIVE:.0e} relative)")
+    else:
+        console.print(f"best bit width for {budget}: [bold]{choice.best['format']}[/bold]")
+    for warning in choice.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     if any(row["storage_bits"] != row["bits"] for row in choice.candidates if row["format"] != bits_label(row["bits"])):
         console.print("formats of one bit width differ here only by the parameters their scales leave room for: the "
                       "law predicts at the bit width and knows no element grid")
@@ -153,6 +164,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import os
 
     from .export import export_checkpoint
+    from .export.base import MissingTokenizerError
 
     tokenizer = None
     source = args.tokenizer or (args.checkpoint if os.path.isfile(os.path.join(args.checkpoint, "tokenizer_config.json")) else None)
@@ -166,9 +178,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise ValueError(f"--format-option takes KEY=VALUE (e.g. ternary_type=TQ1_0), got {item!r}")
         options[key] = value
-    info = export_checkpoint(args.checkpoint, args.out_dir, format=args.format, tokenizer=tokenizer,
-                             push_to_hub=args.push_to_hub, private=not args.public, base_model=args.base_model,
-                             format_options=options)
+    try:
+        info = export_checkpoint(args.checkpoint, args.out_dir, format=args.format, tokenizer=tokenizer,
+                                 push_to_hub=args.push_to_hub, private=not args.public, base_model=args.base_model,
+                                 format_options=options)
+    except MissingTokenizerError:
+        raise ValueError(f"GGUF embeds the tokenizer in the file, and {args.checkpoint} holds none (no "
+                         "tokenizer_config.json): pass --tokenizer ID_OR_PATH (the base model's id, or a folder)") from None
     console.print(f"exported {info.format} to {info.path}: {info.weight_bytes / 1e6:.2f} MB of tensors "
                   f"(expected {info.expected_bytes / 1e6:.2f} MB); exact: {info.exact}")
     for note in info.notes:

@@ -4,12 +4,14 @@ Every field is validated when the config is built; an error names the field, the
 the values it allows. ``to_dict`` / ``from_dict`` / ``to_json_string`` / ``save_pretrained`` /
 ``from_pretrained`` round-trip the config (the callback writes ``qat_config.json`` into the trainer's
 output dir and every checkpoint). ``QATConfig.from_preset(name)`` gives the settings of
-:data:`PRESETS`, each one matching an export format exactly (METHOD.md section 6).
+:data:`PRESETS`, each one matching an export format exactly (docs/formats.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
 import os
@@ -25,7 +27,7 @@ from .schedule import DECAY_SHAPES
 ALLOWED_GROUP_STRINGS = ("channel", "tensor")
 # The one table of the fields that take one of a few names.
 CHOICES = {
-    "scale_dtype": tuple(DTYPES),
+    "scale_dtype": (*DTYPES, "auto"),
     "scale_grad_mode": ("paretoq", "lsq"),
     "decay_shape": DECAY_SHAPES,
     "strategy": ("paper", "law"),
@@ -140,7 +142,10 @@ class QATConfig:
             planner counts them as FP tokens).
         fuse_cooldown: use the paper's fused schedule (LR stays at its stable value until the switch,
             then decays over the QAT phase); False gives the classic schedule.
-        scale_dtype: scales are rounded to this dtype in the forward pass (exact export). The
+        scale_dtype: scales are rounded to this dtype in the forward pass (exact export): "float16",
+            "bfloat16", "float32", or "auto" (each weight's dtype when it is bfloat16, else float16). None (the
+            default): "auto" with ``export_format="compressed-tensors"`` (which stores scales in the weights'
+            dtype, so a bf16 model needs bf16 scales), "float16" otherwise (what GGUF's blocks hold). The
             block-scaled formats (mxfp4, nvfp4) round to their own scale formats; when every family in
             use is one of them, only the default "float16" is accepted (with an integer family beside
             one, e.g. an LSQ embedding_method, scale_dtype applies to that family).
@@ -189,6 +194,9 @@ class QATConfig:
             layers, Q5_0 / Q5_1 / Q8_0 where rows are not a multiple of 256, ...), so the GGUF export is
             the file ``llama-quantize`` would write, tensor by tensor. ``bits`` / ``method`` must be the
             mix's base type (the presets of the same names set them) and ``embedding_bits`` unset.
+        export_format: None, or the format the run will be exported to: "compressed-tensors", "gguf",
+            "bitnet" or "hf-qat" (the registered formats). The QAT layers are checked against it when they are
+            installed (before the first step), and the default ``scale_dtype`` follows it.
     """
 
     bits: float | int | str = 4
@@ -202,7 +210,7 @@ class QATConfig:
     start: Start = "auto"
     pretrained_tokens: float | int | None = None
     fuse_cooldown: bool = True
-    scale_dtype: str = "float16"
+    scale_dtype: str | None = None
     scale_lr_multiplier: float | None = None
     reset_optimizer_state: bool = False
     scale_grad_mode: str = "paretoq"
@@ -222,10 +230,12 @@ class QATConfig:
     scale_lr: float | None = None
     moe_params: str = "total"
     gguf_mix: str | None = None
+    export_format: str | None = None
 
     def __post_init__(self) -> None:
         self._adopt_gguf_mix()
         self._check_quantizers()
+        self._check_export_format()
         self.group_size = self._check_group_size(self._default_group_size() if self.group_size is None
                                                  else self.group_size)
         self._check_block_formats()
@@ -303,7 +313,7 @@ class QATConfig:
                                  "block-scaled method for the weights too",
                                  detail="group_size serves the weights and the embeddings alike, and a block-scaled "
                                         "format takes only its own block")
-        if self.scale_dtype != "float16" and all(cls.scale_dtype is not None for cls in families.values()):
+        if self.scale_dtype not in ("float16", "auto") and all(cls.scale_dtype is not None for cls in families.values()):
             names = " and ".join(sorted({repr(cls.name) for cls in families.values()}))
             raise QATConfigError("scale_dtype", self.scale_dtype, f"'float16' (the default) with {names}",
                                  detail="A block-scaled format rounds its scales to its own format (MXFP4: E8M0, "
@@ -325,6 +335,26 @@ class QATConfig:
             if normalize_bits(self.bits) in (QATConfig.bits, bits):
                 self.method, self.bits = method, bits
                 self.group_size = group_size if self.group_size is None else self.group_size
+
+    def _check_export_format(self) -> None:
+        """``export_format``: a registered format; it sets the default scale_dtype (see the field's docs)."""
+        if self.export_format is not None:
+            from .export.base import FORMATS
+
+            if not isinstance(self.export_format, str) or self.export_format not in FORMATS:
+                raise QATConfigError("export_format", self.export_format, "None, " + ", ".join(FORMATS),
+                                     detail=nearest(str(self.export_format), FORMATS))
+        if self.scale_dtype is None:
+            integer_scales = any(cls.scale_dtype is None for cls in self._families().values())
+            self.scale_dtype = "auto" if self.export_format == "compressed-tensors" and integer_scales else "float16"
+
+    def resolved_scale_dtype(self, weight_dtype) -> str:
+        """The scale dtype of a weight of ``weight_dtype`` ("auto": bfloat16 for a bfloat16 weight, else float16)."""
+        import torch
+
+        if self.scale_dtype != "auto":
+            return self.scale_dtype
+        return "bfloat16" if weight_dtype == torch.bfloat16 else "float16"
 
     def _check_gguf_mix(self) -> None:
         """``gguf_mix``: a known mix, with its base family as bits / method and no embedding_bits."""
@@ -473,12 +503,9 @@ class QATConfig:
             return data
         if not isinstance(data, dict):
             raise QATConfigError("config", data, "a dict of QATConfig fields")
-        names = {f.name for f in dataclasses.fields(cls)}
         if data.get("extra") == {}:  # hf_qat 0.1.0 wrote an always-empty "extra" field
             data = {k: v for k, v in data.items() if k != "extra"}
-        unknown = sorted(set(data) - names, key=str)
-        if unknown:
-            raise QATConfigError(str(unknown[0]), data[unknown[0]], "a QATConfig field: " + ", ".join(sorted(names)))
+        _refuse_unknown(data)
         return cls(**data)
 
     def to_json_string(self) -> str:
@@ -514,13 +541,45 @@ class QATConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "QATConfig":
         """A config from :data:`PRESETS` with ``overrides`` applied."""
-        if name not in PRESETS:
-            raise QATConfigError("preset", name, ", ".join(sorted(PRESETS)))
-        return cls(**{**PRESETS[name], **overrides})
+        key = name.lower() if isinstance(name, str) else name  # "Q4_K_M" as llama.cpp writes it
+        if key not in PRESETS:
+            raise QATConfigError("preset", name, ", ".join(sorted(PRESETS)),
+                                 detail=nearest(str(name).lower(), PRESETS))
+        return cls(**{**PRESETS[key], **overrides})
 
     def replace(self, **changes: Any) -> "QATConfig":
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
+
+
+def nearest(name: str, choices) -> str:
+    """'did you mean ...?' for the choice closest to ``name`` (difflib), or "" when none is close."""
+    match = difflib.get_close_matches(name, list(choices), n=1)
+    return f"did you mean {match[0]!r}?" if match else ""
+
+
+def _refuse_unknown(fields: dict[Any, Any]) -> None:
+    """A key that is no QATConfig field is a QATConfigError naming the closest field (``group_sise``)."""
+    names = [f.name for f in dataclasses.fields(QATConfig)]
+    unknown = sorted((k for k in fields if k not in names), key=str)
+    if unknown:
+        raise QATConfigError(str(unknown[0]), fields[unknown[0]], "a QATConfig field: " + ", ".join(sorted(names)),
+                             detail=nearest(str(unknown[0]), names))
+
+
+def _refuse_unknown_fields(init):
+    """QATConfig's generated __init__, refusing an unknown keyword (``QATConfig(group_sise=32)``) with
+    :func:`_refuse_unknown` instead of a bare TypeError."""
+
+    @functools.wraps(init)
+    def checked(self, *args: Any, **kwargs: Any) -> None:
+        _refuse_unknown(kwargs)
+        init(self, *args, **kwargs)
+
+    return checked
+
+
+QATConfig.__init__ = _refuse_unknown_fields(QATConfig.__init__)
 
 
 def auto_method(bits: float | int) -> str:

@@ -19,10 +19,12 @@ computed before until :func:`set_qat_active` and :func:`initialize_scales`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import experts
 from .config import QATConfig
@@ -37,6 +39,7 @@ from .unit import WeightQuantizer
 from .weights import QuantizedWeight, get_qat_config, qat_modules, quantized_weights, quantizer_units
 
 logger = logging.getLogger("hf_qat")
+PROGRESS_DELAY = 5.0  # seconds: scale initialisation that ends sooner shows no progress bar
 
 __all__ = [
     "Coverage", "QuantizedWeight", "RESTORERS", "activate_qat", "coverage", "find_targets", "get_qat_config",
@@ -110,6 +113,10 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
         _resume_from_steps(model, restored[1])
     logger.info("hf_qat: %d weights prepared for QAT (%s); %s", len({id(u) for u in units.values()}),
                 config.resolved_method, coverage(model))
+    if config.export_format is not None:
+        from .export.base import check_target  # the exporter, only for a run that names its format
+
+        check_target(model, config.export_format)
     return model
 
 
@@ -129,7 +136,8 @@ def make_units(targets: dict[str, WeightTarget], config: QATConfig,
             quantizer, group_size = get_quantizer(family.method, family.bits), family.group_size
         unit = WeightQuantizer(
             quantizer, getattr(target.module, target.parameter),
-            group_size=group_size, scale_dtype=config.scale_dtype, scale_grad_mode=config.scale_grad_mode,
+            group_size=group_size, scale_dtype=config.resolved_scale_dtype(getattr(target.module, target.parameter).dtype),
+            scale_grad_mode=config.scale_grad_mode,
             scale_init=config.scale_init, name=name, transposed=target.transposed,
         )
         unit.config = config
@@ -219,13 +227,13 @@ def initialize_scales(model: nn.Module, force: bool = False) -> int:
     from .lora import weight_deltas
 
     deltas = weight_deltas(model)
-    count = 0
-    for _, weight in quantizer_units(model):
-        if weight.weight_quantizer.is_initialized and not force:
-            continue
+    todo = [weight for _, weight in quantizer_units(model) if force or not weight.weight_quantizer.is_initialized]
+    # scale_init="mse" took 0.7 s (int4 g32) to 1.6 s (q4_k) per 2048 x 2048 matrix on one CPU thread: minutes
+    # for a large model, so a bar once the work runs past PROGRESS_DELAY seconds
+    quiet = os.environ.get("RANK", "0") != "0" or not logger.isEnabledFor(logging.INFO)
+    for weight in tqdm(todo, desc="hf_qat: initialising the scales", unit="weight", delay=PROGRESS_DELAY, disable=quiet):
         weight.weight_quantizer.initialize(weight.full_weight(deltas.get(id(weight.module))).detach())
-        count += 1
-    return count
+    return len(todo)
 
 
 def activate_qat(model: nn.Module) -> None:

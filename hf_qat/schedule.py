@@ -1,4 +1,4 @@
-"""Learning-rate schedules of two-phase (FP then QAT) training, as LambdaLR multipliers (METHOD.md s. 4).
+"""Learning-rate schedules of two-phase (FP then QAT) training, as LambdaLR multipliers.
 
 * Fused (the paper's cooldown + QAT fusion, arXiv 2509.22935): warmup, then the stable LR until the
   switch step, then the whole decay over exactly the QAT steps: the first QAT step runs at the stable

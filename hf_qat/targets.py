@@ -1,6 +1,6 @@
 """Which weights a QATConfig quantizes: one pass over an unprepared model.
 
-A weight is what a module computes with, not a module type (DESIGN.md rule 0). The rules:
+A weight is what a module computes with, not a module type. The rules:
 
 * every plain ``nn.Linear`` except the LM head and the routers;
 * every fused expert weight (``mlp.experts.gate_up_proj``, ``down_proj``: :mod:`hf_qat.experts`);
@@ -187,11 +187,29 @@ def find_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTarget]
     if head is not None and any(t.module is head for t in targets.values()):
         _check_head_target(model, head, config)
     if not targets and config.embedding_bits is None:
+        conv1d = _conv1d_names(model)
+        if conv1d:
+            raise QATModelError(_conv1d_message(conv1d))
         raise QATModelError(
             f"QATConfig selects no layer to quantize (target_modules / exclude_modules leave nothing); "
             f"quantizable weights end in: {suffixes}"
         )
     return targets
+
+
+def _conv1d_names(model: nn.Module) -> list[str]:
+    """The modules that are transformers' ``Conv1D`` (GPT-2 and its kin: ``c_attn``, ``c_fc``, ``c_proj``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, module in model.named_modules() if isinstance(module, Conv1D)]
+
+
+def _conv1d_message(names: list[str]) -> str:
+    suffixes = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in names}))
+    return (f"{len(names)} layers of this model ({suffixes}) are transformers' Conv1D (GPT-2 style: a Linear whose "
+            "weight is stored transposed, [in, out]); hf_qat quantizes nn.Linear layers and does not support Conv1D "
+            "yet. Train a model family whose layers are nn.Linear (Llama, Qwen, Mistral, Gemma, ...), or keep these "
+            "layers in FP with QATConfig(exclude_modules=[...]) and quantize the rest")
 
 
 def _no_match_message(model: nn.Module, pattern: str, field: str, suffixes: str) -> str:
@@ -290,6 +308,9 @@ def check_uncovered(model: nn.Module, config: QATConfig, targets: dict[str, Weig
                     or any(name_matches(_unwrapped_name(n), p) for n in (module_name, full) for p in excluded if n)):
                 continue
             uncovered.append((full, module_name, module, weight))
+    conv1d = _conv1d_names(model)
+    if any(module_name in conv1d for _, module_name, _, _ in uncovered):
+        raise QATModelError(_conv1d_message(conv1d))
     if uncovered:
         full, module_name, module, weight = uncovered[0]
         more = f" (and {len(uncovered) - 1} more: {', '.join(u[0] for u in uncovered[1:4])}...)" if len(uncovered) > 1 else ""

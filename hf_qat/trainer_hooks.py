@@ -13,7 +13,13 @@ that no event covers:
    ``compute_loss_func`` sees only the outputs and labels).
 4. Resuming must load what the Trainer's checkpoint loading leaves out: a PEFT checkpoint holds only
    the adapter (not the QAT scales and switch state), and a distilled run's teacher snapshot. The
-   checkpoint folder is known only inside ``Trainer._load_from_checkpoint`` (no event carries it).
+   checkpoint folder is known only inside ``Trainer._load_from_checkpoint`` (no event carries it), which
+   is also where the checkpoint is checked against the run before anything loads (the saved QATConfig
+   against the run's, a checkpoint of a run without QAT).
+
+One guard acts on every Trainer once hf_qat is imported (:func:`guard_resume`): resuming a checkpoint of a
+QAT run in a Trainer without QATCallback is refused with the fix, instead of the optimizer's "different
+number of parameter groups" after the QAT tensors were dropped.
 
 So at ``on_init_end`` (which ``Trainer.__init__`` calls, before the optimizer, the scheduler and the
 DDP/FSDP2 wrap exist) the callback finds the Trainer whose ``__init__`` is running by walking the
@@ -25,6 +31,7 @@ later, or another training loop), nothing is wrapped and the callback says so.
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -54,12 +61,15 @@ class TrainerHooks:
         compute_loss: ``(original_compute_loss, model, inputs, return_outputs, num_items_in_batch) ->
             loss [, outputs]``.
         load_checkpoint: ``(checkpoint_dir, model)``, called after the Trainer loaded a checkpoint's weights.
+        check_checkpoint: ``(checkpoint_dir, model)``, called before the Trainer loads a checkpoint (raises to
+            refuse it).
     """
 
     add_scale_group: Callable[[torch.optim.Optimizer, torch.nn.Module], object]
     build_scheduler: Callable[[int, torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None
     compute_loss: Callable | None = None
     load_checkpoint: Callable[[str, torch.nn.Module], None] | None = None
+    check_checkpoint: Callable[[str, torch.nn.Module], None] | None = None
 
 
 def attach(trainer: Trainer, callback, hooks: TrainerHooks) -> None:
@@ -96,6 +106,8 @@ def attach(trainer: Trainer, callback, hooks: TrainerHooks) -> None:
         original_load = trainer._load_from_checkpoint
 
         def load_from_checkpoint(resume_from_checkpoint, model=None):
+            if hooks.check_checkpoint is not None:
+                hooks.check_checkpoint(resume_from_checkpoint, trainer.model)
             original_load(resume_from_checkpoint, model)
             hooks.load_checkpoint(resume_from_checkpoint, trainer.model)
 
@@ -104,3 +116,21 @@ def attach(trainer: Trainer, callback, hooks: TrainerHooks) -> None:
     if callback in callbacks:  # first, so the qat/* values it adds to a log reach the reporters
         callbacks.remove(callback)
         callbacks.insert(0, callback)
+
+
+def guard_resume(refusal: Callable[[Trainer, str], Exception | None]) -> None:
+    """Wrap ``Trainer._load_from_checkpoint`` (the class's, once) so that ``refusal(trainer, checkpoint_dir)``
+    may refuse a checkpoint before any Trainer loads it (the instance wrappers of :func:`attach` call it too)."""
+    load = Trainer._load_from_checkpoint
+    if getattr(load, "hf_qat_guard", False):
+        return
+
+    @functools.wraps(load)
+    def guarded(self, resume_from_checkpoint, model=None):
+        error = refusal(self, resume_from_checkpoint)
+        if error is not None:
+            raise error
+        return load(self, resume_from_checkpoint, model)
+
+    guarded.hf_qat_guard = True
+    Trainer._load_from_checkpoint = guarded

@@ -191,6 +191,18 @@ class WeightQuantizer(nn.Module):
         return quantize_codes(self.view.to_matrix(full_weight.detach()), self.full_scale(full_weight), self.spec)
 
     @torch.no_grad()
+    def probe_codes(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, BlockScales | None]:
+        """``(codes, step, the ggml block scales or None)`` as :meth:`codes` would give them were the scale
+        initialised now by the family's first rule (never the slower mse search): what an export target is
+        checked against before training (``QATConfig.export_format``). Changes nothing."""
+        matrix = self.view.to_matrix(full_weight.detach())
+        first = self.quantizer.init_scale(self.layout.scale_view(matrix.float()))
+        if self.spec.ggml_grid is not None:
+            codes, scales = ggml_codes(matrix, first, self.spec.ggml_grid)
+            return codes, scales.step, scales
+        return (*quantize_codes(matrix, first, self.spec), None)
+
+    @torch.no_grad()
     def ggml_codes(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, BlockScales]:
         """A ggml family's ``(codes int8 [R, C], BlockScales)``: what its GGUF blocks store (one gather of the
         scales under FSDP2: call on every rank)."""

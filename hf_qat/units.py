@@ -31,8 +31,9 @@ def parse_bytes(text: str | float | int) -> float:
 
 
 def human(value: float, unit: str = "") -> str:
-    """1.35e8 -> '135M'; 2.6e9 -> '2.6B'."""
-    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    """1.35e8 -> '135M'; 2.6e9 -> '2.6B'; bytes (``unit="B"``): 1e9 -> '1GB'."""
+    billion = "G" if unit == "B" else "B"  # 1e9 bytes are a GB, not a "BB"
+    for suffix, scale in (("T", 1e12), (billion, 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(value) >= scale:
             return f"{value / scale:.3g}{suffix}{unit}"
     return f"{value:.3g}{unit}"

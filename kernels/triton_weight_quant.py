@@ -31,7 +31,7 @@ OUT_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 @triton.jit
 def _round_half_even(x):
-    """fp32 round-half-to-even for |x| < 2^22: (x + 1.5 * 2^23) - 1.5 * 2^23 (METHOD.md section 7).
+    """fp32 round-half-to-even for |x| < 2^22: (x + 1.5 * 2^23) - 1.5 * 2^23.
     A zero result takes the sign of ``x``, as torch.round's does (round(-0.3) is -0.0)."""
     r = (x + 12582912.0) - 12582912.0
     return tl.where(r == 0.0, x * 0.0, r)

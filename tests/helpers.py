@@ -1,6 +1,6 @@
 """Shared test utilities: tiny models built from configs, data the tests make, Trainer arguments.
 
-Nothing here downloads anything (DESIGN.md rule 6).
+Nothing here downloads anything: the tests run offline.
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -47,7 +49,8 @@ def load_qat_checkpoint(directory: str, **kwargs: Any) -> nn.Module:
     config = QATConfig.from_pretrained(directory)
     if os.path.isfile(os.path.join(directory, "adapter_config.json")):
         return _load_peft_checkpoint(directory, config, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    with _units_expected(directory):
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     prepare_model_for_qat(model, config)
     # from_pretrained merged the per-expert tensors of MoE checkpoints into the fused experts; the units'
     # tensors come from the model's own weight files, their keys renamed back (checkpoint_tensors).
@@ -60,6 +63,29 @@ def load_qat_checkpoint(directory: str, **kwargs: Any) -> nn.Module:
     if qat_missing or unexpected:
         raise ValueError(f"{directory} does not match its {CONFIG_NAME}: missing {qat_missing[:3]}, unexpected {unexpected[:3]}")
     return model
+
+
+@contextlib.contextmanager
+def _units_expected(directory: str):
+    """While the plain model loads a QAT checkpoint, its QAT units' tensors are expected extra keys (they
+    are loaded into the units once installed, below): without this transformers reports each of them as
+    UNEXPECTED in a LOAD REPORT before the export succeeds."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(directory))]
+    except (KeyError, ValueError):  # a class transformers' mapping does not know: its report stays as it is
+        yield
+        return
+    own = cls.__dict__.get("_keys_to_ignore_on_load_unexpected")
+    cls._keys_to_ignore_on_load_unexpected = [*(cls._keys_to_ignore_on_load_unexpected or []), re.escape(UNIT_KEY)]
+    try:
+        yield
+    finally:
+        if own is None:
+            del cls._keys_to_ignore_on_load_unexpected
+        else:
+            cls._keys_to_ignore_on_load_unexpected = own
 
 
 def _load_peft_checkpoint(directory: str, config: QATConfig, **kwargs: Any) -> nn.Module:
@@ -79,11 +105,11 @@ def _load_peft_checkpoint(directory: str, config: QATConfig, **kwargs: Any) -> n
 
 
 def _expected_bytes(fmt: ExportFormat, layers: list[QuantizedLayer], others: dict[str, torch.Tensor]) -> int:
-    total = sum(t.numel() * t.element_size() for t in dedupe_shared(others).values())
+    total = sum(fmt.float_bytes(t) for t in dedupe_shared(others).values())
     for layer in layers:
         total += int(layer.codes.numel() * fmt.storage_bits(layer) / 8)
         total += fmt.scale_bytes(layer)
-        total += 0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size()
+        total += 0 if layer.bias is None else fmt.float_bytes(layer.bias)
     return total
 
 

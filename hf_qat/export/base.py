@@ -26,6 +26,10 @@ class ExportFormatError(ValueError):
     """A layer's quantization cannot be written exactly in the requested format."""
 
 
+class MissingTokenizerError(ExportFormatError):
+    """The format embeds the tokenizer (GGUF) and none was given."""
+
+
 @dataclass
 class ExportInfo:
     """What an export wrote.
@@ -35,7 +39,8 @@ class ExportInfo:
         path: the output directory.
         files: the files written (relative to ``path``).
         weight_bytes: bytes of all tensors written.
-        expected_bytes: quantized weights at the format's storage bits + scales + other tensors.
+        expected_bytes: quantized weights at the format's storage bits + scales + other tensors (as the format
+            stores them: GGUF writes every float tensor in F32, whatever the model's dtype).
         exact: whether the loaded model reproduces the QAT model exactly (up to matmul rounding).
         notes: what the user should know (e.g. activation quantization a loader does not replicate).
     """
@@ -91,6 +96,15 @@ class ExportFormat:
     def scale_bytes(self, layer: QuantizedLayer) -> int:
         """Bytes of the scales this format stores for ``layer`` (default: one step each, in its step dtype)."""
         return 0 if layer.tied_to else layer.step.numel() * layer.step_dtype.itemsize
+
+    def check_target(self, model: nn.Module) -> None:
+        """Model-level requirements that hold before training (the architecture...): checked when
+        ``QATConfig.export_format`` names this format; raise ExportFormatError."""
+
+    def float_bytes(self, tensor: torch.Tensor) -> int:
+        """Bytes this format stores for an unquantized tensor (norms, biases, a float embedding): default, as
+        the model holds it."""
+        return tensor.numel() * tensor.element_size()
 
     def check_model(self, model: nn.Module, layers: list[QuantizedLayer], tokenizer=None) -> None:
         """Model-level requirements (architecture, tokenizer...), checked before anything is written;
@@ -153,16 +167,34 @@ def other_formats(refusing: str, layers: list[QuantizedLayer]) -> str:
 
 
 def check_layers(fmt: ExportFormat, layers: list[QuantizedLayer]) -> None:
-    """Raise ExportFormatError listing the first layers ``fmt`` cannot write and the formats that can."""
-    problems = [(layer.name, p) for layer in layers if (p := fmt.problem(layer)) is not None]
+    """Raise ExportFormatError naming each reason ``fmt`` cannot write some layers once (with the first such
+    layer and how many more share it), and the formats that can."""
+    problems: dict[str, list[str]] = {}
+    for layer in layers:
+        if (p := fmt.problem(layer)) is not None:
+            problems.setdefault(p, []).append(layer.name)
     if problems:
-        shown = "; ".join(f"{name}: {p}" for name, p in problems[:3])
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        shown = "; ".join(f"{names[0]}{f' and {len(names) - 1} more layers' if len(names) > 1 else ''}: {p}"
+                          for p, names in problems.items())
         able = formats_that_can(layers)
         raise ExportFormatError(
-            f"format {fmt.name!r} cannot represent this model exactly: {shown}{more}. "
+            f"format {fmt.name!r} cannot represent this model exactly: {shown}. "
             f"Formats that can: {', '.join(able) if able else 'none'}"
         )
+
+
+def check_target(model: nn.Module, name: str) -> None:
+    """``QATConfig.export_format``: the QAT layers just installed in ``model``, checked against format ``name``
+    before training (as :func:`~hf_qat.export.layers.probe_layers` sees them), with the model-level
+    requirements the format can check without a tokenizer."""
+    from .layers import probe_layers
+
+    fmt = get_format(name)
+    try:
+        check_layers(fmt, probe_layers(model))
+        fmt.check_target(model)
+    except ExportFormatError as err:
+        raise ExportFormatError(f"QATConfig.export_format={name!r}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------- writing

@@ -129,7 +129,7 @@ class CompressedTensorsFormat(ExportFormat):
     tags = ("compressed-tensors",)
 
     def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
-        """Every layer a METHOD.md section-6 row (LSQ 4/8-bit or SEQ 2-bit, group or channel, Linear) or
+        """Every layer a row of docs/formats.md's table (LSQ 4/8-bit or SEQ 2-bit, group or channel, Linear) or
         MXFP4 / NVFP4."""
         return all(self.problem(layer) is None and self.native_width(layer) for layer in layers)
 
@@ -161,11 +161,12 @@ class CompressedTensorsFormat(ExportFormat):
                     "integer and the export would compute something else")
         if not torch.equal(layer.step.to(layer.dtype).float(), layer.step):
             return (f"its steps (rounded to {layer.scale_dtype}) are not representable in the weight dtype {layer.dtype}, "
-                    "where compressed-tensors stores scales; train with scale_dtype matching the weights or export in float32")
+                    "where compressed-tensors stores scales; train with scale_dtype='auto' (scales in the weights' dtype; the "
+                    "default with export_format='compressed-tensors') or export in float32")
         return None
 
     def native_width(self, layer: QuantizedLayer) -> bool:
-        """True for the METHOD.md rows: the container is the trained width (LSQ 4/8) or SEQ 2-bit."""
+        """True for the rows of docs/formats.md's table: the container is the trained width (LSQ 4/8) or SEQ 2-bit."""
         return ((layer.method in ("lsq", "absmax") and layer.bits in (4, 8)) or (layer.method == "seq" and layer.bits == 2)
                 or is_fp4(layer))
 

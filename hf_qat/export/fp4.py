@@ -1,4 +1,4 @@
-"""What the block-scaled FP4 formats store of a layer (METHOD.md section 9): 4-bit E2M1 encodings and the
+"""What the block-scaled FP4 formats store of a layer: 4-bit E2M1 encodings and the
 block scales, split from the QAT codes and steps without re-quantizing.
 
 * An element: the doubled E2M1 code ``c`` (-12..12, ``hf_qat.quantizers.e2m1_grid``) is stored as 4 bits,

@@ -45,8 +45,8 @@ import torch
 from ..bits import TERNARY_BITS
 from ..gguf_mix import DEFAULT_TYPE
 from ..quantizers.kquants import GRIDS as GGML_GRIDS
-from .base import (ExportFormat, ExportFormatError, ExportInfo, other_formats, register_format, tensor_bytes,
-                   write_model_config)
+from .base import (ExportFormat, ExportFormatError, ExportInfo, MissingTokenizerError, other_formats,
+                   register_format, tensor_bytes, write_model_config)
 from .fp4 import MXFP4 as MXFP4_SCALES
 from .fp4 import NVFP4 as NVFP4_SCALES
 from .fp4 import e2m1_nibbles, is_fp4, stored_scales
@@ -205,6 +205,12 @@ class GGUFFormat(ExportFormat):
         tensor_scales = 4 * (layer.weight_shape[0] if layer.kind == "experts" else 1) if qtype == NVFP4 else 0
         return blocks * SCALE_BYTES[qtype] + tensor_scales
 
+    def float_bytes(self, tensor) -> int:
+        return tensor.numel() * 4  # every float tensor is written F32
+
+    def check_target(self, model) -> None:
+        architecture(model.config)
+
     def check_model(self, model, layers, tokenizer=None) -> None:
         try:
             arch = architecture(model.config)
@@ -251,6 +257,11 @@ class GGUFFormat(ExportFormat):
                 f"which the QAT forward computed too and then rounded once to {', '.join(low)}. Read back in "
                 f"{', '.join(low)} the file gives the QAT weights bit for bit; llama.cpp computes with the float32 "
                 "values (at most half a unit in the last place apart)")
+        narrow = sorted({str(t.dtype).replace("torch.", "") for t in others.values()
+                         if t.is_floating_point() and t.element_size() < 4})
+        if narrow:
+            notes.append(f"the unquantized tensors (norms, float embeddings, biases) are written F32, wider than the "
+                         f"model's {', '.join(narrow)}: the file is larger than the model's own tensors, not inexact")
         return ExportInfo(format=self.name, path=out_dir, files=["model.gguf", *files], weight_bytes=tensor_bytes(written),
                           notes=notes)
 
@@ -342,7 +353,7 @@ def _nvfp4_problem(layer: QuantizedLayer) -> str | None:
 
 def _vocab(tokenizer, cfg):
     if tokenizer is None:
-        raise ExportFormatError("GGUF embeds the tokenizer: pass export_checkpoint(..., tokenizer=...)")
+        raise MissingTokenizerError("GGUF embeds the tokenizer: pass export_checkpoint(..., tokenizer=...)")
     return gguf_vocab(tokenizer, cfg.vocab_size)
 
 

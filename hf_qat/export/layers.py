@@ -1,6 +1,6 @@
 """What every export starts from: the integer codes and steps of each quantized layer, and the rest.
 
-Export is packing, never re-quantization (DESIGN.md rule 4): the codes are the ones the QAT forward
+Export is packing, never re-quantization: the codes are the ones the QAT forward
 pass used (``quantize_codes`` / ``ggml_codes`` on the current weight and scale), and ``step * code`` (minus
 the blocks' mins for the asymmetric ggml families) is exactly the weight the QAT model computed with.
 """
@@ -91,6 +91,35 @@ class QuantizedLayer:
         return codes.contiguous(), step.contiguous()
 
 
+def _layer(name: str, qweight, weight: torch.Tensor, codes: torch.Tensor, step: torch.Tensor,
+           ggml_scales: BlockScales | None, bias: torch.Tensor | None, tied_to: str | None) -> QuantizedLayer:
+    unit = qweight.weight_quantizer
+    return QuantizedLayer(
+        name=name, kind=qweight.kind, codes=codes.cpu(), step=step.cpu(), grid=unit.spec.grid,
+        bits=unit.quantizer.bits, method=unit.quantizer.name, group_size=unit.group_size,
+        scale_dtype=unit.spec.scale_dtype, dtype=weight.dtype,
+        bias=bias, activation_bits=getattr(qweight.module, "activation_bits", None), tied_to=tied_to,
+        weight_shape=tuple(weight.shape), view=unit.view, ggml_grid=unit.spec.ggml_grid,
+        ggml_scales=None if ggml_scales is None else ggml_scales.map(torch.Tensor.cpu),
+        gguf_mix=None if unit.config is None else unit.config.gguf_mix,
+    )
+
+
+def probe_layers(model: nn.Module) -> list[QuantizedLayer]:
+    """The layers of a model just prepared for QAT as :func:`collect_layers` would give them were every
+    scale initialised now (:meth:`~hf_qat.unit.WeightQuantizer.probe_codes`): what ``QATConfig.export_format``
+    is checked against when the layers are installed, before the first step. Biases are left out (no format
+    refuses a layer for its bias)."""
+    layers: list[QuantizedLayer] = []
+    names_of_weight: dict[int, str] = {}
+    for name, qweight in quantized_weights(model):
+        weight = qweight.full_weight().detach()
+        codes, step, ggml_scales = qweight.weight_quantizer.probe_codes(weight)
+        layers.append(_layer(name, qweight, weight, codes, step, ggml_scales, None, names_of_weight.get(id(qweight.weight))))
+        names_of_weight.setdefault(id(qweight.weight), name)
+    return layers
+
+
 def collect_layers(model: nn.Module, keep: bool = True) -> tuple[list[QuantizedLayer], dict[str, torch.Tensor]]:
     """The quantized layers of a QAT model, and its other tensors by state-dict key (QAT state,
     quantized weights and their biases excluded), on the CPU.
@@ -104,7 +133,6 @@ def collect_layers(model: nn.Module, keep: bool = True) -> tuple[list[QuantizedL
     if has_unmerged_adapters(model):
         raise QATModelError("the model holds unmerged PEFT adapters: call model.merge_and_unload() first "
                             "(lora_mode='merged' exports exactly), or export the base model and save the adapters with PEFT")
-    file_type = get_qat_config(model).gguf_mix
     layers: list[QuantizedLayer] = []
     names_of_weight: dict[int, str] = {}
     covered: set[str] = set()
@@ -129,21 +157,14 @@ def collect_layers(model: nn.Module, keep: bool = True) -> tuple[list[QuantizedL
         weight = qweight.full_weight().detach()
         if unit.spec.ggml_grid is not None:
             codes, ggml_scales = unit.ggml_codes(weight)
-            step, ggml_scales = ggml_scales.step, ggml_scales.map(torch.Tensor.cpu)
+            step = ggml_scales.step
         else:
             (codes, step), ggml_scales = unit.codes(weight), None
         bias = None if bias is None else full_tensor(bias).detach().cpu()
         names_of_weight.setdefault(id(qweight.weight), name)
         if not keep:
             continue
-        layers.append(QuantizedLayer(
-            name=name, kind=qweight.kind, codes=codes.cpu(), step=step.cpu(), grid=unit.spec.grid,
-            bits=unit.quantizer.bits, method=unit.quantizer.name, group_size=unit.group_size,
-            scale_dtype=unit.spec.scale_dtype, dtype=weight.dtype,
-            bias=bias, activation_bits=getattr(module, "activation_bits", None), tied_to=tied_to,
-            weight_shape=tuple(weight.shape), view=unit.view, ggml_grid=unit.spec.ggml_grid,
-            ggml_scales=ggml_scales, gguf_mix=file_type,
-        ))
+        layers.append(_layer(name, qweight, weight, codes, step, ggml_scales, bias, tied_to))
     others = {}
     for key, value in model.state_dict().items():
         if key in covered or key.startswith(tuple(unit_prefixes)):

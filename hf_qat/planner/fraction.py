@@ -1,4 +1,4 @@
-"""Tokens per parameter byte and the paper's optimal QAT fraction (arXiv 2509.22935, METHOD.md s. 2).
+"""Tokens per parameter byte and the paper's optimal QAT fraction (arXiv 2509.22935).
 
     S_total = D_total / (N * B / 8)          (ternary: B = log2(3))
     f_hat   = exp(-a / ln S_total),  a = 6.7297

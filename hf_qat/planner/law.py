@@ -1,4 +1,4 @@
-"""The loss scaling law of compute-optimal QAT (arXiv 2509.22935; METHOD.md section 3), and its fit.
+"""The loss scaling law of compute-optimal QAT (arXiv 2509.22935), and its fit.
 
     L(N, D_fp, D_qat, B) = E + A / N^alpha + Bc / D_total^beta                      (Chinchilla part)
                          + theta  * 2^(-kappa * B)                                    (precision floor)
@@ -31,6 +31,7 @@ import torch
 from scipy.optimize import minimize, minimize_scalar, nnls
 
 from ..jsonio import write_json
+from ..units import human
 from ..bits import TERNARY_BITS, normalize_bits
 from .fraction import effective_bits
 
@@ -52,6 +53,8 @@ TERM_EXPONENTS = {
     "lam": (("mu", "b_ln2"), ("nu", "ln_n"), ("xi", "ln_sfp"), ("rho", "ln_sqat")),
 }
 HUBER_DELTA = 1e-3
+# Two predicted losses closer than this (relative) are a tie: far below any fit's error, so no ranking.
+TIE_RELATIVE = 1e-4
 RUN_KEYS = ("num_params", "fp_tokens", "qat_tokens", "bits", "loss")
 
 # An ILLUSTRATIVE law for tests of the fitter only: invented constants (Chinchilla-like, plus
@@ -260,7 +263,26 @@ class QATScalingLaw:
             "max_abs_relative_error": float(np.max(np.abs(rel))),
             "mean_abs_relative_error": float(np.mean(np.abs(rel))),
             "residuals": [float(v) for v in np.log(predicted / data.loss)],
+            "fitted_range": fitted_range(data),
         }
+
+    # ------------------------------------------------------------------ validity
+    def range_warning(self, num_params: float | Sequence[float], total_tokens: float) -> str | None:
+        """Why predictions at N = ``num_params`` (one or several) and D = ``total_tokens`` are an extrapolation
+        (they leave the N or D range of the runs the law was fitted on, ``diagnostics["fitted_range"]``), or None."""
+        fitted = self.diagnostics.get("fitted_range")
+        if not fitted:
+            return None
+        outside = []
+        for label, values, (lo, hi) in (("N", np.atleast_1d(num_params), fitted["num_params"]),
+                                        ("D", np.atleast_1d(total_tokens), fitted["tokens"])):
+            if ((values < lo * (1 - 1e-9)) | (values > hi * (1 + 1e-9))).any():
+                shown = human(values.min()) if values.min() == values.max() else f"{human(values.min())} to {human(values.max())}"
+                outside.append(f"{label}={shown} (fitted on {human(lo)} to {human(hi)})")
+        if not outside:
+            return None
+        return (f"{' and '.join(outside)} {'lie' if len(outside) > 1 else 'lies'} outside the runs the law was fitted "
+                "on: its predicted losses are an extrapolation")
 
     # ------------------------------------------------------------------ prediction
     def predict_runs(self, runs: Runs, params: dict[str, float] | None = None) -> np.ndarray:
@@ -359,8 +381,12 @@ class QATScalingLaw:
             loss = float(self.predict(n, (1 - f) * total_tokens, f * total_tokens, fmt.bits))
             rows.append({"bits": fmt.bits, "format": fmt.name, "storage_bits": fmt.storage_bits, "num_params": n,
                          "qat_fraction": f, "predicted_loss": loss})
+        text = self.range_warning([r["num_params"] for r in rows], total_tokens)
         rows.sort(key=lambda r: r["predicted_loss"])
-        return BitsChoice(best=rows[0], candidates=rows)
+        best = rows[0]["predicted_loss"]
+        ties = [r for r in rows if r["predicted_loss"] <= best * (1 + TIE_RELATIVE)]
+        return BitsChoice(best=rows[0], candidates=rows, ties=ties if len(ties) > 1 else [],
+                          warnings=[text] if text else [])
 
     def equivalent_fp_params(self, num_params: float, total_tokens: float, bits) -> float:
         """The size of an FP model (same tokens) whose predicted loss equals the B-bit model's at its
@@ -398,10 +424,21 @@ class QATScalingLaw:
 
 @dataclass
 class BitsChoice:
-    """The answer of :meth:`QATScalingLaw.best_bits`: the best row and every candidate's row."""
+    """The answer of :meth:`QATScalingLaw.best_bits`: the best row and every candidate's row; ``ties`` when
+    several candidates share the lowest predicted loss (then ``best`` is one of them, not a winner)."""
 
     best: dict[str, Any]
     candidates: list[dict[str, Any]]
+    ties: list[dict[str, Any]] = field(default_factory=list)  # the rows tied with the best (TIE_RELATIVE), or []
+    warnings: list[str] = field(default_factory=list)  # candidates whose N or D leave the fitted range
+
+
+def fitted_range(runs: Runs) -> dict[str, list[float]]:
+    """The N and D (= fp + QAT tokens) ranges of ``runs``: where a law fitted on them predicts without
+    extrapolating."""
+    tokens = runs.fp_tokens + runs.qat_tokens
+    return {"num_params": [float(runs.num_params.min()), float(runs.num_params.max())],
+            "tokens": [float(tokens.min()), float(tokens.max())]}
 
 
 # ---------------------------------------------------------------------------------------- fitting

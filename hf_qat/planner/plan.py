@@ -1,6 +1,6 @@
 """plan_qat: how many of a run's tokens go to QAT, and at which optimizer step QAT starts.
 
-Token accounting (METHOD.md sections 1-2): a run trains on ``total_tokens`` new tokens; a pretrained
+Token accounting: a run trains on ``total_tokens`` new tokens; a pretrained
 checkpoint already saw ``pretrained_tokens`` in full precision. The planner works on
 ``D_total = pretrained_tokens + total_tokens``: the optimal QAT fraction f of D_total gives the
 optimal QAT tokens ``f * D_total``. They are taken from the end of this run; when they exceed the
@@ -20,6 +20,7 @@ from typing import Any
 
 from ..bits import bits_label, normalize_bits
 from ..config import CHOICES
+from ..units import human
 from .fraction import PAPER_A, optimal_qat_fraction, range_warning, tokens_per_parameter_byte
 from .law import QATScalingLaw
 from .storage import weight_format
@@ -79,7 +80,17 @@ class Plan:
             f"{weights} QAT on {self.run_qat_fraction:.1%} of the run "
             f"({self.qat_tokens:.3g} of {self.total_tokens:.3g} tokens; optimal fraction {self.qat_fraction:.3f} of "
             f"D_total={self.d_total:.3g}, S={self.tokens_per_param_byte:.3g}{step}{loss})"
-        )
+        ) + "".join(f". {line}" for line in self.advice())
+
+    def advice(self) -> list[str]:
+        """What to do with the plan: the start that reproduces it, and why a fine-tune runs QAT from step 0."""
+        lines = []
+        if self.strategy != "fixed" and self.switch_step is not None:
+            lines.append(f"QATConfig(start={self.switch_step}) pins this switch")
+        if self.pretrained_tokens and self.optimal_qat_tokens > self.total_tokens * (1 + 1e-12):
+            lines.append(f"A fine-tune of a model pretrained on {human(self.pretrained_tokens)} tokens runs QAT from "
+                         f"step 0: the optimum wants {human(self.optimal_qat_tokens)} QAT tokens")
+        return lines
 
 
 def _steps(total_tokens: float, total_steps: int | None, tokens_per_step: float | None) -> tuple[int | None, float | None]:
@@ -95,7 +106,7 @@ def _steps(total_tokens: float, total_steps: int | None, tokens_per_step: float 
 
 
 def switch_step_for(run_qat_fraction: float, total_steps: int) -> int:
-    """round((1 - f) * total_steps) (METHOD.md section 1)."""
+    """round((1 - f) * total_steps): the step at which a QAT fraction f of the run starts."""
     return int(round((1.0 - run_qat_fraction) * total_steps))
 
 
@@ -184,6 +195,8 @@ def plan_qat(
     )
     if law is not None:
         plan.predicted_loss = float(law.predict(n, plan.fp_tokens, plan.qat_tokens, bits))
+        if text := law.range_warning(n, d_total):
+            plan.warnings.append(text)
     plan.baselines = _baselines(n, float(total_tokens), d_total, bits, total_steps, law)
     return plan
 

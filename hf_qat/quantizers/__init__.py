@@ -1,4 +1,4 @@
-"""Quantizer families (METHOD.md sections 5 and 9) and the registry that names them.
+"""Quantizer families (ParetoQ's integer grids, the block-scaled floats, ggml's blocks) and the registry that names them.
 
 ``reference.py`` holds the PyTorch forward/backward that is the specification the Triton kernels
 match bit for bit.

@@ -1,6 +1,6 @@
 """What a quantizer family is: an integer grid, a scale layout, and a rule for the first scale.
 
-Notation (METHOD.md section 5): ``w`` a weight, ``s`` the learnable scale of its group, ``r = w / s``.
+Notation: ``w`` a weight, ``s`` the learnable scale of its group, ``r = w / s``.
 A family maps ``r`` to an integer code ``c`` and the fake-quantized weight is ``step * c`` where
 ``step = s * level`` rounded to the scale dtype. The elementwise rule is the frozen :class:`Grid`;
 ``reference.py`` (the specification) and the Triton kernels (which must match it bit for bit) only
@@ -28,7 +28,7 @@ import torch
 from ..bits import TERNARY_BITS, bits_label
 from ..errors import QATConfigError, QATModelError
 
-# The scale is clamped to at least this in the forward pass (METHOD.md section 5).
+# The scale is clamped to at least this in the forward pass.
 SCALE_MIN = 1e-5
 # SEQ's clipping threshold c.
 SEQ_CLIP = 0.99
@@ -271,7 +271,7 @@ class Quantizer:
         raise NotImplementedError
 
     def grad_scale(self, weight_numel: int, scale_numel: int, mode: str) -> float:
-        """ParetoQ's scale-gradient factor g = 1 / sqrt(n * Qp) (METHOD.md section 5).
+        """ParetoQ's scale-gradient factor g = 1 / sqrt(n * Qp) (arXiv 2502.02631).
 
         mode "paretoq": n = weights in the whole matrix; "lsq": n = weights per scale.
         """

@@ -1,4 +1,4 @@
-"""The scale formats of the block-scaled float families (METHOD.md section 9): what a learned block scale
+"""The scale formats of the block-scaled float families (MXFP4, NVFP4): what a learned block scale
 is rounded to in the forward pass, and how a rounded scale splits into the tensors a file stores.
 
 A block's learned scale ``s`` (fp32, clamped to at least 1e-5 before, in weight units: ``w ~ s * E2M1``)

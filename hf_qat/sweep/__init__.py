@@ -1,4 +1,4 @@
-"""The paper's experiment on the user's data (METHOD.md section 8, arXiv 2509.22935).
+"""The paper's experiment on the user's data (arXiv 2509.22935).
 
 ``run_sweep(config, out_dir)`` trains one FP trunk per (size, seed) and every (budget, bits,
 fraction, schedule) run as a tail branched from it; rows go to ``out_dir/runs.jsonl``, which

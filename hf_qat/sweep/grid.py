@@ -1,4 +1,4 @@
-"""The runs of a sweep and where each one leaves its size's FP trunk (METHOD.md section 8).
+"""The runs of a sweep and where each one leaves its size's FP trunk.
 
 Every run of one (size, seed) follows the same trunk, warmup then the stable LR, until its branch
 step; from there it is a tail with its own LR multiplier (``hf_qat.schedule``, the callback's own

@@ -1,4 +1,4 @@
-"""MXFP4 and NVFP4 against an independent restatement of their specification (METHOD.md section 9).
+"""MXFP4 and NVFP4 against an independent restatement of their specification (the OCP MX spec and NVIDIA's NVFP4).
 
 The slow versions work block by block with Python floats and numpy: the E2M1 element set written out,
 round to the nearest element with ties to the one whose mantissa bit is 0, E8M0 scales as powers of two

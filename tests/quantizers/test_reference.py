@@ -1,7 +1,7 @@
-"""The reference quantizers against a slow, independent restatement of METHOD.md section 5.
+"""The reference quantizers against a slow, independent restatement of the quantizers' formulas.
 
 The slow version works weight by weight with numpy float32 scalars, straight from the table in
-METHOD.md; it shares no code with hf_qat.quantizers.
+their formulas; it shares no code with hf_qat.quantizers.
 """
 
 from __future__ import annotations
