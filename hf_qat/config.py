@@ -330,6 +330,8 @@ class QATConfig:
         left at the default, or already those; other bits are refused by :meth:`_check_gguf_mix`)."""
         from .mix import MIX_BASE
 
+        if isinstance(self.gguf_mix, str):
+            self.gguf_mix = self.gguf_mix.lower()  # llama.cpp's names in any case, as the presets
         if self.method == "auto" and isinstance(self.gguf_mix, str) and self.gguf_mix in MIX_BASE:
             method, bits, group_size = MIX_BASE[self.gguf_mix]
             if normalize_bits(self.bits) in (QATConfig.bits, bits):
@@ -360,9 +362,8 @@ class QATConfig:
         """``gguf_mix``: a known mix, with its base family as bits / method and no embedding_bits."""
         if self.gguf_mix is None:
             return
-        from .mix import MIX_BASE
-
         from .gguf_mix import UNTRAINABLE
+        from .mix import MIX_BASE
 
         if isinstance(self.gguf_mix, str) and self.gguf_mix.lower() in UNTRAINABLE:
             raise QATConfigError("gguf_mix", self.gguf_mix, "None, " + ", ".join(MIX_BASE),
@@ -378,6 +379,12 @@ class QATConfig:
         if self.group_size != group_size:
             raise QATConfigError("group_size", self.group_size, f"{group_size} for gguf_mix={self.gguf_mix!r} (its base "
                                  f"type's block; QATConfig(gguf_mix={self.gguf_mix!r}) sets it)")
+        if self.export_format not in (None, "gguf"):
+            raise QATConfigError("export_format", self.export_format, f"None or 'gguf' for gguf_mix={self.gguf_mix!r} "
+                                 "(a llama.cpp file type is a GGUF file)")
+        if self.scale_dtype != "float16":
+            raise QATConfigError("scale_dtype", self.scale_dtype, f"'float16' for gguf_mix={self.gguf_mix!r} (llama.cpp's "
+                                 "block scales are fp16)")
         if self.embedding_bits is not None:
             raise QATConfigError("embedding_bits", self.embedding_bits, f"None with gguf_mix={self.gguf_mix!r} (the mix "
                                  "gives the embedding and the LM head their llama.cpp types)")

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import experts
 from .config import QATConfig
 from .coverage import Coverage, coverage
-from .errors import QATModelError
+from .errors import QATConfigError, QATModelError
 from .mix import WeightFamily, mix_families
 from .experts import QATExperts
 from .modules import QATEmbedding, QATLinear
@@ -251,6 +251,10 @@ def ptq(model: nn.Module, config: QATConfig | dict, calibration=None) -> nn.Modu
     like a QAT model. ``calibration``: batches for an importance matrix (:mod:`hf_qat.importance`, llama.cpp's
     imatrix) that weights the mse search by each input column's mean squared activation.
     """
+    config = QATConfig.from_dict(config) if isinstance(config, dict) else config
+    if calibration is not None and config.scale_init != "mse":
+        raise QATConfigError("scale_init", config.scale_init, "'mse' with ptq(..., calibration=...)",
+                             detail="the importance matrix weights the mse clipping search; the 'max' rule takes no data")
     prepare_model_for_qat(model, config)
     if calibration is not None:
         from .importance import calibrate_importance

@@ -1,40 +1,47 @@
 """The GGML type llama.cpp's own quantizer (``llama-quantize``, ``llama_model_quantize``) gives each tensor
-of a model for the k-quant mixes Q4_K_M, Q4_K_S, Q5_K_M and Q6_K.
+of a model for each llama.cpp file type with a scalar grid (:data:`DEFAULT_TYPE`: Q4_0 .. Q8_0, the k-quant
+files Q2_K .. Q6_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0, MXFP4_MOE).
 
 A port of llama.cpp's ``src/llama-quant.cpp`` (as vendored by llama-cpp-python 0.3.36):
 ``llama_tensor_get_type`` (which calls ``tensor_allows_quantization``, ``llama_tensor_get_type_impl``
 and ``tensor_type_fallback``), ``llama_ftype_get_default_type``, ``tensor_get_category`` and
-``init_quantize_state_counters``, restricted to the branches these four mixes reach for the
-architectures hf_qat writes (llama incl. Mixtral, qwen2, qwen3, gemma2, gemma3, qwen3moe, olmoe), with
-the quantizer's default parameters (no imatrix, no overrides, output tensor quantized).
+``init_quantize_state_counters``, restricted to the branches these file types reach for the architectures
+hf_qat writes (llama incl. Mixtral, qwen2, qwen3, gemma2, gemma3, qwen3moe, olmoe), with the quantizer's
+default parameters (no imatrix, no overrides, output tensor quantized).
 
-The rule, in words:
+The rule, in words (``gqa`` = query heads / key-value heads):
 
 * Order: llama.cpp visits the tensors sorted by layer (``blk.<i>.``; other tensors first, as layer -1),
   then by name (``weight_name_comparer``); the per-layer counters below follow that order.
 * Not quantized (keeps its input type, F32 here): tensors with fewer than 2 dimensions (norms,
   biases, ``rope_freqs``), names not ending in ``weight``, ``*_norm.weight``, MoE routers
   (``ffn_gate_inp.weight``).
-* Default type: the mix's base type (Q4_K for q4_k_m / q4_k_s, Q5_K for q5_k_m, Q6_K for q6_k).
+* Default type: the file type's base type (:data:`DEFAULT_TYPE`).
 * Output (``output.weight``, or ``token_embd.weight`` when there is no ``output.weight``: tied
-  embeddings): Q6_K, or Q8_0 when its row length is not a multiple of 256.
-* ``token_embd.weight`` with an ``output.weight``: the default type.
+  embeddings): Q8_0 for mxfp4_moe or when its row length is not a multiple of the base type's block,
+  else Q6_K (Q8_0 stays Q8_0).
+* mxfp4_moe: expert stacks (3-D) MXFP4, every other tensor Q8_0.
+* ``token_embd.weight`` with an ``output.weight``: the base type; Q4_K for tq1_0 / tq2_0.
 * attn_v-like (``attn_v``, ``attn_qkv``, ``attn_kv_b``), counted in visit order ``i`` of ``n`` such
-  tensors: q4_k_m / q5_k_m: Q6_K where ``use_more_bits(i, n)``; q4_k_s: Q5_K for the first 4. Then a
-  70B model (llama: 80 layers and GQA, not 8 experts; qwen2: 80 layers) lifts Q4_K to Q5_K; an
-  8-expert model (Mixtral) takes Q8_0 whatever the mix.
+  tensors: q2_k Q4_K when gqa >= 4 else Q3_K; q3_k_m Q5_K for the first two, else Q4_K; q3_k_l Q5_K;
+  iq4_nl / iq4_xs Q5_K when gqa >= 4; q4_k_m / q5_k_m Q6_K where ``use_more_bits(i, n)``; q4_k_s Q5_K for
+  the first 4. Then a 70B model (llama: 80 layers and GQA, not 8 experts; qwen2: 80 layers) lifts Q3_K /
+  Q4_K to Q5_K; an 8-expert model (Mixtral) takes Q8_0 whatever the file type.
 * attn_k: Q8_0 for an 8-expert model.
-* attn_output: Q5_K for an 8-expert model under q4_k_m / q4_k_s.
 * ffn_down (``ffn_down``, ``ffn_down_exps``, ...), at layer ``i`` of ``n`` (for MoE models, ``n_expert >
   1``, the layer in the name; for dense ones, the count of ffn_down tensors visited before; ``n`` the
-  block count): q4_k_m / q5_k_m: Q6_K where ``use_more_bits(i, n)``; q4_k_s: Q5_K for ``i < n // 8``.
+  block count): q2_k Q3_K; q3_k_m Q5_K for ``i < n // 16``, else Q4_K; q3_k_l Q5_K; q4_k_m / q5_k_m Q6_K
+  where ``use_more_bits(i, n)``; iq4_nl / iq4_xs and q4_k_s Q5_K for ``i < n // 8``.
+* attn_output: an 8-expert model takes Q5_K under q2_k, q3_k_s, q3_k_m, iq4_nl, q4_k_s, q4_k_m, iq4_xs;
+  otherwise q2_k Q3_K, q3_k_m Q4_K, q3_k_l Q5_K.
 * ``use_more_bits(i, n) = i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2``.
 * Fallback (``tensor_type_fallback``): a row length (``ne[0]``, the input dim) not a multiple of the
-  type's block (256 for k-quants, 32 for Q5_0 / Q5_1 / Q8_0) demotes Q4_K -> Q5_0, Q5_K -> Q5_1,
-  Q6_K -> Q8_0 (Q8_0 stays), and to F16 when the row length is not a multiple of 32 either.
+  type's block (256 for the k-quants, IQ4_XS and TQ, 32 for the others) demotes IQ4_XS -> IQ4_NL,
+  Q2_K / Q3_K / TQ1_0 / TQ2_0 -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (a 32-block type stays),
+  and to F16 when the row length is not a multiple of 32 either.
 
-``attn_qkv`` never reaches llama.cpp's own attn_qkv branch (Q5_K / Q6_K for q4_k_m / q5_k_m): the
-attn_v-like branch before it takes it, and so does this port.
+``attn_qkv`` never reaches llama.cpp's own attn_qkv branch: the attn_v-like branch before it takes it,
+and so does this port. The file types llama.cpp writes that hf_qat cannot train are :data:`UNTRAINABLE`.
 """
 
 from __future__ import annotations
@@ -67,6 +74,13 @@ BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "IQ4_NL": 3
          **{t: 256 for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "TQ1_0", "TQ2_0")}}  # ggml_blck_size
 FALLBACK = {"IQ4_XS": "IQ4_NL", "Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0",
             "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # tensor_type_fallback, for the types reached here
+def file_type_of(ggml_type: str) -> str | None:
+    """The llama.cpp file type whose base type is ``ggml_type`` (the ``_m`` one when there are several), or
+    None: what a user who trained that grid everywhere would pick."""
+    file_types = [file_type for file_type, base in DEFAULT_TYPE.items() if base == ggml_type]
+    return next((ft for ft in file_types if ft.endswith("_m")), file_types[0] if file_types else None)
+
+
 _LAYER = re.compile(r"blk\.\s*([+-]?\d+)")  # sscanf(name, "blk.%d.", ...)
 
 
@@ -149,10 +163,10 @@ def fallback(qtype: str, row: int) -> str:
 
 def mix_tensor_types(mix: str, model: MixModel, tensors: list[tuple[str, tuple[int, ...]]]) -> dict[str, str]:
     """The GGML type (``GGMLQuantizationType`` name: "Q4_K", "Q6_K", "Q5_0", "Q8_0", "F16", "F32", ...)
-    llama.cpp's quantizer writes for each tensor of an all-F32 GGUF file under the k-quant ``mix``.
+    llama.cpp's quantizer writes for each tensor of an all-F32 GGUF file under the file type ``mix``.
 
     Args:
-        mix: one of MIXES (llama.cpp's ``LLAMA_FTYPE_MOSTLY_Q4_K_M`` etc.).
+        mix: one of MIXES (llama.cpp's ``LLAMA_FTYPE_MOSTLY_<MIX>``, e.g. Q4_K_M).
         model: the hyperparameters llama.cpp reads.
         tensors: every tensor of the file as (GGUF name, shape in ggml order ``ne``: ``ne[0]`` the row
             length, i.e. the input dim, then rows, then experts). Any order: they are visited as

@@ -58,7 +58,7 @@ def gguf_tensors(model: nn.Module, names: list[str]) -> tuple[MixModel, list[tup
     except ExportFormatError as exc:
         raise QATModelError(
             f"gguf_mix trains the file llama.cpp's quantizer writes for this model, and hf_qat writes no GGUF of it: "
-            f"{exc} Train it without gguf_mix for another format, e.g. QATConfig(bits=4, group_size=32), which "
+            f"{exc} Train it without gguf_mix for another format, e.g. QATConfig(bits=4, group_size=32, export_format='compressed-tensors'), which "
             "the native hf-qat format always holds and compressed-tensors (vLLM) holds for most models") from None
     gguf_arch = getattr(gguf.MODEL_ARCH, arch.gguf_arch)
     tensor_names = gguf.get_tensor_name_map(gguf_arch, cfg.num_hidden_layers)

@@ -3,6 +3,7 @@ layer; the mse scale search weighted by it, as llama.cpp's imatrix weights its q
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import hf_qat
@@ -60,3 +61,9 @@ def test_ptq_with_calibration_uses_the_importance():
     scales = [{n: qw.weight_quantizer.init_scale.clone() for n, qw in quantized_weights(m)} for m in (plain, calibrated)]
     assert any(not torch.equal(scales[0][n], scales[1][n]) for n in scales[0])
     assert all(qw.weight_quantizer.importance is not None for _, qw in quantized_weights(calibrated))
+
+
+def test_calibration_without_the_mse_search_is_refused():
+    batches = [torch.stack([row["input_ids"] for row in token_dataset(n=4)])]
+    with pytest.raises(hf_qat.QATConfigError, match=r"scale_init='max'.*'mse' with ptq"):
+        hf_qat.ptq(tiny_llama(), QATConfig(bits=4, group_size=16), calibration=batches)

@@ -151,8 +151,11 @@ def test_a_file_type_on_an_architecture_without_gguf_advises_a_config_that_train
     with pytest.raises(QATModelError, match=r"gguf_mix.*writes no GGUF.*without gguf_mix") as refused:
         hf_qat.prepare_model_for_qat(tiny_moe("qwen2_moe", moe_intermediate_size=32), QATConfig.from_preset("q4_k_m"))
     assert "Formats that can" not in str(refused.value)
-    model = hf_qat.ptq(tiny_moe("qwen2_moe", moe_intermediate_size=32), QATConfig(bits=4, group_size=32))  # followed
-    assert export_checkpoint(model, tmp_path / "native", format="hf-qat").format == "hf-qat"
+    advice = "QATConfig(bits=4, group_size=32, export_format='compressed-tensors')"
+    assert advice in str(refused.value)
+    bf16 = tiny_moe("qwen2_moe", moe_intermediate_size=32, dtype=torch.bfloat16)  # as transformers 5 loads models
+    model = hf_qat.ptq(bf16, eval(advice))  # the advice, followed
+    assert export_checkpoint(model, tmp_path / "ct", format="compressed-tensors").format == "compressed-tensors"
 
 
 def test_width_errors_advise_only_what_trains():
@@ -185,7 +188,8 @@ def test_a_gguf_refusal_names_only_formats_that_can(tmp_path):
 FUZZ_OPTIONS = {
     "bits": [2, 3, 4, 5, 6, 8, "ternary"],
     "method": ["auto", "lsq", "seq", "mxfp4", "nvfp4", "q4_k", "q6_k", "iq4_nl", "q5_1"],
-    "gguf_mix": [None, None, "q4_k_m", "q4_k_s", "q5_k_m", "q6_k"],
+    "gguf_mix": [None, None, "q4_k_m", "q4_k_s", "q5_k_m", "q6_k", "q4_0", "q8_0", "q3_k_m", "iq4_xs", "tq2_0",
+                 "mxfp4_moe", "Q4_1"],
     "moe_params": ["total", "active"],
     "scale_init": ["max", "mse"],
     "embedding_bits": [None, None, 4, 8],
@@ -201,8 +205,11 @@ FUZZ_MODELS = {
 FIELDS = set(QATConfig.__dataclass_fields__)
 
 
-def _names_a_field(message: str) -> bool:
-    return any(field in message for field in FIELDS)
+def _names_a_field(exc: Exception) -> bool:
+    """A config error names its field; a model's refusal names the option to change (not merely "bits")."""
+    if isinstance(exc, hf_qat.QATConfigError):
+        return exc.field.split(".")[0] in FIELDS
+    return any(field in str(exc) for field in FIELDS - {"bits", "method", "start"})
 
 
 def _exact(model, fmt: str, directory, dtype=torch.float32) -> None:
@@ -236,7 +243,7 @@ def test_fuzz_of_the_new_options_installs_and_exports_exactly_or_names_the_field
             config = QATConfig.from_dict(data)
             model = hf_qat.ptq(FUZZ_MODELS[model_key](), config)
         except (hf_qat.QATConfigError, QATModelError) as exc:
-            assert _names_a_field(str(exc)), (data, model_key, str(exc))
+            assert _names_a_field(exc), (data, model_key, str(exc))
             outcomes["refused"] += 1
             continue
         out = tmp_path / str(case)
@@ -251,3 +258,25 @@ def test_fuzz_of_the_new_options_installs_and_exports_exactly_or_names_the_field
         outcomes["exported"] += 1
         outcomes[info.format] = outcomes.get(info.format, 0) + 1
     assert outcomes["exported"] >= 8 and outcomes["refused"] >= 4 and outcomes.get("gguf", 0) >= 2, outcomes
+
+
+def test_file_types_hf_qat_cannot_train_are_refused_by_name():
+    for name, reason in [("iq2_xs", "codebook"), ("IQ3_M", "codebook"), ("q2_k_s", "importance matrix"),
+                         ("q1_0", "not among hf_qat's families"), ("nvfp4", "no default type")]:
+        with pytest.raises(hf_qat.QATConfigError, match=rf"QATConfig\.gguf_mix=.*{reason}") as refused:
+            QATConfig(gguf_mix=name)
+        assert "q4_k_m" in refused.value.allowed  # the list of what can be trained
+    with pytest.raises(hf_qat.QATConfigError, match=r"gguf_mix='q9_k'.*allowed: None, q4_0"):
+        QATConfig(gguf_mix="q9_k")
+    for wrong, field in [(dict(scale_dtype="bfloat16"), "scale_dtype"), (dict(export_format="compressed-tensors"),
+                                                                         "export_format")]:
+        with pytest.raises(hf_qat.QATConfigError) as refused:
+            QATConfig.from_preset("q4_0", **wrong)
+        assert refused.value.field == field
+
+
+def test_the_export_target_checks_biases_before_training():
+    """BitNet's BitLinear has no bias: a Qwen2 (q/k/v biases) aimed at it is refused when the layers are installed."""
+    with pytest.raises(ExportFormatError, match=r"export_format='bitnet'.*bias"):
+        hf_qat.prepare_model_for_qat(tiny_causal_lm("qwen2"), QATConfig.from_preset("ternary-bitnet",
+                                                                                  export_format="bitnet"))

@@ -97,7 +97,7 @@ class ExportFormat:
         """Bytes of the scales this format stores for ``layer`` (default: one step each, in its step dtype)."""
         return 0 if layer.tied_to else layer.step.numel() * layer.step_dtype.itemsize
 
-    def check_target(self, model: nn.Module) -> None:
+    def check_target(self, model: nn.Module, layers: list[QuantizedLayer]) -> None:
         """Model-level requirements that hold before training (the architecture...): checked when
         ``QATConfig.export_format`` names this format; raise ExportFormatError."""
 
@@ -142,7 +142,8 @@ def choose_format(layers: list[QuantizedLayer]) -> tuple[str, list[str]]:
         reason = next((f"{layer.name}: {p}" for layer in layers if (p := fmt.problem(layer)) is not None),
                       "not chosen automatically for these layers")
         skipped.append(f"format='auto' passed over {cls.name!r}: {reason}")
-    raise ExportFormatError(f"no registered format accepts these layers; formats: {', '.join(FORMATS)}")
+    raise ExportFormatError(f"no registered format accepts these layers ({'; '.join(skipped) or 'none tried'}); "
+                            f"formats: {', '.join(FORMATS)}")
 
 
 def get_format(name: str, options: dict[str, str] | None = None) -> ExportFormat:
@@ -163,7 +164,7 @@ def other_formats(refusing: str, layers: list[QuantizedLayer]) -> str:
     if able:
         return f"Formats that can: {', '.join(able)}"
     return (f"No other format can hold these layers exactly: train this model for another format, e.g. "
-            f"QATConfig(bits=4, group_size=32) for compressed-tensors")
+            f"QATConfig(bits=4, group_size=32, export_format='compressed-tensors') for compressed-tensors")
 
 
 def check_layers(fmt: ExportFormat, layers: list[QuantizedLayer]) -> None:
@@ -176,11 +177,8 @@ def check_layers(fmt: ExportFormat, layers: list[QuantizedLayer]) -> None:
     if problems:
         shown = "; ".join(f"{names[0]}{f' and {len(names) - 1} more layers' if len(names) > 1 else ''}: {p}"
                           for p, names in problems.items())
-        able = formats_that_can(layers)
         raise ExportFormatError(
-            f"format {fmt.name!r} cannot represent this model exactly: {shown}. "
-            f"Formats that can: {', '.join(able) if able else 'none'}"
-        )
+            f"format {fmt.name!r} cannot represent this model exactly: {shown}. {other_formats(fmt.name, layers)}")
 
 
 def check_target(model: nn.Module, name: str) -> None:
@@ -190,9 +188,10 @@ def check_target(model: nn.Module, name: str) -> None:
     from .layers import probe_layers
 
     fmt = get_format(name)
+    layers = probe_layers(model)
     try:
-        check_layers(fmt, probe_layers(model))
-        fmt.check_target(model)
+        check_layers(fmt, layers)
+        fmt.check_target(model, layers)
     except ExportFormatError as err:
         raise ExportFormatError(f"QATConfig.export_format={name!r}: {err}") from None
 

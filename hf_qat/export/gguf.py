@@ -208,8 +208,11 @@ class GGUFFormat(ExportFormat):
     def float_bytes(self, tensor) -> int:
         return tensor.numel() * 4  # every float tensor is written F32
 
-    def check_target(self, model) -> None:
-        architecture(model.config)
+    def check_target(self, model, layers) -> None:
+        try:
+            architecture(model.config)
+        except ExportFormatError as exc:
+            raise ExportFormatError(f"{exc} {other_formats(self.name, layers)}") from None
 
     def check_model(self, model, layers, tokenizer=None) -> None:
         try:
@@ -273,7 +276,7 @@ def float_leftovers(path: str, model, layers: list[QuantizedLayer], qtype_of) ->
     import gguf
 
     from ..convert import get_qat_config
-    from ..gguf_mix import allows_quantization, mix_tensor_types
+    from ..gguf_mix import allows_quantization, file_type_of, mix_tensor_types
     from ..mix import gguf_tensors
 
     config = get_qat_config(model)
@@ -293,10 +296,9 @@ def float_leftovers(path: str, model, layers: list[QuantizedLayer], qtype_of) ->
     for layer in layers:
         weights[qtype_of(layer)] = weights.get(qtype_of(layer), 0) + layer.codes.numel()
     main = max(weights, key=weights.get) if weights else None
-    candidates = [ft for ft, ggml_type in DEFAULT_TYPE.items() if ggml_type == main]
-    if not candidates:
+    file_type = file_type_of(main) if main else None
+    if file_type is None:
         return note + "; no llama.cpp file type has these layers' type"
-    file_type = next((ft for ft in candidates if ft.endswith("_m")), candidates[0])
     types = mix_tensor_types(file_type, gguf_tensors(model, [])[0], [(name, shape) for name, shape, _, _ in tensors])
     sizes = gguf.GGML_QUANT_SIZES
     llama_bytes = sum(int(np.prod(shape)) // sizes[gguf.GGMLQuantizationType[types[name]]][0]

@@ -108,14 +108,16 @@ def _layer(name: str, qweight, weight: torch.Tensor, codes: torch.Tensor, step: 
 def probe_layers(model: nn.Module) -> list[QuantizedLayer]:
     """The layers of a model just prepared for QAT as :func:`collect_layers` would give them were every
     scale initialised now (:meth:`~hf_qat.unit.WeightQuantizer.probe_codes`): what ``QATConfig.export_format``
-    is checked against when the layers are installed, before the first step. Biases are left out (no format
-    refuses a layer for its bias)."""
+    is checked against when the layers are installed, before the first step (biases included: BitNet and
+    GGUF's NVFP4 refuse some)."""
     layers: list[QuantizedLayer] = []
     names_of_weight: dict[int, str] = {}
     for name, qweight in quantized_weights(model):
         weight = qweight.full_weight().detach()
         codes, step, ggml_scales = qweight.weight_quantizer.probe_codes(weight)
-        layers.append(_layer(name, qweight, weight, codes, step, ggml_scales, None, names_of_weight.get(id(qweight.weight))))
+        bias = None if qweight.kind == "experts" else getattr(qweight.module, "bias", None)
+        bias = None if bias is None else full_tensor(bias).detach().cpu()
+        layers.append(_layer(name, qweight, weight, codes, step, ggml_scales, bias, names_of_weight.get(id(qweight.weight))))
         names_of_weight.setdefault(id(qweight.weight), name)
     return layers
 

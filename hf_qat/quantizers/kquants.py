@@ -63,7 +63,7 @@ from typing import ClassVar
 
 import torch
 
-from ..gguf_mix import BLOCK, DEFAULT_TYPE, FALLBACK
+from ..gguf_mix import BLOCK, FALLBACK, file_type_of
 from .base import SCALE_MIN, Grid, Quantizer
 from .reference import MSE_SCALE_RATIOS, nearest_value
 from .registry import register_quantizer
@@ -304,10 +304,10 @@ class GGMLQuantizer(Quantizer):
     def narrow_width_advice(self, width: int) -> str:
         """A llama.cpp file type whose base type is this one gives a weight 32 wide (ggml's smaller blocks)
         llama.cpp's fallback type, which hf_qat trains."""
-        mixes = [mix for mix, ggml_type in DEFAULT_TYPE.items() if ggml_type == self.ggml_grid.ggml_type]
-        if not mixes or self.ggml_grid.ggml_type not in FALLBACK or width % BLOCK[FALLBACK[self.ggml_grid.ggml_type]]:
+        file_type = file_type_of(self.ggml_grid.ggml_type)
+        if not file_type or self.ggml_grid.ggml_type not in FALLBACK or width % BLOCK[FALLBACK[self.ggml_grid.ggml_type]]:
             return ""
-        return (f", or train llama.cpp's file type (QATConfig.from_preset({mixes[0]!r})), which gives it llama.cpp's "
+        return (f", or train llama.cpp's file type (QATConfig.from_preset({file_type!r})), which gives it llama.cpp's "
                 f"fallback type {FALLBACK[self.ggml_grid.ggml_type]}")
 
     def grid(self) -> Grid:

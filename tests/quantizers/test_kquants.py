@@ -16,7 +16,7 @@ from hf_qat.quantizers import ScaleLayout, get_quantizer
 from hf_qat.quantizers.kquants import GRIDS, GGMLFakeQuant, block_scales, ggml_codes, ggml_fake_quantize
 from hf_qat.unit import WeightQuantizer
 
-BITS = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "iq4_nl": 4, "q5_1": 5}
+BITS = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "iq4_nl": 4, "iq4_xs": 4, "q4_1": 4, "q5_1": 5}
 
 
 def learned_scale(name: str, w: torch.Tensor, seed: int = 0) -> torch.Tensor:
