@@ -10,7 +10,9 @@ PTQ baseline (``hf_qat.ptq(model, cfg, calibration=batches)``) and for the scale
 
 The importance lives on the unit (``WeightQuantizer.importance``, not saved: it is used once, when the scale
 is initialised). Linear layers (the LM head included) get one; embeddings and fused expert stacks keep the
-plain search.
+plain search. For QAT, call :func:`calibrate_importance` on ``trainer.model`` before ``trainer.train()``: the
+switch then starts from the weighted search. Under DDP/FSDP2 pass the same batches on every rank (the
+scales must be identical on every rank).
 """
 
 from __future__ import annotations
