@@ -67,3 +67,20 @@ def test_calibration_without_the_mse_search_is_refused():
     batches = [torch.stack([row["input_ids"] for row in token_dataset(n=4)])]
     with pytest.raises(hf_qat.QATConfigError, match=r"scale_init='max'.*'mse' with ptq"):
         hf_qat.ptq(tiny_llama(), QATConfig(bits=4, group_size=16), calibration=batches)
+
+
+def test_a_trainer_run_starts_qat_from_the_calibrated_search(tmp_path):
+    """calibrate_importance on trainer.model before train(): the switch initialises the scales with it."""
+    from hf_qat import QATCallback
+    from helpers import make_trainer
+
+    cfg = QATConfig(bits=3, group_size=16, scale_init="mse", start=2)
+    batches = [torch.stack([row["input_ids"] for row in token_dataset(n=4)])]
+    runs = {}
+    for calibrated in (False, True):
+        trainer = make_trainer(tmp_path / str(calibrated), [QATCallback(cfg)], max_steps=3)
+        if calibrated:
+            assert hf_qat.calibrate_importance(trainer.model, batches) == 14
+        trainer.train()
+        runs[calibrated] = {n: qw.weight_quantizer.init_scale.clone() for n, qw in quantized_weights(trainer.model)}
+    assert any(not torch.equal(runs[False][n], runs[True][n]) for n in runs[False])
