@@ -2,7 +2,7 @@
 MXFP4 and NVFP4 QAT (weight-only).
 
     python benchmarks/step_overhead.py [--model smollm2-135m|demo|tiny|qwen3-moe|qwen3-moe-gpu|dense-active]
-                                       [--all-formats] [--memory] [--batch B --seq L] [--iters N]
+                                       [--all-formats] [--modes M ...] [--memory] [--batch B --seq L] [--iters N]
                                        [--out benchmarks/results/step_overhead.json]
 
 Times a full optimizer step (forward, backward, AdamW) and records peak memory for the same model in
@@ -196,6 +196,7 @@ def main() -> None:
     parser.add_argument("--model", choices=list(MODELS), action="append", default=None)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--all-formats", action="store_true", help="every family and llama.cpp file type")
+    parser.add_argument("--modes", nargs="+", default=None, help="only these modes (fp is always first)")
     parser.add_argument("--memory", action="store_true", help="CPU: each mode's peak RSS in a fresh process")
     parser.add_argument("--batch", type=int, default=None, help="override the model's batch size")
     parser.add_argument("--seq", type=int, default=None, help="override the model's sequence length")
@@ -204,6 +205,12 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.all_formats:
         MODES.update(EVERY_FORMAT)
+    if args.modes:
+        unknown = sorted(set(args.modes) - set(MODES))
+        if unknown:
+            parser.error(f"--modes {unknown}: modes are {', '.join(MODES)} (--all-formats adds the rest)")
+        for mode in [m for m in MODES if m != "fp" and m not in args.modes]:
+            del MODES[mode]
     for name in args.model or ():
         MODELS[name].update({k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v is not None})
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
