@@ -137,16 +137,17 @@ def peak_rss(model_name: str, mode: str | None, iters: int, experts_implementati
     parameters, optimizer state, activations and every temporary of the step) over one that only imports the
     libraries (``mode=None``: that baseline itself)."""
     spec = MODELS[model_name]
-    code = ("import resource, sys; sys.path.insert(0, %r); import step_overhead as b; b.MODES.update(b.EVERY_FORMAT); "
+    code = ("import sys; sys.path.insert(0, %r); import step_overhead as b; b.MODES.update(b.EVERY_FORMAT); "
             "b.MODELS[%r].update(batch=%d, seq=%d)\n"
             "if %r is not None:\n"
             "    step = b.build(%r, %r, 'cpu', b.torch.float32, %r)[2]\n"
             "    for _ in range(%d): step()\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % (
+            "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))") % (
         os.path.dirname(os.path.abspath(__file__)), model_name, spec["batch"], spec["seq"], mode, model_name, mode,
         experts_implementation, iters)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    peak = int(out.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+    # VmHWM (KiB): the high-water mark of this process's own memory (ru_maxrss would carry the parent's over fork)
+    peak = int(out.stdout.split()[-1]) * 1024
     return peak if mode is None else peak - peak_rss(model_name, None, 0, experts_implementation)
 
 
