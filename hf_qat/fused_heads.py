@@ -38,7 +38,11 @@ def fused_head(model: nn.Module, args=None) -> tuple[str, str] | None:
     forward = getattr(get_base() if callable(get_base) else model, "forward", None)
     while forward is not None:  # through the wrappers (accelerate's, functools.wraps) to the patched forward
         function = getattr(forward, "__func__", forward)
-        if "fused_lm_head" in inspect.signature(function, follow_wrapped=False).parameters:
+        try:
+            parameters = inspect.signature(function, follow_wrapped=False).parameters
+        except (TypeError, ValueError):  # a callable without a Python signature: not TRL's forward
+            parameters = {}
+        if "fused_lm_head" in parameters:
             return "TRL's SFTTrainer, whose fused LM head", "transformers' Trainer"
         if getattr(function, "__module__", "").startswith("liger_kernel"):
             return liger
