@@ -19,6 +19,7 @@ from .errors import QATModelError
 from .bits import TERNARY_BITS
 from .gguf_mix import DEFAULT_TYPE, MixModel, mix_tensor_types
 from .quantizers.kquants import GRIDS
+from .targets import unwrapped_name
 from .weights import quantizer_units
 
 # A GGML type -> the family that trains it: (method, bits, group_size).
@@ -93,7 +94,7 @@ def _peft_base(model: nn.Module) -> tuple[nn.Module, str]:
 
 def _transformers_name(name: str, prefix: str = "") -> str:
     """A weight's name in the transformers model: without PEFT's prefix and ``.base_layer``."""
-    return name.removeprefix(prefix).replace(".base_layer", "")
+    return unwrapped_name(name.removeprefix(prefix))
 
 
 def _gguf_names(key: str, shape: tuple[int, ...], tensor_names) -> list[tuple[str, tuple[int, ...]]]:

@@ -64,7 +64,7 @@ def name_matches(name: str, pattern: str) -> bool:
         return False
 
 
-def _unwrapped_name(name: str) -> str:
+def unwrapped_name(name: str) -> str:
     """PEFT puts the original layer at ``<name>.base_layer``: match user patterns against ``<name>``."""
     return name.replace(".base_layer", "")
 
@@ -109,7 +109,7 @@ def _router_names(model: nn.Module) -> set[str]:
     """Every module name inside a router (the router itself and e.g. gemma4's ``router.proj``)."""
     routers = router_modules(model)
     return {name for name, _ in model.named_modules()
-            if any(name == r or name.startswith(r + ".") for r in map(_unwrapped_name, routers))}
+            if any(name == r or name.startswith(r + ".") for r in map(unwrapped_name, routers))}
 
 
 # ---------------------------------------------------------------------------------------- finding
@@ -127,7 +127,7 @@ def _candidates(model: nn.Module) -> tuple[dict[str, WeightTarget], dict[str, We
         if isinstance(module, nn.Linear):
             target = WeightTarget(name, name, module, "weight", "linear")
             selectable[name] = target
-            if module is not head and _unwrapped_name(name) not in routers:
+            if module is not head and unwrapped_name(name) not in routers:
                 default[name] = target
         elif is_fused_experts(module):
             for parameter in fused_weights(module):
@@ -138,8 +138,8 @@ def _candidates(model: nn.Module) -> tuple[dict[str, WeightTarget], dict[str, We
 
 
 def _matches(target: WeightTarget, pattern: str) -> bool:
-    return name_matches(_unwrapped_name(target.name), pattern) or (
-        target.kind == "experts" and name_matches(_unwrapped_name(target.module_name), pattern))
+    return name_matches(unwrapped_name(target.name), pattern) or (
+        target.kind == "experts" and name_matches(unwrapped_name(target.module_name), pattern))
 
 
 def _selected(targets: dict[str, WeightTarget], patterns: list[str]) -> dict[str, WeightTarget]:
@@ -168,7 +168,7 @@ def find_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTarget]
             candidates.update(found)
     names = _names_in(model) if config.exclude_modules else []
     for pattern in config.exclude_modules or []:
-        if not any(name_matches(_unwrapped_name(n), pattern) for n in names):
+        if not any(name_matches(unwrapped_name(n), pattern) for n in names):
             raise QATModelError(f"QATConfig.exclude_modules entry {pattern!r} matches no module or parameter of the "
                                 f"model; quantizable weights end in: {suffixes}")
     for name in _selected(candidates, config.exclude_modules or []):
@@ -214,7 +214,7 @@ def _conv1d_message(names: list[str]) -> str:
 
 def _no_match_message(model: nn.Module, pattern: str, field: str, suffixes: str) -> str:
     for name, module in router_modules(model).items():
-        if name_matches(_unwrapped_name(name), pattern):
+        if name_matches(unwrapped_name(name), pattern):
             return (f"QATConfig.{field} entry {pattern!r} names the router {name}, a {type(module).__name__} that "
                     "computes with its own weight Parameter; hf_qat quantizes routers only where they are nn.Linear "
                     "layers (e.g. qwen2_moe's shared_expert_gate). Leave the router in full precision")
@@ -270,7 +270,7 @@ def _unless_excluded(emb: nn.Module | None, head: nn.Module | None, names: dict[
     """The embedding and the head, each None where ``exclude_modules`` names it (a tied pair is excluded
     whole or not at all: one weight cannot be both on the grid and in float)."""
     def excluded(module: nn.Module | None) -> bool:
-        name = _unwrapped_name(names.get(id(module), ""))
+        name = unwrapped_name(names.get(id(module), ""))
         return module is not None and any(name_matches(n, p) for n in (name, f"{name}.weight")
                                           for p in config.exclude_modules or [])
 
@@ -299,13 +299,13 @@ def check_uncovered(model: nn.Module, config: QATConfig, targets: dict[str, Weig
     excluded = config.exclude_modules or []
     uncovered = []
     for module_name, module in model.named_modules():
-        if id(module) in adapters or _unwrapped_name(module_name) in routers or isinstance(module, nn.Embedding):
+        if id(module) in adapters or unwrapped_name(module_name) in routers or isinstance(module, nn.Embedding):
             continue
         for parameter, weight in module.named_parameters(recurse=False):
             full = f"{module_name}.{parameter}" if module_name else parameter
             if (weight.ndim < 2 or not weight.is_floating_point() or "bias" in parameter or id(weight) in quantized
                     or id(weight) in left_fp
-                    or any(name_matches(_unwrapped_name(n), p) for n in (module_name, full) for p in excluded if n)):
+                    or any(name_matches(unwrapped_name(n), p) for n in (module_name, full) for p in excluded if n)):
                 continue
             uncovered.append((full, module_name, module, weight))
     conv1d = _conv1d_names(model)
