@@ -18,8 +18,6 @@ import os
 import numpy as np
 import torch
 
-FTYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
-          "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 
 
 @torch.no_grad()
@@ -67,7 +65,10 @@ def llama_quantize(model, tokenizer, out_dir: str, ftype: str, imatrix: dict[str
 
     f32 = export_float_gguf(model, os.path.join(out_dir, "f32"), tokenizer)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, FTYPES[ftype])
+    constant = f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}"  # llama.cpp's name of the file type: Q4_K_M, IQ4_XS, ...
+    if not hasattr(llama_cpp, constant):
+        raise ValueError(f"ftype={ftype!r}: llama-cpp-python has no {constant}")
+    params.ftype = getattr(llama_cpp, constant)
     keep = []
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()

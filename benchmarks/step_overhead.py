@@ -77,7 +77,7 @@ EVERY_FORMAT = {
     "w3 lsq": dict(bits=3, group_size=32), "w8 lsq": dict(bits=8, group_size=32),
     "ternary": dict(bits="ternary", group_size=32),
     **{f"{file_type} file": dict(preset=file_type)
-       for file_type in ("q4_0", "q8_0", "q2_k", "q3_k_m", "q4_k_m", "q6_k", "iq4_nl", "iq4_xs")},
+       for file_type in ("q4_0", "q4_1", "q8_0", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")},
 }
 
 
