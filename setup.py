@@ -49,6 +49,9 @@ setup(
             "matplotlib>=3.7",
             "trl>=1.16,<2",
             "liger-kernel>=0.8,<0.9",
+            # llama.cpp for the tests (tests/llama_runtime.py): a prebuilt CPU wheel, pinned; where its library
+            # does not load (glibc older than 2.38), the README's test command builds llama-cpp-python instead
+            'llama-cpp-py-sync==0.11739; platform_system == "Linux" and platform_machine == "x86_64"',
         ],
     },
     entry_points={"console_scripts": ["hf-qat=hf_qat.cli:main"]},

@@ -1,5 +1,5 @@
 """hf_qat.gguf_mix predicts the tensor types llama.cpp's own quantizer (``llama_model_quantize``,
-llama-cpp-python) writes for the k-quant mixes: tiny all-F32 GGUF files, quantized by llama.cpp under
+through tests/llama_runtime.py) writes for the k-quant mixes: tiny all-F32 GGUF files, quantized by llama.cpp under
 each mix, every tensor's type compared with the prediction.
 
 The models reach every branch the port has: (a) a 16-layer GQA llama with an output tensor (attn_v /
@@ -14,13 +14,12 @@ Q4_K lifted to Q5_K), kept small by narrow heads and FFN.
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 
 from hf_qat.errors import QATConfigError
 from hf_qat.gguf_mix import MIXES, MixModel, mix_tensor_types
+import llama_runtime
 
 FTYPES = {mix: f"LLAMA_FTYPE_MOSTLY_{mix.upper()}" for mix in MIXES}
 # name -> GGUF writer settings: arch, layers, hidden, FFN width (per expert), heads, kv heads, head dim, experts
@@ -105,7 +104,7 @@ def mix_model_of(reader) -> MixModel:
 
 @pytest.mark.parametrize("case", sorted(MODELS))
 def test_mix_tensor_types_are_llama_cpps(case, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_runtime.runtime()
     import gguf
 
     f32 = tmp_path / "f32.gguf"
@@ -115,11 +114,8 @@ def test_mix_tensor_types_are_llama_cpps(case, tmp_path):
     tensors = [(t.name, tuple(int(n) for n in t.shape)) for t in reader.tensors]  # file order, ne order
     seen = set()
     for mix in MIXES:
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, FTYPES[mix])
-        params.nthread = 2
         out = tmp_path / f"{mix}.gguf"
-        assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) == 0
+        assert llama_runtime.quantize(f32, out, FTYPES[mix], nthread=2) == 0
         got = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
         want = mix_tensor_types(mix, model, tensors)
         wrong = {name: (want.get(name), got.get(name)) for name in got.keys() | want.keys()

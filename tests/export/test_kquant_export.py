@@ -5,8 +5,6 @@ exports in test_llama_cpp.)"""
 
 from __future__ import annotations
 
-import ctypes
-
 import gguf
 import numpy as np
 import pytest
@@ -18,8 +16,7 @@ from hf_qat.convert import quantized_weights
 from hf_qat.export import ExportFormatError, export_checkpoint, export_float_gguf
 from hf_qat.gguf_mix import MIXES
 from helpers import byte_level_bpe, tiny_causal_lm
-
-llama_cpp = pytest.importorskip("llama_cpp")
+import llama_runtime
 
 FTYPES = {mix: f"LLAMA_FTYPE_MOSTLY_{mix.upper()}" for mix in MIXES}
 MODELS = {  # 8 layers: the mixes' use_more_bits layers; 256 wide and tied, or 320 wide (fallbacks) and untied
@@ -49,6 +46,7 @@ def file_type(path) -> tuple[int, int]:
 def test_every_tensor_has_the_type_llama_quantize_gives_it(mix, model_key, tmp_path):
     """llama.cpp's quantizer, run at the mix on the F32 GGUF of the same model, gives every tensor the type our
     QAT export has: the file is, tensor by tensor, the one llama-quantize writes."""
+    llama_runtime.runtime()  # before the export: skips without llama.cpp (fails under CI=true)
     tokenizer = byte_level_bpe("gpt-2")
     model = mixed_model(model_key, mix)
     export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer)
@@ -56,10 +54,8 @@ def test_every_tensor_has_the_type_llama_quantize_gives_it(mix, model_key, tmp_p
     hf_qat.remove_qat(model)
     f32 = export_float_gguf(model, str(tmp_path / "f32"), tokenizer)
     assert set(tensor_types(f32).values()) == {"F32"}
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, FTYPES[mix])
     out = tmp_path / "llama-quantize.gguf"
-    assert llama_cpp.llama_model_quantize(f32.encode(), str(out).encode(), ctypes.byref(params)) == 0
+    assert llama_runtime.quantize(f32, out, FTYPES[mix]) == 0
     assert ours == tensor_types(out)
     assert file_type(tmp_path / "gguf" / "model.gguf") == file_type(out)  # e.g. MOSTLY_Q4_K_M, version 2
     quantized = set(ours.values()) - {"F32"}
@@ -187,10 +183,8 @@ def test_a_gguf_with_float_weights_says_what_llama_cpps_file_would_hold(tmp_path
     assert "token_embd.weight" in note and "from_preset('q4_0')" in note
     hf_qat.remove_qat(model)
     f32 = export_float_gguf(model, str(tmp_path / "f32"), tokenizer)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
     out = tmp_path / "q4_0.gguf"
-    assert llama_cpp.llama_model_quantize(f32.encode(), str(out).encode(), ctypes.byref(params)) == 0
+    assert llama_runtime.quantize(f32, out, "LLAMA_FTYPE_MOSTLY_Q4_0") == 0
     llama_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(out)).tensors)
     assert f"Q4_0 file of this model is {llama_bytes / 1e6:.1f} MB" in note
     mixed = export_checkpoint(mixed_model("tied-256", "q4_0"), tmp_path / "mix", format="gguf", tokenizer=tokenizer)

@@ -1,4 +1,4 @@
-"""GGUF exports run in llama.cpp itself (llama-cpp-python): the same token ids, per-token logits close
+"""GGUF exports run in llama.cpp itself (tests/llama_runtime.py): the same token ids, per-token logits close
 to the QAT model's, and the same greedy continuation, for every architecture the GGUF writer supports.
 
 Tolerance: llama.cpp's CPU Q4_0 dot products quantize the activations to Q8_0 (int8 per block of 32),
@@ -36,8 +36,7 @@ from hf_qat.convert import qat_modules
 from hf_qat.modules import QATLinear
 from hf_qat.export import export_checkpoint
 from helpers import byte_level_bpe, sentencepiece_bpe, tiny_causal_lm
-
-llama_cpp = pytest.importorskip("llama_cpp")
+import llama_runtime
 
 TEXT = "def f(x):\n    return x + 1  # 12345\nclass A:\n    pass\n"
 ATOL_OF_SPREAD = 0.005
@@ -179,6 +178,7 @@ for case in KQUANT:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_llama_cpp_reproduces_the_qat_model(case, tmp_path):
+    llama_runtime.runtime()  # before the training: skips without llama.cpp (fails under CI=true)
     build, pre = CASES[case]
     tokenizer = (sentencepiece_bpe(prefix=pre.endswith("-prefix")) if pre.startswith("sentencepiece")
                  else byte_level_bpe(pre))
@@ -195,13 +195,16 @@ def test_llama_cpp_reproduces_the_qat_model(case, tmp_path):
     else:
         model, options = qat_train(build(), tokenizer), None
     export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer, format_options=options)
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "gguf" / "model.gguf"), n_ctx=128, logits_all=True, verbose=False)
-
-    ids = tokenizer(TEXT)["input_ids"]  # with the special tokens the tokenizer adds (Gemma: <bos>)
-    assert llm.tokenize(TEXT.encode(), add_bos=True, special=False) == ids
-    llm.reset()
-    llm.eval(ids)
-    got = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
+    with llama_runtime.load(tmp_path / "gguf" / "model.gguf", n_ctx=128) as llm:
+        ids = tokenizer(TEXT)["input_ids"]  # with the special tokens the tokenizer adds (Gemma: <bos>)
+        assert llm.tokenize(TEXT) == ids
+        got = np.asarray(llm.eval(ids), dtype=np.float64)
+        llm.reset()
+        last = llm.eval(ids[:8])[-1]  # the greedy continuation below, as llama.cpp generates it (its KV cache)
+        new = []
+        for _ in range(8):
+            new.append(int(np.argmax(last)))
+            last = llm.eval([new[-1]])[-1]
     reference = reference_for(case, model)
     with torch.no_grad(), reference:
         want = model(torch.tensor([ids])).logits[0].double().numpy()
@@ -211,15 +214,8 @@ def test_llama_cpp_reproduces_the_qat_model(case, tmp_path):
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
 
     # greedy continuation: the same first tokens
-    prompt, new = ids[:8], []
-    context = list(prompt)
+    context = list(ids[:8])
     with torch.no_grad(), reference_for(case, model):
         for _ in range(8):
             context.append(int(model(torch.tensor([context])).logits[0, -1].argmax()))
-    llm.reset()
-    llm.eval(prompt)
-    for _ in range(8):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        new.append(token)
-        llm.eval([token])
     assert new == context[8:]
