@@ -51,6 +51,7 @@ from formats_smollm2 import BATCH, IMATRIX_BLOCKS, Bench, gguf_tensor_types, row
 TYPES = ("q2_k", "q3_k_m", "q4_0", "iq4_xs", "q4_k_m")
 FP_LRS = (2e-5, 6e-5, 2e-4, 6e-4)
 QAT_LRS = (6e-5, 2e-4, 6e-4)
+LLAMA_RUNS = ("llama.cpp+imatrix", "llama.cpp")  # the baseline, and llama.cpp's quantizer without a matrix
 LEVERS = ("qat+imatrix", "planned", "ft+qat+distill")
 LLAMA_BLOCKS = 16
 STEPS = 60
@@ -65,6 +66,7 @@ class Runs:
         self.args = args
         self.bench = Bench(argparse.Namespace(steps=STEPS, work=args.work))
         self.fp_seconds: dict[float, float] = {}
+        self.imatrix: dict[float, dict] = {}  # FP learning rate -> its importance matrix (one per FP model)
 
     # -------------------------------------------------------------------------------- measurements
     def blocks(self, n: int) -> list[torch.Tensor]:
@@ -76,7 +78,7 @@ class Runs:
 
         args = TrainingArguments(os.path.join(self.args.work, "trainer"), max_steps=STEPS,
                                  per_device_train_batch_size=BATCH, learning_rate=lr, weight_decay=0.0,
-                                 logging_steps=STEPS // 5, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                                 logging_steps=max(1, STEPS // 5), save_strategy="no", report_to=[], use_cpu=True, seed=0,
                                  disable_tqdm=True)
         return Trainer(model=model, args=args, train_dataset=self.bench.dataset,
                        callbacks=[callback] if callback else [])
@@ -157,7 +159,9 @@ class Runs:
         from llama_quantize import importance_matrix, llama_quantize
 
         lr, model = self.the_fp()
-        matrix = importance_matrix(model, self.bench.dataset.blocks[:IMATRIX_BLOCKS]) if imatrix else None
+        if imatrix and lr not in self.imatrix:
+            self.imatrix[lr] = importance_matrix(model, self.bench.dataset.blocks[:IMATRIX_BLOCKS])
+        matrix = self.imatrix[lr] if imatrix else None
         folder = tempfile.mkdtemp(prefix="llama-quantize-", dir=self.args.work)
         try:
             path = llama_quantize(model, self.bench.tokenizer, folder, ftype.upper(), matrix)
@@ -199,9 +203,9 @@ class Runs:
             for lr in self.args.fp_lrs:
                 self.run_row(f"fp@{lr_tag(lr)}", lambda lr=lr: self.fp_row(lr))
         if only in (None, "llama.cpp"):
-            for ftype in self.args.types:
-                self.run_row(f"{ftype}/llama.cpp+imatrix", lambda f=ftype: self.llama_row(f, True))
-                self.run_row(f"{ftype}/llama.cpp", lambda f=ftype: self.llama_row(f, False))
+            for run in self.args.llama_runs:
+                for ftype in self.args.types:
+                    self.run_row(f"{ftype}/{run}", lambda f=ftype, i=run == "llama.cpp+imatrix": self.llama_row(f, i))
         if only in (None, "qat"):
             for ftype in self.args.types:
                 for lr in self.args.qat_lrs:
@@ -301,6 +305,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("fp", "llama.cpp", "qat", "levers"))
     parser.add_argument("--types", nargs="+", choices=TYPES, default=list(TYPES))
     parser.add_argument("--lever-types", nargs="+", choices=TYPES, default=["q4_0", "q2_k"])
+    parser.add_argument("--llama-runs", nargs="+", choices=LLAMA_RUNS, default=list(LLAMA_RUNS))
     parser.add_argument("--fp-lrs", nargs="+", type=float, default=list(FP_LRS))
     parser.add_argument("--qat-lrs", nargs="+", type=float, default=list(QAT_LRS))
     parser.add_argument("--out", default="docs/file_types/smollm2")
