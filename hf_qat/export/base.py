@@ -17,10 +17,6 @@ from ..errors import QATModelError
 from .layers import QuantizedLayer
 
 MANIFEST_NAME = "hf_qat_export.json"
-# Why a format other than GGUF refuses a layer of the ggml block families (q4_k, ..., iq4_nl, q5_1).
-GGML_ONLY = ("ggml's k-quant / IQ4_NL / Q5_1 blocks (integer block scales under an fp16 super-block scale, "
-             "mins) are written exactly by format='gguf' only")
-
 
 class ExportFormatError(ValueError):
     """A layer's quantization cannot be written exactly in the requested format."""
@@ -83,7 +79,7 @@ class ExportFormat:
 
     def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
         """Whether format="auto" may choose this format for ``layers`` (default: every layer exact here)."""
-        return all(self.problem(layer) is None for layer in layers)
+        return all(refusal(self, layer) is None for layer in layers)
 
     def problem(self, layer: QuantizedLayer) -> str | None:
         """Why ``layer`` cannot be written exactly in this format, or None if it can."""
@@ -139,7 +135,7 @@ def choose_format(layers: list[QuantizedLayer]) -> tuple[str, list[str]]:
         fmt = cls()
         if fmt.auto_accepts(layers):
             return cls.name, skipped
-        reason = next((f"{layer.name}: {p}" for layer in layers if (p := fmt.problem(layer)) is not None),
+        reason = next((f"{layer.name}: {p}" for layer in layers if (p := refusal(fmt, layer)) is not None),
                       "not chosen automatically for these layers")
         skipped.append(f"format='auto' passed over {cls.name!r}: {reason}")
     raise ExportFormatError(f"no registered format accepts these layers ({'; '.join(skipped) or 'none tried'}); "
@@ -154,7 +150,13 @@ def get_format(name: str, options: dict[str, str] | None = None) -> ExportFormat
 
 
 def formats_that_can(layers: list[QuantizedLayer]) -> list[str]:
-    return [name for name, cls in FORMATS.items() if all(cls().problem(layer) is None for layer in layers)]
+    return [name for name, cls in FORMATS.items() if all(refusal(cls(), layer) is None for layer in layers)]
+
+
+def refusal(fmt: ExportFormat, layer: QuantizedLayer) -> str | None:
+    """Why ``fmt`` cannot write ``layer`` exactly, or None: the family's word first (a family only one format
+    holds, :meth:`~hf_qat.quantizers.family.Quantizer.export_problem`), then the format's (:meth:`ExportFormat.problem`)."""
+    return layer.family.export_problem(fmt.name) or fmt.problem(layer)
 
 
 def other_formats(refusing: str, layers: list[QuantizedLayer]) -> str:
@@ -172,7 +174,7 @@ def check_layers(fmt: ExportFormat, layers: list[QuantizedLayer]) -> None:
     layer and how many more share it), and the formats that can."""
     problems: dict[str, list[str]] = {}
     for layer in layers:
-        if (p := fmt.problem(layer)) is not None:
+        if (p := refusal(fmt, layer)) is not None:
             problems.setdefault(p, []).append(layer.name)
     if problems:
         shown = "; ".join(f"{names[0]}{f' and {len(names) - 1} more layers' if len(names) > 1 else ''}: {p}"

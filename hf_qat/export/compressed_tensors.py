@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..kernels.pack import pack_int32
-from .base import (GGML_ONLY, ExportFormat, ExportFormatError, ExportInfo, register_format, save_tensors, tensor_bytes,
+from .base import (ExportFormat, ExportFormatError, ExportInfo, refusal, register_format, save_tensors, tensor_bytes,
                    write_model_config)
 from .fp4 import MXFP4, NVFP4, e2m1_nibbles, is_fp4, stored_scales
 from .layers import QuantizedLayer
@@ -131,11 +131,9 @@ class CompressedTensorsFormat(ExportFormat):
     def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
         """Every layer a row of docs/formats.md's table (LSQ 4/8-bit or SEQ 2-bit, group or channel, Linear) or
         MXFP4 / NVFP4."""
-        return all(self.problem(layer) is None and self.native_width(layer) for layer in layers)
+        return all(refusal(self, layer) is None and self.native_width(layer) for layer in layers)
 
     def problem(self, layer: QuantizedLayer) -> str | None:
-        if layer.ggml_grid is not None:
-            return GGML_ONLY
         if layer.kind == "experts" and layer.group_size == "tensor":
             return "per-tensor scales are not written to compressed-tensors here (use group or channel scales)"
         if layer.kind == "embedding" or layer.tied_to is not None:

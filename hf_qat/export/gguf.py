@@ -42,14 +42,13 @@ import os
 import numpy as np
 import torch
 
-from ..bits import TERNARY_BITS
 from ..gguf_mix import DEFAULT_TYPE
 from ..quantizers.kquants import GRIDS as GGML_GRIDS
 from .base import (ExportFormat, ExportFormatError, ExportInfo, MissingTokenizerError, other_formats,
                    register_format, tensor_bytes, write_model_config)
 from .fp4 import MXFP4 as MXFP4_SCALES
 from .fp4 import NVFP4 as NVFP4_SCALES
-from .fp4 import e2m1_nibbles, is_fp4, stored_scales
+from .fp4 import e2m1_nibbles, stored_scales
 from .gguf_arch import GGUFArchitecture, add_metadata, architecture
 from .gguf_kquants import BYTES as GGML_BYTES
 from .gguf_kquants import pack_ggml
@@ -67,23 +66,9 @@ logger = logging.getLogger("hf_qat")
 
 
 def gguf_type(layer: QuantizedLayer, ternary_type: str = TQ2_0) -> str | None:
-    """The GGML block type that stores ``layer`` exactly (ternary layers: ``ternary_type``), or None."""
-    codes = layer.grid.codes
-    if layer.ggml_grid is not None:
-        return layer.ggml_grid.ggml_type
-    if is_fp4(layer):
-        return MXFP4 if layer.scale_dtype == MXFP4_SCALES else NVFP4
-    if layer.scale_dtype != torch.float16:
-        return None
-    if layer.grid.level == 1.0 and codes == list(range(-8, 8)) and layer.group_size == 32:
-        return Q4_0
-    if layer.grid.level == 1.0 and codes == list(range(-16, 16)) and layer.group_size == 32:
-        return Q5_0
-    if layer.grid.level == 1.0 and codes == list(range(-128, 128)) and layer.group_size == 32:
-        return Q8_0
-    if layer.bits == TERNARY_BITS and codes == [-1, 0, 1] and layer.group_size == 256:
-        return ternary_type
-    return None
+    """The GGML block type that stores ``layer`` exactly (ternary layers: ``ternary_type``), or None: the
+    family's word (:meth:`~hf_qat.quantizers.family.Quantizer.gguf_type`)."""
+    return layer.family.gguf_type(layer.group_size, layer.scale_dtype, ternary_type)
 
 
 def _base3_bytes(trits: torch.Tensor) -> torch.Tensor:
@@ -147,10 +132,10 @@ def _pack_layer(layer: QuantizedLayer, codes: torch.Tensor, step: torch.Tensor, 
     with the steps or the ggml families' block scales, as llama.cpp orders q/k rows)."""
     if heads:
         codes, step = _permute_qk(codes, heads), _permute_qk(step, heads)
-    if layer.ggml_grid is None:
+    if layer.ggml_scales is None:
         return pack_blocks(codes, step, qtype)
     scales = layer.ggml_scales.map(lambda t: _permute_qk(t, heads)) if heads else layer.ggml_scales
-    return pack_ggml(codes, scales, layer.ggml_grid)
+    return pack_ggml(codes, scales, layer.family.ggml_grid)
 
 
 def _permute_qk(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -176,7 +161,7 @@ class GGUFFormat(ExportFormat):
 
     def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
         """The ggml families, and any model trained for a llama.cpp file type (``gguf_mix``), every layer exact."""
-        return (any(layer.ggml_grid is not None or layer.gguf_mix is not None for layer in layers)
+        return (any(layer.family.export_formats == (self.name,) or layer.gguf_mix is not None for layer in layers)
                 and super().auto_accepts(layers))
 
     def problem(self, layer: QuantizedLayer) -> str | None:

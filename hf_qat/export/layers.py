@@ -1,13 +1,14 @@
 """What every export starts from: the integer codes and steps of each quantized layer, and the rest.
 
 Export is packing, never re-quantization: the codes are the ones the QAT forward
-pass used (``quantize_codes`` / ``ggml_codes`` on the current weight and scale), and ``step * code`` (minus
+pass used (the family's ``encode`` of the current weight and scale), and ``step * code`` (minus
 the blocks' mins for the asymmetric ggml families) is exactly the weight the QAT model computed with.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,10 +17,9 @@ from ..convert import get_qat_config, quantized_weights
 from ..distributed import full_tensor
 from ..errors import QATModelError
 from ..lora import has_unmerged_adapters
-from ..quantizers import Grid, MatrixView
+from ..quantizers import Grid, MatrixView, Quantizer
 from ..quantizers.block_scales import SCALE_DTYPES as BLOCK_SCALE_DTYPES
 from ..quantizers.block_scales import STEP_DTYPE
-from ..quantizers.kquants import BlockScales, GGMLGrid
 
 
 @dataclass
@@ -43,9 +43,9 @@ class QuantizedLayer:
         weight_shape: the stored weight's shape (``[E, out, in]`` or ``[E, in, out]`` for experts).
         view: how the stored weight is seen as the ``[R, C]`` matrix of ``codes``
             (:class:`~hf_qat.quantizers.base.MatrixView`; a 2-D weight is its own matrix).
-        ggml_scales: for the ggml block families (q4_k, ..., :mod:`hf_qat.quantizers.kquants`), their
-            block scales (``d``, ``sc``, mins): the matrix is ``step * code - min`` in fp32; None otherwise.
-        ggml_grid: that family's GGMLGrid, or None.
+        family: the quantizer family (:class:`~hf_qat.quantizers.family.Quantizer`) the layer trained on.
+        ggml_scales: a family's own block scales (:meth:`~hf_qat.quantizers.family.Quantizer.encode`: ggml's
+            ``d``, ``sc``, mins; the matrix is ``step * code - min`` in fp32), or None.
         gguf_mix: the llama.cpp file type the model was trained for (``QATConfig.gguf_mix``), or None.
     """
 
@@ -64,8 +64,8 @@ class QuantizedLayer:
     tied_to: str | None = None
     weight_shape: tuple[int, ...] = ()
     view: MatrixView = MatrixView()
-    ggml_scales: BlockScales | None = None
-    ggml_grid: GGMLGrid | None = None
+    family: Quantizer | None = None
+    ggml_scales: Any = None
     gguf_mix: str | None = None
 
     @property
@@ -92,14 +92,14 @@ class QuantizedLayer:
 
 
 def _layer(name: str, qweight, weight: torch.Tensor, codes: torch.Tensor, step: torch.Tensor,
-           ggml_scales: BlockScales | None, bias: torch.Tensor | None, tied_to: str | None) -> QuantizedLayer:
+           ggml_scales: Any, bias: torch.Tensor | None, tied_to: str | None) -> QuantizedLayer:
     unit = qweight.weight_quantizer
     return QuantizedLayer(
         name=name, kind=qweight.kind, codes=codes.cpu(), step=step.cpu(), grid=unit.spec.grid,
         bits=unit.quantizer.bits, method=unit.quantizer.name, group_size=unit.group_size,
         scale_dtype=unit.spec.scale_dtype, dtype=weight.dtype,
         bias=bias, activation_bits=getattr(qweight.module, "activation_bits", None), tied_to=tied_to,
-        weight_shape=tuple(weight.shape), view=unit.view, ggml_grid=unit.spec.ggml_grid,
+        weight_shape=tuple(weight.shape), view=unit.view, family=unit.quantizer,
         ggml_scales=None if ggml_scales is None else ggml_scales.map(torch.Tensor.cpu),
         gguf_mix=None if unit.config is None else unit.config.gguf_mix,
     )
@@ -157,11 +157,7 @@ def collect_layers(model: nn.Module, keep: bool = True) -> tuple[list[QuantizedL
         tied_to = names_of_weight.get(id(qweight.weight))
         unit = qweight.weight_quantizer
         weight = qweight.full_weight().detach()
-        if unit.spec.ggml_grid is not None:
-            codes, ggml_scales = unit.ggml_codes(weight)
-            step = ggml_scales.step
-        else:
-            (codes, step), ggml_scales = unit.codes(weight), None
+        codes, step, ggml_scales = unit.encode(weight)
         bias = None if bias is None else full_tensor(bias).detach().cpu()
         names_of_weight.setdefault(id(qweight.weight), name)
         if not keep:

@@ -16,7 +16,7 @@ import torch
 
 from ..convert import get_qat_config
 from ..kernels.pack import pack_bits
-from .base import (GGML_ONLY, ExportFormat, ExportInfo, dtype_name, register_format, save_tensors, tensor_bytes,
+from .base import (ExportFormat, ExportInfo, dtype_name, register_format, save_tensors, tensor_bytes,
                    write_model_config)
 from .layers import QuantizedLayer
 from .native_quantizer import FORMAT_VERSION, QUANT_METHOD
@@ -36,8 +36,6 @@ class NativeFormat(ExportFormat):
     tags = ("hf_qat",)
 
     def problem(self, layer: QuantizedLayer) -> str | None:
-        if layer.ggml_grid is not None:
-            return GGML_ONLY
         return None
 
     def storage_bits(self, layer: QuantizedLayer) -> float:

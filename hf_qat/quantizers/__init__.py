@@ -4,7 +4,8 @@
 match bit for bit.
 """
 
-from .base import SCALE_MIN, SEQ_CLIP, Grid, MatrixView, Quantizer, ScaleLayout, e2m1_grid, lsq_grid
+from .base import SCALE_MIN, SEQ_CLIP, Grid, MatrixView, ScaleLayout, e2m1_grid, lsq_grid
+from .family import Quantizer
 from .registry import available_quantizers, get_quantizer, get_quantizer_class, register_quantizer
 
 # Importing the families registers them (in this order: the names "auto" resolves to come first).

@@ -64,7 +64,8 @@ from typing import ClassVar
 import torch
 
 from ..gguf_mix import BLOCK, FALLBACK, file_type_of
-from .base import SCALE_MIN, Grid, Quantizer
+from .base import SCALE_MIN, Grid
+from .family import Quantizer
 from .reference import MSE_SCALE_RATIOS, nearest_value
 from .registry import register_quantizer
 
@@ -297,6 +298,8 @@ class GGMLQuantizer(Quantizer):
 
     ggml_grid: ClassVar[GGMLGrid]
     scale_dtype = torch.float16  # d (and dmin) are fp16
+    export_formats = ("gguf",)
+    export_blocks = "integer block scales under an fp16 super-block scale, mins"
 
     def storage_bits(self) -> float:
         return self.ggml_grid.bits_per_weight
@@ -327,6 +330,28 @@ class GGMLQuantizer(Quantizer):
         s = ((groups.amax(-1) + m) / grid.hi).clamp_min(SCALE_MIN)  # a zero block keeps a trainable scale
         return torch.stack([s, m], -1)
 
+
+    def gguf_type(self, group_size: int | str, scale_dtype: torch.dtype, ternary_type: str) -> str:
+        return self.ggml_grid.ggml_type
+
+    def own_forward(self):
+        """:class:`GGMLFakeQuant`, on every device (no Triton kernel for these families)."""
+        return self._forward
+
+    def _forward(self, matrix: torch.Tensor, scale: torch.Tensor, grad_scale: float) -> torch.Tensor:
+        return GGMLFakeQuant.apply(matrix, scale, self.ggml_grid, grad_scale)
+
+    def fake_quantize(self, matrix: torch.Tensor, scale: torch.Tensor, spec) -> torch.Tensor:
+        return ggml_fake_quantize(matrix, scale, self.ggml_grid)
+
+    def encode(self, matrix: torch.Tensor, scale: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor, BlockScales]:
+        """``(codes, step, BlockScales)``: the matrix is ``step * codes - min`` (:func:`ggml_codes`)."""
+        codes, scales = ggml_codes(matrix, scale, self.ggml_grid)
+        return codes, scales.step, scales
+
+    def mse_scale(self, matrix: torch.Tensor, first_scale: torch.Tensor, spec,
+                  importance: torch.Tensor | None = None) -> torch.Tensor:
+        return ggml_mse_scale(matrix, first_scale, self.ggml_grid, importance=importance)
 
 def _family(name: str) -> type[GGMLQuantizer]:
     cls = type(f"{GRIDS[name].ggml_type}Quantizer", (GGMLQuantizer,),

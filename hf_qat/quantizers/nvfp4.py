@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import E2M1Quantizer
+from .family import E2M1Quantizer
 from .registry import register_quantizer
 
 
@@ -31,4 +31,5 @@ from .registry import register_quantizer
 class NVFP4Quantizer(E2M1Quantizer):
     block_size = 16
     scale_dtype = torch.float8_e4m3fn
+    ggml_type = "NVFP4"
     first_scale_divisor = 6.0

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Callable, TypeVar
 
 from ..errors import QATConfigError
-from .base import Quantizer
+from .family import Quantizer
 
 _REGISTRY: dict[str, type[Quantizer]] = {}
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..bits import TERNARY_BITS
-from .base import SEQ_CLIP, Grid, Quantizer
+from .base import SEQ_CLIP, Grid
+from .family import Quantizer
 from .registry import register_quantizer
 
 # fp32(2/3): the ternary level spacing in units of s.
