@@ -34,7 +34,7 @@ from .callback import QATCallback  # noqa: E402  (imports transformers)
 from .export import export_checkpoint, load_exported  # noqa: E402  (registers the native format's quantizer)
 from .planner import plan_qat  # noqa: E402
 
-__version__ = "0.4.0"
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "PRESETS",

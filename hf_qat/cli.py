@@ -164,7 +164,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import os
 
     from .export import export_checkpoint
-    from .export.base import MissingTokenizerError
+    from .errors import MissingTokenizerError
 
     tokenizer = None
     source = args.tokenizer or (args.checkpoint if os.path.isfile(os.path.join(args.checkpoint, "tokenizer_config.json")) else None)

@@ -30,6 +30,7 @@ from . import experts
 from .config import QATConfig
 from .coverage import Coverage, coverage
 from .errors import QATConfigError, QATModelError
+from .export_formats import check_target
 from .mix import WeightFamily, mix_families
 from .experts import QATExperts
 from .modules import QATEmbedding, QATLinear
@@ -114,8 +115,6 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
     logger.info("hf_qat: %d weights prepared for QAT (%s); %s", len({id(u) for u in units.values()}),
                 config.resolved_method, coverage(model))
     if config.export_format is not None:
-        from .export.base import check_target  # the exporter, only for a run that names its format
-
         check_target(model, config.export_format)
     return model
 

@@ -13,18 +13,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import QATModelError
-from .layers import QuantizedLayer
+from ..errors import ExportFormatError, QATModelError
+from ..export_formats import FORMATS
+from .layers import QuantizedLayer, probe_layers
 
 MANIFEST_NAME = "hf_qat_export.json"
-
-class ExportFormatError(ValueError):
-    """A layer's quantization cannot be written exactly in the requested format."""
-
-
-class MissingTokenizerError(ExportFormatError):
-    """The format embeds the tokenizer (GGUF) and none was given."""
-
 
 @dataclass
 class ExportInfo:
@@ -102,6 +95,19 @@ class ExportFormat:
         the model holds it."""
         return tensor.numel() * tensor.element_size()
 
+    @classmethod
+    def check_prepared(cls, model: nn.Module) -> None:
+        """``QATConfig.export_format``: the QAT layers just installed in ``model``, checked against this format
+        before training (as :func:`~hf_qat.export.layers.probe_layers` sees them), with the model-level
+        requirements the format can check without a tokenizer (:meth:`check_target`)."""
+        fmt = cls()
+        layers = probe_layers(model)
+        try:
+            check_layers(fmt, layers)
+            fmt.check_target(model, layers)
+        except ExportFormatError as err:
+            raise ExportFormatError(f"QATConfig.export_format={cls.name!r}: {err}") from None
+
     def check_model(self, model: nn.Module, layers: list[QuantizedLayer], tokenizer=None) -> None:
         """Model-level requirements (architecture, tokenizer...), checked before anything is written;
         raise ExportFormatError."""
@@ -109,19 +115,6 @@ class ExportFormat:
     def write(self, model: nn.Module, layers: list[QuantizedLayer], others: dict[str, torch.Tensor], out_dir: str,
               tokenizer=None) -> ExportInfo:
         raise NotImplementedError
-
-
-FORMATS: dict[str, type[ExportFormat]] = {}
-
-
-def register_format(cls: type[ExportFormat]) -> type[ExportFormat]:
-    """Add an export format under ``cls.name`` (a name already taken is refused)."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    if cls.name in FORMATS and FORMATS[cls.name] is not cls:
-        raise ValueError(f"an export format named {cls.name!r} is already registered ({FORMATS[cls.name].__name__})")
-    FORMATS[cls.name] = cls
-    return cls
 
 
 def choose_format(layers: list[QuantizedLayer]) -> tuple[str, list[str]]:
@@ -181,21 +174,6 @@ def check_layers(fmt: ExportFormat, layers: list[QuantizedLayer]) -> None:
                           for p, names in problems.items())
         raise ExportFormatError(
             f"format {fmt.name!r} cannot represent this model exactly: {shown}. {other_formats(fmt.name, layers)}")
-
-
-def check_target(model: nn.Module, name: str) -> None:
-    """``QATConfig.export_format``: the QAT layers just installed in ``model``, checked against format ``name``
-    before training (as :func:`~hf_qat.export.layers.probe_layers` sees them), with the model-level
-    requirements the format can check without a tokenizer."""
-    from .layers import probe_layers
-
-    fmt = get_format(name)
-    layers = probe_layers(model)
-    try:
-        check_layers(fmt, layers)
-        fmt.check_target(model, layers)
-    except ExportFormatError as err:
-        raise ExportFormatError(f"QATConfig.export_format={name!r}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------- writing

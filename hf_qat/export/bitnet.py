@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..bits import TERNARY_BITS
-from .base import ExportFormat, ExportInfo, register_format, save_tensors, tensor_bytes, write_model_config
+from ..export_formats import register_format
+from .base import ExportFormat, ExportInfo, save_tensors, tensor_bytes, write_model_config
 from .layers import QuantizedLayer
 
 

@@ -32,7 +32,9 @@ import torch
 from torch import nn
 
 from ..kernels.pack import pack_int32
-from .base import (ExportFormat, ExportFormatError, ExportInfo, refusal, register_format, save_tensors, tensor_bytes,
+from ..errors import ExportFormatError
+from ..export_formats import register_format
+from .base import (ExportFormat, ExportInfo, refusal, save_tensors, tensor_bytes,
                    write_model_config)
 from .fp4 import MXFP4, NVFP4, e2m1_nibbles, is_fp4, stored_scales
 from .layers import QuantizedLayer

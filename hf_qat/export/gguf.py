@@ -29,9 +29,9 @@
   (llama.cpp's FFN asserts against a scale with a bias).
 
 The file is runnable by llama.cpp: llama.cpp tensor names (gguf's TensorNameMap), the per-architecture
-metadata and tensor transforms (:mod:`hf_qat.export.gguf_arch`: the Llama q/k row permutation moves
+metadata and tensor transforms (:mod:`hf_qat.llamacpp.architectures`: the Llama q/k row permutation moves
 rows with their group scales; Gemma's norms become ``1 + w``) and the tokenizer
-(:mod:`hf_qat.export.gguf_vocab`). Norms and unquantized weights are F32.
+(:mod:`hf_qat.llamacpp.vocab`). Norms and unquantized weights are F32.
 """
 
 from __future__ import annotations
@@ -42,25 +42,25 @@ import os
 import numpy as np
 import torch
 
-from ..gguf_mix import DEFAULT_TYPE
+from ..errors import ExportFormatError, MissingTokenizerError
+from ..llamacpp.architectures import GGUFArchitecture, add_metadata, architecture
+from ..llamacpp.file_types import BLOCK, DEFAULT_TYPE
+from ..llamacpp.tensors import expert_tensor_names, skips_head
+from ..llamacpp.vocab import add_tokenizer, gguf_vocab
 from ..quantizers.kquants import GRIDS as GGML_GRIDS
-from .base import (ExportFormat, ExportFormatError, ExportInfo, MissingTokenizerError, other_formats,
-                   register_format, tensor_bytes, write_model_config)
+from ..export_formats import register_format
+from .base import ExportFormat, ExportInfo, other_formats, tensor_bytes, write_model_config
 from .fp4 import MXFP4 as MXFP4_SCALES
 from .fp4 import NVFP4 as NVFP4_SCALES
 from .fp4 import e2m1_nibbles, stored_scales
-from .gguf_arch import GGUFArchitecture, add_metadata, architecture
 from .gguf_kquants import BYTES as GGML_BYTES
 from .gguf_kquants import pack_ggml
-from .gguf_vocab import add_tokenizer, gguf_vocab
 from .layers import QuantizedLayer
 
 Q4_0, Q5_0, Q8_0, TQ1_0, TQ2_0, MXFP4, NVFP4 = "Q4_0", "Q5_0", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4"
-BLOCK = {Q4_0: 32, Q5_0: 32, Q8_0: 32, TQ1_0: 256, TQ2_0: 256, MXFP4: 32, NVFP4: 64,
-         **{grid.ggml_type: grid.super_block for grid in GGML_GRIDS.values()}}
 BYTES = {Q4_0: 18, Q5_0: 22, Q8_0: 34, TQ1_0: 54, TQ2_0: 66, MXFP4: 17, NVFP4: 36, **GGML_BYTES}
 SCALE_BYTES = {Q4_0: 2, Q5_0: 2, Q8_0: 2, TQ1_0: 2, TQ2_0: 2, MXFP4: 1, NVFP4: 4,  # per block
-               **{g.ggml_type: GGML_BYTES[g.ggml_type] - g.bits * g.super_block // 8 for g in GGML_GRIDS.values()}}
+               **{g.ggml_type: GGML_BYTES[g.ggml_type] - g.bits * BLOCK[g.ggml_type] // 8 for g in GGML_GRIDS.values()}}
 TERNARY_TYPES = (TQ2_0, TQ1_0)
 logger = logging.getLogger("hf_qat")
 
@@ -261,8 +261,8 @@ def float_leftovers(path: str, model, layers: list[QuantizedLayer], qtype_of) ->
     import gguf
 
     from ..convert import get_qat_config
-    from ..gguf_mix import allows_quantization, file_type_of, mix_tensor_types
-    from ..mix import gguf_tensors
+    from ..llamacpp.file_types import allows_quantization, file_type_of, mix_tensor_types
+    from ..llamacpp.tensors import gguf_tensors
 
     config = get_qat_config(model)
     if config is None or config.gguf_mix is not None:
@@ -357,26 +357,16 @@ def _expert_tensors(layer: QuantizedLayer, qtype: str) -> list[tuple[str, np.nda
     """A fused expert stack as llama.cpp's stacked tensors, raw blocks ``[E, rows, bytes]`` (gguf reads
     them as ``{in, rows, E}``): ``gate_up_proj``'s two halves (gate first: transformers' concatenated
     layout) as ``ffn_gate_exps`` and ``ffn_up_exps``, ``down_proj`` as ``ffn_down_exps``."""
-    import gguf
-
     codes, step = layer.expert_codes_and_steps()  # [E, out, in], [E, out, groups]: each expert a Linear
     experts, out, width = codes.shape
     raw = _pack_layer(layer, codes.reshape(experts * out, width), step.reshape(experts * out, -1), qtype)
     raw = raw.reshape(experts, out, -1)
     tensor_scale = np.full(experts, nvfp4_tensor_scale(step), dtype=np.float32) if qtype == NVFP4 else None
-    block = int(layer.name.split(".layers.")[1].split(".")[0])
-    parameter = layer.name.rsplit(".", 1)[-1]
-
-    def name(tensor) -> str:
-        return gguf.TENSOR_NAMES[tensor].format(bid=block) + ".weight"
-
-    if parameter == "gate_up_proj":
-        halves = (np.ascontiguousarray(raw[:, :out // 2]), np.ascontiguousarray(raw[:, out // 2:]))
-        tensors = [(name(gguf.MODEL_TENSOR.FFN_GATE_EXP), halves[0]), (name(gguf.MODEL_TENSOR.FFN_UP_EXP), halves[1])]
-    elif parameter == "down_proj":
-        tensors = [(name(gguf.MODEL_TENSOR.FFN_DOWN_EXP), raw)]
-    else:
-        raise ExportFormatError(f"{layer.name}: no llama.cpp tensor for the expert weight {parameter!r}")
+    names = expert_tensor_names(layer.name)
+    if not names:
+        raise ExportFormatError(f"{layer.name}: no llama.cpp tensor for the expert weight {layer.name.rsplit('.', 1)[-1]!r}")
+    rows = out // len(names)  # gate_up_proj: the halves, gate first
+    tensors = [(name, np.ascontiguousarray(raw[:, i * rows:(i + 1) * rows])) for i, name in enumerate(names)]
     if tensor_scale is not None:  # one scale per expert ({n_expert}), the same for all: one g per stack
         tensors += [(key.removesuffix(".weight") + ".scale", tensor_scale) for key, _ in tensors]
     return tensors
@@ -400,7 +390,7 @@ def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others, qtype_of) 
 
     written: dict[str, torch.Tensor] = {}
     for layer in layers:
-        if layer.tied_to and not arch.output_required:
+        if skips_head(arch, layer.tied_to is not None):
             continue
         if layer.kind == "experts":
             for name, raw in _expert_tensors(layer, qtype_of(layer)):
@@ -424,9 +414,9 @@ def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others, qtype_of) 
             writer.add_tensor(gguf_name(f"{layer.name}.bias"), (_permute_qk(bias, heads) if heads else bias).numpy())
             written[f"{layer.name}.bias"] = bias
     for key, tensor in others.items():
-        if key == "lm_head.weight" and not arch.output_required and (
-                getattr(cfg, "tie_word_embeddings", False) or "model.embed_tokens.weight" in others
-                and tensor.data_ptr() == others["model.embed_tokens.weight"].data_ptr()):
+        if key == "lm_head.weight" and skips_head(arch, getattr(cfg, "tie_word_embeddings", False) or (
+                "model.embed_tokens.weight" in others
+                and tensor.data_ptr() == others["model.embed_tokens.weight"].data_ptr())):
             continue
         t = tensor.float()
         heads = qk_heads(key)

@@ -16,7 +16,8 @@ import torch
 
 from ..convert import get_qat_config
 from ..kernels.pack import pack_bits
-from .base import (ExportFormat, ExportInfo, dtype_name, register_format, save_tensors, tensor_bytes,
+from ..export_formats import register_format
+from .base import (ExportFormat, ExportInfo, dtype_name, save_tensors, tensor_bytes,
                    write_model_config)
 from .layers import QuantizedLayer
 from .native_quantizer import FORMAT_VERSION, QUANT_METHOD

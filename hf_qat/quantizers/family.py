@@ -46,6 +46,9 @@ class Quantizer:
     # blocks are, for the refusal of the others.
     export_formats: ClassVar[tuple[str, ...] | None] = None
     export_blocks: ClassVar[str] = ""
+    # The GGML types llama.cpp's file types give weights that this family trains (QATConfig.gguf_mix):
+    # type -> (bits, group size); :func:`~.registry.family_of_ggml_type` asks every family.
+    llama_cpp_types: ClassVar[dict[str, tuple[float, int]]] = {}
 
     def __init__(self, bits: float | int) -> None:
         self.check_bits(bits)

@@ -63,7 +63,7 @@ from typing import ClassVar
 
 import torch
 
-from ..gguf_mix import BLOCK, FALLBACK, file_type_of
+from ..llamacpp.file_types import BLOCK, FALLBACK, file_type_of
 from .base import SCALE_MIN, Grid
 from .family import Quantizer
 from .reference import MSE_SCALE_RATIOS, nearest_value
@@ -357,6 +357,7 @@ def _family(name: str) -> type[GGMLQuantizer]:
     cls = type(f"{GRIDS[name].ggml_type}Quantizer", (GGMLQuantizer,),
                {"ggml_grid": GRIDS[name], "supported_bits": (GRIDS[name].bits,), "block_size": GRIDS[name].block,
                 "row_multiple": GRIDS[name].super_block,
+                "llama_cpp_types": {GRIDS[name].ggml_type: (GRIDS[name].bits, GRIDS[name].block)},
                 "scale_components": 2 if GRIDS[name].asymmetric else 1, "__module__": __name__,
                 "__doc__": f"ggml's {GRIDS[name].ggml_type} (see the module docstring)."})
     return register_quantizer(name)(cls)

@@ -24,6 +24,7 @@ TERNARY_LEVEL = float(torch.tensor(2.0 / 3.0, dtype=torch.float32))
 @register_quantizer("seq")
 class SEQQuantizer(Quantizer):
     supported_bits = (TERNARY_BITS, 2)
+    llama_cpp_types = {"TQ1_0": (TERNARY_BITS, 256), "TQ2_0": (TERNARY_BITS, 256)}
 
     def grid(self) -> Grid:
         c = SEQ_CLIP

@@ -16,7 +16,7 @@ import hf_qat
 from hf_qat import QATConfig
 from hf_qat.convert import quantized_weights
 from hf_qat.export import ExportFormatError, export_checkpoint, export_float_gguf
-from hf_qat.gguf_mix import MIXES
+from hf_qat.llamacpp.file_types import MIXES
 from helpers import byte_level_bpe, tiny_causal_lm
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -152,7 +152,7 @@ def test_a_mix_on_fused_experts_and_the_tied_head_llama_cpp_writes_apart(tmp_pat
     use_more_bits layers) and gguf-py reads the stacked blocks back exactly. OLMoE's file holds a tied head as
     its own output.weight, which the mix types apart from token_embd: refused, not trained on one of them."""
     from hf_qat.errors import QATModelError
-    from hf_qat.gguf_mix import MixModel, mix_tensor_types
+    from hf_qat.llamacpp.file_types import MixModel, mix_tensor_types
 
     model = tiny_causal_lm("qwen3_moe", sharpen=1.0, hidden_size=256, intermediate_size=256, num_experts=4,
                            num_experts_per_tok=2, moe_intermediate_size=256, head_dim=64, num_hidden_layers=4,

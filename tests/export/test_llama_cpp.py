@@ -107,8 +107,8 @@ def kquant_reference(model):
     hooks = []
     for _, module in qat_modules(model):
         if isinstance(module, QATLinear):
-            grid = module.weight_quantizer.quantizer.ggml_grid
-            rounding = q8_k_activations if grid is not None and grid.super_block == 256 else q8_0_activations
+            super_block = module.weight_quantizer.quantizer.row_multiple  # ggml's k-quant super-block, or None
+            rounding = q8_k_activations if super_block == 256 else q8_0_activations
             hooks.append(module.register_forward_pre_hook(lambda _, args, rounding=rounding: (rounding(args[0]),)))
     try:
         yield

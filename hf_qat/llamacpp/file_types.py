@@ -49,7 +49,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import QATConfigError
+from ..errors import QATConfigError
 
 # llama_ftype_get_default_type, for the file types whose every type hf_qat trains (lower case, as the presets)
 DEFAULT_TYPE = {
@@ -70,7 +70,7 @@ UNTRAINABLE = {
     "nvfp4": "the vendored llama.cpp's quantizer has no default type for it (it writes no NVFP4 file); train "
              "QATConfig.from_preset('nvfp4') and export it to GGUF instead",
 }
-BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "IQ4_NL": 32, "MXFP4": 32, "F16": 1,
+BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "IQ4_NL": 32, "MXFP4": 32, "NVFP4": 64, "F16": 1,
          **{t: 256 for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "TQ1_0", "TQ2_0")}}  # ggml_blck_size
 FALLBACK = {"IQ4_XS": "IQ4_NL", "Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0",
             "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # tensor_type_fallback, for the types reached here
