@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .bits import bits_label, normalize_bits
-from .units import human, parse_bytes, parse_count
+from .counts import human, parse_bytes, parse_count
 
 console = Console()
 

@@ -192,7 +192,7 @@ class QATConfig:
             The plan states both.
         gguf_mix: None, or a llama.cpp quantization mix: "q4_k_m", "q4_k_s", "q5_k_m" or "q6_k". Every weight,
             the embedding and LM head included, then trains on the GGML type llama.cpp's quantizer gives
-            its tensor in that mix (:mod:`hf_qat.mix`: Q6_K for the output and some attn_v / ffn_down
+            its tensor in that mix (:mod:`hf_qat.model.file_type`: Q6_K for the output and some attn_v / ffn_down
             layers, Q5_0 / Q5_1 / Q8_0 where rows are not a multiple of 256, ...), so the GGUF export is
             the file ``llama-quantize`` would write, tensor by tensor. ``bits`` / ``method`` must be the
             mix's base type (the presets of the same names set them) and ``embedding_bits`` unset.
@@ -411,7 +411,7 @@ class QATConfig:
     @staticmethod
     def _check_pretrained_tokens(value: Any) -> float | int | None:
         if isinstance(value, str):  # "2T", "2e12" (YAML reads 2.0e12 as text)
-            from .units import parse_count
+            from .counts import parse_count
 
             try:
                 value = parse_count(value)

@@ -10,7 +10,7 @@ import torch
 
 import hf_qat
 from hf_qat import QATCallback, QATConfig, QATModelError
-from hf_qat.convert import quantized_weights
+from hf_qat.model.convert import quantized_weights
 from hf_qat.export import ExportFormatError, export_checkpoint, load_exported
 from helpers import byte_level_bpe, make_trainer, tiny_causal_lm, tiny_llama, tiny_moe
 

@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import checkpoint_tensors
 from ..config import CONFIG_NAME, QATConfig
-from ..convert import get_qat_config, prepare_model_for_qat, quantized_weights, quantizer_units
-from ..distributed import world_size
 from ..errors import QATModelError
-from ..unit import UNIT_KEY
+from ..model.convert import get_qat_config, prepare_model_for_qat, quantized_weights, quantizer_units
+from ..model.distributed import world_size
+from ..model.unit import UNIT_KEY
+from ..training.checkpoint import checkpoint_tensors
 from ..version import __version__
 from .base import (
     ExportFormat,
@@ -90,7 +90,7 @@ def _units_expected(directory: str):
 
 
 def _load_peft_checkpoint(directory: str, config: QATConfig, **kwargs: Any) -> nn.Module:
-    from ..qat_state import STATE_FILE, load_unit_state
+    from ..training.qat_state import STATE_FILE, load_unit_state
 
     try:
         from peft import AutoPeftModelForCausalLM

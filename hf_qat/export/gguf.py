@@ -43,12 +43,12 @@ import numpy as np
 import torch
 
 from ..errors import ExportFormatError, MissingTokenizerError
+from ..export_formats import register_format
 from ..llamacpp.architectures import GGUFArchitecture, add_metadata, architecture
 from ..llamacpp.file_types import BLOCK, DEFAULT_TYPE
 from ..llamacpp.tensors import expert_tensor_names, skips_head
 from ..llamacpp.vocab import add_tokenizer, gguf_vocab
 from ..quantizers.kquants import GRIDS as GGML_GRIDS
-from ..export_formats import register_format
 from .base import ExportFormat, ExportInfo, other_formats, tensor_bytes, write_model_config
 from .fp4 import MXFP4 as MXFP4_SCALES
 from .fp4 import NVFP4 as NVFP4_SCALES
@@ -260,7 +260,7 @@ def float_leftovers(path: str, model, layers: list[QuantizedLayer], qtype_of) ->
     file type (``gguf_mix``) or with nothing left in float."""
     import gguf
 
-    from ..convert import get_qat_config
+    from ..model.convert import get_qat_config
     from ..llamacpp.file_types import allows_quantization, file_type_of, mix_tensor_types
     from ..llamacpp.tensors import gguf_tensors
 
@@ -297,7 +297,7 @@ def _file_type(model, layers: list[QuantizedLayer], qtype_of) -> int | None:
     the quantized weights when llama.cpp names a file type after it, F32 for a float model; None otherwise."""
     import gguf
 
-    from ..convert import get_qat_config
+    from ..model.convert import get_qat_config
 
     config = get_qat_config(model)
     if config is not None and config.gguf_mix is not None:

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..convert import get_qat_config, quantized_weights
-from ..distributed import full_tensor
 from ..errors import QATModelError
-from ..lora import has_unmerged_adapters
+from ..model.convert import get_qat_config, quantized_weights
+from ..model.distributed import full_tensor
+from ..model.lora import has_unmerged_adapters
 from ..quantizers import Grid, MatrixView, Quantizer
 from ..quantizers.block_scales import SCALE_DTYPES as BLOCK_SCALE_DTYPES
 from ..quantizers.block_scales import STEP_DTYPE
@@ -107,7 +107,7 @@ def _layer(name: str, qweight, weight: torch.Tensor, codes: torch.Tensor, step: 
 
 def probe_layers(model: nn.Module) -> list[QuantizedLayer]:
     """The layers of a model just prepared for QAT as :func:`collect_layers` would give them were every
-    scale initialised now (:meth:`~hf_qat.unit.WeightQuantizer.probe_codes`): what ``QATConfig.export_format``
+    scale initialised now (:meth:`~hf_qat.model.unit.WeightQuantizer.probe_codes`): what ``QATConfig.export_format``
     is checked against when the layers are installed, before the first step (biases included: BitNet and
     GGUF's NVFP4 refuse some)."""
     layers: list[QuantizedLayer] = []

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ..convert import get_qat_config
-from ..kernels.pack import pack_bits
 from ..export_formats import register_format
+from ..kernels.pack import pack_bits
+from ..model.convert import get_qat_config
 from .base import (ExportFormat, ExportInfo, dtype_name, save_tensors, tensor_bytes,
                    write_model_config)
 from .layers import QuantizedLayer

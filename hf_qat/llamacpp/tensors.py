@@ -1,7 +1,7 @@
 """llama.cpp's tensor names for a transformers model: which GGUF tensors the writer makes of each state-dict
 tensor (a fused expert stack included), whether a tied LM head is written, and the hyperparameters
 llama.cpp's quantizer reads. The GGUF writer (:mod:`hf_qat.export.gguf`) and the file-type planner
-(:mod:`hf_qat.mix`) both name tensors here, so the types a file type gives and the tensors written agree.
+(:mod:`hf_qat.model.file_type`) both name tensors here, so the types a file type gives and the tensors written agree.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torch import nn
 from .architectures import GGUFArchitecture, architecture, num_experts
 from .file_types import MixModel
 
-GATE_UP, DOWN = "gate_up_proj", "down_proj"  # transformers' fused expert stacks (hf_qat.experts)
+GATE_UP, DOWN = "gate_up_proj", "down_proj"  # transformers' fused expert stacks (hf_qat.model.experts)
 
 
 def expert_tensor_names(key: str) -> list[str]:

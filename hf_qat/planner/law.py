@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from scipy.optimize import minimize, minimize_scalar, nnls
 
-from ..jsonio import write_json
-from ..units import human
 from ..bits import TERNARY_BITS, normalize_bits
+from ..counts import human
+from ..jsonio import write_json
 from .fraction import effective_bits
 
 FORM = "hf_qat/compute-optimal-qat-law/v1"

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..bits import bits_label, normalize_bits
 from ..config import CHOICES
-from ..units import human
+from ..counts import human
 from .fraction import PAPER_A, optimal_qat_fraction, range_warning, tokens_per_parameter_byte
 from .law import QATScalingLaw
 from .storage import weight_format
@@ -148,7 +148,7 @@ def plan_qat(
             memory holds; the default) or "active" (``active_params``). Which one predicts the optimum of an
             MoE is an open question (docs/moe.md).
         storage_bits: the bits per weight in memory when the model mixes formats (a ``gguf_mix``: the mean
-            over its weights, :func:`hf_qat.mix.mean_storage_bits`); None: the ``method``'s.
+            over its weights, :func:`hf_qat.model.file_type.mean_storage_bits`); None: the ``method``'s.
     """
     bits = normalize_bits(bits)
     pretrained = float(pretrained_tokens or 0.0)

@@ -1,6 +1,6 @@
 """A quantizer family: what a weight's grid is, and everything that depends on it.
 
-A family is asked, never branched on: the unit (:class:`hf_qat.unit.WeightQuantizer`) asks it for the first
+A family is asked, never branched on: the unit (:class:`hf_qat.model.unit.WeightQuantizer`) asks it for the first
 scale (:meth:`Quantizer.init_scale`, :meth:`Quantizer.mse_scale`), the codes export packs
 (:meth:`Quantizer.encode`) and the weight on its grid (:meth:`Quantizer.fake_quantize`); the kernels' dispatch
 asks it which forward serves it (:meth:`Quantizer.own_forward`: None, the Grid engines of

@@ -250,7 +250,7 @@ def mse_scale(weight: torch.Tensor, first_scale: torch.Tensor, spec: WeightQuant
     given order and a later ratio wins only with a strictly smaller error. Clipping trades a larger
     error on the few largest weights for a finer step on all the others (GPTQ/AWQ-style clip search,
     llama.cpp's quantizers do the same for their scales). ``importance`` (fp32 ``[C]``, e.g. the mean squared
-    activation of each input column: :mod:`hf_qat.importance`) weights each column's error, as llama.cpp's
+    activation of each input column: :mod:`hf_qat.model.importance`) weights each column's error, as llama.cpp's
     importance matrix does: the search then minimises the error of the layer's output, not of its weights.
     """
     w = weight.float()

@@ -28,8 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..bits import normalize_bits
+from ..model.convert import ptq
 from ..version import __version__
-from ..convert import ptq
 from .config import SweepConfig, SweepConfigError
 from .data import SweepData, data_file_name, load_sweep_data
 from .engine import (build_model, check_size, device, evaluate, load_checkpoint, num_params, prepare_tail,

@@ -14,7 +14,7 @@ import torch
 
 import hf_qat
 from hf_qat import QATConfig
-from hf_qat.convert import quantized_weights
+from hf_qat.model.convert import quantized_weights
 from hf_qat.export import ExportFormatError, export_checkpoint, export_float_gguf
 from hf_qat.llamacpp.file_types import MIXES
 from helpers import byte_level_bpe, tiny_causal_lm
@@ -116,7 +116,7 @@ def test_the_mix_is_checked_when_the_config_is_built():
 def test_the_plan_counts_the_bits_the_mix_stores(tmp_path):
     """mean_storage_bits (the planner's bits per weight under a mix) equals the quantized tensors' bytes in
     the GGUF file per weight, and the callback's plan uses it."""
-    from hf_qat.mix import mean_storage_bits
+    from hf_qat.model.file_type import mean_storage_bits
     from hf_qat.planner import plan_qat
 
     model = mixed_model("untied-320", "q4_k_m")
@@ -134,7 +134,7 @@ def test_a_mix_trains_through_the_trainer_and_its_plan_counts_the_mix(tmp_path):
     """QATCallback with the q4_k_m preset on a 32-wide Llama (every row llama.cpp's fallback: Q5_0, the tied
     embedding Q8_0): the plan's bits per weight are the mix's and the loss stays finite."""
     from helpers import make_trainer
-    from hf_qat.mix import mean_storage_bits
+    from hf_qat.model.file_type import mean_storage_bits
 
     callback = hf_qat.QATCallback(QATConfig.from_preset("q4_k_m", start=0.5))
     trainer = make_trainer(tmp_path / "run", callbacks=[callback], max_steps=6)

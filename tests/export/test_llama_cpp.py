@@ -32,8 +32,8 @@ import torch
 
 import hf_qat
 from hf_qat import QATConfig
-from hf_qat.convert import qat_modules
-from hf_qat.modules import QATLinear
+from hf_qat.model.convert import qat_modules
+from hf_qat.model.modules import QATLinear
 from hf_qat.export import export_checkpoint
 from helpers import byte_level_bpe, sentencepiece_bpe, tiny_causal_lm
 

@@ -9,7 +9,7 @@ implementation reads ``self.gate_up_proj`` / ``self.down_proj``.
 
 QAT installs onto such a module in place: its class becomes ``QAT<class>`` (a subclass, so
 ``isinstance`` checks and state-dict keys are unchanged) and each fused weight ``P`` gets one
-:class:`~hf_qat.unit.WeightQuantizer` as the child ``P_quantizer`` (keys ``...experts.P_quantizer.*``,
+:class:`~hf_qat.model.unit.WeightQuantizer` as the child ``P_quantizer`` (keys ``...experts.P_quantizer.*``,
 as ``...q_proj.weight_quantizer.*`` for a Linear). While a unit is active, the forward computes each
 fake-quantized weight once, puts it where the implementation reads ``P`` for the duration of that
 forward, and puts the Parameter back; dormant, the forward is the original one, bit for bit.

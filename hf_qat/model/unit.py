@@ -25,7 +25,7 @@ along each expert's input dim, "channel" is one scale per expert row and "tensor
 matrix (``[E, 1]``); ParetoQ's gradient factor counts the weights of one expert matrix.
 
 Methods that take a *full* weight expect the whole tensor (all-gathered under FSDP2: see
-:func:`hf_qat.distributed.full_tensor`); :meth:`fake_quantize` takes the weight as the forward sees
+:func:`hf_qat.model.distributed.full_tensor`); :meth:`fake_quantize` takes the weight as the forward sees
 it. A LoRA delta is an explicit input (``weight + delta``), never state.
 """
 
@@ -36,13 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bits import bits_label
+from ..bits import bits_label
+from ..dtypes import torch_dtype
+from ..errors import QATModelError, QATRuntimeError
+from ..kernels import weight_fake_quant
+from ..quantizers import MatrixView, Quantizer, ScaleLayout
+from ..quantizers.reference import WeightQuantSpec
 from .distributed import full_tensor, is_dtensor, world_size, write_full_
-from .dtypes import torch_dtype
-from .errors import QATModelError, QATRuntimeError
-from .kernels import weight_fake_quant
-from .quantizers import MatrixView, Quantizer, ScaleLayout
-from .quantizers.reference import WeightQuantSpec
 
 UNIT_SUFFIX = "_quantizer"  # a unit is the child <layer>.weight_quantizer, or <experts>.<P>_quantizer
 UNIT_KEY = UNIT_SUFFIX + "."  # in every state-dict key of a unit's tensors (scales, switch state)
@@ -106,7 +106,7 @@ class WeightQuantizer(nn.Module):
         self.is_active = False
         self.is_initialized = False
         self.config = None  # the QATConfig of prepare_model_for_qat (hf_qat.get_qat_config reads it)
-        self.importance: torch.Tensor | None = None  # [in]: weights the mse search (hf_qat.importance); not saved
+        self.importance: torch.Tensor | None = None  # [in]: weights the mse search (hf_qat.model.importance); not saved
 
     # ------------------------------------------------------------------ state
     def set_active(self, active: bool) -> None:
@@ -149,7 +149,7 @@ class WeightQuantizer(nn.Module):
         first = self.quantizer.init_scale(self.layout.scale_view(w))
         if self.scale_init != "mse":
             return first
-        importance = self.importance if full_weight.ndim == 2 else None  # per input column (hf_qat.importance)
+        importance = self.importance if full_weight.ndim == 2 else None  # per input column (hf_qat.model.importance)
         return self.quantizer.mse_scale(w, first, self.spec, importance=importance)
 
     def initialize(self, full_weight: torch.Tensor) -> None:

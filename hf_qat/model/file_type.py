@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import ExportFormatError, QATModelError
-from .llamacpp.file_types import mix_tensor_types
-from .llamacpp.tensors import gguf_tensors, is_tied
-from .quantizers import family_of_ggml_type
+from ..errors import ExportFormatError, QATModelError
+from ..llamacpp.file_types import mix_tensor_types
+from ..llamacpp.tensors import gguf_tensors, is_tied
+from ..quantizers import family_of_ggml_type
 from .targets import unwrapped_name
 from .weights import quantizer_units
 
