@@ -19,12 +19,12 @@
 * MXFP4 (``block_mxfp4``): blocks of 32: the E8M0 exponent byte, then 16 bytes; byte j holds element j
   (low nibble) and j + 16 (high) as 4-bit E2M1 encodings, indices of ggml's ``kvalues_fp4`` (doubled
   E2M1 values, dequantized with half the scale: exactly our doubled codes times the step). Exact for
-  the mxfp4 family.
+  the MXFP4 family.
 * NVFP4 (``block_nvfp4``): blocks of 64 = four sub-blocks of 16: four UE4M3 scale bytes ``s_b``, then 32
   bytes, byte ``8s + j`` holding element ``16s + j`` (low) and ``16s + j + 8`` (high); the per-tensor
   scale ``1 / g`` (a power of two, exact) as the F32 tensor ``<name>.scale`` that llama.cpp multiplies
   into the matmul's output (``{n_expert}`` for an expert stack) in the graphs that read it (llama,
-  mistral, qwen3, mixtral, qwen3_moe; refused for the others: ``GGUFArchitecture.nvfp4_scales``). Exact for the nvfp4 family, except the
+  mistral, qwen3, mixtral, qwen3_moe; refused for the others: ``GGUFArchitecture.nvfp4_scales``). Exact for the NVFP4 family, except the
   token embedding (llama.cpp has no scale for it, nor for a tied output) and MLP layers with a bias
   (llama.cpp's FFN asserts against a scale with a bias).
 
@@ -168,7 +168,7 @@ class GGUFFormat(ExportFormat):
         qtype = self.qtype(layer)
         if qtype is None:
             return ("GGUF holds Q4_0 / Q5_0 / Q8_0 (4-, 5-, 8-bit LSQ, groups of 32), TQ2_0 / TQ1_0 (ternary, groups "
-                    "of 256), all with fp16 scales, the mxfp4 / nvfp4 families (MXFP4, NVFP4) and the ggml families "
+                    "of 256), all with fp16 scales, the FP4 families (MXFP4, NVFP4) and the ggml families "
                     "(q2_k .. q6_k, iq4_nl, q5_1)")
         if layer.activation_bits:
             return "llama.cpp does not fake-quantize activations as int8 per token"
@@ -204,11 +204,11 @@ class GGUFFormat(ExportFormat):
             arch = architecture(model.config)
         except ExportFormatError as exc:
             raise ExportFormatError(f"{exc} {other_formats(self.name, layers)}") from None
-        nvfp4 = [layer.name for layer in layers if self.qtype(layer) == NVFP4 and not layer.tied_to]
-        if nvfp4 and not arch.nvfp4_scales:
+        scaled = [layer.name for layer in layers if self.qtype(layer) == NVFP4 and not layer.tied_to]
+        if scaled and not arch.nvfp4_scales:
             raise ExportFormatError(
                 f"llama.cpp's {model.config.model_type} graph does not multiply in the per-tensor scale of NVFP4 "
-                f"weights ({nvfp4[0]}, ...: it would compute with weights g times too large). "
+                f"weights ({scaled[0]}, ...: it would compute with weights g times too large). "
                 f"{other_formats(self.name, layers)} (or train MXFP4 for GGUF)")
         _vocab(tokenizer, model.config)
 
@@ -325,7 +325,7 @@ def export_float_gguf(model, out_dir: str, tokenizer) -> str:
 
 
 def _nvfp4_problem(layer: QuantizedLayer) -> str | None:
-    """Why llama.cpp cannot compute ``layer`` (an nvfp4 layer) from an NVFP4 tensor exactly, or None."""
+    """Why llama.cpp cannot compute ``layer`` (an NVFP4 layer) from an NVFP4 tensor exactly, or None."""
     if layer.kind == "embedding" or layer.tied_to is not None:
         return ("llama.cpp multiplies an NVFP4 tensor's per-tensor scale (<name>.scale) into matmul outputs only: the "
                 "token embedding has none, and a tied output may not have one (quantize the embedding with "

@@ -227,7 +227,7 @@ def initialize_scales(model: nn.Module, force: bool = False) -> int:
 
     deltas = weight_deltas(model)
     todo = [weight for _, weight in quantizer_units(model) if force or not weight.weight_quantizer.is_initialized]
-    # scale_init="mse" took 0.7 s (int4 g32) to 1.6 s (q4_k) per 2048 x 2048 matrix on one CPU thread: minutes
+    # scale_init="mse" took 0.7 s (int4 g32) to 1.6 s (Q4_K) per 2048 x 2048 matrix on one CPU thread: minutes
     # for a large model, so a bar once the work runs past PROGRESS_DELAY seconds
     quiet = os.environ.get("RANK", "0") != "0" or not logger.isEnabledFor(logging.INFO)
     for weight in tqdm(todo, desc="hf_qat: initialising the scales", unit="weight", delay=PROGRESS_DELAY, disable=quiet):

@@ -141,7 +141,7 @@ def plan_qat(
         tokens_per_step_source: how ``tokens_per_step`` was counted (recorded in the plan).
         active_params: for a mixture of experts, the parameters one token uses (all but the experts it is
             not routed to); recorded in the plan.
-        method: the quantizer family; a block-scaled format (mxfp4, nvfp4) stores its block scales with
+        method: the quantizer family; a block-scaled format (MXFP4, NVFP4) stores its block scales with
             every weight, so S counts its bits per weight in memory (4.25, 4.5: ``Plan.storage_bits``)
             instead of ``bits`` (a law still predicts at ``bits``; it knows no element grid).
         moe_params: which N the tokens per parameter byte (and a law) use: "total" (every parameter, what

@@ -160,8 +160,9 @@ class E2M1Quantizer(Quantizer):
     supported_bits = (4,)
     first_scale_divisor: ClassVar[float] = 6.0
 
-    # The GGML block type of the format (GGUF's MXFP4, NVFP4)
+    # The GGML block type of the format (GGUF's MXFP4, NVFP4), and compressed-tensors' (format, preset scheme)
     ggml_type: ClassVar[str]
+    compressed_tensors_scheme: ClassVar[tuple[str, str]]
 
     def grid(self) -> Grid:
         return e2m1_grid()
