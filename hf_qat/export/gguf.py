@@ -7,7 +7,7 @@
   for Q4_K where rows are not a multiple of 256).
 * Q8_0: fp16 ``d`` then 32 int8. Exact for LSQ 8-bit, groups of 32, fp16 scales.
 * Q2_K .. Q6_K, IQ4_NL, Q5_1: the ggml families (:mod:`hf_qat.quantizers.kquants`), packed by
-  :mod:`.gguf_kquants` from their codes and block scales.
+  :mod:`hf_qat.quantizers.ggml_blocks` from their codes and block scales (the family packs them).
 * TQ2_0: blocks of 256: 64 bytes of 2-bit codes ``q + 1`` (byte ``c*32 + m`` holds elements
   ``c*128 + l*32 + m`` at bits ``2l``), then fp16 ``d``. Exact for ternary, groups of 256, fp16 scales.
 * TQ1_0 (``format_options={"ternary_type": "TQ1_0"}``): blocks of 256 in 54 bytes, trits ``t = q + 1``
@@ -45,22 +45,19 @@ import torch
 from ..errors import ExportFormatError, MissingTokenizerError
 from ..export_formats import register_format
 from ..llamacpp.architectures import GGUFArchitecture, add_metadata, architecture
-from ..llamacpp.file_types import BLOCK, DEFAULT_TYPE
+from ..llamacpp.file_types import DEFAULT_TYPE
 from ..llamacpp.tensors import expert_tensor_names, skips_head
 from ..llamacpp.vocab import add_tokenizer, gguf_vocab
-from ..quantizers.kquants import GRIDS as GGML_GRIDS
 from .base import ExportFormat, ExportInfo, other_formats, tensor_bytes, write_model_config
 from .fp4 import MXFP4 as MXFP4_SCALES
 from .fp4 import NVFP4 as NVFP4_SCALES
 from .fp4 import e2m1_nibbles, stored_scales
-from .gguf_kquants import BYTES as GGML_BYTES
-from .gguf_kquants import pack_ggml
 from .layers import QuantizedLayer
 
 Q4_0, Q5_0, Q8_0, TQ1_0, TQ2_0, MXFP4, NVFP4 = "Q4_0", "Q5_0", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4"
-BYTES = {Q4_0: 18, Q5_0: 22, Q8_0: 34, TQ1_0: 54, TQ2_0: 66, MXFP4: 17, NVFP4: 36, **GGML_BYTES}
-SCALE_BYTES = {Q4_0: 2, Q5_0: 2, Q8_0: 2, TQ1_0: 2, TQ2_0: 2, MXFP4: 1, NVFP4: 4,  # per block
-               **{g.ggml_type: GGML_BYTES[g.ggml_type] - g.bits * BLOCK[g.ggml_type] // 8 for g in GGML_GRIDS.values()}}
+# Scale bytes per block of the types the writer packs itself; a family that packs its own blocks stores
+# ``bits * block / 8`` bytes of codes per block and the rest is its scales.
+SCALE_BYTES = {Q4_0: 2, Q5_0: 2, Q8_0: 2, TQ1_0: 2, TQ2_0: 2, MXFP4: 1, NVFP4: 4}
 TERNARY_TYPES = (TQ2_0, TQ1_0)
 logger = logging.getLogger("hf_qat")
 
@@ -69,6 +66,21 @@ def gguf_type(layer: QuantizedLayer, ternary_type: str = TQ2_0) -> str | None:
     """The GGML block type that stores ``layer`` exactly (ternary layers: ``ternary_type``), or None: the
     family's word (:meth:`~hf_qat.quantizers.family.Quantizer.gguf_type`)."""
     return layer.family.gguf_type(layer.group_size, layer.scale_dtype, ternary_type)
+
+
+def block_size(qtype: str) -> tuple[int, int]:
+    """``(weights, bytes)`` of one block of the GGML type ``qtype`` (gguf-py's table, ggml's own)."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+
+
+def _scale_bytes(layer: QuantizedLayer, qtype: str) -> int:
+    """The bytes of one block of ``layer`` (type ``qtype``) that hold scales, not codes."""
+    if qtype in SCALE_BYTES:
+        return SCALE_BYTES[qtype]
+    block, size = block_size(qtype)
+    return size - int(layer.family.bits) * block // 8
 
 
 def _base3_bytes(trits: torch.Tensor) -> torch.Tensor:
@@ -89,7 +101,7 @@ def pack_blocks(codes: torch.Tensor, step: torch.Tensor, qtype: str) -> np.ndarr
     """``codes int8 [R, C]`` and their steps ``[R, C / group]`` (fp16-exact for the integer types; the
     FP4 families' steps) -> the raw GGUF blocks ``uint8 [R, bytes]``."""
     rows, cols = codes.shape
-    block = BLOCK[qtype]
+    block = block_size(qtype)[0]
     q = codes.to(torch.int16).view(rows, cols // block, block)
     if qtype in (MXFP4, NVFP4):
         scales = stored_scales(MXFP4_SCALES if qtype == MXFP4 else NVFP4_SCALES, step)[0].view(torch.uint8)
@@ -132,10 +144,9 @@ def _pack_layer(layer: QuantizedLayer, codes: torch.Tensor, step: torch.Tensor, 
     with the steps or the ggml families' block scales, as llama.cpp orders q/k rows)."""
     if heads:
         codes, step = _permute_qk(codes, heads), _permute_qk(step, heads)
-    if layer.ggml_scales is None:
-        return pack_blocks(codes, step, qtype)
-    scales = layer.ggml_scales.map(lambda t: _permute_qk(t, heads)) if heads else layer.ggml_scales
-    return pack_ggml(codes, scales, layer.family.ggml_grid)
+    scales = layer.ggml_scales.map(lambda t: _permute_qk(t, heads)) if heads and layer.ggml_scales else layer.ggml_scales
+    raw = layer.family.pack_gguf(codes, step, scales)
+    return pack_blocks(codes, step, qtype) if raw is None else raw
 
 
 def _permute_qk(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -180,15 +191,16 @@ class GGUFFormat(ExportFormat):
         if layer.tied_to:
             return 0.0  # llama.cpp reads a tied output from token_embd
         qtype = self.qtype(layer)
-        return 8.0 * (BYTES[qtype] - SCALE_BYTES[qtype]) / BLOCK[qtype]  # the block scales are counted apart
+        block, size = block_size(qtype)
+        return 8.0 * (size - _scale_bytes(layer, qtype)) / block  # the block scales are counted apart
 
     def scale_bytes(self, layer: QuantizedLayer) -> int:
         if layer.tied_to:
             return 0
         qtype = self.qtype(layer)
-        blocks = layer.codes.numel() // BLOCK[qtype]
+        blocks = layer.codes.numel() // block_size(qtype)[0]
         tensor_scales = 4 * (layer.weight_shape[0] if layer.kind == "experts" else 1) if qtype == NVFP4 else 0
-        return blocks * SCALE_BYTES[qtype] + tensor_scales
+        return blocks * _scale_bytes(layer, qtype) + tensor_scales
 
     def float_bytes(self, tensor) -> int:
         return tensor.numel() * 4  # every float tensor is written F32
@@ -330,8 +342,8 @@ def _nvfp4_problem(layer: QuantizedLayer) -> str | None:
         return ("llama.cpp multiplies an NVFP4 tensor's per-tensor scale (<name>.scale) into matmul outputs only: the "
                 "token embedding has none, and a tied output may not have one (quantize the embedding with "
                 "embedding_method='mxfp4' or 'lsq', or export format='hf-qat')")
-    if layer.shape[1] % BLOCK[NVFP4]:
-        return (f"GGUF's NVFP4 blocks hold {BLOCK[NVFP4]} weights (four blocks of 16) along the input; this input "
+    if layer.shape[1] % block_size(NVFP4)[0]:
+        return (f"GGUF's NVFP4 blocks hold {block_size(NVFP4)[0]} weights (four blocks of 16) along the input; this input "
                 f"width is {layer.shape[1]}")
     if layer.bias is not None and ".mlp." in layer.name:
         return "llama.cpp's FFN refuses an NVFP4 per-tensor scale together with a bias (it would apply after the bias)"

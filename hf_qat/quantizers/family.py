@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 
 from ..bits import TERNARY_BITS, bits_label
@@ -115,6 +116,12 @@ class Quantizer:
         """``scale_init="mse"``: ``first_scale`` times each scale's clipping ratio of least squared error
         (:func:`~.reference.mse_scale`), the error weighted per input column by ``importance``."""
         return mse_scale(matrix, first_scale, spec, importance=importance)
+
+    def pack_gguf(self, codes: torch.Tensor, step: torch.Tensor, block_scales: Any) -> np.ndarray | None:
+        """The raw GGUF blocks ``uint8 [R, bytes]`` of :meth:`gguf_type` for the matrix ``codes [R, C]`` (with its
+        steps, or its own block scales: :meth:`encode`), or None (the default): the GGUF writer packs the
+        block types it knows itself (Q4_0, Q5_0, Q8_0, TQ1_0, TQ2_0, MXFP4, NVFP4)."""
+        return None
 
     def export_problem(self, format_name: str) -> str | None:
         """Why the export format ``format_name`` cannot hold this family whatever the layer, or None: a family

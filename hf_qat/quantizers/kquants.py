@@ -66,6 +66,7 @@ import torch
 from ..llamacpp.file_types import BLOCK, FALLBACK, file_type_of
 from .base import SCALE_MIN, Grid
 from .family import Quantizer
+from .ggml_blocks import pack_ggml
 from .reference import MSE_SCALE_RATIOS, nearest_value
 from .registry import register_quantizer
 
@@ -333,6 +334,9 @@ class GGMLQuantizer(Quantizer):
 
     def gguf_type(self, group_size: int | str, scale_dtype: torch.dtype, ternary_type: str) -> str:
         return self.ggml_grid.ggml_type
+
+    def pack_gguf(self, codes: torch.Tensor, step: torch.Tensor, block_scales: BlockScales):
+        return pack_ggml(codes, block_scales, self.ggml_grid)
 
     def own_forward(self):
         """:class:`GGMLFakeQuant`, on every device (no Triton kernel for these families)."""

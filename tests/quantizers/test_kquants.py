@@ -11,7 +11,7 @@ import torch
 
 from hf_qat import QATConfig
 from hf_qat.errors import QATConfigError, QATModelError
-from hf_qat.export.gguf_kquants import BYTES, pack_ggml
+from hf_qat.quantizers.ggml_blocks import BYTES, pack_ggml
 from hf_qat.quantizers import ScaleLayout, get_quantizer
 from hf_qat.quantizers.kquants import GRIDS, GGMLFakeQuant, block_scales, ggml_codes, ggml_fake_quantize
 from hf_qat.model.unit import WeightQuantizer
