@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 
 import hf_qat
-from hf_qat import QATConfig, convert
+from hf_qat import QATConfig
+from hf_qat.model import convert
 from hf_qat.model.unit import WeightQuantizer
 from helpers import tiny_llama
 
