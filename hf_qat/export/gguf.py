@@ -377,7 +377,7 @@ def _expert_tensors(layer: QuantizedLayer, qtype: str) -> list[tuple[str, np.nda
     names = expert_tensor_names(layer.name)
     if not names:
         raise ExportFormatError(f"{layer.name}: no llama.cpp tensor for the expert weight {layer.name.rsplit('.', 1)[-1]!r}")
-    rows = out // len(names)  # gate_up_proj: the halves, gate first
+    rows = out // len(names)  # one block of rows per projection, in the stack's order (gate_up_proj: gate, up)
     tensors = [(name, np.ascontiguousarray(raw[:, i * rows:(i + 1) * rows])) for i, name in enumerate(names)]
     if tensor_scale is not None:  # one scale per expert ({n_expert}), the same for all: one g per stack
         tensors += [(key.removesuffix(".weight") + ".scale", tensor_scale) for key, _ in tensors]

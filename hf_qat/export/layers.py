@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import QATModelError
-from ..model.convert import get_qat_config, quantized_weights
+from ..expert_layout import linear_dims
+from ..model.weights import get_qat_config, quantized_weights
 from ..model.distributed import full_tensor
 from ..model.lora import has_unmerged_adapters
 from ..quantizers import Grid, MatrixView, Quantizer
@@ -82,8 +83,7 @@ class QuantizedLayer:
     def expert_codes_and_steps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A fused expert stack as ``(codes int8 [E, out, in], step fp32 [E, out, n_groups])``: each
         expert's matrix in the ``[out, in]`` layout of a Linear, whatever the stored layout."""
-        experts, a, b = self.weight_shape
-        out, inp = (b, a) if self.view.transposed else (a, b)
+        experts, out, inp = linear_dims(self.weight_shape, self.view.transposed)
         codes = self.codes.reshape(experts, out, inp)  # the matrix rows are the experts' [out, in] rows
         step = self.step.reshape(experts, -1, self.step.shape[-1])
         if self.view.per_matrix:  # one step per expert matrix: the same for each of its rows

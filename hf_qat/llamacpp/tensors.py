@@ -8,23 +8,24 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..expert_layout import linear_dims, projections
 from .architectures import GGUFArchitecture, architecture, num_experts
 from .file_types import MixModel
 
-GATE_UP, DOWN = "gate_up_proj", "down_proj"  # transformers' fused expert stacks (hf_qat.model.experts)
+STACKED = {"gate": "FFN_GATE_EXP", "up": "FFN_UP_EXP", "down": "FFN_DOWN_EXP"}  # projection -> gguf.MODEL_TENSOR
 
 
 def expert_tensor_names(key: str) -> list[str]:
-    """The llama.cpp tensors of the fused expert stack ``key`` (``...layers.<i>.mlp.experts.<parameter>``):
-    ``gate_up_proj``'s two halves (gate first: transformers' concatenated layout) as ``ffn_gate_exps`` and
-    ``ffn_up_exps``, ``down_proj`` as ``ffn_down_exps``; [] for a parameter llama.cpp has no stack for."""
+    """The llama.cpp tensors of the fused expert stack ``key`` (``...layers.<i>.mlp.experts.<parameter>``), one
+    per projection it holds, in its row order (:func:`hf_qat.expert_layout.projections`: ``gate_up_proj`` as
+    ``ffn_gate_exps`` then ``ffn_up_exps``, ``down_proj`` as ``ffn_down_exps``); [] for a parameter llama.cpp
+    has no stack for."""
     import gguf
 
     block = int(key.split(".layers.")[1].split(".")[0])
     parameter = key.removesuffix(".weight").rsplit(".", 1)[-1]
-    tensors = {GATE_UP: (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP),
-               DOWN: (gguf.MODEL_TENSOR.FFN_DOWN_EXP,)}.get(parameter, ())
-    return [gguf.TENSOR_NAMES[tensor].format(bid=block) + ".weight" for tensor in tensors]
+    return [gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, STACKED[p])].format(bid=block) + ".weight"
+            for p in projections(parameter) if p in STACKED]
 
 
 def is_expert_stack(key: str, shape: tuple[int, ...]) -> bool:
@@ -68,19 +69,21 @@ def gguf_tensors(model: nn.Module, names: list[str], state: dict | None = None,
     for key in weight_keys + [k for k in state if k not in set(weight_keys)]:
         if skip_head and key == "lm_head.weight":
             continue
-        for name, shape in _ggml_tensors(key, tuple(state[key].shape), tensor_names):
+        transposed = is_expert_stack(key, tuple(state[key].shape)) and bool(
+            getattr(model.get_submodule(key.rsplit(".", 1)[0]), "is_transposed", False))
+        for name, shape in _ggml_tensors(key, tuple(state[key].shape), transposed, tensor_names):
             if name not in dict(tensors):
                 tensors.append((name, shape))
                 by_weight.setdefault(key.removesuffix(".weight"), name)
     return mix_model, tensors, by_weight
 
 
-def _ggml_tensors(key: str, shape: tuple[int, ...], tensor_names) -> list[tuple[str, tuple[int, ...]]]:
+def _ggml_tensors(key: str, shape: tuple[int, ...], transposed: bool, tensor_names) -> list[tuple[str, tuple[int, ...]]]:
     """The GGUF tensors (name, ggml shape) the writer makes of the state-dict tensor ``key``: a fused expert
-    stack ``[E, out, in]`` becomes llama.cpp's stacked tensors (:func:`expert_tensor_names`) of ``{in, out
-    / halves, E}``."""
+    stack (``[E, out, in]``, or ``[E, in, out]`` when ``transposed``) becomes llama.cpp's stacked tensors
+    (:func:`expert_tensor_names`) of ``{in, out / projections, E}``."""
     if is_expert_stack(key, shape):
-        experts, out, width = shape
+        experts, out, width = linear_dims(shape, transposed)
         names = expert_tensor_names(key)
         return [(name, (width, out // len(names), experts)) for name in names]
     name = tensor_names.get_name(key, try_suffixes=(".weight", ".bias"))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import QATConfigError, QATModelError
+from ..expert_layout import linear_dims
 
 # The scale is clamped to at least this in the forward pass.
 SCALE_MIN = 1e-5
@@ -171,7 +172,7 @@ class MatrixView:
       scales are per expert row and the kernels run over all experts at once (a view, no copy).
     * ``per_matrix`` (per-tensor scales of a stack): ``[E, out * in]``, one row per expert, so a
       channel scale ``[E, 1]`` of that matrix is one scale per expert matrix.
-    * ``transposed``: the stack is stored ``[E, in, out]`` (``is_transposed`` experts, e.g. gpt_oss); it
+    * ``transposed``: the stack is stored ``[E, in, out]`` (:mod:`hf_qat.expert_layout`); it
       is transposed first, which makes the matrix a contiguous copy (and the way back another).
     """
 
@@ -183,7 +184,7 @@ class MatrixView:
             return int(shape[0]), int(shape[1])
         if len(shape) != 3:
             raise QATModelError(f"hf_qat quantizes 2-D weights and 3-D stacks of matrices, got shape {tuple(shape)}")
-        experts, out, inp = (int(shape[0]), int(shape[2]), int(shape[1])) if self.transposed else map(int, shape)
+        experts, out, inp = linear_dims(shape, self.transposed)
         return (experts, out * inp) if self.per_matrix else (experts * out, inp)
 
     def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
