@@ -167,15 +167,15 @@ class E2M1Quantizer(Quantizer):
     supported_bits = (4,)
     first_scale_divisor: ClassVar[float] = 6.0
 
-    # The GGML block type of the format (GGUF's MXFP4, NVFP4), and compressed-tensors' (format, preset scheme)
-    ggml_type: ClassVar[str]
+    # compressed-tensors' (format, preset scheme) of the family
     compressed_tensors_scheme: ClassVar[tuple[str, str]]
 
     def grid(self) -> Grid:
         return e2m1_grid()
 
     def gguf_type(self, group_size: int | str, scale_dtype: torch.dtype, ternary_type: str) -> str | None:
-        return self.ggml_type
+        """GGUF names the block type after the format: the family's name in capitals (MXFP4, NVFP4)."""
+        return self.name.upper()
 
     def init_scale(self, groups: torch.Tensor) -> torch.Tensor:
         return groups.abs().amax(dim=-1) / self.first_scale_divisor

@@ -31,6 +31,5 @@ from .registry import register_quantizer
 class NVFP4Quantizer(E2M1Quantizer):
     block_size = 16
     scale_dtype = torch.float8_e4m3fn
-    ggml_type = "NVFP4"
     compressed_tensors_scheme = ("nvfp4-pack-quantized", "NVFP4A16")
     first_scale_divisor = 6.0
