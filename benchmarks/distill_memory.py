@@ -11,7 +11,7 @@ tokens (``top_k``); both. Seconds per step exclude the first step (warm-up). JSO
 
 ``--loss-only``: the distillation loss's own memory, forward and backward, at SmolLM2's shape (4 x 256
 tokens, vocabulary 49152) and at 4 x 1024 tokens with a 32K vocabulary: hf_qat 0.3's formula (every
-intermediate a full fp32 [tokens, vocabulary] copy, restated below) against ``hf_qat.distill.distill_kl``
+intermediate a full fp32 [tokens, vocabulary] copy, restated below) against ``hf_qat.training.distill.distill_kl``
 (chunked). The figure is the growth of the peak resident memory over the inputs (student and
 teacher logits), in units of one fp32 logits buffer.
 """
@@ -100,7 +100,7 @@ def one_loss(shape: str, implementation: str) -> dict:
 
     import torch
 
-    from hf_qat.distill import distill_kl
+    from hf_qat.training.distill import distill_kl
 
     batch, length, vocab = LOSS_SHAPES[shape]
     g = torch.Generator().manual_seed(0)

@@ -173,7 +173,7 @@ class Runs:
 
     def qat_row(self, ftype: str, lr: float, lever: str | None) -> dict:
         import hf_qat
-        from hf_qat.importance import calibrate_importance
+        from hf_qat import calibrate_importance
 
         overrides = {"start": "auto" if lever == "planned" else 0, "scale_init": "mse"}
         source = "pretrained"

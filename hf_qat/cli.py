@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .bits import bits_label, normalize_bits
-from .units import human, parse_bytes, parse_count
+from .counts import human, parse_bytes, parse_count
 
 console = Console()
 
@@ -164,7 +164,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import os
 
     from .export import export_checkpoint
-    from .export.base import MissingTokenizerError
+    from .errors import MissingTokenizerError
 
     tokenizer = None
     source = args.tokenizer or (args.checkpoint if os.path.isfile(os.path.join(args.checkpoint, "tokenizer_config.json")) else None)
@@ -232,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which N the tokens per parameter byte use (default total: what memory holds)")
     p.add_argument("--tokens", type=_count, required=True, help="training tokens of this run, e.g. 10B")
     p.add_argument("--bits", type=_bits, required=True, help="1, 1.58/ternary, 2, 3, 4, 5, 6, 8")
-    p.add_argument("--method", default=None, help="the quantizer family; mxfp4 / nvfp4 and the ggml families count "
-                   "their block scales (mxfp4 4.25, nvfp4 4.5, q4_k 4.5, q6_k 6.5625 bits per weight)")
+    p.add_argument("--method", default=None, help="the quantizer family; a block-scaled one (MXFP4, NVFP4, ggml's blocks) "
+                   "counts its block scales (MXFP4 4.25, NVFP4 4.5, Q4_K 4.5, Q6_K 6.5625 bits per weight)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of the run")
     p.add_argument("--tokens-per-step", type=_count, default=None)
     p.add_argument("--pretrained-tokens", type=_count, default=None, help="FP tokens the checkpoint already saw")
@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--law", required=True)
     b.add_argument("--candidates", type=lambda t: [_weight_format(x) for x in t.split(",")],
                    default=[1, 1.58, 2, 3, 4, 6, 8],
-                   help="comma-separated bit widths or formats (mxfp4, nvfp4, int4-g32: scales counted)")
+                   help="comma-separated bit widths or formats (a block-scaled family's name, or int4-g32: "
+                        "scales counted)")
     b.set_defaults(func=cmd_best_bits)
 
     e = sub.add_parser("export", help="write a low-bit checkpoint from a QAT checkpoint directory")

@@ -21,7 +21,9 @@ from typing import Any, Union
 from .bits import ALLOWED_BITS, TERNARY_BITS, bits_label, normalize_bits  # noqa: F401  (re-exported)
 from .dtypes import DTYPES
 from .errors import QATConfigError
-from .gguf_mix import MIXES as FILE_TYPES
+from .export_formats import FORMATS
+from .llamacpp.file_types import DEFAULT_TYPE, UNTRAINABLE
+from .llamacpp.file_types import MIXES as FILE_TYPES
 from .schedule import DECAY_SHAPES
 
 ALLOWED_GROUP_STRINGS = ("channel", "tensor")
@@ -190,7 +192,7 @@ class QATConfig:
             The plan states both.
         gguf_mix: None, or a llama.cpp quantization mix: "q4_k_m", "q4_k_s", "q5_k_m" or "q6_k". Every weight,
             the embedding and LM head included, then trains on the GGML type llama.cpp's quantizer gives
-            its tensor in that mix (:mod:`hf_qat.mix`: Q6_K for the output and some attn_v / ffn_down
+            its tensor in that mix (:mod:`hf_qat.model.file_type`: Q6_K for the output and some attn_v / ffn_down
             layers, Q5_0 / Q5_1 / Q8_0 where rows are not a multiple of 256, ...), so the GGUF export is
             the file ``llama-quantize`` would write, tensor by tensor. ``bits`` / ``method`` must be the
             mix's base type (the presets of the same names set them) and ``embedding_bits`` unset.
@@ -319,7 +321,7 @@ class QATConfig:
                                  detail="A block-scaled format rounds its scales to its own format (MXFP4: E8M0, "
                                  "NVFP4: E4M3, the ggml k-quants: integers under an fp16 scale); scale_dtype "
                                  "applies to the integer families")
-        ggml = [cls.name for cls in families.values() if getattr(cls, "ggml_grid", None) is not None]
+        ggml = [cls.name for cls in families.values() if cls.export_formats == ("gguf",)]
         if self.activation_bits is not None and ggml:  # (a gguf_mix's base family is one of them)
             raise QATConfigError("activation_bits", self.activation_bits, f"None with {ggml[0]!r}",
                                  detail="llama.cpp's blocks are exported to GGUF only, and llama.cpp does not "
@@ -328,12 +330,10 @@ class QATConfig:
     def _adopt_gguf_mix(self) -> None:
         """``QATConfig(gguf_mix=t)`` alone: method "auto" becomes the file type's base family, at its bits (bits
         left at the default, or already those; other bits are refused by :meth:`_check_gguf_mix`)."""
-        from .mix import MIX_BASE
-
         if isinstance(self.gguf_mix, str):
             self.gguf_mix = self.gguf_mix.lower()  # llama.cpp's names in any case, as the presets
-        if self.method == "auto" and isinstance(self.gguf_mix, str) and self.gguf_mix in MIX_BASE:
-            method, bits, group_size = MIX_BASE[self.gguf_mix]
+        if self.method == "auto" and isinstance(self.gguf_mix, str) and self.gguf_mix in FILE_TYPES:
+            method, bits, group_size = _file_type_family(self.gguf_mix)
             if normalize_bits(self.bits) in (QATConfig.bits, bits):
                 self.method, self.bits = method, bits
                 self.group_size = group_size if self.group_size is None else self.group_size
@@ -341,8 +341,6 @@ class QATConfig:
     def _check_export_format(self) -> None:
         """``export_format``: a registered format; it sets the default scale_dtype (see the field's docs)."""
         if self.export_format is not None:
-            from .export.base import FORMATS
-
             if not isinstance(self.export_format, str) or self.export_format not in FORMATS:
                 raise QATConfigError("export_format", self.export_format, "None, " + ", ".join(FORMATS),
                                      detail=nearest(str(self.export_format), FORMATS))
@@ -362,16 +360,13 @@ class QATConfig:
         """``gguf_mix``: a known mix, with its base family as bits / method and no embedding_bits."""
         if self.gguf_mix is None:
             return
-        from .gguf_mix import UNTRAINABLE
-        from .mix import MIX_BASE
-
         if isinstance(self.gguf_mix, str) and self.gguf_mix.lower() in UNTRAINABLE:
-            raise QATConfigError("gguf_mix", self.gguf_mix, "None, " + ", ".join(MIX_BASE),
+            raise QATConfigError("gguf_mix", self.gguf_mix, "None, " + ", ".join(FILE_TYPES),
                                  detail=f"hf_qat cannot train llama.cpp's {self.gguf_mix.upper()} file: "
                                         f"{UNTRAINABLE[self.gguf_mix.lower()]}")
-        if not isinstance(self.gguf_mix, str) or self.gguf_mix not in MIX_BASE:
-            raise QATConfigError("gguf_mix", self.gguf_mix, "None, " + ", ".join(MIX_BASE))
-        method, bits, group_size = MIX_BASE[self.gguf_mix]
+        if not isinstance(self.gguf_mix, str) or self.gguf_mix not in FILE_TYPES:
+            raise QATConfigError("gguf_mix", self.gguf_mix, "None, " + ", ".join(FILE_TYPES))
+        method, bits, group_size = _file_type_family(self.gguf_mix)
         if (self.resolved_method, self.bits) != (method, bits):
             field = "bits" if self.method == "auto" or self.resolved_method == method else "method"
             raise QATConfigError(field, getattr(self, field), f"{method!r} with bits={bits} for gguf_mix={self.gguf_mix!r} "
@@ -416,7 +411,7 @@ class QATConfig:
     @staticmethod
     def _check_pretrained_tokens(value: Any) -> float | int | None:
         if isinstance(value, str):  # "2T", "2e12" (YAML reads 2.0e12 as text)
-            from .units import parse_count
+            from .counts import parse_count
 
             try:
                 value = parse_count(value)
@@ -557,6 +552,13 @@ class QATConfig:
     def replace(self, **changes: Any) -> "QATConfig":
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
+
+
+def _file_type_family(file_type: str) -> tuple[str, float, int]:
+    """``(method, bits, group_size)`` of the family that trains the base type of llama.cpp's ``file_type``."""
+    from .quantizers import family_of_ggml_type
+
+    return family_of_ggml_type(DEFAULT_TYPE[file_type])
 
 
 def nearest(name: str, choices) -> str:

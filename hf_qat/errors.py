@@ -32,3 +32,12 @@ class QATModelError(ValueError):
 class QATRuntimeError(RuntimeError):
     """Something went wrong during training: NaN weights at the switch, a missing scale group, a
     distributed setup that QAT cannot run under as configured."""
+
+
+class ExportFormatError(ValueError):
+    """A layer's quantization cannot be written exactly in the requested format (or a model's settings in
+    the file that format writes)."""
+
+
+class MissingTokenizerError(ExportFormatError):
+    """The format embeds the tokenizer (GGUF) and none was given."""

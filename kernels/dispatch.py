@@ -20,7 +20,6 @@ import torch
 
 from .pack import dequantize_reference
 from hf_qat.quantizers.base import MatrixView
-from hf_qat.quantizers.kquants import GGMLFakeQuant
 from hf_qat.quantizers.reference import (
     WeightQuantSpec,
     fake_quantize_activation,
@@ -157,11 +156,11 @@ class ActivationFakeQuant(torch.autograd.Function):
 def weight_fake_quant(weight: torch.Tensor, scale: torch.Tensor, spec: WeightQuantSpec,
                       view: MatrixView = MatrixView()) -> torch.Tensor:
     """Differentiable weight fake quantization through the selected engine (``view``: how ``weight``
-    is seen as the matrix of the math; a 2-D weight is its own). The ggml block families
-    (``spec.ggml_grid``) have one engine, PyTorch (:class:`~hf_qat.quantizers.kquants.GGMLFakeQuant`)."""
-    if spec.ggml_grid is not None:
-        matrix = GGMLFakeQuant.apply(view.to_matrix(weight), scale, spec.ggml_grid, spec.grad_scale)
-        return view.from_matrix(matrix, weight.shape)
+    is seen as the matrix of the math; a 2-D weight is its own). A family with a forward of its own
+    (``spec.forward``, :meth:`~hf_qat.quantizers.family.Quantizer.own_forward`: ggml's blocks) is served by it
+    on every device."""
+    if spec.forward is not None:
+        return view.from_matrix(spec.forward(view.to_matrix(weight), scale, spec.grad_scale), weight.shape)
     return WeightFakeQuant.apply(weight, scale, spec, view)
 
 

@@ -134,7 +134,7 @@ def byte_level_bpe(pre: str, vocab: int = 320):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from hf_qat.export.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT
+    from hf_qat.llamacpp.vocab import LLAMA3_SPLIT, QWEN2_SPLIT
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     split = lambda pattern: pre_tokenizers.Sequence([  # noqa: E731

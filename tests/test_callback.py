@@ -11,8 +11,8 @@ import torch
 from transformers import TrainerCallback
 
 from hf_qat import QATCallback, QATConfig, QATConfigError
-from hf_qat.callback import SCALE_GROUP_KEY
-from hf_qat.convert import qat_modules
+from hf_qat.training.callback import SCALE_GROUP_KEY
+from hf_qat.model.convert import qat_modules
 from helpers import make_trainer, state_dict_copy
 
 CFG = dict(bits=4, group_size=16, start=10, manage_schedule=False)
@@ -135,7 +135,7 @@ def test_fraction_start_and_tied_embedding_qat(tmp_path):
 
 
 def test_weight_error_is_measured_at_the_switch_and_at_evaluation_only(tmp_path, monkeypatch):
-    import hf_qat.callback as callback_module
+    import hf_qat.training.callback as callback_module
 
     calls = []
     real = callback_module.quantization_error
@@ -158,7 +158,7 @@ def test_weight_error_is_measured_at_the_switch_and_at_evaluation_only(tmp_path,
 
 
 def test_log_quant_error_false_measures_nothing(tmp_path, monkeypatch):
-    import hf_qat.callback as callback_module
+    import hf_qat.training.callback as callback_module
 
     monkeypatch.setattr(callback_module, "quantization_error", lambda model: pytest.fail("measured"))
     trainer = make_trainer(tmp_path, [QATCallback(QATConfig(**CFG, log_quant_error=False))], logging_steps=1)

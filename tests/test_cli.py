@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hf_qat.cli import main
-from hf_qat.units import human, parse_bytes, parse_count
+from hf_qat.counts import human, parse_bytes, parse_count
 
 sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "planner"))
 from test_law import synthetic_runs  # noqa: E402

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import hf_qat
 from hf_qat import QATCallback, QATConfig, QATConfigError, QATModelError
-from hf_qat.distill import TEACHER_FILE, distill_kl
+from hf_qat.training.distill import TEACHER_FILE, distill_kl
 from helpers import make_trainer, state_dict_copy, tiny_llama
 
 CFG = dict(bits=4, group_size=16, start=10, manage_schedule=False)
@@ -145,7 +145,7 @@ def _naive_kl(s, t, labels, temperature, top_k=None, num_items=None):
 
 @pytest.mark.parametrize("top_k", [None, 5])
 def test_chunked_kl_value_and_gradient_equal_the_full_formula(monkeypatch, top_k):
-    import hf_qat.distill as distill
+    import hf_qat.training.distill as distill
 
     monkeypatch.setattr(distill, "CHUNK_ELEMENTS", 3 * 37)  # 3 positions a chunk: many chunks, a ragged last one
     g = torch.Generator().manual_seed(1)

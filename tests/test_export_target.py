@@ -33,7 +33,7 @@ def test_a_bf16_model_trains_and_exports_to_compressed_tensors_with_the_defaults
     cfg = QATConfig(bits=4, group_size=16, start=2, manage_schedule=False, export_format="compressed-tensors")
     trainer = make_trainer(tmp_path / "run", [QATCallback(cfg)], model=model, max_steps=4, bf16=True)
     trainer.train()
-    units = [w.weight_quantizer for _, w in hf_qat.convert.quantizer_units(trainer.model)]
+    units = [w.weight_quantizer for _, w in hf_qat.model.convert.quantizer_units(trainer.model)]
     assert units and all(u.spec.scale_dtype == torch.bfloat16 for u in units)
     info = export_checkpoint(trainer.model, tmp_path / "ct", format="compressed-tensors")
     assert info.format == "compressed-tensors" and info.exact

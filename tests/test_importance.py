@@ -1,4 +1,4 @@
-"""The importance matrix (hf_qat.importance): per input column, the mean squared activation the FP model feeds a
+"""The importance matrix (hf_qat.model.importance): per input column, the mean squared activation the FP model feeds a
 layer; the mse scale search weighted by it, as llama.cpp's imatrix weights its quantizers' errors."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 import hf_qat
 from hf_qat import QATConfig
-from hf_qat.convert import quantized_weights
+from hf_qat.model.convert import quantized_weights
 from hf_qat.quantizers import get_quantizer
 from hf_qat.quantizers.kquants import GRIDS, ggml_fake_quantize, ggml_mse_scale
 from hf_qat.quantizers.reference import WeightQuantSpec, fake_quantize_weight, mse_scale

@@ -12,7 +12,7 @@ import hf_qat
 from hf_qat import QATCallback, QATConfig, QATConfigError, QATModelError
 from hf_qat.cli import main
 from hf_qat.export import export_checkpoint
-from hf_qat.units import human
+from hf_qat.counts import human
 from helpers import byte_level_bpe, make_trainer, tiny_llama
 
 

@@ -1,4 +1,4 @@
-"""QATLinear / QATEmbedding and the install/remove functions of hf_qat.convert."""
+"""QATLinear / QATEmbedding and the install/remove functions of hf_qat.model.convert."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 import hf_qat
 from hf_qat import QATConfig, QATEmbedding, QATLinear, prepare_model_for_qat
-from hf_qat.convert import find_targets, qat_modules
+from hf_qat.model.convert import find_targets, qat_modules
 from hf_qat.quantizers.reference import fake_quantize_activation
 from helpers import tiny_llama
 

@@ -11,8 +11,8 @@ from torch import nn
 
 import hf_qat
 from hf_qat import QATCallback, QATConfig, QATModelError
-from hf_qat.convert import coverage, quantized_weights
-from hf_qat.experts import QATExperts
+from hf_qat.model.convert import coverage, quantized_weights
+from hf_qat.model.experts import QATExperts
 from helpers import MOE_CONFIGS, VOCAB, make_trainer, state_dict_copy, tiny_llama, tiny_moe, token_dataset
 
 FAMILIES = list(MOE_CONFIGS)
@@ -172,7 +172,7 @@ def test_activation_bits_and_lora_on_expert_parameters_are_refused_with_the_reas
 def test_trainer_switch_and_resume_after_the_switch_is_exact(tmp_path, family):
     """transformers 5.24 saves a checkpoint in the original per-expert format (Mixtral's modules renamed,
     the units' keys included) but its resume loads it with a plain load_state_dict, which would leave
-    every expert at its initial value: the callback loads what it cannot place (hf_qat.checkpoint)."""
+    every expert at its initial value: the callback loads what it cannot place (hf_qat.training.checkpoint)."""
     cfg = QATConfig(bits=4, group_size=16, start=4, manage_schedule=False)
     full = make_trainer(tmp_path, [QATCallback(cfg)], model=tiny_moe(family), max_steps=8,
                         save_strategy="steps", save_steps=6)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 
 import hf_qat
-from hf_qat import QATConfig, convert
-from hf_qat.unit import WeightQuantizer
+from hf_qat import QATConfig
+from hf_qat.model import convert
+from hf_qat.model.unit import WeightQuantizer
 from helpers import tiny_llama
 
 BAR = "hf_qat: initialising the scales"
@@ -31,4 +32,4 @@ def test_quick_initialisation_shows_none(monkeypatch, capsys):
     monkeypatch.setattr(convert, "PROGRESS_DELAY", 2.0)  # a tiny model's scales take milliseconds
     model = hf_qat.ptq(tiny_llama(), QATConfig(start=0, group_size=16, scale_init="mse"))
     assert BAR not in capsys.readouterr().err
-    assert all(w.weight_quantizer.is_initialized for _, w in hf_qat.convert.quantizer_units(model))
+    assert all(w.weight_quantizer.is_initialized for _, w in hf_qat.model.convert.quantizer_units(model))

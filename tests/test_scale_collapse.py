@@ -4,7 +4,7 @@ A tiny Llama (hidden 64, 2 layers), 4-bit groups of 32, AdamW at a constant lr 3
 at step 6 of 12, three seeds. With the scale itself as the Parameter, Adam's steps of about the LR
 (3e-3) drove scales of about 0.007 to the 1e-5 clamp: 10.8 % of the groups ended with every
 quantized weight below 5 % of the group's largest latent weight. The unit learns the log ratio to
-the initial scale instead (hf_qat/unit.py), so a step changes a scale by about 0.3 %.
+the initial scale instead (hf_qat/model/unit.py), so a step changes a scale by about 0.3 %.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 import hf_qat
-from hf_qat.optim import add_scale_param_group
-from hf_qat.convert import quantizer_units
+from hf_qat.training.optim import add_scale_param_group
+from hf_qat.model.convert import quantizer_units
 from helpers import tiny_llama, token_dataset
 
 

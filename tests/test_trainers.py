@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_qat import QATCallback, QATConfig, QATModelError
-from hf_qat.convert import is_qat_active, quantized_weights
+from hf_qat.model.convert import is_qat_active, quantized_weights
 from helpers import make_trainer, state_dict_copy, tiny_llama, token_dataset
 
 CFG = dict(bits=4, group_size=16, start=4)

@@ -141,7 +141,7 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
 
 def _export_step(settings: DemoSettings, config: SweepConfig, sweep_dir: str, row: dict, result: DemoResult) -> None:
     """Export the planned QAT model, reload it from disk (checksums verified) with transformers, evaluate it."""
-    from ..convert import prepare_model_for_qat
+    from ..model.convert import prepare_model_for_qat
 
     t0 = time.perf_counter()
     data = load_sweep_data(config, row["total_steps"] * config.batch_size, cache_dir=os.path.join(sweep_dir, "cache"))

@@ -7,7 +7,8 @@ Importing this package registers the native format's transformers quantizer.
 
 from . import bitnet, compressed_tensors, gguf, native  # noqa: F401  (registers the formats)
 from .api import export_checkpoint, load_exported, load_qat_checkpoint
-from .base import FORMATS, ExportFormatError, ExportInfo, choose_format
+from ..errors import ExportFormatError
+from .base import FORMATS, ExportInfo, choose_format
 from .gguf import export_float_gguf
 from .layers import QuantizedLayer, collect_layers
 from .packed_modules import PackedEmbedding, PackedLinear, TiedPackedHead

@@ -12,12 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import checkpoint_tensors
 from ..config import CONFIG_NAME, QATConfig
-from ..convert import get_qat_config, prepare_model_for_qat, quantized_weights, quantizer_units
-from ..distributed import world_size
 from ..errors import QATModelError
-from ..unit import UNIT_KEY
+from ..model.convert import get_qat_config, prepare_model_for_qat, quantized_weights, quantizer_units
+from ..model.distributed import world_size
+from ..model.unit import UNIT_KEY
+from ..training.checkpoint import checkpoint_tensors
+from ..version import __version__
 from .base import (
     ExportFormat,
     ExportInfo,
@@ -89,7 +90,7 @@ def _units_expected(directory: str):
 
 
 def _load_peft_checkpoint(directory: str, config: QATConfig, **kwargs: Any) -> nn.Module:
-    from ..qat_state import STATE_FILE, load_unit_state
+    from ..training.qat_state import STATE_FILE, load_unit_state
 
     try:
         from peft import AutoPeftModelForCausalLM
@@ -176,7 +177,7 @@ def export_checkpoint(
 
         info.files.append(write_model_card(out_dir, fmt, info, cfg, found_plan, card or {}, base_model))
         write_manifest(out_dir, info, {"qat_config": cfg.to_dict() if cfg else None, "plan": found_plan,
-                                       "hf_qat_version": _version()})
+                                       "hf_qat_version": __version__})
         if push_to_hub:
             from .hub import push_folder
 
@@ -217,12 +218,6 @@ def _find_plan(model_or_dir, plan) -> dict | None:
             with open(path, encoding="utf-8") as fh:
                 return json.load(fh)
     return None
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def load_exported(directory: str | os.PathLike, verify: bool = True, **kwargs: Any) -> nn.Module:

@@ -13,22 +13,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import QATModelError
-from .layers import QuantizedLayer
+from ..errors import ExportFormatError, QATModelError
+from ..export_formats import FORMATS
+from .layers import QuantizedLayer, probe_layers
 
 MANIFEST_NAME = "hf_qat_export.json"
-# Why a format other than GGUF refuses a layer of the ggml block families (q4_k, ..., iq4_nl, q5_1).
-GGML_ONLY = ("ggml's k-quant / IQ4_NL / Q5_1 blocks (integer block scales under an fp16 super-block scale, "
-             "mins) are written exactly by format='gguf' only")
-
-
-class ExportFormatError(ValueError):
-    """A layer's quantization cannot be written exactly in the requested format."""
-
-
-class MissingTokenizerError(ExportFormatError):
-    """The format embeds the tokenizer (GGUF) and none was given."""
-
 
 @dataclass
 class ExportInfo:
@@ -83,7 +72,7 @@ class ExportFormat:
 
     def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
         """Whether format="auto" may choose this format for ``layers`` (default: every layer exact here)."""
-        return all(self.problem(layer) is None for layer in layers)
+        return all(refusal(self, layer) is None for layer in layers)
 
     def problem(self, layer: QuantizedLayer) -> str | None:
         """Why ``layer`` cannot be written exactly in this format, or None if it can."""
@@ -106,6 +95,19 @@ class ExportFormat:
         the model holds it."""
         return tensor.numel() * tensor.element_size()
 
+    @classmethod
+    def check_prepared(cls, model: nn.Module) -> None:
+        """``QATConfig.export_format``: the QAT layers just installed in ``model``, checked against this format
+        before training (as :func:`~hf_qat.export.layers.probe_layers` sees them), with the model-level
+        requirements the format can check without a tokenizer (:meth:`check_target`)."""
+        fmt = cls()
+        layers = probe_layers(model)
+        try:
+            check_layers(fmt, layers)
+            fmt.check_target(model, layers)
+        except ExportFormatError as err:
+            raise ExportFormatError(f"QATConfig.export_format={cls.name!r}: {err}") from None
+
     def check_model(self, model: nn.Module, layers: list[QuantizedLayer], tokenizer=None) -> None:
         """Model-level requirements (architecture, tokenizer...), checked before anything is written;
         raise ExportFormatError."""
@@ -113,19 +115,6 @@ class ExportFormat:
     def write(self, model: nn.Module, layers: list[QuantizedLayer], others: dict[str, torch.Tensor], out_dir: str,
               tokenizer=None) -> ExportInfo:
         raise NotImplementedError
-
-
-FORMATS: dict[str, type[ExportFormat]] = {}
-
-
-def register_format(cls: type[ExportFormat]) -> type[ExportFormat]:
-    """Add an export format under ``cls.name`` (a name already taken is refused)."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    if cls.name in FORMATS and FORMATS[cls.name] is not cls:
-        raise ValueError(f"an export format named {cls.name!r} is already registered ({FORMATS[cls.name].__name__})")
-    FORMATS[cls.name] = cls
-    return cls
 
 
 def choose_format(layers: list[QuantizedLayer]) -> tuple[str, list[str]]:
@@ -139,7 +128,7 @@ def choose_format(layers: list[QuantizedLayer]) -> tuple[str, list[str]]:
         fmt = cls()
         if fmt.auto_accepts(layers):
             return cls.name, skipped
-        reason = next((f"{layer.name}: {p}" for layer in layers if (p := fmt.problem(layer)) is not None),
+        reason = next((f"{layer.name}: {p}" for layer in layers if (p := refusal(fmt, layer)) is not None),
                       "not chosen automatically for these layers")
         skipped.append(f"format='auto' passed over {cls.name!r}: {reason}")
     raise ExportFormatError(f"no registered format accepts these layers ({'; '.join(skipped) or 'none tried'}); "
@@ -154,7 +143,13 @@ def get_format(name: str, options: dict[str, str] | None = None) -> ExportFormat
 
 
 def formats_that_can(layers: list[QuantizedLayer]) -> list[str]:
-    return [name for name, cls in FORMATS.items() if all(cls().problem(layer) is None for layer in layers)]
+    return [name for name, cls in FORMATS.items() if all(refusal(cls(), layer) is None for layer in layers)]
+
+
+def refusal(fmt: ExportFormat, layer: QuantizedLayer) -> str | None:
+    """Why ``fmt`` cannot write ``layer`` exactly, or None: the family's word first (a family only one format
+    holds, :meth:`~hf_qat.quantizers.family.Quantizer.export_problem`), then the format's (:meth:`ExportFormat.problem`)."""
+    return layer.family.export_problem(fmt.name) or fmt.problem(layer)
 
 
 def other_formats(refusing: str, layers: list[QuantizedLayer]) -> str:
@@ -172,28 +167,13 @@ def check_layers(fmt: ExportFormat, layers: list[QuantizedLayer]) -> None:
     layer and how many more share it), and the formats that can."""
     problems: dict[str, list[str]] = {}
     for layer in layers:
-        if (p := fmt.problem(layer)) is not None:
+        if (p := refusal(fmt, layer)) is not None:
             problems.setdefault(p, []).append(layer.name)
     if problems:
         shown = "; ".join(f"{names[0]}{f' and {len(names) - 1} more layers' if len(names) > 1 else ''}: {p}"
                           for p, names in problems.items())
         raise ExportFormatError(
             f"format {fmt.name!r} cannot represent this model exactly: {shown}. {other_formats(fmt.name, layers)}")
-
-
-def check_target(model: nn.Module, name: str) -> None:
-    """``QATConfig.export_format``: the QAT layers just installed in ``model``, checked against format ``name``
-    before training (as :func:`~hf_qat.export.layers.probe_layers` sees them), with the model-level
-    requirements the format can check without a tokenizer."""
-    from .layers import probe_layers
-
-    fmt = get_format(name)
-    layers = probe_layers(model)
-    try:
-        check_layers(fmt, layers)
-        fmt.check_target(model, layers)
-    except ExportFormatError as err:
-        raise ExportFormatError(f"QATConfig.export_format={name!r}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------- writing

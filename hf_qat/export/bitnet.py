@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..bits import TERNARY_BITS
-from .base import GGML_ONLY, ExportFormat, ExportInfo, register_format, save_tensors, tensor_bytes, write_model_config
+from ..export_formats import register_format
+from .base import ExportFormat, ExportInfo, save_tensors, tensor_bytes, write_model_config
 from .layers import QuantizedLayer
 
 
@@ -35,8 +36,6 @@ class BitNetFormat(ExportFormat):
     tags = ("bitnet", "ternary")
 
     def problem(self, layer: QuantizedLayer) -> str | None:
-        if layer.ggml_grid is not None:
-            return GGML_ONLY
         if layer.kind != "linear" or layer.tied_to is not None:
             return "BitNet stores Linear layers only"
         if layer.bits != TERNARY_BITS or layer.grid.codes != [-1, 0, 1]:

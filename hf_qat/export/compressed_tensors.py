@@ -18,11 +18,12 @@ whose codes fit 4 or 8 signed bits (ternary, binary, 3/5/6-bit) in a wider conta
 8-bit containers are written (other widths straddle int32 words in compressed-tensors 0.20).
 
 The block-scaled FP4 families are written in compressed-tensors' own formats, with the scheme of its
-presets (``MXFP4A16``, ``NVFP4A16``: type "float", 4 bits, symmetric, groups of 32 / tensor groups of 16):
-``mxfp4-pack-quantized`` (``weight_packed`` uint8 ``[out, in / 2]``, element 2i in the low nibble, bit 3
-the sign; ``weight_scale`` uint8 E8M0 ``[out, in / 32]``) and ``nvfp4-pack-quantized`` (the same, with
-``weight_scale`` float8_e4m3fn ``[out, in / 16]`` and ``weight_global_scale`` f32 ``[1]``; the weight is
-``q * (weight_scale / weight_global_scale)``). compressed-tensors decompresses them in bfloat16, where
+presets (each family names its format and preset: ``Quantizer.compressed_tensors_scheme``; type "float",
+4 bits, symmetric, groups of 32 / tensor groups of 16): MXFP4's pack-quantized format (``weight_packed``
+uint8 ``[out, in / 2]``, element 2i in the low nibble, bit 3 the sign; ``weight_scale`` uint8 E8M0
+``[out, in / 32]``) and NVFP4's (the same, with ``weight_scale`` float8_e4m3fn ``[out, in / 16]`` and
+``weight_global_scale`` f32 ``[1]``; the weight is ``q * (weight_scale / weight_global_scale)``).
+compressed-tensors decompresses them in bfloat16, where
 every QAT weight of these families is exact (:mod:`hf_qat.quantizers.block_scales`).
 """
 
@@ -32,13 +33,13 @@ import torch
 from torch import nn
 
 from ..kernels.pack import pack_int32
-from .base import (GGML_ONLY, ExportFormat, ExportFormatError, ExportInfo, register_format, save_tensors, tensor_bytes,
+from ..errors import ExportFormatError
+from ..export_formats import register_format
+from .base import (ExportFormat, ExportInfo, refusal, save_tensors, tensor_bytes,
                    write_model_config)
-from .fp4 import MXFP4, NVFP4, e2m1_nibbles, is_fp4, stored_scales
+from .fp4 import NVFP4, e2m1_nibbles, is_fp4, stored_scales
 from .layers import QuantizedLayer
 
-# compressed-tensors' format and preset scheme of each FP4 scale format
-FP4_FORMATS = {MXFP4: ("mxfp4-pack-quantized", "MXFP4A16"), NVFP4: ("nvfp4-pack-quantized", "NVFP4A16")}
 
 
 def per_expert_names(model: nn.Module, name: str) -> list[str]:
@@ -105,7 +106,7 @@ def _scheme(layer: QuantizedLayer, bits: int | None) -> dict:
     if is_fp4(layer):
         from compressed_tensors.quantization import preset_name_to_scheme
 
-        compression, preset = FP4_FORMATS[layer.scale_dtype]
+        compression, preset = layer.family.compressed_tensors_scheme
         scheme = preset_name_to_scheme(preset, ["Linear"]).model_dump(mode="json")
         return {**scheme, "format": compression}
     weights = {"num_bits": bits, "type": "int", "symmetric": True, "dynamic": False,
@@ -131,25 +132,23 @@ class CompressedTensorsFormat(ExportFormat):
     def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
         """Every layer a row of docs/formats.md's table (LSQ 4/8-bit or SEQ 2-bit, group or channel, Linear) or
         MXFP4 / NVFP4."""
-        return all(self.problem(layer) is None and self.native_width(layer) for layer in layers)
+        return all(refusal(self, layer) is None and self.native_width(layer) for layer in layers)
 
     def problem(self, layer: QuantizedLayer) -> str | None:
-        if layer.ggml_grid is not None:
-            return GGML_ONLY
         if layer.kind == "experts" and layer.group_size == "tensor":
             return "per-tensor scales are not written to compressed-tensors here (use group or channel scales)"
         if layer.kind == "embedding" or layer.tied_to is not None:
             return "compressed-tensors pack-quantized stores Linear layers only (not quantized embeddings)"
         if is_fp4(layer) and not layer.activation_bits:
             if layer.dtype != torch.bfloat16:
-                return (f"compressed-tensors 0.20 decompresses {FP4_FORMATS[layer.scale_dtype][0]} weights to bfloat16 "
+                return (f"compressed-tensors 0.20 decompresses {layer.family.compressed_tensors_scheme[0]} weights to bfloat16 "
                         f"whatever the model's dtype ({layer.dtype} here): transformers' Linear then multiplies "
                         f"{layer.dtype} activations by a bfloat16 weight and fails ('expected m1 and m2 to have the "
                         "same dtype'). Train in bfloat16 for this format, or export format='hf-qat' or 'gguf'")
             if layer.kind == "experts" and layer.scale_dtype == NVFP4:
                 return ("transformers 5.24 merges compressed-tensors experts without their weight_global_scale: NVFP4 "
                         "experts would load g times too large (seen: 16384 x on a tiny Qwen3-MoE). Export "
-                        "format='hf-qat' or 'gguf', or use mxfp4 for the experts")
+                        "format='hf-qat' or 'gguf', or train the experts on MXFP4")
             return None  # its own format: codes and scales as compressed-tensors stores them
         if _container_bits(layer) is None:
             return "its codes do not fit signed 4 or 8 bits"

@@ -7,7 +7,7 @@
   for Q4_K where rows are not a multiple of 256).
 * Q8_0: fp16 ``d`` then 32 int8. Exact for LSQ 8-bit, groups of 32, fp16 scales.
 * Q2_K .. Q6_K, IQ4_NL, Q5_1: the ggml families (:mod:`hf_qat.quantizers.kquants`), packed by
-  :mod:`.gguf_kquants` from their codes and block scales.
+  :mod:`hf_qat.quantizers.ggml_blocks` from their codes and block scales (the family packs them).
 * TQ2_0: blocks of 256: 64 bytes of 2-bit codes ``q + 1`` (byte ``c*32 + m`` holds elements
   ``c*128 + l*32 + m`` at bits ``2l``), then fp16 ``d``. Exact for ternary, groups of 256, fp16 scales.
 * TQ1_0 (``format_options={"ternary_type": "TQ1_0"}``): blocks of 256 in 54 bytes, trits ``t = q + 1``
@@ -19,19 +19,19 @@
 * MXFP4 (``block_mxfp4``): blocks of 32: the E8M0 exponent byte, then 16 bytes; byte j holds element j
   (low nibble) and j + 16 (high) as 4-bit E2M1 encodings, indices of ggml's ``kvalues_fp4`` (doubled
   E2M1 values, dequantized with half the scale: exactly our doubled codes times the step). Exact for
-  the mxfp4 family.
+  the MXFP4 family.
 * NVFP4 (``block_nvfp4``): blocks of 64 = four sub-blocks of 16: four UE4M3 scale bytes ``s_b``, then 32
   bytes, byte ``8s + j`` holding element ``16s + j`` (low) and ``16s + j + 8`` (high); the per-tensor
   scale ``1 / g`` (a power of two, exact) as the F32 tensor ``<name>.scale`` that llama.cpp multiplies
   into the matmul's output (``{n_expert}`` for an expert stack) in the graphs that read it (llama,
-  mistral, qwen3, mixtral, qwen3_moe; refused for the others: ``GGUFArchitecture.nvfp4_scales``). Exact for the nvfp4 family, except the
+  mistral, qwen3, mixtral, qwen3_moe; refused for the others: ``GGUFArchitecture.nvfp4_scales``). Exact for the NVFP4 family, except the
   token embedding (llama.cpp has no scale for it, nor for a tied output) and MLP layers with a bias
   (llama.cpp's FFN asserts against a scale with a bias).
 
 The file is runnable by llama.cpp: llama.cpp tensor names (gguf's TensorNameMap), the per-architecture
-metadata and tensor transforms (:mod:`hf_qat.export.gguf_arch`: the Llama q/k row permutation moves
+metadata and tensor transforms (:mod:`hf_qat.llamacpp.architectures`: the Llama q/k row permutation moves
 rows with their group scales; Gemma's norms become ``1 + w``) and the tokenizer
-(:mod:`hf_qat.export.gguf_vocab`). Norms and unquantized weights are F32.
+(:mod:`hf_qat.llamacpp.vocab`). Norms and unquantized weights are F32.
 """
 
 from __future__ import annotations
@@ -42,48 +42,45 @@ import os
 import numpy as np
 import torch
 
-from ..bits import TERNARY_BITS
-from ..gguf_mix import DEFAULT_TYPE
-from ..quantizers.kquants import GRIDS as GGML_GRIDS
-from .base import (ExportFormat, ExportFormatError, ExportInfo, MissingTokenizerError, other_formats,
-                   register_format, tensor_bytes, write_model_config)
+from ..errors import ExportFormatError, MissingTokenizerError
+from ..export_formats import register_format
+from ..llamacpp.architectures import GGUFArchitecture, add_metadata, architecture
+from ..llamacpp.file_types import DEFAULT_TYPE
+from ..llamacpp.tensors import expert_tensor_names, skips_head
+from ..llamacpp.vocab import add_tokenizer, gguf_vocab
+from .base import ExportFormat, ExportInfo, other_formats, tensor_bytes, write_model_config
 from .fp4 import MXFP4 as MXFP4_SCALES
 from .fp4 import NVFP4 as NVFP4_SCALES
-from .fp4 import e2m1_nibbles, is_fp4, stored_scales
-from .gguf_arch import GGUFArchitecture, add_metadata, architecture
-from .gguf_kquants import BYTES as GGML_BYTES
-from .gguf_kquants import pack_ggml
-from .gguf_vocab import add_tokenizer, gguf_vocab
+from .fp4 import e2m1_nibbles, stored_scales
 from .layers import QuantizedLayer
 
 Q4_0, Q5_0, Q8_0, TQ1_0, TQ2_0, MXFP4, NVFP4 = "Q4_0", "Q5_0", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4"
-BLOCK = {Q4_0: 32, Q5_0: 32, Q8_0: 32, TQ1_0: 256, TQ2_0: 256, MXFP4: 32, NVFP4: 64,
-         **{grid.ggml_type: grid.super_block for grid in GGML_GRIDS.values()}}
-BYTES = {Q4_0: 18, Q5_0: 22, Q8_0: 34, TQ1_0: 54, TQ2_0: 66, MXFP4: 17, NVFP4: 36, **GGML_BYTES}
-SCALE_BYTES = {Q4_0: 2, Q5_0: 2, Q8_0: 2, TQ1_0: 2, TQ2_0: 2, MXFP4: 1, NVFP4: 4,  # per block
-               **{g.ggml_type: GGML_BYTES[g.ggml_type] - g.bits * g.super_block // 8 for g in GGML_GRIDS.values()}}
+# Scale bytes per block of the types the writer packs itself; a family that packs its own blocks stores
+# ``bits * block / 8`` bytes of codes per block and the rest is its scales.
+SCALE_BYTES = {Q4_0: 2, Q5_0: 2, Q8_0: 2, TQ1_0: 2, TQ2_0: 2, MXFP4: 1, NVFP4: 4}
 TERNARY_TYPES = (TQ2_0, TQ1_0)
 logger = logging.getLogger("hf_qat")
 
 
 def gguf_type(layer: QuantizedLayer, ternary_type: str = TQ2_0) -> str | None:
-    """The GGML block type that stores ``layer`` exactly (ternary layers: ``ternary_type``), or None."""
-    codes = layer.grid.codes
-    if layer.ggml_grid is not None:
-        return layer.ggml_grid.ggml_type
-    if is_fp4(layer):
-        return MXFP4 if layer.scale_dtype == MXFP4_SCALES else NVFP4
-    if layer.scale_dtype != torch.float16:
-        return None
-    if layer.grid.level == 1.0 and codes == list(range(-8, 8)) and layer.group_size == 32:
-        return Q4_0
-    if layer.grid.level == 1.0 and codes == list(range(-16, 16)) and layer.group_size == 32:
-        return Q5_0
-    if layer.grid.level == 1.0 and codes == list(range(-128, 128)) and layer.group_size == 32:
-        return Q8_0
-    if layer.bits == TERNARY_BITS and codes == [-1, 0, 1] and layer.group_size == 256:
-        return ternary_type
-    return None
+    """The GGML block type that stores ``layer`` exactly (ternary layers: ``ternary_type``), or None: the
+    family's word (:meth:`~hf_qat.quantizers.family.Quantizer.gguf_type`)."""
+    return layer.family.gguf_type(layer.group_size, layer.scale_dtype, ternary_type)
+
+
+def block_size(qtype: str) -> tuple[int, int]:
+    """``(weights, bytes)`` of one block of the GGML type ``qtype`` (gguf-py's table, ggml's own)."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+
+
+def _scale_bytes(layer: QuantizedLayer, qtype: str) -> int:
+    """The bytes of one block of ``layer`` (type ``qtype``) that hold scales, not codes."""
+    if qtype in SCALE_BYTES:
+        return SCALE_BYTES[qtype]
+    block, size = block_size(qtype)
+    return size - int(layer.family.bits) * block // 8
 
 
 def _base3_bytes(trits: torch.Tensor) -> torch.Tensor:
@@ -104,7 +101,7 @@ def pack_blocks(codes: torch.Tensor, step: torch.Tensor, qtype: str) -> np.ndarr
     """``codes int8 [R, C]`` and their steps ``[R, C / group]`` (fp16-exact for the integer types; the
     FP4 families' steps) -> the raw GGUF blocks ``uint8 [R, bytes]``."""
     rows, cols = codes.shape
-    block = BLOCK[qtype]
+    block = block_size(qtype)[0]
     q = codes.to(torch.int16).view(rows, cols // block, block)
     if qtype in (MXFP4, NVFP4):
         scales = stored_scales(MXFP4_SCALES if qtype == MXFP4 else NVFP4_SCALES, step)[0].view(torch.uint8)
@@ -147,10 +144,9 @@ def _pack_layer(layer: QuantizedLayer, codes: torch.Tensor, step: torch.Tensor, 
     with the steps or the ggml families' block scales, as llama.cpp orders q/k rows)."""
     if heads:
         codes, step = _permute_qk(codes, heads), _permute_qk(step, heads)
-    if layer.ggml_grid is None:
-        return pack_blocks(codes, step, qtype)
-    scales = layer.ggml_scales.map(lambda t: _permute_qk(t, heads)) if heads else layer.ggml_scales
-    return pack_ggml(codes, scales, layer.ggml_grid)
+    scales = layer.ggml_scales.map(lambda t: _permute_qk(t, heads)) if heads and layer.ggml_scales else layer.ggml_scales
+    raw = layer.family.pack_gguf(codes, step, scales)
+    return pack_blocks(codes, step, qtype) if raw is None else raw
 
 
 def _permute_qk(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -176,14 +172,14 @@ class GGUFFormat(ExportFormat):
 
     def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
         """The ggml families, and any model trained for a llama.cpp file type (``gguf_mix``), every layer exact."""
-        return (any(layer.ggml_grid is not None or layer.gguf_mix is not None for layer in layers)
+        return (any(layer.family.export_formats == (self.name,) or layer.gguf_mix is not None for layer in layers)
                 and super().auto_accepts(layers))
 
     def problem(self, layer: QuantizedLayer) -> str | None:
         qtype = self.qtype(layer)
         if qtype is None:
             return ("GGUF holds Q4_0 / Q5_0 / Q8_0 (4-, 5-, 8-bit LSQ, groups of 32), TQ2_0 / TQ1_0 (ternary, groups "
-                    "of 256), all with fp16 scales, the mxfp4 / nvfp4 families (MXFP4, NVFP4) and the ggml families "
+                    "of 256), all with fp16 scales, the FP4 families (MXFP4, NVFP4) and the ggml families "
                     "(q2_k .. q6_k, iq4_nl, q5_1)")
         if layer.activation_bits:
             return "llama.cpp does not fake-quantize activations as int8 per token"
@@ -195,15 +191,16 @@ class GGUFFormat(ExportFormat):
         if layer.tied_to:
             return 0.0  # llama.cpp reads a tied output from token_embd
         qtype = self.qtype(layer)
-        return 8.0 * (BYTES[qtype] - SCALE_BYTES[qtype]) / BLOCK[qtype]  # the block scales are counted apart
+        block, size = block_size(qtype)
+        return 8.0 * (size - _scale_bytes(layer, qtype)) / block  # the block scales are counted apart
 
     def scale_bytes(self, layer: QuantizedLayer) -> int:
         if layer.tied_to:
             return 0
         qtype = self.qtype(layer)
-        blocks = layer.codes.numel() // BLOCK[qtype]
+        blocks = layer.codes.numel() // block_size(qtype)[0]
         tensor_scales = 4 * (layer.weight_shape[0] if layer.kind == "experts" else 1) if qtype == NVFP4 else 0
-        return blocks * SCALE_BYTES[qtype] + tensor_scales
+        return blocks * _scale_bytes(layer, qtype) + tensor_scales
 
     def float_bytes(self, tensor) -> int:
         return tensor.numel() * 4  # every float tensor is written F32
@@ -219,11 +216,11 @@ class GGUFFormat(ExportFormat):
             arch = architecture(model.config)
         except ExportFormatError as exc:
             raise ExportFormatError(f"{exc} {other_formats(self.name, layers)}") from None
-        nvfp4 = [layer.name for layer in layers if self.qtype(layer) == NVFP4 and not layer.tied_to]
-        if nvfp4 and not arch.nvfp4_scales:
+        scaled = [layer.name for layer in layers if self.qtype(layer) == NVFP4 and not layer.tied_to]
+        if scaled and not arch.nvfp4_scales:
             raise ExportFormatError(
                 f"llama.cpp's {model.config.model_type} graph does not multiply in the per-tensor scale of NVFP4 "
-                f"weights ({nvfp4[0]}, ...: it would compute with weights g times too large). "
+                f"weights ({scaled[0]}, ...: it would compute with weights g times too large). "
                 f"{other_formats(self.name, layers)} (or train MXFP4 for GGUF)")
         _vocab(tokenizer, model.config)
 
@@ -275,9 +272,9 @@ def float_leftovers(path: str, model, layers: list[QuantizedLayer], qtype_of) ->
     file type (``gguf_mix``) or with nothing left in float."""
     import gguf
 
-    from ..convert import get_qat_config
-    from ..gguf_mix import allows_quantization, file_type_of, mix_tensor_types
-    from ..mix import gguf_tensors
+    from ..model.convert import get_qat_config
+    from ..llamacpp.file_types import allows_quantization, file_type_of, mix_tensor_types
+    from ..llamacpp.tensors import gguf_tensors
 
     config = get_qat_config(model)
     if config is None or config.gguf_mix is not None:
@@ -312,7 +309,7 @@ def _file_type(model, layers: list[QuantizedLayer], qtype_of) -> int | None:
     the quantized weights when llama.cpp names a file type after it, F32 for a float model; None otherwise."""
     import gguf
 
-    from ..convert import get_qat_config
+    from ..model.convert import get_qat_config
 
     config = get_qat_config(model)
     if config is not None and config.gguf_mix is not None:
@@ -340,13 +337,13 @@ def export_float_gguf(model, out_dir: str, tokenizer) -> str:
 
 
 def _nvfp4_problem(layer: QuantizedLayer) -> str | None:
-    """Why llama.cpp cannot compute ``layer`` (an nvfp4 layer) from an NVFP4 tensor exactly, or None."""
+    """Why llama.cpp cannot compute ``layer`` (an NVFP4 layer) from an NVFP4 tensor exactly, or None."""
     if layer.kind == "embedding" or layer.tied_to is not None:
         return ("llama.cpp multiplies an NVFP4 tensor's per-tensor scale (<name>.scale) into matmul outputs only: the "
                 "token embedding has none, and a tied output may not have one (quantize the embedding with "
                 "embedding_method='mxfp4' or 'lsq', or export format='hf-qat')")
-    if layer.shape[1] % BLOCK[NVFP4]:
-        return (f"GGUF's NVFP4 blocks hold {BLOCK[NVFP4]} weights (four blocks of 16) along the input; this input "
+    if layer.shape[1] % block_size(NVFP4)[0]:
+        return (f"GGUF's NVFP4 blocks hold {block_size(NVFP4)[0]} weights (four blocks of 16) along the input; this input "
                 f"width is {layer.shape[1]}")
     if layer.bias is not None and ".mlp." in layer.name:
         return "llama.cpp's FFN refuses an NVFP4 per-tensor scale together with a bias (it would apply after the bias)"
@@ -372,26 +369,16 @@ def _expert_tensors(layer: QuantizedLayer, qtype: str) -> list[tuple[str, np.nda
     """A fused expert stack as llama.cpp's stacked tensors, raw blocks ``[E, rows, bytes]`` (gguf reads
     them as ``{in, rows, E}``): ``gate_up_proj``'s two halves (gate first: transformers' concatenated
     layout) as ``ffn_gate_exps`` and ``ffn_up_exps``, ``down_proj`` as ``ffn_down_exps``."""
-    import gguf
-
     codes, step = layer.expert_codes_and_steps()  # [E, out, in], [E, out, groups]: each expert a Linear
     experts, out, width = codes.shape
     raw = _pack_layer(layer, codes.reshape(experts * out, width), step.reshape(experts * out, -1), qtype)
     raw = raw.reshape(experts, out, -1)
     tensor_scale = np.full(experts, nvfp4_tensor_scale(step), dtype=np.float32) if qtype == NVFP4 else None
-    block = int(layer.name.split(".layers.")[1].split(".")[0])
-    parameter = layer.name.rsplit(".", 1)[-1]
-
-    def name(tensor) -> str:
-        return gguf.TENSOR_NAMES[tensor].format(bid=block) + ".weight"
-
-    if parameter == "gate_up_proj":
-        halves = (np.ascontiguousarray(raw[:, :out // 2]), np.ascontiguousarray(raw[:, out // 2:]))
-        tensors = [(name(gguf.MODEL_TENSOR.FFN_GATE_EXP), halves[0]), (name(gguf.MODEL_TENSOR.FFN_UP_EXP), halves[1])]
-    elif parameter == "down_proj":
-        tensors = [(name(gguf.MODEL_TENSOR.FFN_DOWN_EXP), raw)]
-    else:
-        raise ExportFormatError(f"{layer.name}: no llama.cpp tensor for the expert weight {parameter!r}")
+    names = expert_tensor_names(layer.name)
+    if not names:
+        raise ExportFormatError(f"{layer.name}: no llama.cpp tensor for the expert weight {layer.name.rsplit('.', 1)[-1]!r}")
+    rows = out // len(names)  # one block of rows per projection, in the stack's order (gate_up_proj: gate, up)
+    tensors = [(name, np.ascontiguousarray(raw[:, i * rows:(i + 1) * rows])) for i, name in enumerate(names)]
     if tensor_scale is not None:  # one scale per expert ({n_expert}), the same for all: one g per stack
         tensors += [(key.removesuffix(".weight") + ".scale", tensor_scale) for key, _ in tensors]
     return tensors
@@ -415,7 +402,7 @@ def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others, qtype_of) 
 
     written: dict[str, torch.Tensor] = {}
     for layer in layers:
-        if layer.tied_to and not arch.output_required:
+        if skips_head(arch, layer.tied_to is not None):
             continue
         if layer.kind == "experts":
             for name, raw in _expert_tensors(layer, qtype_of(layer)):
@@ -439,9 +426,9 @@ def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others, qtype_of) 
             writer.add_tensor(gguf_name(f"{layer.name}.bias"), (_permute_qk(bias, heads) if heads else bias).numpy())
             written[f"{layer.name}.bias"] = bias
     for key, tensor in others.items():
-        if key == "lm_head.weight" and not arch.output_required and (
-                getattr(cfg, "tie_word_embeddings", False) or "model.embed_tokens.weight" in others
-                and tensor.data_ptr() == others["model.embed_tokens.weight"].data_ptr()):
+        if key == "lm_head.weight" and skips_head(arch, getattr(cfg, "tie_word_embeddings", False) or (
+                "model.embed_tokens.weight" in others
+                and tensor.data_ptr() == others["model.embed_tokens.weight"].data_ptr())):
             continue
         t = tensor.float()
         heads = qk_heads(key)

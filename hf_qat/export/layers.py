@@ -1,25 +1,26 @@
 """What every export starts from: the integer codes and steps of each quantized layer, and the rest.
 
 Export is packing, never re-quantization: the codes are the ones the QAT forward
-pass used (``quantize_codes`` / ``ggml_codes`` on the current weight and scale), and ``step * code`` (minus
+pass used (the family's ``encode`` of the current weight and scale), and ``step * code`` (minus
 the blocks' mins for the asymmetric ggml families) is exactly the weight the QAT model computed with.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..convert import get_qat_config, quantized_weights
-from ..distributed import full_tensor
 from ..errors import QATModelError
-from ..lora import has_unmerged_adapters
-from ..quantizers import Grid, MatrixView
+from ..expert_layout import linear_dims
+from ..model.weights import get_qat_config, quantized_weights
+from ..model.distributed import full_tensor
+from ..model.lora import has_unmerged_adapters
+from ..quantizers import Grid, MatrixView, Quantizer
 from ..quantizers.block_scales import SCALE_DTYPES as BLOCK_SCALE_DTYPES
 from ..quantizers.block_scales import STEP_DTYPE
-from ..quantizers.kquants import BlockScales, GGMLGrid
 
 
 @dataclass
@@ -43,9 +44,9 @@ class QuantizedLayer:
         weight_shape: the stored weight's shape (``[E, out, in]`` or ``[E, in, out]`` for experts).
         view: how the stored weight is seen as the ``[R, C]`` matrix of ``codes``
             (:class:`~hf_qat.quantizers.base.MatrixView`; a 2-D weight is its own matrix).
-        ggml_scales: for the ggml block families (q4_k, ..., :mod:`hf_qat.quantizers.kquants`), their
-            block scales (``d``, ``sc``, mins): the matrix is ``step * code - min`` in fp32; None otherwise.
-        ggml_grid: that family's GGMLGrid, or None.
+        family: the quantizer family (:class:`~hf_qat.quantizers.family.Quantizer`) the layer trained on.
+        ggml_scales: a family's own block scales (:meth:`~hf_qat.quantizers.family.Quantizer.encode`: ggml's
+            ``d``, ``sc``, mins; the matrix is ``step * code - min`` in fp32), or None.
         gguf_mix: the llama.cpp file type the model was trained for (``QATConfig.gguf_mix``), or None.
     """
 
@@ -64,8 +65,8 @@ class QuantizedLayer:
     tied_to: str | None = None
     weight_shape: tuple[int, ...] = ()
     view: MatrixView = MatrixView()
-    ggml_scales: BlockScales | None = None
-    ggml_grid: GGMLGrid | None = None
+    family: Quantizer | None = None
+    ggml_scales: Any = None
     gguf_mix: str | None = None
 
     @property
@@ -82,8 +83,7 @@ class QuantizedLayer:
     def expert_codes_and_steps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A fused expert stack as ``(codes int8 [E, out, in], step fp32 [E, out, n_groups])``: each
         expert's matrix in the ``[out, in]`` layout of a Linear, whatever the stored layout."""
-        experts, a, b = self.weight_shape
-        out, inp = (b, a) if self.view.transposed else (a, b)
+        experts, out, inp = linear_dims(self.weight_shape, self.view.transposed)
         codes = self.codes.reshape(experts, out, inp)  # the matrix rows are the experts' [out, in] rows
         step = self.step.reshape(experts, -1, self.step.shape[-1])
         if self.view.per_matrix:  # one step per expert matrix: the same for each of its rows
@@ -92,14 +92,14 @@ class QuantizedLayer:
 
 
 def _layer(name: str, qweight, weight: torch.Tensor, codes: torch.Tensor, step: torch.Tensor,
-           ggml_scales: BlockScales | None, bias: torch.Tensor | None, tied_to: str | None) -> QuantizedLayer:
+           ggml_scales: Any, bias: torch.Tensor | None, tied_to: str | None) -> QuantizedLayer:
     unit = qweight.weight_quantizer
     return QuantizedLayer(
         name=name, kind=qweight.kind, codes=codes.cpu(), step=step.cpu(), grid=unit.spec.grid,
         bits=unit.quantizer.bits, method=unit.quantizer.name, group_size=unit.group_size,
         scale_dtype=unit.spec.scale_dtype, dtype=weight.dtype,
         bias=bias, activation_bits=getattr(qweight.module, "activation_bits", None), tied_to=tied_to,
-        weight_shape=tuple(weight.shape), view=unit.view, ggml_grid=unit.spec.ggml_grid,
+        weight_shape=tuple(weight.shape), view=unit.view, family=unit.quantizer,
         ggml_scales=None if ggml_scales is None else ggml_scales.map(torch.Tensor.cpu),
         gguf_mix=None if unit.config is None else unit.config.gguf_mix,
     )
@@ -107,7 +107,7 @@ def _layer(name: str, qweight, weight: torch.Tensor, codes: torch.Tensor, step: 
 
 def probe_layers(model: nn.Module) -> list[QuantizedLayer]:
     """The layers of a model just prepared for QAT as :func:`collect_layers` would give them were every
-    scale initialised now (:meth:`~hf_qat.unit.WeightQuantizer.probe_codes`): what ``QATConfig.export_format``
+    scale initialised now (:meth:`~hf_qat.model.unit.WeightQuantizer.probe_codes`): what ``QATConfig.export_format``
     is checked against when the layers are installed, before the first step (biases included: BitNet and
     GGUF's NVFP4 refuse some)."""
     layers: list[QuantizedLayer] = []
@@ -157,11 +157,7 @@ def collect_layers(model: nn.Module, keep: bool = True) -> tuple[list[QuantizedL
         tied_to = names_of_weight.get(id(qweight.weight))
         unit = qweight.weight_quantizer
         weight = qweight.full_weight().detach()
-        if unit.spec.ggml_grid is not None:
-            codes, ggml_scales = unit.ggml_codes(weight)
-            step = ggml_scales.step
-        else:
-            (codes, step), ggml_scales = unit.codes(weight), None
+        codes, step, ggml_scales = unit.encode(weight)
         bias = None if bias is None else full_tensor(bias).detach().cpu()
         names_of_weight.setdefault(id(qweight.weight), name)
         if not keep:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from ..convert import get_qat_config
+from ..export_formats import register_format
 from ..kernels.pack import pack_bits
-from .base import (GGML_ONLY, ExportFormat, ExportInfo, dtype_name, register_format, save_tensors, tensor_bytes,
+from ..model.convert import get_qat_config
+from .base import (ExportFormat, ExportInfo, dtype_name, save_tensors, tensor_bytes,
                    write_model_config)
 from .layers import QuantizedLayer
 from .native_quantizer import FORMAT_VERSION, QUANT_METHOD
@@ -36,8 +37,6 @@ class NativeFormat(ExportFormat):
     tags = ("hf_qat",)
 
     def problem(self, layer: QuantizedLayer) -> str | None:
-        if layer.ggml_grid is not None:
-            return GGML_ONLY
         return None
 
     def storage_bits(self, layer: QuantizedLayer) -> float:

@@ -11,7 +11,7 @@ child ``<experts>.<P>_packed`` of its experts module, whose class becomes ``Pack
 puts the dequantized stack where transformers' experts implementations read ``P``.
 
 Importing this module registers :func:`unpack_packed_layers` as a restorer of
-``hf_qat.convert.prepare_model_for_qat``, which so turns a loaded native checkpoint back into trainable
+``hf_qat.model.convert.prepare_model_for_qat``, which so turns a loaded native checkpoint back into trainable
 layers without depending on the exporter.
 """
 
@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert import register_restorer
 from ..dtypes import torch_dtype
 from ..errors import QATModelError
-from ..experts import mixed_class, substituted_parameters
 from ..kernels import activation_fake_quant, dequantize_packed
 from ..kernels.pack import packed_bytes_per_row
+from ..model.convert import register_restorer
+from ..model.experts import mixed_class, substituted_parameters
 from ..quantizers import MatrixView
 
 PACKED_SUFFIX = "_packed"  # the packed child of fused expert stack P is P_packed
@@ -129,7 +129,7 @@ class TiedPackedHead(nn.Module):
 
 
 class PackedExperts(nn.Module):
-    """Mixed into a fused experts class (:func:`hf_qat.experts.mixed_class`): each fused stack ``P`` lives
+    """Mixed into a fused experts class (:func:`hf_qat.model.experts.mixed_class`): each fused stack ``P`` lives
     packed in the child ``P_packed`` and is dequantized for the forward. ``experts_class`` is the
     original class."""
 

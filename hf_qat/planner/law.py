@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from scipy.optimize import minimize, minimize_scalar, nnls
 
-from ..jsonio import write_json
-from ..units import human
 from ..bits import TERNARY_BITS, normalize_bits
+from ..counts import human
+from ..jsonio import write_json
 from .fraction import effective_bits
 
 FORM = "hf_qat/compute-optimal-qat-law/v1"
@@ -367,7 +367,7 @@ class QATScalingLaw:
         self, memory_bytes: float, total_tokens: float, candidates: Sequence = (1, TERNARY_BITS, 2, 3, 4, 6, 8)
     ) -> "BitsChoice":
         """The weight format with the lowest predicted loss when the quantized weights must fit in
-        ``memory_bytes``: for each candidate (a bit width B, or a format such as "mxfp4", "nvfp4",
+        ``memory_bytes``: for each candidate (a bit width B, or a format such as a block-scaled family's name,
         "int4-g32": :func:`~hf_qat.planner.storage.weight_format`), N = 8 * memory / (its bits per weight in
         memory), its optimal QAT fraction, its loss predicted at its B. The law knows B only: formats of
         one B differ here by the parameters their scales leave room for, not by their element grids."""

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..bits import bits_label, normalize_bits
 from ..config import CHOICES
-from ..units import human
+from ..counts import human
 from .fraction import PAPER_A, optimal_qat_fraction, range_warning, tokens_per_parameter_byte
 from .law import QATScalingLaw
 from .storage import weight_format
@@ -141,14 +141,14 @@ def plan_qat(
         tokens_per_step_source: how ``tokens_per_step`` was counted (recorded in the plan).
         active_params: for a mixture of experts, the parameters one token uses (all but the experts it is
             not routed to); recorded in the plan.
-        method: the quantizer family; a block-scaled format (mxfp4, nvfp4) stores its block scales with
+        method: the quantizer family; a block-scaled format (MXFP4, NVFP4) stores its block scales with
             every weight, so S counts its bits per weight in memory (4.25, 4.5: ``Plan.storage_bits``)
             instead of ``bits`` (a law still predicts at ``bits``; it knows no element grid).
         moe_params: which N the tokens per parameter byte (and a law) use: "total" (every parameter, what
             memory holds; the default) or "active" (``active_params``). Which one predicts the optimum of an
             MoE is an open question (docs/moe.md).
         storage_bits: the bits per weight in memory when the model mixes formats (a ``gguf_mix``: the mean
-            over its weights, :func:`hf_qat.mix.mean_storage_bits`); None: the ``method``'s.
+            over its weights, :func:`hf_qat.model.file_type.mean_storage_bits`); None: the ``method``'s.
     """
     bits = normalize_bits(bits)
     pretrained = float(pretrained_tokens or 0.0)

@@ -4,11 +4,12 @@
 match bit for bit.
 """
 
-from .base import SCALE_MIN, SEQ_CLIP, Grid, MatrixView, Quantizer, ScaleLayout, e2m1_grid, lsq_grid
-from .registry import available_quantizers, get_quantizer, get_quantizer_class, register_quantizer
+from .base import SCALE_MIN, SEQ_CLIP, Grid, MatrixView, ScaleLayout, e2m1_grid, lsq_grid
+from .family import Quantizer
+from .registry import available_quantizers, family_of_ggml_type, get_quantizer, get_quantizer_class, register_quantizer
 
 # Importing the families registers them (in this order: the names "auto" resolves to come first).
-from . import lsq, seq, binary, absmax, mxfp4, nvfp4, kquants  # noqa: E402,F401  isort: skip
+from . import lsq, seq, binary, absmax, mxfp4, nvfp4, kquants, q1_0  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "SCALE_MIN",
@@ -19,6 +20,7 @@ __all__ = [
     "ScaleLayout",
     "available_quantizers",
     "e2m1_grid",
+    "family_of_ggml_type",
     "get_quantizer",
     "get_quantizer_class",
     "lsq_grid",

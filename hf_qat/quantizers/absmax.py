@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Grid, Quantizer, lsq_grid
+from .base import Grid, lsq_grid
+from .family import Quantizer
 from .registry import register_quantizer
 
 

@@ -1,4 +1,5 @@
-"""What a quantizer family is: an integer grid, a scale layout, and a rule for the first scale.
+"""The numbers a quantizer family is made of: its integer grid, a scale layout, how a stored weight is seen
+as a matrix (the family itself, :class:`~hf_qat.quantizers.family.Quantizer`, is in :mod:`.family`).
 
 Notation: ``w`` a weight, ``s`` the learnable scale of its group, ``r = w / s``.
 A family maps ``r`` to an integer code ``c`` and the fake-quantized weight is ``step * c`` where
@@ -19,14 +20,12 @@ a transposed stack) is seen as such a matrix through its :class:`MatrixView`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from ..bits import TERNARY_BITS, bits_label
 from ..errors import QATConfigError, QATModelError
+from ..expert_layout import linear_dims
 
 # The scale is clamped to at least this in the forward pass.
 SCALE_MIN = 1e-5
@@ -173,7 +172,7 @@ class MatrixView:
       scales are per expert row and the kernels run over all experts at once (a view, no copy).
     * ``per_matrix`` (per-tensor scales of a stack): ``[E, out * in]``, one row per expert, so a
       channel scale ``[E, 1]`` of that matrix is one scale per expert matrix.
-    * ``transposed``: the stack is stored ``[E, in, out]`` (``is_transposed`` experts, e.g. gpt_oss); it
+    * ``transposed``: the stack is stored ``[E, in, out]`` (:mod:`hf_qat.expert_layout`); it
       is transposed first, which makes the matrix a contiguous copy (and the way back another).
     """
 
@@ -185,7 +184,7 @@ class MatrixView:
             return int(shape[0]), int(shape[1])
         if len(shape) != 3:
             raise QATModelError(f"hf_qat quantizes 2-D weights and 3-D stacks of matrices, got shape {tuple(shape)}")
-        experts, out, inp = (int(shape[0]), int(shape[2]), int(shape[1])) if self.transposed else map(int, shape)
+        experts, out, inp = linear_dims(shape, self.transposed)
         return (experts, out * inp) if self.per_matrix else (experts * out, inp)
 
     def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
@@ -204,94 +203,3 @@ class MatrixView:
         if self.transposed:
             return matrix.reshape(shape[0], shape[2], shape[1]).transpose(-1, -2).contiguous()
         return matrix.reshape(shape)
-
-
-class Quantizer:
-    """A quantizer family at one bit width: its grid and how a group's first scale is computed.
-
-    Subclass, set ``name``/``supported_bits``/``learnable``, implement :meth:`grid` and
-    :meth:`init_scale`, and register with :func:`hf_qat.quantizers.register_quantizer`.
-    """
-
-    name: ClassVar[str] = ""
-    supported_bits: ClassVar[tuple[float, ...]] = ()
-    learnable: ClassVar[bool] = True
-    # A block-scaled format fixes both its group size (the block) and the dtype its scales are rounded to;
-    # None: the config's group_size and scale_dtype.
-    block_size: ClassVar[int | None] = None
-    scale_dtype: ClassVar[torch.dtype | None] = None
-    # Learned numbers per group: 1 (a scale), or 2 (a scale and a min: the asymmetric ggml k-quants, whose
-    # scales are then ``[*scale_shape, 2]``).
-    scale_components: ClassVar[int] = 1
-    # A weight's input width must be a multiple of this (None: of block_size): ggml's k-quant super-block.
-    row_multiple: ClassVar[int | None] = None
-
-    def __init__(self, bits: float | int) -> None:
-        self.check_bits(bits)
-        self.bits = bits
-
-    @classmethod
-    def check_bits(cls, bits: float | int, field_name: str = "bits", method_field: str = "method") -> None:
-        if bits not in cls.supported_bits:
-            allowed = ", ".join(bits_label(b) if b == TERNARY_BITS else str(b) for b in cls.supported_bits)
-            raise QATConfigError(
-                field_name,
-                bits,
-                f"{allowed} with {method_field}={cls.name!r}",
-                detail=f"Choose another {method_field} (or 'auto') for {bits_label(bits)}-bit weights",
-            )
-
-    @classmethod
-    def check_group_size(cls, group_size: int | str, method_field: str = "method") -> None:
-        """A block-scaled family takes its own block only (QATConfigError otherwise)."""
-        if cls.block_size is not None and group_size != cls.block_size:
-            raise QATConfigError(
-                "group_size", group_size, f"{cls.block_size} with {method_field}={cls.name!r} (its format's block)",
-                detail=f"{cls.name} stores one scale per block of {cls.block_size} weights; leave group_size unset",
-            )
-
-    def storage_bits(self) -> float | None:
-        """Bits one weight takes in the format this family fixes, its block's scale included (MXFP4:
-        4 + 8 / 32 = 4.25); None for families whose scale overhead is the config's (group_size, scale_dtype)."""
-        if self.block_size is None:
-            return None
-        return self.bits + 8 * self.scale_dtype.itemsize / self.block_size
-
-    def narrow_width_advice(self, width: int) -> str:
-        """What else to do, besides excluding it, with a weight of input width ``width``, not a multiple of
-        the family's block ("" when nothing else works); appended to the width error."""
-        return ""
-
-    def grid(self) -> Grid:
-        raise NotImplementedError
-
-    def init_scale(self, groups: torch.Tensor) -> torch.Tensor:
-        """The first scale of every group: ``groups [*scale_shape, n]`` fp32 (a
-        :meth:`ScaleLayout.scale_view`) -> ``scale_shape`` fp32."""
-        raise NotImplementedError
-
-    def grad_scale(self, weight_numel: int, scale_numel: int, mode: str) -> float:
-        """ParetoQ's scale-gradient factor g = 1 / sqrt(n * Qp) (arXiv 2502.02631).
-
-        mode "paretoq": n = weights in the whole matrix; "lsq": n = weights per scale.
-        """
-        n = weight_numel if mode == "paretoq" else weight_numel // scale_numel
-        return 1.0 / math.sqrt(n * self.grid().qp_int)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(bits={bits_label(self.bits)})"
-
-
-class E2M1Quantizer(Quantizer):
-    """A block-scaled 4-bit float family (MXFP4, NVFP4): E2M1 elements, one scale per ``block_size``
-    weights stored as ``scale_dtype``; the first scale is the block's ``amax / first_scale_divisor``.
-    Subclasses set those three."""
-
-    supported_bits = (4,)
-    first_scale_divisor: ClassVar[float] = 6.0
-
-    def grid(self) -> Grid:
-        return e2m1_grid()
-
-    def init_scale(self, groups: torch.Tensor) -> torch.Tensor:
-        return groups.abs().amax(dim=-1) / self.first_scale_divisor

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Grid, Quantizer
+from .base import Grid
+from .family import Quantizer
 from .registry import register_quantizer
 
 

@@ -6,7 +6,7 @@ becomes the rounded scale ``s_r`` that divides the weights and multiplies the el
 
 * E8M0 (MXFP4, ``torch.float8_e8m0fnu``): ``s_r = 2^floor(log2 s)``. E8M0 stores the biased exponent
   ``127 + floor(log2 s)``; compressed-tensors' ``compress_mx_scale`` takes the same floor. With the
-  first scale ``amax / 4`` this is OCP's rule ``floor(log2 amax) - 2`` (see the mxfp4 family).
+  first scale ``amax / 4`` this is OCP's rule ``floor(log2 amax) - 2`` (see the MXFP4 family's module).
 * E4M3 (NVFP4, ``torch.float8_e4m3fn``), two levels: one power of two ``g`` per tensor, the largest with
   ``max(s) * g <= 448`` (a fused expert stack is one tensor), then per block
   ``s_b = e4m3(clamp(s * g, 2^-9, 448))`` (round to nearest even: torch's float8_e4m3fn cast) and

@@ -63,8 +63,10 @@ from typing import ClassVar
 
 import torch
 
-from ..gguf_mix import BLOCK, FALLBACK, file_type_of
-from .base import SCALE_MIN, Grid, Quantizer
+from ..llamacpp.file_types import BLOCK, FALLBACK, file_type_of
+from .base import SCALE_MIN, Grid
+from .family import Quantizer
+from .ggml_blocks import pack_ggml
 from .reference import MSE_SCALE_RATIOS, nearest_value
 from .registry import register_quantizer
 
@@ -297,6 +299,8 @@ class GGMLQuantizer(Quantizer):
 
     ggml_grid: ClassVar[GGMLGrid]
     scale_dtype = torch.float16  # d (and dmin) are fp16
+    export_formats = ("gguf",)
+    export_blocks = "integer block scales under an fp16 super-block scale, mins"
 
     def storage_bits(self) -> float:
         return self.ggml_grid.bits_per_weight
@@ -328,10 +332,36 @@ class GGMLQuantizer(Quantizer):
         return torch.stack([s, m], -1)
 
 
+    def gguf_type(self, group_size: int | str, scale_dtype: torch.dtype, ternary_type: str) -> str:
+        return self.ggml_grid.ggml_type
+
+    def pack_gguf(self, codes: torch.Tensor, step: torch.Tensor, block_scales: BlockScales):
+        return pack_ggml(codes, block_scales, self.ggml_grid)
+
+    def own_forward(self):
+        """:class:`GGMLFakeQuant`, on every device (no Triton kernel for these families)."""
+        return self._forward
+
+    def _forward(self, matrix: torch.Tensor, scale: torch.Tensor, grad_scale: float) -> torch.Tensor:
+        return GGMLFakeQuant.apply(matrix, scale, self.ggml_grid, grad_scale)
+
+    def fake_quantize(self, matrix: torch.Tensor, scale: torch.Tensor, spec) -> torch.Tensor:
+        return ggml_fake_quantize(matrix, scale, self.ggml_grid)
+
+    def encode(self, matrix: torch.Tensor, scale: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor, BlockScales]:
+        """``(codes, step, BlockScales)``: the matrix is ``step * codes - min`` (:func:`ggml_codes`)."""
+        codes, scales = ggml_codes(matrix, scale, self.ggml_grid)
+        return codes, scales.step, scales
+
+    def mse_scale(self, matrix: torch.Tensor, first_scale: torch.Tensor, spec,
+                  importance: torch.Tensor | None = None) -> torch.Tensor:
+        return ggml_mse_scale(matrix, first_scale, self.ggml_grid, importance=importance)
+
 def _family(name: str) -> type[GGMLQuantizer]:
     cls = type(f"{GRIDS[name].ggml_type}Quantizer", (GGMLQuantizer,),
                {"ggml_grid": GRIDS[name], "supported_bits": (GRIDS[name].bits,), "block_size": GRIDS[name].block,
                 "row_multiple": GRIDS[name].super_block,
+                "llama_cpp_types": {GRIDS[name].ggml_type: (GRIDS[name].bits, GRIDS[name].block)},
                 "scale_components": 2 if GRIDS[name].asymmetric else 1, "__module__": __name__,
                 "__doc__": f"ggml's {GRIDS[name].ggml_type} (see the module docstring)."})
     return register_quantizer(name)(cls)

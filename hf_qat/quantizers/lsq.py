@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import Grid, Quantizer, lsq_grid
+from .base import Grid, lsq_grid
+from .family import Quantizer
 from .registry import register_quantizer
 
 
 @register_quantizer("lsq")
 class LSQQuantizer(Quantizer):
     supported_bits = (2, 3, 4, 5, 6, 8)
+    llama_cpp_types = {"Q4_0": (4, 32), "Q5_0": (5, 32), "Q8_0": (8, 32)}
 
     def grid(self) -> Grid:
         return lsq_grid(int(self.bits))

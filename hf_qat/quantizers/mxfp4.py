@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import E2M1Quantizer
+from .family import E2M1Quantizer
 from .registry import register_quantizer
 
 
@@ -42,4 +42,6 @@ from .registry import register_quantizer
 class MXFP4Quantizer(E2M1Quantizer):
     block_size = 32
     scale_dtype = torch.float8_e8m0fnu
+    compressed_tensors_scheme = ("mxfp4-pack-quantized", "MXFP4A16")
+    llama_cpp_types = {"MXFP4": (4, 32)}
     first_scale_divisor = 4.0

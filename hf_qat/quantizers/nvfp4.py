@@ -11,7 +11,7 @@ Per tensor (a fused expert stack is one tensor), with s the learned block scales
 
 What is stored: ``code`` (4 bits), ``s_b`` (E4M3) and ``g`` (compressed-tensors' ``weight_global_scale``,
 whose own rule 448 * 6 / amax(W) this is rounded down to a power of two, for exactness: see
-:mod:`.block_scales`). The E2M1 tie rule is that of :mod:`.mxfp4`.
+:mod:`.block_scales`). The E2M1 tie rule is MXFP4's (:class:`~.family.E2M1Quantizer`).
 
 Learned: ``s = init * exp(log_scale_ratio)`` (first scale amax / 6: the block's largest weight on the
 largest element, as compressed-tensors, ModelOpt and ggml quantize), rounded to E4M3 in the forward,
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import E2M1Quantizer
+from .family import E2M1Quantizer
 from .registry import register_quantizer
 
 
@@ -31,4 +31,5 @@ from .registry import register_quantizer
 class NVFP4Quantizer(E2M1Quantizer):
     block_size = 16
     scale_dtype = torch.float8_e4m3fn
+    compressed_tensors_scheme = ("nvfp4-pack-quantized", "NVFP4A16")
     first_scale_divisor = 6.0

@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import torch
 
 from .base import SCALE_MIN, Grid, ScaleLayout
 from .block_scales import SCALE_DTYPES as BLOCK_SCALE_DTYPES
 from .block_scales import round_block_scale
-
-if TYPE_CHECKING:  # kquants imports this module
-    from .kquants import GGMLGrid
 
 _SCALE_MIN_F32 = float(torch.tensor(SCALE_MIN, dtype=torch.float32))
 
@@ -50,8 +47,8 @@ class WeightQuantSpec:
         scale_dtype: the dtype scales are rounded to in the forward pass.
         grad_scale: ParetoQ's g, multiplied into the scale gradient.
         learnable: False for absmax (no scale gradient, scale recomputed from the weight).
-        ggml_grid: for the ggml block families (:mod:`.kquants`), their GGMLGrid: the math is theirs
-            (two-level block scales, mins), not :func:`fake_quantize_forward`'s.
+        forward: the family's own differentiable forward ``(matrix, scale, grad_scale) -> matrix``
+            (:meth:`~.family.Quantizer.own_forward`: the ggml block families'), or None: the engines'.
     """
 
     grid: Grid
@@ -59,7 +56,7 @@ class WeightQuantSpec:
     scale_dtype: torch.dtype
     grad_scale: float
     learnable: bool = True
-    ggml_grid: GGMLGrid | None = None
+    forward: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
 
     @functools.cached_property
     def layout(self) -> ScaleLayout:
@@ -253,7 +250,7 @@ def mse_scale(weight: torch.Tensor, first_scale: torch.Tensor, spec: WeightQuant
     given order and a later ratio wins only with a strictly smaller error. Clipping trades a larger
     error on the few largest weights for a finer step on all the others (GPTQ/AWQ-style clip search,
     llama.cpp's quantizers do the same for their scales). ``importance`` (fp32 ``[C]``, e.g. the mean squared
-    activation of each input column: :mod:`hf_qat.importance`) weights each column's error, as llama.cpp's
+    activation of each input column: :mod:`hf_qat.model.importance`) weights each column's error, as llama.cpp's
     importance matrix does: the search then minimises the error of the layer's output, not of its weights.
     """
     w = weight.float()

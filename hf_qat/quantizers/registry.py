@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Callable, TypeVar
 
 from ..errors import QATConfigError
-from .base import Quantizer
+from .family import Quantizer
 
 _REGISTRY: dict[str, type[Quantizer]] = {}
 
@@ -63,6 +63,13 @@ def get_quantizer_class(name: str) -> type[Quantizer]:
         return _REGISTRY[name]
     except KeyError:
         raise QATConfigError("method", name, ", ".join(["auto", *_REGISTRY])) from None
+
+
+def family_of_ggml_type(ggml_type: str) -> tuple[str, float, int] | None:
+    """``(method, bits, group_size)`` of the family that trains llama.cpp's GGML type ``ggml_type`` (the first
+    registered one that declares it in ``llama_cpp_types``), or None when none does."""
+    return next(((name, *cls.llama_cpp_types[ggml_type]) for name, cls in _REGISTRY.items()
+                 if ggml_type in cls.llama_cpp_types), None)
 
 
 def get_quantizer(name: str, bits: float | int) -> Quantizer:

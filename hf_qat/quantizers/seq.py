@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..bits import TERNARY_BITS
-from .base import SEQ_CLIP, Grid, Quantizer
+from .base import SEQ_CLIP, Grid
+from .family import Quantizer
 from .registry import register_quantizer
 
 # fp32(2/3): the ternary level spacing in units of s.
@@ -23,6 +24,7 @@ TERNARY_LEVEL = float(torch.tensor(2.0 / 3.0, dtype=torch.float32))
 @register_quantizer("seq")
 class SEQQuantizer(Quantizer):
     supported_bits = (TERNARY_BITS, 2)
+    llama_cpp_types = {"TQ1_0": (TERNARY_BITS, 256), "TQ2_0": (TERNARY_BITS, 256)}
 
     def grid(self) -> Grid:
         c = SEQ_CLIP

@@ -45,11 +45,11 @@ class Cell:
     losses: dict[float, float] = field(default_factory=dict)  # fraction -> loss (0.0 = PTQ)
     fp_loss: float | None = None
     active_params: int | None = None  # a mixture of experts: the parameters one token uses
-    method: str = "auto"  # the quantizer family when not the bit width's auto one (e.g. "mxfp4")
+    method: str = "auto"  # the quantizer family when not the bit width's auto one (e.g. a block-scaled FP4 family)
 
     @property
     def label(self) -> str:
-        """The bit width ("4", "ternary"), with the method when not the auto one ("4-mxfp4")."""
+        """The bit width ("4", "ternary"), with the method when not the auto one ("4-<method>")."""
         return format_label(self.bits, self.method)
 
     @property
@@ -144,7 +144,7 @@ def row_method(row: dict) -> str:
 
 
 def format_label(bits: float, method: str = "auto") -> str:
-    """"4", "ternary", or "4-mxfp4" for a method other than the bit width's auto one."""
+    """"4", "ternary", or "4-<method>" for a method other than the bit width's auto one."""
     return bits_label(bits) + ("" if method == "auto" else f"-{method}")
 
 
@@ -282,7 +282,7 @@ def fused_classic_pairs(rows: list[dict]) -> list[tuple[float, float, float]]:
 
 
 def fused_minus_classic(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Per bit width (and method, when not the auto one: "4-mxfp4"): mean, min and max of loss(fused) -
+    """Per bit width (and method, when not the auto one: "4-<method>"): mean, min and max of loss(fused) -
     loss(classic) over matching runs."""
     diffs: dict[str, list[float]] = {}
     fused = {_match(r): r["loss"] for r in rows if r["schedule"] == "fused"}

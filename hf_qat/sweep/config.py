@@ -17,8 +17,8 @@ The keys (the contract of ``hf-qat sweep``; keys may be added, never renamed)::
     budgets:          total tokens per run
     bits:             weight bit widths (1, 1.58/"ternary", 2, 3, 4, 5, 6, 8)
     method:           the quantizer family, as QATConfig's ``method`` (optional; "auto" by default:
-                      binary for 1 bit, seq for ternary/2, lsq for 3..8; or lsq, seq, binary, absmax,
-                      mxfp4, nvfp4, ...); an ``extra`` grid may name another, e.g. mxfp4 beside lsq at 4 bits
+                      binary for 1 bit, seq for ternary/2, lsq for 3..8; or any registered family); an
+                      ``extra`` grid may name another, e.g. an FP4 family beside lsq at 4 bits
     fractions:        QAT fractions in [0, 1]; 0 = the FP row and one PTQ row per bit width (optional:
                       DEFAULT_FRACTIONS, whose 0.03, 0.05 and 0.15 bracket an optimum near 0.1)
     schedules:        fused | classic
@@ -37,7 +37,7 @@ with another quantizer family).
 
 A method that ``auto`` would choose for a bit width anyway (lsq at 4 bits) is that bit width's auto
 method: the same runs, rows and keys as a sweep without the key. Any other method is part of the run
-key (``.../4-mxfp4/0.5/fused``) and of each row (``method``), so rows of two methods never collide,
+key (``.../4-<method>/0.5/fused``) and of each row (``method``), so rows of two methods never collide,
 and a folder written before the key existed reads as it did.
 """
 

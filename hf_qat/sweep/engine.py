@@ -16,11 +16,11 @@ from typing import Callable
 
 import torch
 
-from ..optim import add_scale_param_group
-from ..run_inputs import active_parameters, count_parameters
 from ..config import QATConfig
-from ..convert import activate_qat, prepare_model_for_qat
-from ..unit import UNIT_KEY
+from ..model.convert import activate_qat, prepare_model_for_qat
+from ..model.unit import UNIT_KEY
+from ..training.optim import add_scale_param_group
+from ..training.run_inputs import active_parameters, count_parameters
 from .config import SweepConfig
 from .data import SweepData
 

@@ -3,7 +3,7 @@
 Writes into ``DIR/report/``:
 
 * ``loss_vs_fraction_<bits>.png`` (``<bits>-<method>`` for a method other than the bit width's auto
-  one, e.g. ``4-mxfp4``): per (size, budget), the measured loss at each QAT fraction
+  one, e.g. ``4-<method>``): per (size, budget), the measured loss at each QAT fraction
   (0 = PTQ), the fitted law's curve, the paper's f_hat and the observed optimum (or its bound);
 * ``optimum_vs_S.png``: the observed optimal fraction against tokens per parameter byte, with the
   paper's curve; a bound (the grid does not bracket the optimum) is an open triangle at the bound,

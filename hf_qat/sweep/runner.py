@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..bits import normalize_bits
-from ..convert import ptq
+from ..model.convert import ptq
+from ..version import __version__
 from .config import SweepConfig, SweepConfigError
 from .data import SweepData, data_file_name, load_sweep_data
 from .engine import (build_model, check_size, device, evaluate, load_checkpoint, num_params, prepare_tail,
@@ -216,8 +217,6 @@ class _Sweep:
         return model, time.perf_counter() - started
 
     def row(self, run: RunSpec, loss: float, seconds: float, counts: tuple[int, int | None]) -> dict[str, Any]:
-        from .. import __version__
-
         n, active = counts
         tps = self.config.tokens_per_step
         qat_tokens = run.qat_tokens(tps)

@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from helpers import tiny_llama, tiny_moe, token_dataset  # noqa: E402
 
 import hf_qat  # noqa: E402
-from hf_qat.optim import add_scale_param_group  # noqa: E402
-from hf_qat.distributed import full_tensor  # noqa: E402
+from hf_qat.training.optim import add_scale_param_group  # noqa: E402
+from hf_qat.model.distributed import full_tensor  # noqa: E402
 
 
 def export_memory(out: str, world: int, rank: int) -> None:
@@ -89,7 +89,7 @@ def main() -> None:
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        assert hf_qat.distributed.is_dtensor(model.model.layers[0].self_attn.q_proj.weight_quantizer.log_scale_ratio)
+        assert hf_qat.model.distributed.is_dtensor(model.model.layers[0].self_attn.q_proj.weight_quantizer.log_scale_ratio)
     decay = [p for n, p in model.named_parameters() if "norm" not in n]
     rest = [p for n, p in model.named_parameters() if "norm" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=3e-3)

@@ -11,7 +11,7 @@ import hf_qat
 from hf_qat import QATConfig
 from hf_qat.demo.corpus import train_tokenizer
 from hf_qat.export import collect_layers, export_checkpoint, load_exported
-from hf_qat.export.base import ExportFormatError
+from hf_qat.errors import ExportFormatError
 from helpers import byte_level_bpe, logits_in_fresh_process, qat_trained_model
 
 INPUT = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -143,7 +143,8 @@ def test_auto_picks_a_format_that_serves_without_hf_qat(tmp_path):
 
 def test_the_format_registry_refuses_a_duplicate_name_and_drives_auto():
     from hf_qat.export import FORMATS, choose_format
-    from hf_qat.export.base import ExportFormat, register_format
+    from hf_qat.export.base import ExportFormat
+    from hf_qat.export_formats import register_format
 
     class Impostor(ExportFormat):
         name = "gguf"
@@ -171,8 +172,8 @@ def test_the_format_registry_refuses_a_duplicate_name_and_drives_auto():
 def test_gguf_refuses_rope_scaling_llama_cpp_would_not_reproduce_and_writes_llama3_factors(tokenizer, tmp_path):
     import gguf
 
-    from hf_qat.export.base import ExportFormatError
-    from hf_qat.export.gguf_arch import llama3_rope_factors
+    from hf_qat.errors import ExportFormatError
+    from hf_qat.llamacpp.architectures import llama3_rope_factors
 
     model = qat_trained_model(QATConfig(start=0, bits=4, group_size=32), hidden=64, vocab=320)
     model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
@@ -193,14 +194,14 @@ def test_gguf_refuses_rope_scaling_llama_cpp_would_not_reproduce_and_writes_llam
 def test_gguf_names_the_pre_tokenizer_of_the_tokenizer(pre):
     import json as json_module
 
-    from hf_qat.export.gguf_vocab import pre_tokenizer_name
+    from hf_qat.llamacpp.vocab import pre_tokenizer_name
 
     spec = json_module.loads(byte_level_bpe(pre).backend_tokenizer.to_str())
     assert pre_tokenizer_name(spec["pre_tokenizer"]) == pre
 
 
 def test_gguf_refuses_an_unknown_pre_tokenizer(tmp_path):
-    from hf_qat.export.base import ExportFormatError
+    from hf_qat.errors import ExportFormatError
 
     model = qat_trained_model(QATConfig(start=0, bits=4, group_size=32), hidden=64, vocab=320)
     with pytest.raises(ExportFormatError, match=r"knows the pre-tokenizers gpt-2.*\(WhitespaceSplit\)"):
@@ -211,7 +212,7 @@ def test_gguf_refuses_an_unknown_pre_tokenizer(tmp_path):
 def test_gguf_refuses_architectures_and_windows_llama_cpp_would_not_reproduce(tokenizer, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hf_qat.export.base import ExportFormatError
+    from hf_qat.errors import ExportFormatError
 
     def qat(model_type, **extra):
         config = AutoConfig.for_model(model_type, vocab_size=320, hidden_size=64, intermediate_size=128,
@@ -243,7 +244,7 @@ def test_gguf_refuses_architectures_and_windows_llama_cpp_would_not_reproduce(to
 
 
 def test_int8_activations_export_exactly_or_are_refused_with_the_reason(tmp_path):
-    from hf_qat.export.base import ExportFormatError
+    from hf_qat.errors import ExportFormatError
 
     model = qat_trained_model(QATConfig.from_preset("a8w4", start=0))
     with pytest.raises(ExportFormatError, match=r"int8 activations: compressed-tensors rounds x / \(max\|x\| / 127\)"):
@@ -273,7 +274,7 @@ def test_gguf_sentencepiece_tokenizers_are_recognised_and_incomplete_merges_refu
 
     from transformers import GemmaTokenizer
 
-    from hf_qat.export.gguf_vocab import sentencepiece_prefix
+    from hf_qat.llamacpp.vocab import sentencepiece_prefix
     from helpers import sentencepiece_bpe
 
     spec = lambda tok: json.loads(tok.backend_tokenizer.to_str())  # noqa: E731

@@ -15,7 +15,7 @@ import hf_qat
 from hf_qat import QATConfig
 from hf_qat.demo.corpus import train_tokenizer
 from hf_qat.export import export_checkpoint, load_exported
-from hf_qat.export.base import ExportFormatError
+from hf_qat.errors import ExportFormatError
 from helpers import VOCAB, logits_in_fresh_process, qat_trained_model, tiny_moe
 
 INPUT = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))

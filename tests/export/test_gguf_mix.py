@@ -1,4 +1,4 @@
-"""hf_qat.gguf_mix predicts the tensor types llama.cpp's own quantizer (``llama_model_quantize``,
+"""hf_qat.llamacpp.file_types predicts the tensor types llama.cpp's own quantizer (``llama_model_quantize``,
 through tests/llama_runtime.py) writes for the k-quant mixes: tiny all-F32 GGUF files, quantized by llama.cpp under
 each mix, every tensor's type compared with the prediction.
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from hf_qat.errors import QATConfigError
-from hf_qat.gguf_mix import MIXES, MixModel, mix_tensor_types
+from hf_qat.llamacpp.file_types import MIXES, MixModel, mix_tensor_types
 import llama_runtime
 
 FTYPES = {mix: f"LLAMA_FTYPE_MOSTLY_{mix.upper()}" for mix in MIXES}

@@ -12,9 +12,9 @@ import torch
 
 import hf_qat
 from hf_qat import QATConfig
-from hf_qat.convert import quantized_weights
+from hf_qat.model.convert import quantized_weights
 from hf_qat.export import ExportFormatError, export_checkpoint, export_float_gguf
-from hf_qat.gguf_mix import MIXES
+from hf_qat.llamacpp.file_types import MIXES
 from helpers import byte_level_bpe, tiny_causal_lm
 import llama_runtime
 
@@ -112,7 +112,7 @@ def test_the_mix_is_checked_when_the_config_is_built():
 def test_the_plan_counts_the_bits_the_mix_stores(tmp_path):
     """mean_storage_bits (the planner's bits per weight under a mix) equals the quantized tensors' bytes in
     the GGUF file per weight, and the callback's plan uses it."""
-    from hf_qat.mix import mean_storage_bits
+    from hf_qat.model.file_type import mean_storage_bits
     from hf_qat.planner import plan_qat
 
     model = mixed_model("untied-320", "q4_k_m")
@@ -130,7 +130,7 @@ def test_a_mix_trains_through_the_trainer_and_its_plan_counts_the_mix(tmp_path):
     """QATCallback with the q4_k_m preset on a 32-wide Llama (every row llama.cpp's fallback: Q5_0, the tied
     embedding Q8_0): the plan's bits per weight are the mix's and the loss stays finite."""
     from helpers import make_trainer
-    from hf_qat.mix import mean_storage_bits
+    from hf_qat.model.file_type import mean_storage_bits
 
     callback = hf_qat.QATCallback(QATConfig.from_preset("q4_k_m", start=0.5))
     trainer = make_trainer(tmp_path / "run", callbacks=[callback], max_steps=6)
@@ -148,7 +148,7 @@ def test_a_mix_on_fused_experts_and_the_tied_head_llama_cpp_writes_apart(tmp_pat
     use_more_bits layers) and gguf-py reads the stacked blocks back exactly. OLMoE's file holds a tied head as
     its own output.weight, which the mix types apart from token_embd: refused, not trained on one of them."""
     from hf_qat.errors import QATModelError
-    from hf_qat.gguf_mix import MixModel, mix_tensor_types
+    from hf_qat.llamacpp.file_types import MixModel, mix_tensor_types
 
     model = tiny_causal_lm("qwen3_moe", sharpen=1.0, hidden_size=256, intermediate_size=256, num_experts=4,
                            num_experts_per_tok=2, moe_intermediate_size=256, head_dim=64, num_hidden_layers=4,

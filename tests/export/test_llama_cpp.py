@@ -32,8 +32,8 @@ import torch
 
 import hf_qat
 from hf_qat import QATConfig
-from hf_qat.convert import qat_modules
-from hf_qat.modules import QATLinear
+from hf_qat.model.convert import qat_modules
+from hf_qat.model.modules import QATLinear
 from hf_qat.export import export_checkpoint
 from helpers import byte_level_bpe, sentencepiece_bpe, tiny_causal_lm
 import llama_runtime
@@ -106,8 +106,8 @@ def kquant_reference(model):
     hooks = []
     for _, module in qat_modules(model):
         if isinstance(module, QATLinear):
-            grid = module.weight_quantizer.spec.ggml_grid
-            rounding = q8_k_activations if grid is not None and grid.super_block == 256 else q8_0_activations
+            super_block = module.weight_quantizer.quantizer.row_multiple  # ggml's k-quant super-block, or None
+            rounding = q8_k_activations if super_block == 256 else q8_0_activations
             hooks.append(module.register_forward_pre_hook(lambda _, args, rounding=rounding: (rounding(args[0]),)))
     try:
         yield
@@ -159,7 +159,7 @@ for case in FP4:
 KQUANT = {"llama-Q2_K": ("q2_k", 2, None), "llama-Q3_K": ("q3_k", 3, None), "llama-Q4_K": ("q4_k", 4, None),
           "llama-Q5_K": ("q5_k", 5, None), "llama-Q6_K": ("q6_k", 6, None), "llama-IQ4_NL": ("iq4_nl", 4, None),
           "llama-Q5_1": ("q5_1", 5, None), "llama-Q5_0": ("lsq", 5, 32), "qwen3-Q4_K": ("q4_k", 4, None),
-          "llama-IQ4_XS": ("iq4_xs", 4, None), "llama-Q4_1": ("q4_1", 4, None),
+          "llama-IQ4_XS": ("iq4_xs", 4, None), "llama-Q4_1": ("q4_1", 4, None), "llama-Q1_0": ("q1_0", 1, None),
           "llama-Q4_K_M": "q4_k_m", "llama-Q4_K_M-320": "q4_k_m", "llama-Q5_K_M-320": "q5_k_m",
           "llama-Q3_K_M": "q3_k_m", "llama-Q2_K-file-320": "q2_k", "llama-IQ4_XS-file-320": "iq4_xs"}
 for case in KQUANT:

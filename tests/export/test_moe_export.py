@@ -13,7 +13,7 @@ from safetensors import safe_open
 import hf_qat
 from hf_qat import QATConfig
 from hf_qat.export import export_checkpoint
-from hf_qat.export.base import ExportFormatError
+from hf_qat.errors import ExportFormatError
 from helpers import MOE_CONFIGS, VOCAB, logits_in_fresh_process, tiny_moe
 
 INPUT = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(11))

@@ -80,7 +80,7 @@ def test_activation_fake_quant_is_bit_exact(shape, dtype):
 def test_a_stack_of_expert_matrices_is_bit_exact_through_the_dispatch(group, transposed, dtype, monkeypatch):
     """A fused expert stack [E, out, in] (or [E, in, out]) goes through WeightFakeQuant as its matrix
     view: Triton and the reference agree bit for bit on the output and on both gradients."""
-    from hf_qat.unit import WeightQuantizer
+    from hf_qat.model.unit import WeightQuantizer
 
     gen = torch.Generator().manual_seed(4)
     shape = (3, 48, 24) if transposed else (3, 24, 48)
@@ -125,7 +125,7 @@ def test_fp4_families_are_bit_exact(family, block, rows, blocks, dtype):
 @pytest.mark.parametrize("family", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["stored-out-in", "stored-in-out"])
 def test_fp4_expert_stacks_are_bit_exact_through_the_dispatch(family, transposed, monkeypatch):
-    from hf_qat.unit import WeightQuantizer
+    from hf_qat.model.unit import WeightQuantizer
 
     gen = torch.Generator().manual_seed(5)
     shape = (3, 64, 32) if transposed else (3, 32, 64)

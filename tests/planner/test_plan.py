@@ -81,7 +81,7 @@ def test_moe_plans_state_total_and_active_parameters_and_s_uses_the_chosen_one()
 def test_active_parameters_of_a_tiny_qwen3_moe():
     import transformers
 
-    from hf_qat.run_inputs import active_parameters, count_parameters
+    from hf_qat.training.run_inputs import active_parameters, count_parameters
 
     config = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

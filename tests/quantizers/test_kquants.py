@@ -11,10 +11,10 @@ import torch
 
 from hf_qat import QATConfig
 from hf_qat.errors import QATConfigError, QATModelError
-from hf_qat.export.gguf_kquants import BYTES, pack_ggml
+from hf_qat.quantizers.ggml_blocks import BYTES, pack_ggml
 from hf_qat.quantizers import ScaleLayout, get_quantizer
 from hf_qat.quantizers.kquants import GRIDS, GGMLFakeQuant, block_scales, ggml_codes, ggml_fake_quantize
-from hf_qat.unit import WeightQuantizer
+from hf_qat.model.unit import WeightQuantizer
 
 BITS = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "iq4_nl": 4, "iq4_xs": 4, "q4_1": 4, "q5_1": 5}
 

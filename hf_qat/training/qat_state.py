@@ -13,9 +13,9 @@ import os
 import torch
 from torch import nn
 
-from .distributed import full_tensor, is_dtensor
-from .errors import QATModelError
-from .unit import UNIT_KEY
+from ..errors import QATModelError
+from ..model.distributed import full_tensor, is_dtensor
+from ..model.unit import UNIT_KEY
 
 STATE_FILE = "hf_qat_state.safetensors"
 

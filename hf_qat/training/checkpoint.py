@@ -16,9 +16,9 @@ import os
 import torch
 from torch import nn
 
-from .distributed import is_dtensor
-from .errors import QATModelError
-from .unit import LEGACY_UNIT_KEYS, UNIT_KEY
+from ..errors import QATModelError
+from ..model.distributed import is_dtensor
+from ..model.unit import LEGACY_UNIT_KEYS, UNIT_KEY
 
 
 def model_weight_files(directory: str) -> list[str]:

@@ -49,7 +49,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import QATConfigError
+from ..errors import QATConfigError
 
 # llama_ftype_get_default_type, for the file types whose every type hf_qat trains (lower case, as the presets)
 DEFAULT_TYPE = {
@@ -64,13 +64,15 @@ UNTRAINABLE = {
     **{t: "its IQ1 / IQ2 / IQ3 types pick each group of weights from a codebook of lattice vectors, which hf_qat "
           "has no straight-through grid for"
        for t in ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m")},
-    **{t: f"its {t.upper()} blocks are not among hf_qat's families yet" for t in ("q1_0", "q2_0")},
+    "q1_0": "llama.cpp's rule for the types of the Q1_0 file's tensors is not ported yet; train "
+            "QATConfig(method='q1_0', bits=1) (its Q1_0 blocks) and export it to GGUF instead",
+    "q2_0": "its Q2_0 blocks are not among hf_qat's families yet",
     "q2_k_s": "llama.cpp's quantizer writes it only with an importance matrix, and hf_qat's port of its rule "
               "follows the quantizer without one",
     "nvfp4": "the vendored llama.cpp's quantizer has no default type for it (it writes no NVFP4 file); train "
              "QATConfig.from_preset('nvfp4') and export it to GGUF instead",
 }
-BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "IQ4_NL": 32, "MXFP4": 32, "F16": 1,
+BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "IQ4_NL": 32, "MXFP4": 32, "NVFP4": 64, "F16": 1,
          **{t: 256 for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "TQ1_0", "TQ2_0")}}  # ggml_blck_size
 FALLBACK = {"IQ4_XS": "IQ4_NL", "Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0",
             "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # tensor_type_fallback, for the types reached here

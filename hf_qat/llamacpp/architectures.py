@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .base import ExportFormatError
+from ..errors import ExportFormatError
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -235,13 +235,14 @@ def _check_moe(cfg, renormalised: bool) -> None:
 
 def _moe_metadata(writer, cfg) -> None:
     writer.add_rope_freq_base(_rope_theta(rope_parameters(cfg), cfg))
-    writer.add_expert_count(_num_experts(cfg))
+    writer.add_expert_count(num_experts(cfg))
     writer.add_expert_used_count(cfg.num_experts_per_tok)
     writer.add_expert_feed_forward_length(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
 
 
-def _num_experts(cfg) -> int:
-    return getattr(cfg, "num_local_experts", None) or cfg.num_experts
+def num_experts(cfg) -> int:
+    """The experts per MoE layer of ``cfg`` (``<arch>.expert_count``; 0 for a dense model)."""
+    return int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0)
 
 
 def _moe(check_rope: Callable, renormalised: bool) -> Callable:

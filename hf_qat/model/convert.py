@@ -4,12 +4,12 @@
 
 1. a loaded low-bit checkpoint becomes trainable layers again (the restorers that formats register,
    e.g. the native format's: preparing a model never imports the exporter);
-2. find the weights (:mod:`hf_qat.targets`: Linear layers, fused MoE experts, the embedding and LM head
+2. find the weights (:mod:`hf_qat.model.targets`: Linear layers, fused MoE experts, the embedding and LM head
    with ``embedding_bits``); a floating weight no rule covers is an error, never silently FP;
-3. make ONE :class:`~hf_qat.unit.WeightQuantizer` per weight (a tied LM head shares its embedding's);
+3. make ONE :class:`~hf_qat.model.unit.WeightQuantizer` per weight (a tied LM head shares its embedding's);
 4. attach: QATLinear / QATEmbedding replace their layers (holding the same Parameters), fused experts
-   compute through their units in place (:mod:`hf_qat.experts`);
-5. log one line of coverage (:func:`hf_qat.coverage.coverage`).
+   compute through their units in place (:mod:`hf_qat.model.experts`);
+5. log one line of coverage (:func:`hf_qat.model.coverage.coverage`).
 
 It must run before the model is wrapped (DDP / FSDP2) and before the optimizer is built:
 ``QATCallback`` calls it from ``on_init_end``. The units are dormant: the model computes exactly what it
@@ -26,14 +26,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import QATConfig
+from ..errors import QATConfigError, QATModelError
+from ..export_formats import check_target
+from ..quantizers import get_quantizer
 from . import experts
-from .config import QATConfig
 from .coverage import Coverage, coverage
-from .errors import QATConfigError, QATModelError
-from .mix import WeightFamily, mix_families
 from .experts import QATExperts
+from .file_type import WeightFamily, mix_families
 from .modules import QATEmbedding, QATLinear
-from .quantizers import get_quantizer
 from .targets import WeightTarget, check_uncovered, embedding_targets, find_targets, name_matches
 from .unit import WeightQuantizer
 from .weights import QuantizedWeight, get_qat_config, qat_modules, quantized_weights, quantizer_units
@@ -114,8 +115,6 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
     logger.info("hf_qat: %d weights prepared for QAT (%s); %s", len({id(u) for u in units.values()}),
                 config.resolved_method, coverage(model))
     if config.export_format is not None:
-        from .export.base import check_target  # the exporter, only for a run that names its format
-
         check_target(model, config.export_format)
     return model
 
@@ -123,7 +122,7 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
 def make_units(targets: dict[str, WeightTarget], config: QATConfig,
                families: dict[str, WeightFamily | None] | None = None) -> dict[str, WeightQuantizer]:
     """One unit per target weight, by weight name (a head tied to the embedding gets the embedding's);
-    ``families``: each weight's own family (a ``gguf_mix``, :func:`hf_qat.mix.mix_families`)."""
+    ``families``: each weight's own family (a ``gguf_mix``, :func:`hf_qat.model.file_type.mix_families`)."""
     main = get_quantizer(config.resolved_method, config.bits)
     embedding = get_quantizer(config.resolved_embedding_method, config.embedding_bits) if config.embedding_bits else None
     units: dict[str, WeightQuantizer] = {}
@@ -228,7 +227,7 @@ def initialize_scales(model: nn.Module, force: bool = False) -> int:
 
     deltas = weight_deltas(model)
     todo = [weight for _, weight in quantizer_units(model) if force or not weight.weight_quantizer.is_initialized]
-    # scale_init="mse" took 0.7 s (int4 g32) to 1.6 s (q4_k) per 2048 x 2048 matrix on one CPU thread: minutes
+    # scale_init="mse" took 0.7 s (int4 g32) to 1.6 s (Q4_K) per 2048 x 2048 matrix on one CPU thread: minutes
     # for a large model, so a bar once the work runs past PROGRESS_DELAY seconds
     quiet = os.environ.get("RANK", "0") != "0" or not logger.isEnabledFor(logging.INFO)
     for weight in tqdm(todo, desc="hf_qat: initialising the scales", unit="weight", delay=PROGRESS_DELAY, disable=quiet):
@@ -248,7 +247,7 @@ def ptq(model: nn.Module, config: QATConfig | dict, calibration=None) -> nn.Modu
     Installs the QAT units (if needed), activates them and initialises every scale with the
     family's rule (max|w| / Qp for LSQ, max|w| for SEQ, mean|w| for binary; ``scale_init="mse"``: the clipping
     of least error), without training. The model then computes with the quantized weights and can be exported
-    like a QAT model. ``calibration``: batches for an importance matrix (:mod:`hf_qat.importance`, llama.cpp's
+    like a QAT model. ``calibration``: batches for an importance matrix (:mod:`hf_qat.model.importance`, llama.cpp's
     imatrix) that weights the mse search by each input column's mean squared activation.
     """
     config = QATConfig.from_dict(config) if isinstance(config, dict) else config

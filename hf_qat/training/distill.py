@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MODULE_TEACHER, SNAPSHOT_TEACHERS, DistillConfig
-from .distributed import is_dtensor
-from .dtypes import torch_dtype
-from .errors import QATConfigError, QATModelError
-from .lora import is_peft_model
+from ..config import MODULE_TEACHER, SNAPSHOT_TEACHERS, DistillConfig
+from ..dtypes import torch_dtype
+from ..errors import QATConfigError, QATModelError
+from ..model.distributed import is_dtensor
+from ..model.lora import is_peft_model
 
 TEACHER_FILE = "hf_qat_teacher.safetensors"
 # Elements of one chunk of [positions, vocabulary] fp32 work (16 MiB): the KL's temporaries stay this
@@ -124,7 +124,7 @@ class Teacher:
     # ------------------------------------------------------------------ building
     def snapshot(self, model: nn.Module) -> None:
         """A frozen FP copy of ``model`` (its QAT layers removed), or with PEFT the base model itself."""
-        from .convert import remove_qat
+        from ..model.convert import remove_qat
 
         if is_peft_model(model):
             self.use_peft_base = True
@@ -167,7 +167,7 @@ class Teacher:
         """The teacher's logits for the student's batch (``labels`` are not passed)."""
         kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
         if self.use_peft_base:
-            from .convert import set_qat_active
+            from ..model.convert import set_qat_active
 
             with model.disable_adapter():
                 set_qat_active(model, False)
@@ -199,7 +199,7 @@ class Teacher:
             return False
         from safetensors.torch import load_model
 
-        from .convert import remove_qat
+        from ..model.convert import remove_qat
 
         shell = copy.deepcopy(model)
         remove_qat(shell)

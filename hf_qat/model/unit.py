@@ -25,7 +25,7 @@ along each expert's input dim, "channel" is one scale per expert row and "tensor
 matrix (``[E, 1]``); ParetoQ's gradient factor counts the weights of one expert matrix.
 
 Methods that take a *full* weight expect the whole tensor (all-gathered under FSDP2: see
-:func:`hf_qat.distributed.full_tensor`); :meth:`fake_quantize` takes the weight as the forward sees
+:func:`hf_qat.model.distributed.full_tensor`); :meth:`fake_quantize` takes the weight as the forward sees
 it. A LoRA delta is an explicit input (``weight + delta``), never state.
 """
 
@@ -36,14 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bits import bits_label
+from ..bits import bits_label
+from ..dtypes import torch_dtype
+from ..errors import QATModelError, QATRuntimeError
+from ..kernels import weight_fake_quant
+from ..quantizers import MatrixView, Quantizer, ScaleLayout
+from ..quantizers.reference import WeightQuantSpec
 from .distributed import full_tensor, is_dtensor, world_size, write_full_
-from .dtypes import torch_dtype
-from .errors import QATModelError, QATRuntimeError
-from .kernels import weight_fake_quant
-from .quantizers import MatrixView, Quantizer, ScaleLayout
-from .quantizers.kquants import BlockScales, ggml_codes, ggml_fake_quantize, ggml_mse_scale
-from .quantizers.reference import WeightQuantSpec, fake_quantize_weight, mse_scale, quantize_codes
 
 UNIT_SUFFIX = "_quantizer"  # a unit is the child <layer>.weight_quantizer, or <experts>.<P>_quantizer
 UNIT_KEY = UNIT_SUFFIX + "."  # in every state-dict key of a unit's tensors (scales, switch state)
@@ -92,7 +91,7 @@ class WeightQuantizer(nn.Module):
             grid=quantizer.grid(), group_size=layout.group_size, scale_dtype=quantizer.scale_dtype or torch_dtype(scale_dtype),
             grad_scale=quantizer.grad_scale(weight.numel() // matrices, scale_shape[0] * scale_shape[1] // matrices,
                                             scale_grad_mode),
-            learnable=quantizer.learnable, ggml_grid=getattr(quantizer, "ggml_grid", None),
+            learnable=quantizer.learnable, forward=quantizer.own_forward(),
         )
         if quantizer.scale_components > 1:  # a (scale, min) pair per group: the asymmetric ggml k-quants
             scale_shape = (*scale_shape, quantizer.scale_components)
@@ -107,7 +106,7 @@ class WeightQuantizer(nn.Module):
         self.is_active = False
         self.is_initialized = False
         self.config = None  # the QATConfig of prepare_model_for_qat (hf_qat.get_qat_config reads it)
-        self.importance: torch.Tensor | None = None  # [in]: weights the mse search (hf_qat.importance); not saved
+        self.importance: torch.Tensor | None = None  # [in]: weights the mse search (hf_qat.model.importance); not saved
 
     # ------------------------------------------------------------------ state
     def set_active(self, active: bool) -> None:
@@ -150,9 +149,8 @@ class WeightQuantizer(nn.Module):
         first = self.quantizer.init_scale(self.layout.scale_view(w))
         if self.scale_init != "mse":
             return first
-        importance = self.importance if full_weight.ndim == 2 else None  # per input column (hf_qat.importance)
-        return (ggml_mse_scale(w, first, self.spec.ggml_grid, importance=importance) if self.spec.ggml_grid
-                else mse_scale(w, first, self.spec, importance=importance))
+        importance = self.importance if full_weight.ndim == 2 else None  # per input column (hf_qat.model.importance)
+        return self.quantizer.mse_scale(w, first, self.spec, importance=importance)
 
     def initialize(self, full_weight: torch.Tensor) -> None:
         """Scale from the full weight, ratio 0 (collective under FSDP2: call on every rank)."""
@@ -181,40 +179,30 @@ class WeightQuantizer(nn.Module):
         return weight_fake_quant(weight, self.scale(weight), self.spec, self.view)
 
     @torch.no_grad()
+    def encode(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """``(codes int8 [R, C], step fp32 [scale shape], the family's block scales or None)`` of the weight's
+        matrix (:attr:`view`): what export packs (:meth:`~hf_qat.quantizers.family.Quantizer.encode`); the
+        fake-quantized matrix is ``step * codes`` exactly (minus the blocks' mins for the asymmetric ggml
+        families). One gather of the scales under FSDP2: call on every rank."""
+        return self.quantizer.encode(self.view.to_matrix(full_weight.detach()), self.full_scale(full_weight), self.spec)
+
     def codes(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(codes int8 [R, C], step fp32 [scale shape])`` of the weight's matrix (:attr:`view`): what
-        export packs; the fake-quantized matrix is ``step * codes`` exactly (minus the blocks' mins for the
-        asymmetric ggml families: :meth:`ggml_codes`)."""
-        if self.spec.ggml_grid is not None:
-            codes, scales = self.ggml_codes(full_weight)
-            return codes, scales.step
-        return quantize_codes(self.view.to_matrix(full_weight.detach()), self.full_scale(full_weight), self.spec)
+        """``(codes, step)`` of :meth:`encode`."""
+        return self.encode(full_weight)[:2]
 
     @torch.no_grad()
-    def probe_codes(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, BlockScales | None]:
-        """``(codes, step, the ggml block scales or None)`` as :meth:`codes` would give them were the scale
-        initialised now by the family's first rule (never the slower mse search): what an export target is
-        checked against before training (``QATConfig.export_format``). Changes nothing."""
+    def probe_codes(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """:meth:`encode` as it would be were the scale initialised now by the family's first rule (never
+        the slower mse search): what an export target is checked against before training
+        (``QATConfig.export_format``). Changes nothing."""
         matrix = self.view.to_matrix(full_weight.detach())
-        first = self.quantizer.init_scale(self.layout.scale_view(matrix.float()))
-        if self.spec.ggml_grid is not None:
-            codes, scales = ggml_codes(matrix, first, self.spec.ggml_grid)
-            return codes, scales.step, scales
-        return (*quantize_codes(matrix, first, self.spec), None)
-
-    @torch.no_grad()
-    def ggml_codes(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, BlockScales]:
-        """A ggml family's ``(codes int8 [R, C], BlockScales)``: what its GGUF blocks store (one gather of the
-        scales under FSDP2: call on every rank)."""
-        return ggml_codes(self.view.to_matrix(full_weight.detach()), self.full_scale(full_weight), self.spec.ggml_grid)
+        return self.quantizer.encode(matrix, self.quantizer.init_scale(self.layout.scale_view(matrix.float())), self.spec)
 
     @torch.no_grad()
     def quantized(self, full_weight: torch.Tensor) -> torch.Tensor:
         """The fake-quantized full weight in its stored layout, no autograd (bake, metrics)."""
         matrix, scale = self.view.to_matrix(full_weight.detach()), self.full_scale(full_weight)
-        quantized = (ggml_fake_quantize(matrix, scale, self.spec.ggml_grid) if self.spec.ggml_grid is not None
-                     else fake_quantize_weight(matrix, scale, self.spec))
-        return self.view.from_matrix(quantized, full_weight.shape)
+        return self.view.from_matrix(self.quantizer.fake_quantize(matrix, scale, self.spec), full_weight.shape)
 
     @torch.no_grad()
     def error(self, full_weight: torch.Tensor) -> float:

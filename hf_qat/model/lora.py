@@ -27,7 +27,7 @@ import types
 import torch
 from torch import nn
 
-from .errors import QATModelError
+from ..errors import QATModelError
 from .modules import QATLinear
 
 

@@ -1,6 +1,6 @@
 """QATCallback: one callback that turns an ordinary Trainer run into FP training followed by QAT.
 
-What it does, and when (transformers' Trainer; how it reaches into it: :mod:`hf_qat.trainer_hooks`):
+What it does, and when (transformers' Trainer; how it reaches into it: :mod:`hf_qat.training.trainer_hooks`):
 
 * ``on_init_end`` (inside ``Trainer.__init__``, before the optimizer exists and before DDP/FSDP2
   wrap the model): installs the dormant QAT modules (``prepare_model_for_qat``) and attaches to the
@@ -17,7 +17,7 @@ What it does, and when (transformers' Trainer; how it reaches into it: :mod:`hf_
   quantized weights with ``count_quantized_params_only``) and tokens per step =
   ``per_device_train_batch_size * gradient_accumulation_steps * world_size`` x the tokens per example:
   ``QATConfig.sequence_length``, or the mean real tokens of sampled training examples
-  (:mod:`hf_qat.run_inputs`; the plan says which). The plan is logged and written to
+  (:mod:`hf_qat.training.run_inputs`; the plan says which). The plan is logged and written to
   ``qat_plan.json`` in the output dir.
 * ``on_step_begin``: at the switch step, turns QAT on and initialises the scales from the full
   weights on every rank (optionally clears the optimizer state of the quantized weights).
@@ -26,7 +26,7 @@ What it does, and when (transformers' Trainer; how it reaches into it: :mod:`hf_
   ``eval_qat/weight_error``; the next training log reports it):
   a log never costs a pass over the weights.
 * ``on_save``: writes ``qat_config.json`` and ``qat_plan.json`` into the checkpoint folder (and, for
-  a PEFT model, whose checkpoints hold only the adapter, the QAT state: :mod:`hf_qat.qat_state`; with
+  a PEFT model, whose checkpoints hold only the adapter, the QAT state: :mod:`hf_qat.training.qat_state`; with
   a snapshot teacher, the teacher).
 
 Resuming: the switch state lives in the model (the units' ``active`` / ``initialized`` buffers and
@@ -34,10 +34,10 @@ the scales are in every checkpoint), the Trainer's checkpoint loading also loads
 PEFT checkpoint and a distilled run's teacher, and the plan is recomputed from the same config,
 arguments and data, so a run resumed from a checkpoint before or after the switch continues exactly.
 
-The callback orchestrates; the work is elsewhere: installing (:mod:`hf_qat.convert`), the scales'
-param group (:mod:`hf_qat.optim`), N and tokens per step (:mod:`hf_qat.run_inputs`), the plan
+The callback orchestrates; the work is elsewhere: installing (:mod:`hf_qat.model.convert`), the scales'
+param group (:mod:`hf_qat.training.optim`), N and tokens per step (:mod:`hf_qat.training.run_inputs`), the plan
 (:mod:`hf_qat.planner`), the schedule (:mod:`hf_qat.schedule`), the distillation loss
-(:mod:`hf_qat.distill`), and the hooks into the Trainer (:mod:`hf_qat.trainer_hooks`).
+(:mod:`hf_qat.training.distill`), and the hooks into the Trainer (:mod:`hf_qat.training.trainer_hooks`).
 """
 
 from __future__ import annotations
@@ -52,22 +52,22 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..config import CONFIG_NAME, QATConfig
+from ..errors import QATConfigError, QATModelError, QATRuntimeError
+from ..jsonio import write_json
+from ..model.convert import activate_qat, get_qat_config, is_qat_active, prepare_model_for_qat, quantization_error
+from ..model.distributed import is_dtensor
+from ..model.file_type import mean_storage_bits
+from ..model.lora import is_peft_model
+from ..model.unit import UNIT_KEY
+from ..planner import Plan, QATScalingLaw, plan_qat
+from ..schedule import lambda_lr, make_schedule
 from .checkpoint import restore_converted_weights
-from .config import CONFIG_NAME, QATConfig
-from .convert import activate_qat, get_qat_config, is_qat_active, prepare_model_for_qat, quantization_error
 from .distill import DistillationLoss, Teacher
-from .distributed import is_dtensor
-from .errors import QATConfigError, QATModelError, QATRuntimeError
 from .fused_heads import check_fused_head
-from .jsonio import write_json
-from .lora import is_peft_model
-from .mix import mean_storage_bits
 from .optim import SCALE_GROUP_KEY, add_scale_param_group, has_scale_group, reset_weight_state, scale_parameters
-from .planner import Plan, QATScalingLaw, plan_qat
 from .qat_state import STATE_FILE, load_unit_state, save_unit_state
 from .run_inputs import active_parameters, count_parameters, tokens_per_step
-from .schedule import lambda_lr, make_schedule
-from .unit import UNIT_KEY
 from .trainer_hooks import TrainerHooks, attach, constructing_trainer, guard_resume
 
 logger = logging.getLogger("hf_qat")
@@ -118,8 +118,8 @@ class QATCallback(TrainerCallback, ExportableState):
         plan: the :class:`hf_qat.planner.Plan` of the run (None when it could not be computed).
         switched: whether this run has passed the switch step (set at the first step at or after it).
         weight_error: the mean relative quantization error, measured at the switch and at each evaluation.
-        teacher / distillation: with ``QATConfig(distill=...)``, the :class:`hf_qat.distill.Teacher` and the
-            :class:`hf_qat.distill.DistillationLoss` the Trainer's loss goes through.
+        teacher / distillation: with ``QATConfig(distill=...)``, the :class:`hf_qat.training.distill.Teacher` and the
+            :class:`hf_qat.training.distill.DistillationLoss` the Trainer's loss goes through.
     """
 
     def __init__(self, config: QATConfig | dict | str | os.PathLike | None = None, **overrides: Any) -> None:
@@ -219,7 +219,7 @@ class QATCallback(TrainerCallback, ExportableState):
     def _load_checkpoint(self, directory: str, model: torch.nn.Module) -> None:
         """What the Trainer's checkpoint loading leaves out: a PEFT checkpoint's QAT state (its scales
         and switch); tensors saved in the original format that its plain load_state_dict cannot place
-        (MoE experts, renamed units: :mod:`hf_qat.checkpoint`); a distilled run's teacher snapshot."""
+        (MoE experts, renamed units: :mod:`hf_qat.training.checkpoint`); a distilled run's teacher snapshot."""
         if is_peft_model(model):
             if not load_unit_state(model, directory):
                 logger.warning("hf_qat: %s holds no %s (a PEFT checkpoint of hf_qat < 0.4?): the QAT scales and "

@@ -2,13 +2,13 @@
 
 Each QAT layer keeps the ORIGINAL ``weight`` (and ``bias``) Parameter objects of the layer it
 replaces, so optimizer state, tied weights and checkpoint keys survive installation, and holds one
-:class:`hf_qat.unit.WeightQuantizer` (``weight_quantizer``: scale, switch state, fake quant, codes,
+:class:`hf_qat.model.unit.WeightQuantizer` (``weight_quantizer``: scale, switch state, fake quant, codes,
 error). A tied embedding and LM head hold the same unit.
 
 Until the unit is active the forward pass is ``F.linear`` / ``F.embedding`` with the original
 parameters, bit for bit. Once it is active, the weight goes through the unit's fake quantizer (and,
 with ``activation_bits=8``, the input through int8 per-token fake quantization). The units are built
-by ``hf_qat.convert`` (one per weight) and handed in.
+by ``hf_qat.model.convert`` (one per weight) and handed in.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import QATModelError
-from .kernels import activation_fake_quant
+from ..errors import QATModelError
+from ..kernels import activation_fake_quant
 from .unit import WeightQuantizer, upgrade_state_dict
 
 # nn.Embedding's configuration attributes (copied when a QATEmbedding replaces one, and back).

@@ -1,7 +1,7 @@
 """A llama.cpp quantization mix (``QATConfig.gguf_mix``, e.g. "q4_k_m") as one quantizer per weight.
 
 ``llama-quantize model-f32.gguf out.gguf Q4_K_M`` gives every tensor a GGML type by a rule
-(:mod:`hf_qat.gguf_mix`, which mirrors llama.cpp's ``llama_tensor_get_type``): Q4_K for most,
+(:mod:`hf_qat.llamacpp.file_types`, which mirrors llama.cpp's ``llama_tensor_get_type``): Q4_K for most,
 Q6_K for the output and some ``attn_v`` / ``ffn_down`` layers, llama.cpp's fallback (Q5_0, Q5_1, Q8_0, ...)
 for a tensor whose rows are not a multiple of 256 wide, F32 for what it leaves alone. With a mix, hf_qat
 asks that rule about the GGUF file its writer would produce for this model, and trains each weight on
@@ -15,22 +15,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import QATModelError
-from .bits import TERNARY_BITS
-from .gguf_mix import DEFAULT_TYPE, MixModel, mix_tensor_types
-from .quantizers.kquants import GRIDS
+from ..errors import ExportFormatError, QATModelError
+from ..llamacpp.file_types import mix_tensor_types
+from ..llamacpp.tensors import gguf_tensors, is_tied
+from ..quantizers import family_of_ggml_type
 from .targets import unwrapped_name
 from .weights import quantizer_units
 
-# A GGML type -> the family that trains it: (method, bits, group_size).
-TYPE_FAMILIES: dict[str, tuple[str, float, int]] = {
-    **{grid.ggml_type: (name, grid.bits, grid.block) for name, grid in GRIDS.items()},
-    "Q4_0": ("lsq", 4, 32), "Q5_0": ("lsq", 5, 32), "Q8_0": ("lsq", 8, 32),
-    "TQ1_0": ("seq", TERNARY_BITS, 256), "TQ2_0": ("seq", TERNARY_BITS, 256), "MXFP4": ("mxfp4", 4, 32),
-}
 FLOAT_TYPES = ("F32", "F16", "BF16")
-# The family each file type names for most weights (QATConfig.method / bits / group_size of its preset).
-MIX_BASE = {mix: TYPE_FAMILIES[ggml_type] for mix, ggml_type in DEFAULT_TYPE.items()}
 
 
 @dataclass(frozen=True)
@@ -44,43 +36,17 @@ class WeightFamily:
     group_size: int
 
 
-def gguf_tensors(model: nn.Module, names: list[str]) -> tuple[MixModel, list[tuple[str, tuple[int, ...]]], dict[str, str]]:
-    """``(MixModel, [(gguf name, ggml shape)], {weight name: gguf name})`` of the tensors the GGUF writer
-    writes for ``model``: the weights ``names`` (in that order, the writer's) then every other state-dict
-    tensor; ggml shapes list the input dim first."""
-    import gguf
-
-    from .export.base import ExportFormatError  # here: hf_qat.export imports hf_qat.convert, which imports this
-    from .export.gguf_arch import architecture
-
-    cfg = model.config
+def _gguf_tensors(model: nn.Module, names: list[str]):
+    """:func:`~hf_qat.llamacpp.tensors.gguf_tensors` of the transformers ``model`` (PEFT's ``.base_layer``
+    dropped from its names), a model GGUF cannot hold refused with the advice to train without gguf_mix."""
+    state = {_transformers_name(key): value for key, value in model.state_dict().items()}
     try:
-        arch = architecture(cfg)
+        return gguf_tensors(model, names, state)
     except ExportFormatError as exc:
         raise QATModelError(
             f"gguf_mix trains the file llama.cpp's quantizer writes for this model, and hf_qat writes no GGUF of it: "
             f"{exc} Train it without gguf_mix for another format, e.g. QATConfig(bits=4, group_size=32, export_format='compressed-tensors'), which "
             "the native hf-qat format always holds and compressed-tensors (vLLM) holds for most models") from None
-    gguf_arch = getattr(gguf.MODEL_ARCH, arch.gguf_arch)
-    tensor_names = gguf.get_tensor_name_map(gguf_arch, cfg.num_hidden_layers)
-    state = {_transformers_name(key): value for key, value in model.state_dict().items()}  # PEFT: base_layer
-    experts = int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0)
-    mix_model = MixModel(arch=gguf.MODEL_ARCH_NAMES[gguf_arch], n_layers=cfg.num_hidden_layers,
-                         n_head=cfg.num_attention_heads,
-                         n_head_kv=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-                         n_expert=experts)
-    tensors, by_weight = [], {}
-    weight_keys = [f"{n}.weight" if f"{n}.weight" in state else n for n in names]
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is model.get_input_embeddings().weight
-    for key in weight_keys + [k for k in state if k not in set(weight_keys)]:
-        if tied and key == "lm_head.weight" and not arch.output_required:  # the writer leaves it to token_embd
-            continue
-        for name, shape in _gguf_names(key, tuple(state[key].shape), tensor_names):
-            if name not in dict(tensors):
-                tensors.append((name, shape))
-                by_weight.setdefault(key.removesuffix(".weight"), name)
-    return mix_model, tensors, by_weight
 
 
 def _peft_base(model: nn.Module) -> tuple[nn.Module, str]:
@@ -97,28 +63,6 @@ def _transformers_name(name: str, prefix: str = "") -> str:
     return unwrapped_name(name.removeprefix(prefix))
 
 
-def _gguf_names(key: str, shape: tuple[int, ...], tensor_names) -> list[tuple[str, tuple[int, ...]]]:
-    """The GGUF tensors (name, ggml shape) the writer makes of the state-dict tensor ``key``: a fused expert
-    stack ``[E, out, in]`` becomes llama.cpp's stacked ``ffn_{gate,up}_exps`` (the halves of gate_up_proj)
-    or ``ffn_down_exps``, ``{in, out, E}``."""
-    import gguf
-
-    if ".mlp.experts." in key and len(shape) == 3:
-        block = int(key.split(".layers.")[1].split(".")[0])
-        experts, out, width = shape
-
-        def name(tensor) -> str:
-            return gguf.TENSOR_NAMES[tensor].format(bid=block) + ".weight"
-
-        if key.endswith("gate_up_proj"):
-            return [(name(gguf.MODEL_TENSOR.FFN_GATE_EXP), (width, out // 2, experts)),
-                    (name(gguf.MODEL_TENSOR.FFN_UP_EXP), (width, out // 2, experts))]
-        if key.endswith("down_proj"):
-            return [(name(gguf.MODEL_TENSOR.FFN_DOWN_EXP), (width, out, experts))]
-    name = tensor_names.get_name(key, try_suffixes=(".weight", ".bias"))
-    return [] if name is None else [(name, tuple(reversed(shape)))]
-
-
 def mix_families(model: nn.Module, names: list[str], mix: str) -> dict[str, WeightFamily | None]:
     """The family of every weight in ``names`` (module names, or ``<experts module>.<parameter>`` for a fused
     expert stack, whose gate and up halves llama.cpp types alike) under the llama.cpp mix ``mix``; None for
@@ -126,11 +70,9 @@ def mix_families(model: nn.Module, names: list[str], mix: str) -> dict[str, Weig
     (``base_model.model.<name>.base_layer``): the rule types the transformers model inside."""
     model, prefix = _peft_base(model)
     plain = {name: _transformers_name(name, prefix) for name in names}
-    mix_model, tensors, by_weight = gguf_tensors(model, list(plain.values()))
+    mix_model, tensors, by_weight = _gguf_tensors(model, list(plain.values()))
     types = mix_tensor_types(mix, mix_model, tensors)
-    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = head is not None and embedding is not None and head.weight is embedding.weight
-    if tied and types.get("output.weight", types.get("token_embd.weight")) != types.get("token_embd.weight"):
+    if is_tied(model) and types.get("output.weight", types.get("token_embd.weight")) != types.get("token_embd.weight"):
         raise QATModelError(
             f"llama.cpp's {model.config.model_type} file holds the tied LM head as its own output.weight, which "
             f"{mix} stores as {types['output.weight']} while token_embd is {types['token_embd.weight']}: one tied "
@@ -144,8 +86,8 @@ def mix_families(model: nn.Module, names: list[str], mix: str) -> dict[str, Weig
         ggml_type = types[gguf_name]
         if ggml_type in FLOAT_TYPES:
             out[name] = None
-        elif ggml_type in TYPE_FAMILIES:
-            out[name] = WeightFamily(ggml_type, *TYPE_FAMILIES[ggml_type])
+        elif (family := family_of_ggml_type(ggml_type)) is not None:
+            out[name] = WeightFamily(ggml_type, *family)
         else:
             raise QATModelError(f"{name}: llama.cpp's {mix} gives it {ggml_type}, which hf_qat does not train")
     return out

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from .convert import quantizer_units
+from ..model.convert import quantizer_units
 
 SCALE_GROUP_KEY = "hf_qat_scales"  # the marker of the scales' param group
 

@@ -22,8 +22,8 @@ import inspect
 
 from torch import nn
 
-from .config import QATConfig
-from .errors import QATModelError
+from ..config import QATConfig
+from ..errors import QATModelError
 
 
 def fused_head(model: nn.Module, args=None) -> tuple[str, str] | None:

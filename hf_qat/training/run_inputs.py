@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainingArguments
 
-from .convert import quantized_weights
-from .experts import fused_weights, is_fused_experts
-from .errors import QATConfigError
+from ..errors import QATConfigError
+from ..model.convert import quantized_weights
+from ..model.experts import fused_weights, is_fused_experts
 from .optim import scale_parameters
 
 SAMPLED_EXAMPLES = 256

@@ -1,7 +1,7 @@
 """The quantized weights of a prepared model: each one's module, parameter and unit.
 
 A QAT model computes with three kinds of modules that hold units: QATLinear and QATEmbedding (one
-``weight`` each) and QAT fused experts (one unit per fused 3-D weight, :mod:`hf_qat.experts`). Callers
+``weight`` each) and QAT fused experts (one unit per fused 3-D weight, :mod:`hf_qat.model.experts`). Callers
 that act on weights (initialise scales, bake, export, count) iterate :func:`quantized_weights` and see
 one :class:`QuantizedWeight` per weight, whatever module holds it.
 """

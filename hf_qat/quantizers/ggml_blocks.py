@@ -32,12 +32,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..quantizers.kquants import IQ4_NL_VALUES, BlockScales, GGMLGrid
 
 BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "IQ4_NL": 18, "IQ4_XS": 136, "Q4_1": 20,
          "Q5_1": 24}
-IQ4_NL_INDEX = torch.zeros(256, dtype=torch.int16)  # level + 128 -> its index in kvalues_iq4nl
-IQ4_NL_INDEX[torch.tensor(IQ4_NL_VALUES) + 128] = torch.arange(len(IQ4_NL_VALUES), dtype=torch.int16)
 
 
 def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -78,14 +75,22 @@ def _nibbles_k(u: torch.Tensor) -> torch.Tensor:
     return (u[..., 0, :] | (u[..., 1, :] << 4)).reshape(*u.shape[:-3], 128)
 
 
-def pack_ggml(codes: torch.Tensor, scales: BlockScales, grid: GGMLGrid) -> np.ndarray:
-    """``codes int8 [R, C]`` with their :class:`BlockScales` -> the raw GGUF blocks ``uint8 [R, bytes]``."""
+def level_index(values: tuple[int, ...]) -> torch.Tensor:
+    """``int16 [256]``: a level of the table ``values`` (IQ4_NL's ``kvalues_iq4nl``) plus 128 -> its index."""
+    index = torch.zeros(256, dtype=torch.int16)
+    index[torch.tensor(values) + 128] = torch.arange(len(values), dtype=torch.int16)
+    return index
+
+
+def pack_ggml(codes: torch.Tensor, scales, grid) -> np.ndarray:
+    """``codes int8 [R, C]`` with their block scales (:class:`~.kquants.BlockScales`) on the
+    :class:`~.kquants.GGMLGrid` ``grid`` -> the raw GGUF blocks ``uint8 [R, bytes]``."""
     rows, cols = codes.shape
     supers = cols // grid.super_block
     q = codes.to(torch.int16)
     if grid.values and not bool(torch.isin(q, torch.tensor(grid.values, dtype=q.dtype)).all()):
         raise ValueError(f"{grid.ggml_type} codes must be its levels {grid.values}")
-    u = IQ4_NL_INDEX[(q + 128).long()] if grid.values else q - grid.lo  # unsigned codes
+    u = level_index(grid.values)[(q + 128).long()] if grid.values else q - grid.lo  # unsigned codes
     u = u.to(torch.uint8).reshape(rows, supers, grid.super_block)
     kind = grid.ggml_type
     d = _fp16_bytes(scales.d.reshape(rows, supers, 1))

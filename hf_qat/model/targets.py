@@ -3,7 +3,7 @@
 A weight is what a module computes with, not a module type. The rules:
 
 * every plain ``nn.Linear`` except the LM head and the routers;
-* every fused expert weight (``mlp.experts.gate_up_proj``, ``down_proj``: :mod:`hf_qat.experts`);
+* every fused expert weight (``mlp.experts.gate_up_proj``, ``down_proj``: :mod:`hf_qat.model.experts`);
 * with ``embedding_bits``: the input embedding and the LM head (tied or not);
 * ``target_modules`` replaces the first two rules by the names it lists (module names, and for fused
   experts also ``<experts module>.<parameter>``), so it can also select a Linear router;
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import QATConfig
-from .errors import QATModelError
+from ..config import QATConfig
+from ..errors import QATModelError
 from .experts import fused_weights, is_fused_experts, router_modules
 
 logger = logging.getLogger("hf_qat")
@@ -34,7 +34,7 @@ class WeightTarget:
     """A weight the config quantizes, found before anything is installed.
 
     Attributes:
-        name: the weight's name (as :class:`hf_qat.weights.QuantizedWeight.name`).
+        name: the weight's name (as :class:`hf_qat.model.weights.QuantizedWeight.name`).
         module_name, module, parameter: where it lives (``module.<parameter>``).
         kind: "linear", "embedding" or "experts".
         embedding: quantized at ``embedding_bits`` (the input embedding and the LM head).

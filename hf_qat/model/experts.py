@@ -1,15 +1,13 @@
 """Fused mixture-of-experts weights as QAT units, and the routers that stay in full precision.
 
-Since transformers 5 the experts of an MoE block are ONE module with fused 3-D Parameters
-(``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``; stored ``[E, in, out]`` when ``is_transposed``,
-as in gpt_oss), decorated by ``transformers.integrations.moe.use_experts_implementation``, which puts
-the layout on every instance (``is_transposed``, ``is_concatenated``, ``has_gate``, ``has_bias``) and
-dispatches ``forward`` on ``config._experts_implementation`` (eager, batched_mm, grouped_mm). Every
-implementation reads ``self.gate_up_proj`` / ``self.down_proj``.
+Since transformers 5 the experts of an MoE block are ONE module with fused 3-D Parameters (their layout:
+:mod:`hf_qat.expert_layout`), decorated by ``transformers.integrations.moe.use_experts_implementation``,
+which puts the layout on every instance and dispatches ``forward`` on ``config._experts_implementation``
+(eager, batched_mm, grouped_mm). Every implementation reads ``self.gate_up_proj`` / ``self.down_proj``.
 
 QAT installs onto such a module in place: its class becomes ``QAT<class>`` (a subclass, so
 ``isinstance`` checks and state-dict keys are unchanged) and each fused weight ``P`` gets one
-:class:`~hf_qat.unit.WeightQuantizer` as the child ``P_quantizer`` (keys ``...experts.P_quantizer.*``,
+:class:`~hf_qat.model.unit.WeightQuantizer` as the child ``P_quantizer`` (keys ``...experts.P_quantizer.*``,
 as ``...q_proj.weight_quantizer.*`` for a Linear). While a unit is active, the forward computes each
 fake-quantized weight once, puts it where the implementation reads ``P`` for the duration of that
 forward, and puts the Parameter back; dormant, the forward is the original one, bit for bit.
@@ -28,10 +26,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..expert_layout import LAYOUT_ATTRIBUTES, linear_dims
 from .unit import UNIT_SUFFIX, WeightQuantizer
 
-# The attributes use_experts_implementation sets on every experts instance.
-LAYOUT_ATTRIBUTES = ("is_transposed", "is_concatenated", "has_gate", "has_bias")
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -48,7 +45,7 @@ def experts_input_dim(module: nn.Module) -> int:
     """H: the input width of the experts' first projection (``gate_up_proj``, or ``up_proj`` without
     ``has_gate``, as transformers' implementations read them): the hidden size the router also reads."""
     weight = module.gate_up_proj if module.has_gate else module.up_proj
-    return int(weight.shape[1] if module.is_transposed else weight.shape[2])
+    return linear_dims(weight.shape, module.is_transposed)[2]
 
 
 def router_modules(model: nn.Module) -> dict[str, nn.Module]:

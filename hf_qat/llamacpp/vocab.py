@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .base import ExportFormatError
+from ..errors import ExportFormatError
 
 # The split regexes of the byte-level BPE families llama.cpp names (its llama-vocab.cpp pre-tokenizers).
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
