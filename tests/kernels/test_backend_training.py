@@ -17,13 +17,17 @@ CASES = [
     dict(bits=2, group_size=16),
     dict(bits=4, group_size=16, embedding_bits=4),
     dict(bits=8, group_size=32, activation_bits=8),
+    dict(bits=4, method="iq4_nl"),  # ggml's block families: their own forward, its passes on the engine
+    dict(bits=4, method="q4_1"),
+    dict(bits=2, method="q2_k", hidden=256),  # k-quants: rows of 256
 ]
 
 
 def train(backend: str, cfg: dict, monkeypatch, steps: int = 3) -> dict[str, torch.Tensor]:
     monkeypatch.setenv("HF_QAT_BACKEND", backend)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = tiny_llama().to(device)
+    cfg = dict(cfg)
+    model = tiny_llama(**({"hidden": cfg.pop("hidden")} if "hidden" in cfg else {})).to(device)
     hf_qat.prepare_model_for_qat(model, QATConfig(start=0, **cfg))
     hf_qat.activate_qat(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -36,7 +40,7 @@ def train(backend: str, cfg: dict, monkeypatch, steps: int = 3) -> dict[str, tor
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"{c['bits']}-bit")
+@pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"{c['bits']}-bit-{c.get('method', 'auto')}")
 def test_triton_and_torch_runs_end_with_identical_weights(cfg, monkeypatch):
     with_torch = train("torch", cfg, monkeypatch)
     with_triton = train("triton", cfg, monkeypatch)
