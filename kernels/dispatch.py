@@ -20,6 +20,7 @@ import torch
 
 from .pack import dequantize_reference
 from hf_qat.quantizers.base import MatrixView
+from hf_qat.quantizers.kquants import GGMLGrid, ggml_backward_pass, ggml_forward_pass
 from hf_qat.quantizers.reference import (
     WeightQuantSpec,
     fake_quantize_activation,
@@ -48,6 +49,13 @@ class Engine(Protocol):
     def dequantize(self, packed: torch.Tensor, bits: int, cols: int, table: torch.Tensor, step: torch.Tensor,
                    dtype: torch.dtype) -> torch.Tensor: ...
 
+    def ggml_forward(self, matrix: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor | None,
+                     grid: GGMLGrid) -> torch.Tensor: ...
+
+    def ggml_backward(self, grad_output: torch.Tensor, matrix: torch.Tensor, step: torch.Tensor,
+                      minimum: torch.Tensor | None, grid: GGMLGrid,
+                      need_scale_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
 
 class TorchEngine:
     """The reference (hf_qat.quantizers.reference) as an engine."""
@@ -65,6 +73,12 @@ class TorchEngine:
 
     def dequantize(self, packed, bits, cols, table, step, dtype):
         return dequantize_reference(packed, bits, cols, table, step, dtype)
+
+    def ggml_forward(self, matrix, step, minimum, grid):
+        return ggml_forward_pass(matrix, step, minimum, grid)
+
+    def ggml_backward(self, grad_output, matrix, step, minimum, grid, need_scale_grad):
+        return ggml_backward_pass(grad_output, matrix, step, minimum, grid, need_scale_grad)
 
 
 _TORCH = TorchEngine()
@@ -157,10 +171,11 @@ def weight_fake_quant(weight: torch.Tensor, scale: torch.Tensor, spec: WeightQua
                       view: MatrixView = MatrixView()) -> torch.Tensor:
     """Differentiable weight fake quantization through the selected engine (``view``: how ``weight``
     is seen as the matrix of the math; a 2-D weight is its own). A family with a forward of its own
-    (``spec.forward``, :meth:`~hf_qat.quantizers.family.Quantizer.own_forward`: ggml's blocks) is served by it
-    on every device."""
+    (``spec.forward``, :meth:`~hf_qat.quantizers.family.Quantizer.own_forward`: ggml's blocks) is served by it,
+    with the engine chosen here for its per-weight passes."""
     if spec.forward is not None:
-        return view.from_matrix(spec.forward(view.to_matrix(weight), scale, spec.grad_scale), weight.shape)
+        matrix = view.to_matrix(weight)
+        return view.from_matrix(spec.forward(matrix, scale, spec.grad_scale, select_engine(matrix)), weight.shape)
     return WeightFakeQuant.apply(weight, scale, spec, view)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .triton_activation_quant import activation_fake_quant_forward
+from .triton_ggml import ggml_backward, ggml_forward
 from .triton_unpack import unpack_dequantize
 from .triton_weight_quant import fake_quant_backward, fake_quant_forward
 
@@ -21,3 +22,9 @@ class TritonEngine:
 
     def dequantize(self, packed, bits, cols, table, step, dtype):
         return unpack_dequantize(packed, bits, cols, table, step, dtype)
+
+    def ggml_forward(self, matrix, step, minimum, grid):
+        return ggml_forward(matrix, step, minimum, grid)
+
+    def ggml_backward(self, grad_output, matrix, step, minimum, grid, need_scale_grad):
+        return ggml_backward(grad_output, matrix, step, minimum, grid, need_scale_grad)

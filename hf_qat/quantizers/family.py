@@ -95,9 +95,10 @@ class Quantizer:
         :meth:`ScaleLayout.scale_view`) -> ``scale_shape`` fp32."""
         raise NotImplementedError
 
-    def own_forward(self) -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None:
-        """The family's own differentiable forward ``(matrix, scale, grad_scale) -> matrix``, which then serves
-        it on every device; None (a Grid family): the engines of :mod:`hf_qat.kernels` serve it."""
+    def own_forward(self) -> Callable[[torch.Tensor, torch.Tensor, float, Any], torch.Tensor] | None:
+        """The family's own differentiable forward ``(matrix, scale, grad_scale, engine) -> matrix`` (``engine``:
+        the one :mod:`hf_qat.kernels` chose for the weight's device, whose passes it calls); None (a Grid
+        family): the engines' Grid passes serve it."""
         return None
 
     def fake_quantize(self, matrix: torch.Tensor, scale: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor:

@@ -67,7 +67,7 @@ from ..llamacpp.file_types import BLOCK, FALLBACK, file_type_of
 from .base import SCALE_MIN, Grid
 from .family import Quantizer
 from .ggml_blocks import pack_ggml
-from .reference import MSE_SCALE_RATIOS, nearest_value
+from .reference import MSE_SCALE_RATIOS, nearest_value, tree_sum
 from .registry import register_quantizer
 
 QK_K = 256
@@ -220,10 +220,39 @@ def ggml_dequantize(codes: torch.Tensor, scales: BlockScales, grid: GGMLGrid) ->
     return _values(_blocks(codes.float(), grid.block), scales).reshape(codes.shape)
 
 
+def ggml_forward_pass(matrix: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor | None,
+                      grid: GGMLGrid) -> torch.Tensor:
+    """The per-weight forward with the rounded block ``step`` and ``minimum`` (:class:`BlockScales`' fields):
+    the matrix on the grid, in its dtype. The reference the Triton engine reproduces bit for bit."""
+    scales = BlockScales(step, minimum, step, None, None, None)
+    return _values(_codes(_ratio(matrix, scales, grid), grid), scales).reshape(matrix.shape).to(matrix.dtype)
+
+
+def ggml_backward_pass(grad_output: torch.Tensor, matrix: torch.Tensor, step: torch.Tensor,
+                       minimum: torch.Tensor | None, grid: GGMLGrid,
+                       need_scale_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The straight-through backward's per-weight pass: the matrix's gradient (``grad`` where ``lo <= r <= hi``)
+    and, with ``need_scale_grad``, per block the pairwise tree sums (``reference.tree_sum``) of
+    ``grad * (code - r inside, code where clipped)`` and, asymmetric types, of ``-grad where clipped``
+    (fp32 ``[R, G]`` or ``[R, G, 2]``, before ParetoQ's factor)."""
+    scales = BlockScales(step, minimum, step, None, None, None)
+    r = _ratio(matrix.detach(), scales, grid)
+    inside = (r >= grid.lo) & (r <= grid.hi)
+    grad = _blocks(grad_output, grid.block)
+    grad_matrix = torch.where(inside, grad, torch.zeros((), dtype=grad.dtype)).reshape(grad_output.shape)
+    if not need_scale_grad:
+        return grad_matrix, None
+    g = grad.float()
+    sums = tree_sum(g * torch.where(inside, _codes(r, grid) - r, _codes(r, grid)), dim=-1)
+    if grid.asymmetric:
+        sums = torch.stack([sums, tree_sum(torch.where(inside, 0.0, -g), dim=-1)], -1)
+    return grad_matrix, sums
+
+
 def ggml_fake_quantize(matrix: torch.Tensor, scale: torch.Tensor, grid: GGMLGrid) -> torch.Tensor:
     """Forward only: the matrix on the grid, in its dtype."""
     scales = block_scales(scale, grid)
-    return _values(_codes(_ratio(matrix, scales, grid), grid), scales).reshape(matrix.shape).to(matrix.dtype)
+    return ggml_forward_pass(matrix, scales.step, scales.min, grid)
 
 
 @torch.no_grad()
@@ -261,37 +290,34 @@ def ggml_mse_scale(matrix: torch.Tensor, first_scale: torch.Tensor, grid: GGMLGr
 
 
 class GGMLFakeQuant(torch.autograd.Function):
-    """Differentiable :func:`ggml_fake_quantize` of a matrix ``[R, C]`` (PyTorch on every device: no Triton
-    kernel for these families). Saves only its inputs; the backward recomputes the codes."""
+    """Differentiable :func:`ggml_fake_quantize` of a matrix ``[R, C]``. The block scales are rounded here, in
+    PyTorch; the per-weight passes are the ``engine``'s (``ggml_forward`` / ``ggml_backward``: this module's
+    reference, or hf_qat.kernels' Triton kernels), chosen by the one dispatch point. Saves only its inputs;
+    the backward recomputes the codes."""
 
     @staticmethod
-    def forward(ctx, matrix: torch.Tensor, scale: torch.Tensor, grid: GGMLGrid, grad_scale: float) -> torch.Tensor:
+    def forward(ctx, matrix: torch.Tensor, scale: torch.Tensor, grid: GGMLGrid, grad_scale: float,
+                engine) -> torch.Tensor:
         ctx.save_for_backward(matrix, scale)
-        ctx.grid, ctx.grad_scale = grid, grad_scale
-        return ggml_fake_quantize(matrix, scale, grid)
+        ctx.grid, ctx.grad_scale, ctx.engine = grid, grad_scale, engine
+        scales = block_scales(scale, grid)
+        return engine.ggml_forward(matrix, scales.step, scales.min, grid)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         matrix, scale = ctx.saved_tensors
         grid = ctx.grid
         scales = block_scales(scale, grid)
-        r = _ratio(matrix.detach(), scales, grid)
-        inside = (r >= grid.lo) & (r <= grid.hi)
-        grad = _blocks(grad_output, grid.block)
-        grad_matrix = torch.where(inside, grad, torch.zeros((), dtype=grad.dtype)).reshape(grad_output.shape)
+        grad_matrix, sums = ctx.engine.ggml_backward(grad_output.contiguous(), matrix.detach(), scales.step,
+                                                     scales.min, grid, bool(ctx.needs_input_grad[1]))
         grad_scale = None
-        if ctx.needs_input_grad[1]:
-            g = grad.float()
-            codes = _codes(r, grid)
-            grad_s = (g * torch.where(inside, codes - r, codes)).sum(-1)
-            if grid.asymmetric:
-                grad_s = torch.stack([grad_s, torch.where(inside, 0.0, -g).sum(-1)], -1)
-            grad_s = grad_s * ctx.grad_scale
+        if sums is not None:
+            grad_s = sums * ctx.grad_scale
             s = scale.detach().float()
             clamped = (s[..., 0] if grid.asymmetric else s) < SCALE_MIN  # the scale's clamp: no gradient
             (grad_s[..., 0] if grid.asymmetric else grad_s).masked_fill_(clamped, 0.0)
             grad_scale = grad_s.to(scale.dtype)
-        return grad_matrix, grad_scale, None, None
+        return grad_matrix, grad_scale, None, None, None
 
 
 class GGMLQuantizer(Quantizer):
@@ -339,11 +365,11 @@ class GGMLQuantizer(Quantizer):
         return pack_ggml(codes, block_scales, self.ggml_grid)
 
     def own_forward(self):
-        """:class:`GGMLFakeQuant`, on every device (no Triton kernel for these families)."""
+        """:class:`GGMLFakeQuant`, its per-weight passes on the engine the dispatch chose."""
         return self._forward
 
-    def _forward(self, matrix: torch.Tensor, scale: torch.Tensor, grad_scale: float) -> torch.Tensor:
-        return GGMLFakeQuant.apply(matrix, scale, self.ggml_grid, grad_scale)
+    def _forward(self, matrix: torch.Tensor, scale: torch.Tensor, grad_scale: float, engine) -> torch.Tensor:
+        return GGMLFakeQuant.apply(matrix, scale, self.ggml_grid, grad_scale, engine)
 
     def fake_quantize(self, matrix: torch.Tensor, scale: torch.Tensor, spec) -> torch.Tensor:
         return ggml_fake_quantize(matrix, scale, self.ggml_grid)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -47,7 +47,7 @@ class WeightQuantSpec:
         scale_dtype: the dtype scales are rounded to in the forward pass.
         grad_scale: ParetoQ's g, multiplied into the scale gradient.
         learnable: False for absmax (no scale gradient, scale recomputed from the weight).
-        forward: the family's own differentiable forward ``(matrix, scale, grad_scale) -> matrix``
+        forward: the family's own differentiable forward ``(matrix, scale, grad_scale, engine) -> matrix``
             (:meth:`~.family.Quantizer.own_forward`: the ggml block families'), or None: the engines'.
     """
 
@@ -56,7 +56,7 @@ class WeightQuantSpec:
     scale_dtype: torch.dtype
     grad_scale: float
     learnable: bool = True
-    forward: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
+    forward: Callable[[torch.Tensor, torch.Tensor, float, Any], torch.Tensor] | None = None
 
     @functools.cached_property
     def layout(self) -> ScaleLayout:
