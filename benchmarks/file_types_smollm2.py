@@ -243,11 +243,13 @@ def report(out: str, plot: str | None) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, r in sorted(fp.items(), key=lambda kv: kv[1]["lr"]):
         lines.append(f"| {name} (torch, 32 blocks) | {r['lr']:.0e} | {r['fp32_bytes'] / 1e6:.1f} (F32)  | - | {r['loss']:.4f} | - | - |")
-    points: dict[str, list[tuple[float, float]]] = {}
+    points: dict[str, list[tuple[float, float, str]]] = {}
+    same_blocks = None  # the FP fine-tune's loss on the blocks llama.cpp ran
     for ftype in TYPES:
         base = rows.get(f"{ftype}/llama.cpp+imatrix")
         ref = base["gguf"]["llama_cpp"]["eval_loss_torch_same_blocks"] if base and "gguf" in base else None
         base_gap = loss_of(base) - ref if ref is not None else None
+        same_blocks = ref if ref is not None else same_blocks
         for name in sorted((n for n in rows if n.startswith(f"{ftype}/")), key=order):
             r = rows[name]
             if "error" in r:
@@ -261,9 +263,9 @@ def report(out: str, plot: str | None) -> str:
             lines.append(f"| {name} | {lr} | {size:.2f} | {loss:.4f} | {ref_text} | {gap} | {recovered} |")
             method = name.split("/")[1].split("@")[0]
             if method in ("llama.cpp+imatrix", "llama.cpp") or name == best_qat_name(rows, ftype):
-                points.setdefault("hf_qat QAT (best lr)" if method == "qat" else method, []).append((size, loss))
+                points.setdefault("hf_qat QAT (best lr)" if method == "qat" else method, []).append((size, loss, ftype))
     if plot and points:
-        draw(points, fp, plot)
+        draw(points, same_blocks, plot)
     return "\n".join(lines)
 
 
@@ -278,7 +280,7 @@ def best_qat_name(rows: dict, ftype: str) -> str | None:
     return min(scored)[1] if scored else None
 
 
-def draw(points: dict, fp: dict, path: str) -> None:
+def draw(points: dict, fp_loss: float | None, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,13 +289,14 @@ def draw(points: dict, fp: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, xy in sorted(points.items()):
         xy = sorted(xy)
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=label)
-    if fp:
-        best = min(r["loss"] for r in fp.values())
-        ax.axhline(best, color="gray", linestyle="--", label=f"FP fine-tune (best lr, torch, 32 blocks) {best:.3f}")
+        ax.plot([x for x, _, _ in xy], [y for _, y, _ in xy], marker="o", label=label)
+        for x, y, name in xy:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if fp_loss is not None:
+        ax.axhline(fp_loss, color="gray", linestyle="--", label=f"FP fine-tune (best lr), same blocks: {fp_loss:.3f}")
     ax.set_xlabel("GGUF file size (MB)")
     ax.set_ylabel(f"held-out loss in llama.cpp ({LLAMA_BLOCKS} x 256 tokens, nats)")
-    ax.set_title("SmolLM2-135M-Instruct, 60 x 4 x 256 tokens: QAT vs llama.cpp at equal bytes")
+    ax.set_title("SmolLM2-135M-Instruct, 60 x 4 x 256 tokens: QAT vs llama.cpp at equal bytes", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
