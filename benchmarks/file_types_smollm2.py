@@ -49,8 +49,8 @@ from distill import peak_rss_mb  # noqa: E402
 from formats_smollm2 import BATCH, IMATRIX_BLOCKS, Bench, gguf_tensor_types, row_path, write_row  # noqa: E402
 
 TYPES = ("q2_k", "q3_k_m", "q4_0", "iq4_xs", "q4_k_m")
-FP_LRS = (2e-5, 6e-5, 2e-4, 6e-4)
-QAT_LRS = (6e-5, 2e-4, 6e-4)
+FP_LRS = (2e-5, 6e-5, 2e-4)
+QAT_LRS = (2e-5, 6e-5, 2e-4)
 LLAMA_RUNS = ("llama.cpp+imatrix", "llama.cpp")  # the baseline, and llama.cpp's quantizer without a matrix
 LEVERS = ("qat+imatrix", "planned", "ft+qat+distill")
 LLAMA_BLOCKS = 16

@@ -25,22 +25,7 @@ import triton.language as tl
 
 from hf_qat.quantizers.reference import next_power_of_two
 
-from .triton_weight_quant import OUT_KINDS, _round_half_even, _to_out_dtype, _tree_last
-
-
-@triton.jit
-def _nearest_value(x, VALUES: tl.constexpr, N_VALUES: tl.constexpr):
-    """``reference.nearest_value``: the first level, plus each step whose midpoint ``x`` is past (``>=`` when the
-    upper index is even: a tie goes to the even index, ``>`` when odd)."""
-    v = tl.zeros_like(x) + VALUES[0]
-    for i in tl.static_range(N_VALUES - 1):
-        mid = (VALUES[i] + VALUES[i + 1]) * 0.5
-        if (i + 1) % 2 == 0:
-            past = x >= mid
-        else:
-            past = x > mid
-        v = tl.where(past, v + (VALUES[i + 1] - VALUES[i]), v)
-    return v
+from .triton_weight_quant import OUT_KINDS, _nearest_value, _round_half_even, _to_out_dtype, _tree_last
 
 
 @triton.jit

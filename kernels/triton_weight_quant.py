@@ -51,18 +51,25 @@ def _to_out_dtype(x, OUT_KIND: tl.constexpr):
 
 
 @triton.jit
-def _nearest_magnitude(x, MAGS: tl.constexpr, N_MAGS: tl.constexpr):
-    """``reference.nearest_magnitude``: past the midpoint of entries i and i + 1 is ``>=`` when i + 1 is
-    even (ties to the even index), ``>`` when odd; the sign of ``x`` last."""
-    a = tl.abs(x)
-    m = tl.zeros_like(a) + MAGS[0]
-    for i in tl.static_range(N_MAGS - 1):
-        mid = (MAGS[i] + MAGS[i + 1]) * 0.5
+def _nearest_value(x, VALUES: tl.constexpr, N_VALUES: tl.constexpr):
+    """``reference.nearest_value``: the first entry, plus each step whose midpoint ``x`` is past (``>=`` when the
+    upper index i + 1 is even: a tie goes to the even index, ``>`` when odd)."""
+    v = tl.zeros_like(x) + VALUES[0]
+    for i in tl.static_range(N_VALUES - 1):
+        mid = (VALUES[i] + VALUES[i + 1]) * 0.5
         if (i + 1) % 2 == 0:
-            past = a >= mid
+            past = x >= mid
         else:
-            past = a > mid
-        m = tl.where(past, m + (MAGS[i + 1] - MAGS[i]), m)
+            past = x > mid
+        v = tl.where(past, v + (VALUES[i + 1] - VALUES[i]), v)
+    return v
+
+
+@triton.jit
+def _nearest_magnitude(x, MAGS: tl.constexpr, N_MAGS: tl.constexpr):
+    """``reference.nearest_magnitude``: the nearest magnitude of ``|x|`` (:func:`_nearest_value`), the sign of
+    ``x`` last."""
+    m = _nearest_value(tl.abs(x), MAGS, N_MAGS)
     return tl.where(x < 0, -m, m)
 
 

