@@ -38,6 +38,26 @@ def runtime():
     pytest.skip(binding)
 
 
+def ggml_library(*functions: str):
+    """The ggml base library of the installed binding (``ctypes.CDLL``), with ``functions`` declared as
+    ``(const void * src, void * dst, int64_t n)`` row converters (``dequantize_row_*``, ``quantize_row_*_ref``);
+    skips the calling test without one, fails it under CI=true."""
+    import ctypes
+
+    binding = runtime()
+    folder = Path(importlib.import_module(RUNTIMES[binding.name]).__file__).parent
+    found = sorted(folder.rglob("libggml-base.so*"))
+    if not found:
+        why = f"{binding.name} {binding.version} has no libggml-base.so under {folder}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and {why}", pytrace=False)
+        pytest.skip(why)
+    lib = ctypes.CDLL(str(found[0]))
+    for name in functions:
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return lib
+
+
 @functools.cache
 def _binding(wanted: str | None):
     """The binding ``wanted`` (any when None), or why there is none."""

@@ -51,6 +51,15 @@ def export_memory(out: str, world: int, rank: int) -> None:
         json.dump({"growth_bytes": growth, "quantized_weights": quantized}, fh)
 
 
+def finish(world: int) -> None:
+    """Tear the process group down once every rank is here: destroying it while a peer's collective (or
+    FSDP's asynchronous gather) is still in flight is the likely cause of a rare gloo abort
+    (SIGABRT, "terminate called without an active exception") that CI saw once."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -68,7 +77,7 @@ def main() -> None:
         dist.init_process_group("gloo")
     if args.export_memory:
         export_memory(args.out, world, rank)
-        dist.destroy_process_group()
+        finish(world)
         return
 
     if args.moe:  # a Qwen3-MoE: FSDP2 shards the fused experts' dim 0 (the experts)
@@ -123,8 +132,7 @@ def main() -> None:
         torch.save(blocks, os.path.join(args.out, f"blocks{rank}.pt"))
     else:
         hf_qat.export_checkpoint(model, os.path.join(args.out, "export"), format="hf-qat")
-    if world > 1:
-        dist.destroy_process_group()
+    finish(world)
 
 
 if __name__ == "__main__":

@@ -48,4 +48,4 @@ def test_triton_and_torch_runs_end_with_identical_weights(cfg, monkeypatch):
     for name in with_torch:
         assert torch.equal(with_torch[name].view(torch.uint8), with_triton[name].view(torch.uint8)), name
     scales = [k for k in with_torch if k.endswith("log_scale_ratio")]
-    assert scales and any(not torch.equal(with_torch[k], torch.ones_like(with_torch[k])) for k in scales)
+    assert scales and any(bool(with_torch[k].abs().max() > 0) for k in scales)  # they start at 0: training moved them

@@ -5,9 +5,6 @@ trained on it runs in llama.cpp (``llama-Q1_0`` in tests/export/test_llama_cpp.p
 
 from __future__ import annotations
 
-import ctypes
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -16,15 +13,12 @@ from hf_qat import QATConfig
 from hf_qat.errors import QATConfigError
 from hf_qat.quantizers import ScaleLayout, get_quantizer
 from hf_qat.quantizers.reference import WeightQuantSpec, fake_quantize_weight
+from llama_runtime import ggml_library
 
-llama_cpp = pytest.importorskip("llama_cpp")
 
 
-def ggml_base() -> ctypes.CDLL:
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
-    for name in ("dequantize_row_q1_0", "quantize_row_q1_0_ref"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    return lib
+def ggml_base():
+    return ggml_library("dequantize_row_q1_0", "quantize_row_q1_0_ref")
 
 
 def spec_of(quantizer) -> WeightQuantSpec:
