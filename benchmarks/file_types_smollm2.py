@@ -215,7 +215,7 @@ class Runs:
                 lr = self.best(f"{ftype}/qat", self.args.qat_lrs)
                 if lr is None:
                     continue
-                for lever in LEVERS:
+                for lever in self.args.levers:
                     self.run_row(f"{ftype}/{lever}", lambda f=ftype, lr=lr, lv=lever: self.qat_row(f, lr, lv))
 
 
@@ -308,6 +308,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("fp", "llama.cpp", "qat", "levers"))
     parser.add_argument("--types", nargs="+", choices=TYPES, default=list(TYPES))
     parser.add_argument("--lever-types", nargs="+", choices=TYPES, default=["q4_0", "q2_k"])
+    parser.add_argument("--levers", nargs="+", choices=LEVERS, default=list(LEVERS))
     parser.add_argument("--llama-runs", nargs="+", choices=LLAMA_RUNS, default=list(LLAMA_RUNS))
     parser.add_argument("--fp-lrs", nargs="+", type=float, default=list(FP_LRS))
     parser.add_argument("--qat-lrs", nargs="+", type=float, default=list(QAT_LRS))
