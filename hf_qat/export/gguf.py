@@ -341,7 +341,7 @@ def _nvfp4_problem(layer: QuantizedLayer) -> str | None:
     if layer.kind == "embedding" or layer.tied_to is not None:
         return ("llama.cpp multiplies an NVFP4 tensor's per-tensor scale (<name>.scale) into matmul outputs only: the "
                 "token embedding has none, and a tied output may not have one (quantize the embedding with "
-                "embedding_method='mxfp4' or 'lsq', or export format='hf-qat')")
+                "an embedding_method without a per-tensor scale, or export format='hf-qat')")
     if layer.shape[1] % block_size(NVFP4)[0]:
         return (f"GGUF's NVFP4 blocks hold {block_size(NVFP4)[0]} weights (four blocks of 16) along the input; this input "
                 f"width is {layer.shape[1]}")

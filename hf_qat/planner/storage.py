@@ -3,9 +3,9 @@
 A weight format is a bit width B (what a law is fitted on) and the bits one weight takes in memory:
 
 * a bare bit width ("4"): B itself, the paper's count (scales not counted; ternary log2 3);
-* a block-scaled float format ("mxfp4", "nvfp4"): its family's own, block scale included: MXFP4
-  4 + 8 / 32 = 4.25, NVFP4 4 + 8 / 16 = 4.5 (plus one fp32 per weight matrix, not counted: 32 bits over a
-  matrix of millions of weights);
+* a block-scaled family, named as registered: its family's own ``storage_bits``, block scales included
+  (for example 4 bits in blocks of 32 with one 8-bit scale each: 4 + 8 / 32 = 4.25; a per-tensor scale is
+  not counted: 32 bits over a matrix of millions of weights);
 * an integer format with fp16 group scales ("int4-g32"): B + 16 / G (int4-g32: 4.5).
 """
 
@@ -19,7 +19,7 @@ from ..bits import bits_label, effective_bits, normalize_bits
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """``name`` as written (e.g. "mxfp4"), ``bits`` the law's B, ``storage_bits`` per weight in memory."""
+    """``name`` as written (a family's name, "4" or "int4-g32"), ``bits`` the law's B, ``storage_bits`` per weight in memory."""
 
     name: str
     bits: float | int
@@ -28,7 +28,7 @@ class WeightFormat:
 
 def weight_format(spec: str | float | int, method: str | None = None) -> WeightFormat:
     """A bit width (with ``method``: that quantizer family's format when it fixes one), a block-scaled family
-    ("mxfp4", "nvfp4", "q4_k", "q6_k", ...), or "int<B>-g<G>" -> its :class:`WeightFormat`; ValueError names
+    (by its registered name), or "int<B>-g<G>" -> its :class:`WeightFormat`; ValueError names
     what is allowed."""
     from ..quantizers import available_quantizers, get_quantizer, get_quantizer_class
 
@@ -42,8 +42,9 @@ def weight_format(spec: str | float | int, method: str | None = None) -> WeightF
     try:
         bits = normalize_bits(spec)
     except ValueError:
+        blocked = ", ".join(name for name in available_quantizers() if get_quantizer_class(name).block_size is not None)
         raise ValueError(f"{spec!r} is not a weight format; write a bit width (1, 1.58, 2, 3, 4, 5, 6, 8), "
-                         "a block-scaled family (mxfp4, nvfp4, q4_k, q6_k, ...), or int<B>-g<G> (e.g. int4-g32)") from None
+                         f"a block-scaled family ({blocked}), or int<B>-g<G> (e.g. int4-g32)") from None
     family_bits = get_quantizer(method, bits).storage_bits() if method not in (None, "auto") else None
     if family_bits is not None:
         return WeightFormat(method, bits, family_bits)
