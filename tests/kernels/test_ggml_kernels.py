@@ -78,3 +78,45 @@ def test_forward_and_gradients_are_bit_exact(name, rows, cols, dtype):
     assert clipped.any() and not clipped.all()  # the case reaches both branches of the straight-through mask
     got_weight_only, none = ggml_backward(grad, weight, scales.step, scales.min, grid, False)
     assert none is None and torch.equal(bits_of(got_weight_only), bits_of(want_weight))
+
+
+def tie_case(grid, rows: int, cols: int, seed: int = 0):
+    """Weights placed exactly where rounding must break a tie: half-way between two integer codes, or on the
+    midpoint of two neighbouring levels of a table grid, some of them -0.0, from the block scales as stored."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = cols // grid.block
+    shape = (rows, blocks, 2) if grid.asymmetric else (rows, blocks)
+    scale = torch.rand(shape, generator=gen) * 0.02 + 0.005
+    if grid.asymmetric:
+        scale[..., 1] = torch.rand(shape[:-1], generator=gen) * 0.01
+    scales = block_scales(scale, grid)
+    if grid.values:
+        levels = torch.tensor(grid.values, dtype=torch.float32)
+        ties = (levels[1:] + levels[:-1]) / 2  # midpoints of neighbouring levels
+    else:
+        ties = torch.arange(grid.lo, grid.hi, dtype=torch.float32) + 0.5
+    r = ties[torch.randint(len(ties), (rows, blocks, grid.block), generator=gen)]
+    w = r * scales.step.unsqueeze(-1)
+    if grid.asymmetric:
+        w = w - scales.min.unsqueeze(-1)
+    weight = w.reshape(rows, cols)
+    weight[0, :4] = -0.0
+    return weight.to(DEVICE), scale.to(DEVICE), scales, r
+
+
+@pytest.mark.parametrize("name", sorted(GRIDS))
+def test_exact_ties_and_negative_zero_round_as_the_reference_does(name):
+    grid = GRIDS[name]
+    cols = max(grid.super_block, 256)
+    weight, scale, scales, ties = tie_case(grid, 4, cols)
+    back = weight.cpu().float().reshape(4, -1, grid.block) + (scales.min.unsqueeze(-1) if grid.asymmetric else 0)
+    on_tie = back / scales.step.unsqueeze(-1) == ties
+    assert on_tie.float().mean() > 0.5  # most weights sit exactly on a tie (the rest lost it to fp32 rounding)
+    steps = block_scales(scale, grid)
+    out = ggml_forward(weight, steps.step, steps.min, grid)
+    assert torch.equal(bits_of(out), bits_of(ggml_fake_quantize(weight, scale, grid)))
+    grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    want_weight, want_sums = restated_backward(grad, weight, steps, grid)
+    got_weight, got_sums = ggml_backward(grad, weight, steps.step, steps.min, grid, True)
+    assert torch.equal(bits_of(got_weight), bits_of(want_weight))
+    assert torch.equal(bits_of(got_sums), bits_of(want_sums))
