@@ -92,9 +92,12 @@ def test_the_export_is_llama_cpps_file_and_holds_the_qat_weights(file_type, mode
     baked = baked_weights(model)
     for name, want in baked.items():
         tensor = ours[name]
+        assert tuple(int(d) for d in reversed(tensor.shape)) == want.shape, (name, tensor.shape)  # ggml lists ne0 first
         got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(want.shape)
         assert np.array_equal(got, want), (name, tensor.tensor_type.name)
     assert {ours[name].tensor_type.name for name in baked} - {"F32", "F16"}, "nothing quantized"
+    quantized = {n for n, t in ours.items() if t.tensor_type.name not in ("F32", "F16")}
+    assert quantized <= baked.keys(), sorted(quantized - baked.keys())  # no quantized tensor QAT did not train
 
     ids = tokenizer(TEXT)["input_ids"]
     with torch.no_grad():
