@@ -17,11 +17,11 @@ each in ``--out``, written when finished; a row whose JSON exists is skipped, so
   ``TYPE/llama.cpp`` the same without one;
 * ``TYPE/qat@LR``: ``QATConfig.from_preset(TYPE, start=0, scale_init="mse")`` from the pretrained checkpoint on
   the same tokens, at every learning rate of ``--qat-lrs``;
-* levers, at the best QAT learning rate of that type: ``TYPE/qat+imatrix`` (the scales QAT starts from searched
-  with the importance of the pretrained model's activations, ``calibrate_importance``), ``TYPE/planned``
-  (``start="auto"``: FP first, QAT from the step the planner chooses, same tokens), ``TYPE/ft+qat+distill``
-  (QAT continued from the FP fine-tune, distilled from it, on the same 60 steps again: twice the tokens, the
-  recipe of Gemma 3's QAT).
+* levers, ``TYPE/LEVER@LR`` at every rate of ``--lever-lrs`` (default: the best QAT learning rate of that
+  type): ``qat+imatrix`` (the scales QAT starts from searched with the importance of the pretrained model's
+  activations, ``calibrate_importance``), ``planned`` (``start="auto"``: FP first, QAT from the step the
+  planner chooses, same tokens), ``ft+qat+distill`` (QAT continued from the FP fine-tune, distilled from it,
+  on the same 60 steps again: twice the tokens, the recipe of Gemma 3's QAT).
 
 Every quantized row is measured the same way: the GGUF file (hf_qat's export, or llama.cpp's quantizer), its
 size, and its held-out loss computed by llama.cpp (llama-cpp-python) on the first ``LLAMA_BLOCKS`` held-out
@@ -212,11 +212,14 @@ class Runs:
                     self.run_row(f"{ftype}/qat@{lr_tag(lr)}", lambda f=ftype, lr=lr: self.qat_row(f, lr, None))
         if only in (None, "levers"):
             for ftype in self.args.lever_types:
-                lr = self.best(f"{ftype}/qat", self.args.qat_lrs)
-                if lr is None:
-                    continue
+                lrs = self.args.lever_lrs or [self.best(f"{ftype}/qat", self.args.qat_lrs)]
+                if lrs == [None]:
+                    raise SystemExit(f"no {ftype}/qat@LR row to take the levers' rate from: run --only qat "
+                                     f"--types {ftype} first, or give --lever-lrs")
                 for lever in self.args.levers:
-                    self.run_row(f"{ftype}/{lever}", lambda f=ftype, lr=lr, lv=lever: self.qat_row(f, lr, lv))
+                    for lr in lrs:
+                        self.run_row(f"{ftype}/{lever}@{lr_tag(lr)}",
+                                     lambda f=ftype, lr=lr, lv=lever: self.qat_row(f, lr, lv))
 
 
 def loss_of(row: dict) -> float:
@@ -262,8 +265,10 @@ def report(out: str, plot: str | None) -> str:
             ref_text = f"{ref:.4f}" if ref is not None else "-"
             lines.append(f"| {name} | {lr} | {size:.2f} | {loss:.4f} | {ref_text} | {gap} | {recovered} |")
             method = name.split("/")[1].split("@")[0]
-            if method in ("llama.cpp+imatrix", "llama.cpp") or name == best_qat_name(rows, ftype):
-                points.setdefault("hf_qat QAT (best lr)" if method == "qat" else method, []).append((size, loss, ftype))
+            if name == best_name(rows, ftype, method):
+                label = {"qat": "hf_qat QAT (best lr)"}.get(method, method if "llama.cpp" in method else
+                                                               f"hf_qat {method} (best lr)")
+                points.setdefault(label, []).append((size, loss, ftype))
     if plot and points:
         draw(points, same_blocks, plot)
     return "\n".join(lines)
@@ -275,8 +280,10 @@ def order(name: str) -> tuple[int, str]:
     return (kinds.index(method) if method in kinds else len(kinds), name)
 
 
-def best_qat_name(rows: dict, ftype: str) -> str | None:
-    scored = [(loss_of(r), n) for n, r in rows.items() if n.startswith(f"{ftype}/qat@") and "error" not in r]
+def best_name(rows: dict, ftype: str, method: str) -> str | None:
+    """The row of ``method`` (qat, a lever, a llama.cpp run) at ``ftype`` with the lowest loss, over its rates."""
+    scored = [(loss_of(r), n) for n, r in rows.items()
+              if n.split("@")[0] == f"{ftype}/{method}" and "error" not in r]
     return min(scored)[1] if scored else None
 
 
@@ -309,6 +316,8 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", choices=TYPES, default=list(TYPES))
     parser.add_argument("--lever-types", nargs="+", choices=TYPES, default=["q4_0", "q2_k"])
     parser.add_argument("--levers", nargs="+", choices=LEVERS, default=list(LEVERS))
+    parser.add_argument("--lever-lrs", nargs="+", type=float, help="the levers' learning rates (default: the "
+                        "best QAT rate of each type)")
     parser.add_argument("--llama-runs", nargs="+", choices=LLAMA_RUNS, default=list(LLAMA_RUNS))
     parser.add_argument("--fp-lrs", nargs="+", type=float, default=list(FP_LRS))
     parser.add_argument("--qat-lrs", nargs="+", type=float, default=list(QAT_LRS))
