@@ -21,7 +21,8 @@ each in ``--out``, written when finished; a row whose JSON exists is skipped, so
   type): ``qat+imatrix`` (the scales QAT starts from searched with the importance of the pretrained model's
   activations, ``calibrate_importance``), ``planned`` (``start="auto"``: FP first, QAT from the step the
   planner chooses, same tokens), ``ft+qat+distill`` (QAT continued from the FP fine-tune, distilled from it,
-  on the same 60 steps again: twice the tokens, the recipe of Gemma 3's QAT).
+  on the same 60 steps again: twice the tokens, the recipe of Gemma 3's QAT), ``ft+qat+distill+imatrix`` (the
+  last two together: the scales searched with the FP fine-tune's importance, then distilled from it).
 
 Every quantized row is measured the same way: the GGUF file (hf_qat's export, or llama.cpp's quantizer), its
 size, and its held-out loss computed by llama.cpp (llama-cpp-python) on the first ``LLAMA_BLOCKS`` held-out
@@ -52,7 +53,7 @@ TYPES = ("q2_k", "q3_k_m", "q4_0", "iq4_xs", "q4_k_m")
 FP_LRS = (2e-5, 6e-5, 2e-4)
 QAT_LRS = (2e-5, 6e-5, 2e-4)
 LLAMA_RUNS = ("llama.cpp+imatrix", "llama.cpp")  # the baseline, and llama.cpp's quantizer without a matrix
-LEVERS = ("qat+imatrix", "planned", "ft+qat+distill")
+LEVERS = ("qat+imatrix", "planned", "ft+qat+distill", "ft+qat+distill+imatrix")
 LLAMA_BLOCKS = 16
 STEPS = 60
 
@@ -177,7 +178,7 @@ class Runs:
 
         overrides = {"start": "auto" if lever == "planned" else 0, "scale_init": "mse"}
         source = "pretrained"
-        if lever == "ft+qat+distill":
+        if lever in ("ft+qat+distill", "ft+qat+distill+imatrix"):
             fp_lr, teacher = self.the_fp()
             model = copy.deepcopy(teacher)
             teacher.requires_grad_(False)
@@ -188,7 +189,7 @@ class Runs:
         config = hf_qat.QATConfig.from_preset(ftype, **overrides)
         callback = hf_qat.QATCallback(config)
         trainer = self.trainer(model, lr, callback)
-        if lever == "qat+imatrix":
+        if lever in ("qat+imatrix", "ft+qat+distill+imatrix"):
             calibrate_importance(trainer.model, self.blocks(IMATRIX_BLOCKS))
         started = time.perf_counter()
         trainer.train()
