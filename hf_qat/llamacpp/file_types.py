@@ -1,6 +1,6 @@
 """The GGML type llama.cpp's own quantizer (``llama-quantize``, ``llama_model_quantize``) gives each tensor
 of a model for each llama.cpp file type with a scalar grid (:data:`DEFAULT_TYPE`: Q4_0 .. Q8_0, the k-quant
-files Q2_K .. Q6_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0, MXFP4_MOE).
+files Q2_K .. Q6_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0, Q1_0, MXFP4_MOE).
 
 A port of llama.cpp's ``src/llama-quant.cpp`` (as vendored by llama-cpp-python 0.3.36):
 ``llama_tensor_get_type`` (which calls ``tensor_allows_quantization``, ``llama_tensor_get_type_impl``
@@ -38,7 +38,8 @@ The rule, in words (``gqa`` = query heads / key-value heads):
 * Fallback (``tensor_type_fallback``): a row length (``ne[0]``, the input dim) not a multiple of the
   type's block (256 for the k-quants, IQ4_XS and TQ, 32 for the others) demotes IQ4_XS -> IQ4_NL,
   Q2_K / Q3_K / TQ1_0 / TQ2_0 -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (a 32-block type stays),
-  and to F16 when the row length is not a multiple of 32 either.
+  and to F16 when the row length is not a multiple of 32 either. Q1_0 (blocks of 128) has no fallback:
+  llama.cpp's quantizer stops on such a tensor, and so does this port (:class:`NoFallback`).
 
 ``attn_qkv`` never reaches llama.cpp's own attn_qkv branch: the attn_v-like branch before it takes it,
 and so does this port. The file types llama.cpp writes that hf_qat cannot train are :data:`UNTRAINABLE`.
@@ -56,7 +57,7 @@ DEFAULT_TYPE = {
     "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q8_0": "Q8_0",
     "q2_k": "Q2_K", "q3_k_s": "Q3_K", "q3_k_m": "Q3_K", "q3_k_l": "Q3_K",
     "q4_k_s": "Q4_K", "q4_k_m": "Q4_K", "q5_k_s": "Q5_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K",
-    "iq4_nl": "IQ4_NL", "iq4_xs": "IQ4_XS", "tq1_0": "TQ1_0", "tq2_0": "TQ2_0", "mxfp4_moe": "MXFP4",
+    "iq4_nl": "IQ4_NL", "iq4_xs": "IQ4_XS", "tq1_0": "TQ1_0", "tq2_0": "TQ2_0", "q1_0": "Q1_0", "mxfp4_moe": "MXFP4",
 }
 MIXES: tuple[str, ...] = tuple(DEFAULT_TYPE)
 # llama.cpp file types hf_qat cannot train, and why (QATConfig.gguf_mix refuses them by name)
@@ -64,15 +65,14 @@ UNTRAINABLE = {
     **{t: "its IQ1 / IQ2 / IQ3 types pick each group of weights from a codebook of lattice vectors, which hf_qat "
           "has no straight-through grid for"
        for t in ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m")},
-    "q1_0": "llama.cpp's rule for the types of the Q1_0 file's tensors is not ported yet; train "
-            "QATConfig(method='q1_0', bits=1) (its Q1_0 blocks) and export it to GGUF instead",
-    "q2_0": "its Q2_0 blocks are not among hf_qat's families yet",
+    "q2_0": "gguf-py (0.19.0, the newest on PyPI) has no Q2_0 type, so hf_qat can neither write nor read its "
+            "blocks",
     "q2_k_s": "llama.cpp's quantizer writes it only with an importance matrix, and hf_qat's port of its rule "
               "follows the quantizer without one",
     "nvfp4": "the vendored llama.cpp's quantizer has no default type for it (it writes no NVFP4 file); train "
              "QATConfig.from_preset('nvfp4') and export it to GGUF instead",
 }
-BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "IQ4_NL": 32, "MXFP4": 32, "NVFP4": 64, "F16": 1,
+BLOCK = {"Q1_0": 128, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "IQ4_NL": 32, "MXFP4": 32, "NVFP4": 64, "F16": 1,
          **{t: 256 for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "TQ1_0", "TQ2_0")}}  # ggml_blck_size
 FALLBACK = {"IQ4_XS": "IQ4_NL", "Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0",
             "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # tensor_type_fallback, for the types reached here
@@ -154,11 +154,19 @@ def allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
             and "ffn_gate_inp.weight" not in name)
 
 
+class NoFallback(ValueError):
+    """A tensor's row length is not a multiple of its type's block and llama.cpp defines no type to fall back
+    to: its quantizer stops on the model (``no tensor type fallback is defined for type ...``)."""
+
+
 def fallback(qtype: str, row: int) -> str:
     """llama.cpp's ``tensor_type_fallback``: ``qtype``, or what replaces it when the row length ``row``
-    (elements, ``ne[0]``) is not a multiple of its block."""
+    (elements, ``ne[0]``) is not a multiple of its block; raises :class:`NoFallback` where llama.cpp stops."""
     if row % BLOCK[qtype] == 0:
         return qtype
+    if qtype not in FALLBACK and BLOCK[qtype] > 32:
+        raise NoFallback(f"rows of {row} weights are not a multiple of {qtype}'s block of {BLOCK[qtype]}, and "
+                         f"llama.cpp defines no type for {qtype} to fall back to (its quantizer stops on this model)")
     qtype = FALLBACK.get(qtype, qtype)
     return qtype if row % BLOCK[qtype] == 0 else "F16"
 
@@ -190,7 +198,11 @@ def mix_tensor_types(mix: str, model: MixModel, tensors: list[tuple[str, tuple[i
         if not allows_quantization(name, shape):
             types[name] = "F32"
             continue
-        types[name] = fallback(_impl_type(mix, model, name, shape, tied, counters, n_attention_wv), shape[0])
+        try:
+            types[name] = fallback(_impl_type(mix, model, name, shape, tied, counters, n_attention_wv), shape[0])
+        except NoFallback as error:
+            raise QATConfigError("gguf_mix", mix, "a file type llama.cpp can write for this model",
+                                 f"{name}: {error}") from None
     return types
 
 

@@ -115,7 +115,11 @@ def test_mix_tensor_types_are_llama_cpps(case, tmp_path):
     seen = set()
     for mix in MIXES:
         out = tmp_path / f"{mix}.gguf"
-        assert llama_runtime.quantize(f32, out, FTYPES[mix], nthread=2) == 0
+        if llama_runtime.quantize(f32, out, FTYPES[mix], nthread=2) != 0:  # llama.cpp stops: so must the port
+            with pytest.raises(QATConfigError, match=r"defines no type for Q1_0 to fall back to"):
+                mix_tensor_types(mix, model, tensors)
+            seen.add(f"{mix} refused")
+            continue
         got = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
         want = mix_tensor_types(mix, model, tensors)
         wrong = {name: (want.get(name), got.get(name)) for name in got.keys() | want.keys()
