@@ -49,9 +49,11 @@ setup(
             "matplotlib>=3.7",
             "trl>=1.16,<2",
             "liger-kernel>=0.8,<0.9",
-            # llama.cpp for the tests (tests/llama_runtime.py): a prebuilt CPU wheel, pinned; where its library
-            # does not load (glibc older than 2.38), the README's test command builds llama-cpp-python instead
+            # llama.cpp for the tests (tests/llama_runtime.py): a prebuilt CPU wheel, pinned; on a glibc older
+            # than 2.38 the README's test command rebinds its C23 parsers (pyelftools reads the ELF files), and
+            # builds llama-cpp-python where even that does not load
             'llama-cpp-py-sync==0.11739; platform_system == "Linux" and platform_machine == "x86_64"',
+            "pyelftools>=0.31",
         ],
     },
     entry_points={"console_scripts": ["hf-qat=hf_qat.cli:main"]},

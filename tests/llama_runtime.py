@@ -241,9 +241,83 @@ class LlamaCppPySyncModel(Model):
         self.lib.llama_model_free(self.model)
 
 
+C23 = "__isoc23_"  # glibc 2.38's C23 number parsers (strtol, sscanf, ...) carry this prefix
+
+
+def adapt_to_older_glibc(folder: Path) -> list[str]:
+    """Let the libraries in ``folder`` (llama-cpp-py-sync's, built against glibc 2.38) load on an older glibc.
+
+    Their only needs from 2.38 are C23's ``__isoc23_strtol``-style parsers, which differ from the C99 functions
+    only in also reading ``0b`` binary literals (llama.cpp parses decimal numbers with them). Each undefined
+    ``__isoc23_<f>`` is bound to ``<f>`` instead (its name points 9 bytes further into the same string; its
+    version becomes the default one), and the need for a glibc version that no symbol requires any more is
+    marked weak. Raises RuntimeError, changing nothing, where a library needs anything else from a newer glibc.
+    Returns what it changed, one line per library."""
+    import struct
+
+    from elftools.elf.elffile import ELFFile
+
+    system = tuple(int(p) for p in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split("."))
+
+    def too_new(version: str) -> bool:
+        return version.startswith("GLIBC_2.") and tuple(int(p) for p in version[6:].split(".")) > system
+
+    plans = {}
+    for path in sorted(p for p in folder.glob("*.so*") if not p.is_symlink()):
+        with open(path, "rb") as fh:
+            elf = ELFFile(fh)
+            dynsym, versym = elf.get_section_by_name(".dynsym"), elf.get_section_by_name(".gnu.version")
+            verneed = elf.get_section_by_name(".gnu.version_r")
+            if dynsym is None or versym is None or verneed is None:
+                continue
+            names = {aux["vna_other"]: aux.name for _, auxes in verneed.iter_versions() for aux in auxes}
+            writes, used = [], set()
+            for i, sym in enumerate(dynsym.iter_symbols()):
+                index = versym.get_symbol(i)["ndx"]
+                if sym.name.startswith(C23) and sym["st_shndx"] == "SHN_UNDEF":
+                    writes.append((dynsym["sh_offset"] + i * dynsym["sh_entsize"], "<I", sym["st_name"] + len(C23)))
+                    writes.append((versym["sh_offset"] + 2 * i, "<H", 1))  # VER_NDX_GLOBAL: the default version
+                elif isinstance(index, int) and index in names:
+                    used.add(names[index])
+            if still := sorted(v for v in used if too_new(v)):
+                raise RuntimeError(f"{path.name} needs {', '.join(still)} beyond the C23 parsers: it cannot load on "
+                                   f"glibc {'.'.join(map(str, system))}")
+            position = verneed["sh_offset"]
+            for need, auxes in verneed.iter_versions():
+                at = position + need["vn_aux"]
+                for aux in auxes:
+                    if too_new(aux.name):  # vna_flags sits 4 bytes into an Elf64_Vernaux; 2 is VER_FLG_WEAK
+                        writes.append((at + 4, "<H", aux["vna_flags"] | 2))
+                    at += aux["vna_next"]
+                position += need["vn_next"]
+            if writes:
+                plans[path] = writes
+    for path, writes in plans.items():
+        with open(path, "r+b") as fh:
+            for where, fmt, value in writes:
+                fh.seek(where)
+                fh.write(struct.pack(fmt, value))
+    return [f"{path.name}: {sum(fmt == '<I' for _, fmt, _ in w)} C23 parsers rebound" for path, w in plans.items()]
+
+
 if __name__ == "__main__":  # the README's test command: is a llama.cpp binding there, or must it be built?
+    import argparse
+    import importlib.util
     import sys
 
+    parser = argparse.ArgumentParser(description="Which llama.cpp binding the tests will use (exit 1: none loads).")
+    parser.add_argument("--adapt-glibc", action="store_true",
+                        help="first let llama-cpp-py-sync's libraries load on a glibc older than 2.38 (see adapt_to_older_glibc)")
+    args = parser.parse_args()
+    if args.adapt_glibc:
+        spec = importlib.util.find_spec("llama_cpp_py_sync")
+        if spec is None:
+            sys.exit("llama-cpp-py-sync is not installed")
+        try:
+            for line in adapt_to_older_glibc(Path(next(iter(spec.submodule_search_locations)))):
+                print(line)
+        except RuntimeError as error:
+            sys.exit(str(error))
     found = _binding(os.environ.get("HF_QAT_LLAMA_RUNTIME"))
     print(f"llama.cpp for the tests: {found}" if isinstance(found, str) else
           f"llama.cpp for the tests: {found.name} {found.version}")
