@@ -215,8 +215,9 @@ class Runs:
             for ftype in self.args.lever_types:
                 lrs = self.args.lever_lrs or [self.best(f"{ftype}/qat", self.args.qat_lrs)]
                 if lrs == [None]:
-                    raise SystemExit(f"no {ftype}/qat@LR row to take the levers' rate from: run --only qat "
-                                     f"--types {ftype} first, or give --lever-lrs")
+                    print(f"-- {ftype}: no finished {ftype}/qat@LR row to take the levers' rate from (run --only qat "
+                          f"--types {ftype}, or give --lever-lrs); its levers do not run", flush=True)
+                    continue
                 for lever in self.args.levers:
                     for lr in lrs:
                         self.run_row(f"{ftype}/{lever}@{lr_tag(lr)}",

@@ -12,12 +12,14 @@ class QATConfigError(ValueError):
         field: the field's name.
         value: the value it got.
         allowed: a human-readable description of the allowed values.
+        detail: why, where the value alone does not say it ("" when it does).
     """
 
     def __init__(self, field: str, value: Any, allowed: str, detail: str = "") -> None:
         self.field = field
         self.value = value
         self.allowed = allowed
+        self.detail = detail
         message = f"QATConfig.{field}={value!r} is not allowed; allowed: {allowed}"
         if detail:
             message += f". {detail}"

@@ -4,7 +4,9 @@ with llama.cpp's own quantizer (``llama_model_quantize``), through whichever bin
 - llama-cpp-python (``llama_cpp``), which users often have, built from source (0.3.36: llama.cpp 0c1e57098,
   ggml 0.25.3);
 - llama-cpp-py-sync (``llama_cpp_py_sync``), the README's test command's first choice: a prebuilt CPU wheel of
-  llama.cpp (0.11739: llama.cpp b11739, ggml 0.27.0) with CFFI bindings of its C API, called here directly.
+  llama.cpp (0.11739: llama.cpp b11739, ggml 0.27.0) with CFFI bindings of its C API, called here directly;
+  ``python tests/llama_runtime.py --adapt-glibc`` lets its library load on a glibc older than 2.38
+  (:func:`adapt_to_older_glibc`).
 
 llama-cpp-python is used where both are installed; ``HF_QAT_LLAMA_RUNTIME=llama-cpp-py-sync`` (or
 ``=llama-cpp-python``) picks one. Without either, the tests that need llama.cpp skip, except under
@@ -23,8 +25,9 @@ import numpy as np
 import pytest
 
 RUNTIMES = {"llama-cpp-python": "llama_cpp", "llama-cpp-py-sync": "llama_cpp_py_sync"}  # pip name -> module
-INSTALL = ("The README's test command installs one: llama-cpp-py-sync 0.11739 (a prebuilt wheel; its library needs "
-           "glibc 2.38 or newer), else llama-cpp-python 0.3.36 built from source.")
+INSTALL = ("The README's test command installs one: llama-cpp-py-sync 0.11739 (a prebuilt wheel, built against glibc "
+           "2.38; on an older glibc `python tests/llama_runtime.py --adapt-glibc` lets it load), else llama-cpp-python "
+           "0.3.36 built from source.")
 
 
 def runtime():
@@ -33,11 +36,17 @@ def runtime():
     binding = _binding(os.environ.get("HF_QAT_LLAMA_RUNTIME"))
     if not isinstance(binding, str):
         return binding
+    unavailable(binding)
+
+
+def unavailable(why: str):
+    """Skip the calling test for ``why``; fail it under CI=true (CI must not pass without having run it)."""
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true and {binding}", pytrace=False)
-    pytest.skip(binding)
+        pytest.fail(f"CI=true and {why}", pytrace=False)
+    pytest.skip(why)
 
 
+@functools.cache
 def ggml_library(*functions: str):
     """The ggml base library of the installed binding (``ctypes.CDLL``), with ``functions`` declared as
     ``(const void * src, void * dst, int64_t n)`` row converters (``dequantize_row_*``, ``quantize_row_*_ref``);
@@ -48,10 +57,7 @@ def ggml_library(*functions: str):
     folder = Path(importlib.import_module(RUNTIMES[binding.name]).__file__).parent
     found = sorted(folder.rglob("libggml-base.so*"))
     if not found:
-        why = f"{binding.name} {binding.version} has no libggml-base.so under {folder}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and {why}", pytrace=False)
-        pytest.skip(why)
+        unavailable(f"{binding.name} {binding.version} has no libggml-base.so under {folder}")
     lib = ctypes.CDLL(str(found[0]))
     for name in functions:
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
@@ -244,20 +250,23 @@ class LlamaCppPySyncModel(Model):
 C23 = "__isoc23_"  # glibc 2.38's C23 number parsers (strtol, sscanf, ...) carry this prefix
 
 
-def adapt_to_older_glibc(folder: Path) -> list[str]:
-    """Let the libraries in ``folder`` (llama-cpp-py-sync's, built against glibc 2.38) load on an older glibc.
+def adapt_to_older_glibc(folder: Path, glibc: tuple[int, ...] | None = None) -> list[str]:
+    """Let the libraries in ``folder`` (llama-cpp-py-sync's, built against glibc 2.38) load on an older glibc
+    (``glibc``, default: this system's).
 
-    Their only needs from 2.38 are C23's ``__isoc23_strtol``-style parsers, which differ from the C99 functions
-    only in also reading ``0b`` binary literals (llama.cpp parses decimal numbers with them). Each undefined
-    ``__isoc23_<f>`` is bound to ``<f>`` instead (its name points 9 bytes further into the same string; its
-    version becomes the default one), and the need for a glibc version that no symbol requires any more is
-    marked weak. Raises RuntimeError, changing nothing, where a library needs anything else from a newer glibc.
-    Returns what it changed, one line per library."""
+    Their only needs from 2.38 are C23's ``__isoc23_strtol``-style parsers (strtol, strtoul, strtoull, sscanf),
+    which differ from the functions without the prefix in reading ``0b`` binary literals (and sscanf's ``%b``),
+    which llama.cpp's decimal parsing never meets. Each undefined ``__isoc23_<f>`` that asks for a glibc newer
+    than this one is bound to ``<f>`` instead (its name points 9 bytes further into the same string; its
+    version becomes the default one), and the need for a glibc version no symbol requires any more is marked
+    weak (``VER_FLG_WEAK``). Each edited library is written as a new file that replaces the old one (a
+    hard-linked cache copy stays as it was). Raises RuntimeError, changing nothing, where a library needs
+    anything else from a newer glibc. Returns one line per library edited (none when nothing needs it)."""
     import struct
 
     from elftools.elf.elffile import ELFFile
 
-    system = tuple(int(p) for p in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split("."))
+    system = glibc or tuple(int(p) for p in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split("."))
 
     def too_new(version: str) -> bool:
         return version.startswith("GLIBC_2.") and tuple(int(p) for p in version[6:].split(".")) > system
@@ -266,38 +275,44 @@ def adapt_to_older_glibc(folder: Path) -> list[str]:
     for path in sorted(p for p in folder.glob("*.so*") if not p.is_symlink()):
         with open(path, "rb") as fh:
             elf = ELFFile(fh)
+            order = "<" if elf.little_endian else ">"
             dynsym, versym = elf.get_section_by_name(".dynsym"), elf.get_section_by_name(".gnu.version")
             verneed = elf.get_section_by_name(".gnu.version_r")
             if dynsym is None or versym is None or verneed is None:
                 continue
             names = {aux["vna_other"]: aux.name for _, auxes in verneed.iter_versions() for aux in auxes}
-            writes, used = [], set()
+            writes, rebound, used = [], 0, set()
             for i, sym in enumerate(dynsym.iter_symbols()):
                 index = versym.get_symbol(i)["ndx"]
-                if sym.name.startswith(C23) and sym["st_shndx"] == "SHN_UNDEF":
-                    writes.append((dynsym["sh_offset"] + i * dynsym["sh_entsize"], "<I", sym["st_name"] + len(C23)))
-                    writes.append((versym["sh_offset"] + 2 * i, "<H", 1))  # VER_NDX_GLOBAL: the default version
-                elif isinstance(index, int) and index in names:
-                    used.add(names[index])
+                version = names.get(index & 0x7FFF) if isinstance(index, int) else None  # bit 15: hidden
+                if sym.name.startswith(C23) and sym["st_shndx"] == "SHN_UNDEF" and version and too_new(version):
+                    writes.append((dynsym["sh_offset"] + i * dynsym["sh_entsize"], "I", sym["st_name"] + len(C23)))
+                    writes.append((versym["sh_offset"] + 2 * i, "H", 1))  # VER_NDX_GLOBAL: the default version
+                    rebound += 1
+                elif version:
+                    used.add(version)
             if still := sorted(v for v in used if too_new(v)):
                 raise RuntimeError(f"{path.name} needs {', '.join(still)} beyond the C23 parsers: it cannot load on "
                                    f"glibc {'.'.join(map(str, system))}")
             position = verneed["sh_offset"]
             for need, auxes in verneed.iter_versions():
                 at = position + need["vn_aux"]
-                for aux in auxes:
-                    if too_new(aux.name):  # vna_flags sits 4 bytes into an Elf64_Vernaux; 2 is VER_FLG_WEAK
-                        writes.append((at + 4, "<H", aux["vna_flags"] | 2))
+                for aux in auxes:  # vna_flags sits 4 bytes into a Vernaux entry; 2 is VER_FLG_WEAK
+                    if too_new(aux.name) and not aux["vna_flags"] & 2:
+                        writes.append((at + 4, "H", aux["vna_flags"] | 2))
                     at += aux["vna_next"]
                 position += need["vn_next"]
             if writes:
-                plans[path] = writes
-    for path, writes in plans.items():
-        with open(path, "r+b") as fh:
-            for where, fmt, value in writes:
-                fh.seek(where)
-                fh.write(struct.pack(fmt, value))
-    return [f"{path.name}: {sum(fmt == '<I' for _, fmt, _ in w)} C23 parsers rebound" for path, w in plans.items()]
+                plans[path] = (order, writes, rebound)
+    for path, (order, writes, _) in plans.items():
+        data = bytearray(path.read_bytes())
+        for where, fmt, value in writes:
+            struct.pack_into(order + fmt, data, where, value)
+        fresh = path.with_name(path.name + ".adapting")
+        fresh.write_bytes(bytes(data))
+        os.chmod(fresh, path.stat().st_mode)
+        os.replace(fresh, path)
+    return [f"{path.name}: {rebound} C23 parsers rebound" for path, (_, _, rebound) in plans.items()]
 
 
 if __name__ == "__main__":  # the README's test command: is a llama.cpp binding there, or must it be built?
@@ -314,8 +329,8 @@ if __name__ == "__main__":  # the README's test command: is a llama.cpp binding 
         if spec is None:
             sys.exit("llama-cpp-py-sync is not installed")
         try:
-            for line in adapt_to_older_glibc(Path(next(iter(spec.submodule_search_locations)))):
-                print(line)
+            print("\n".join(adapt_to_older_glibc(Path(next(iter(spec.submodule_search_locations)))))
+                  or "llama-cpp-py-sync: nothing to adapt")
         except RuntimeError as error:
             sys.exit(str(error))
     found = _binding(os.environ.get("HF_QAT_LLAMA_RUNTIME"))

@@ -42,7 +42,7 @@ import os
 import numpy as np
 import torch
 
-from ..errors import ExportFormatError, MissingTokenizerError
+from ..errors import ExportFormatError, MissingTokenizerError, QATConfigError
 from ..export_formats import register_format
 from ..llamacpp.architectures import GGUFArchitecture, add_metadata, architecture
 from ..llamacpp.file_types import DEFAULT_TYPE
@@ -296,7 +296,10 @@ def float_leftovers(path: str, model, layers: list[QuantizedLayer], qtype_of) ->
     file_type = file_type_of(main) if main else None
     if file_type is None:
         return note + "; no llama.cpp file type has these layers' type"
-    types = mix_tensor_types(file_type, gguf_tensors(model, [])[0], [(name, shape) for name, shape, _, _ in tensors])
+    try:
+        types = mix_tensor_types(file_type, gguf_tensors(model, [])[0], [(name, shape) for name, shape, _, _ in tensors])
+    except QATConfigError as refused:  # llama.cpp's quantizer stops on this model at that file type
+        return f"{note}; llama.cpp's quantizer cannot write a {file_type.upper()} file of this model ({refused.detail})"
     sizes = gguf.GGML_QUANT_SIZES
     llama_bytes = sum(int(np.prod(shape)) // sizes[gguf.GGMLQuantizationType[types[name]]][0]
                       * sizes[gguf.GGMLQuantizationType[types[name]]][1] for name, shape, _, _ in tensors)
@@ -341,7 +344,7 @@ def _nvfp4_problem(layer: QuantizedLayer) -> str | None:
     if layer.kind == "embedding" or layer.tied_to is not None:
         return ("llama.cpp multiplies an NVFP4 tensor's per-tensor scale (<name>.scale) into matmul outputs only: the "
                 "token embedding has none, and a tied output may not have one (quantize the embedding with "
-                "an embedding_method without a per-tensor scale, or export format='hf-qat')")
+                "embedding_method='lsq' (Q4_0 / Q8_0 blocks), or export format='hf-qat')")
     if layer.shape[1] % block_size(NVFP4)[0]:
         return (f"GGUF's NVFP4 blocks hold {block_size(NVFP4)[0]} weights (four blocks of 16) along the input; this input "
                 f"width is {layer.shape[1]}")

@@ -187,6 +187,24 @@ def mix_tensor_types(mix: str, model: MixModel, tensors: list[tuple[str, tuple[i
     """
     if mix not in MIXES:
         raise QATConfigError("gguf_mix", mix, ", ".join(MIXES))
+    try:
+        return _tensor_types(mix, model, tensors)
+    except NoFallback as error:
+        writable = [other for other in MIXES if other != mix and _writes(other, model, tensors)]
+        raise QATConfigError("gguf_mix", mix, ", ".join(writable), str(error)) from None
+
+
+def _writes(mix: str, model: MixModel, tensors: list[tuple[str, tuple[int, ...]]]) -> bool:
+    """Whether llama.cpp's quantizer writes the file type ``mix`` of this model (no tensor without a fallback)."""
+    try:
+        _tensor_types(mix, model, tensors)
+    except NoFallback:
+        return False
+    return True
+
+
+def _tensor_types(mix: str, model: MixModel, tensors: list[tuple[str, tuple[int, ...]]]) -> dict[str, str]:
+    """:func:`mix_tensor_types`' rule; raises :class:`NoFallback` where llama.cpp's quantizer stops."""
     shapes = dict(tensors)
     names = visit_order(list(shapes))
     tied = "output.weight" not in shapes  # llama.cpp's has_tied_embeddings
@@ -201,8 +219,7 @@ def mix_tensor_types(mix: str, model: MixModel, tensors: list[tuple[str, tuple[i
         try:
             types[name] = fallback(_impl_type(mix, model, name, shape, tied, counters, n_attention_wv), shape[0])
         except NoFallback as error:
-            raise QATConfigError("gguf_mix", mix, "a file type llama.cpp can write for this model",
-                                 f"{name}: {error}") from None
+            raise NoFallback(f"{name}: {error}") from None
     return types
 
 

@@ -198,3 +198,16 @@ def test_a_gguf_with_float_weights_says_what_llama_cpps_file_would_hold(tmp_path
     assert f"Q4_0 file of this model is {llama_bytes / 1e6:.1f} MB" in note
     mixed = export_checkpoint(mixed_model("tied-256", "q4_0"), tmp_path / "mix", format="gguf", tokenizer=tokenizer)
     assert not any("written in float" in n for n in mixed.notes)  # the file type's file: nothing left over
+
+
+def test_float_leftovers_of_a_model_llama_cpp_cannot_quantize_are_reported_not_raised(tmp_path):
+    """Q1_0 weights with the 320-wide down projections left in float (as the width error advises): llama.cpp's
+    quantizer stops on this model's Q1_0 file (no fallback for blocks of 128), so the note says that, and the
+    export, written, does not fail on a field the user never set."""
+    model = hf_qat.ptq(tiny_causal_lm("llama", sharpen=1.0, hidden_size=256, intermediate_size=320,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+                       QATConfig(method="q1_0", bits=1, exclude_modules=["down_proj"]))
+    info = export_checkpoint(model, tmp_path / "gguf", format="gguf", tokenizer=byte_level_bpe("gpt-2"))
+    note = next(n for n in info.notes if "written in float" in n)
+    assert "blk.0.ffn_down.weight" in note and "cannot write a Q1_0 file of this model" in note
+    assert (tmp_path / "gguf" / "model.gguf").exists()

@@ -1,5 +1,5 @@
 """The q1_0 family (llama.cpp's 1-bit Q1_0 blocks): its forward is what llama.cpp's own dequantizer
-(``dequantize_row_q1_0`` in the ggml library llama-cpp-python ships) makes of the packed blocks, its first
+(``dequantize_row_q1_0`` in the ggml library of the installed llama.cpp binding, tests/llama_runtime.py) makes of the packed blocks, its first
 scale is llama.cpp's reference quantizer's, its bits per weight are the block's, and a GGUF of a model
 trained on it runs in llama.cpp (``llama-Q1_0`` in tests/export/test_llama_cpp.py)."""
 
@@ -14,7 +14,6 @@ from hf_qat.errors import QATConfigError
 from hf_qat.quantizers import ScaleLayout, get_quantizer
 from hf_qat.quantizers.reference import WeightQuantSpec, fake_quantize_weight
 from llama_runtime import ggml_library
-
 
 
 def ggml_base():
