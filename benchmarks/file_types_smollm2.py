@@ -262,7 +262,7 @@ def report(out: str, plot: str | None) -> str:
                 continue
             loss, size = loss_of(r), r["gguf"]["file_bytes"] / 1e6
             gap = f"{loss - ref:+.4f}" if ref is not None else "-"
-            recovered = (f"{1 - (loss - ref) / base_gap:.0%}" if base_gap and "llama.cpp" not in name else "-")
+            recovered = (f"{1 - (loss - ref) / base_gap:.1%}" if base_gap and "llama.cpp" not in name else "-")
             lr = f"{r['lr']:.0e}" if "lr" in r else "-"
             ref_text = f"{ref:.4f}" if ref is not None else "-"
             lines.append(f"| {name} | {lr} | {size:.2f} | {loss:.4f} | {ref_text} | {gap} | {recovered} |")
@@ -276,10 +276,11 @@ def report(out: str, plot: str | None) -> str:
     return "\n".join(lines)
 
 
-def order(name: str) -> tuple[int, str]:
-    method = name.split("/")[1].split("@")[0]
+def order(name: str) -> tuple[int, float]:
+    """A type's rows: llama.cpp's, plain QAT, then each lever; each by learning rate."""
+    method, _, lr = name.split("/")[1].partition("@")
     kinds = ("llama.cpp", "llama.cpp+imatrix", "qat", *LEVERS)
-    return (kinds.index(method) if method in kinds else len(kinds), name)
+    return (kinds.index(method) if method in kinds else len(kinds), float(lr) if lr else 0.0)
 
 
 def best_name(rows: dict, ftype: str, method: str) -> str | None:
