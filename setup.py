@@ -1,13 +1,14 @@
-"""Installs hf_qat, its console script `hf-qat`, and kernels/ as the subpackage `hf_qat.kernels`.
+"""Installs hf_qat (its Triton kernels are hf_qat/kernels/) and its console script `hf-qat`.
 
-kernels/ lives at the top of the repository but is installed inside hf_qat: a top-level
-package named "kernels" would collide with the Hugging Face `kernels` package. model_cards/ (the Jinja
-templates of exported checkpoints' README.md) is installed the same way, as `hf_qat.model_cards`.
+No folder at the top of the repository may be named like a package transformers imports: the Hugging Face
+`kernels` package (a transformers dependency since 5.25) is shadowed by any `kernels` folder or module on
+sys.path, which breaks `import transformers` from the repository root. model_cards/ (the Jinja templates of
+exported checkpoints' README.md) lives at the top and is installed as `hf_qat.model_cards`.
 """
 
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["hf_qat", "hf_qat.*"]) + ["hf_qat.kernels", "hf_qat.model_cards"]
+packages = find_packages(include=["hf_qat", "hf_qat.*"]) + ["hf_qat.model_cards"]
 
 setup(
     name="hf_qat",
@@ -17,7 +18,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"hf_qat.kernels": "kernels", "hf_qat.model_cards": "model_cards"},
+    package_dir={"hf_qat.model_cards": "model_cards"},
     package_data={"hf_qat.model_cards": ["*.jinja"]},
     install_requires=[
         # torch is not pinned here: install the build for your hardware first (README).

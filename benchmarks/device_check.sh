@@ -15,6 +15,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 # (a failure is recorded and the benchmarks still run: the device time is not spent twice)
 timeout 240 python -m pytest -q tests/kernels -p no:cacheprovider > "$OUT/kernel_tests.txt" 2>&1 || echo "kernel tests FAILED: $OUT/kernel_tests.txt"
 tail -3 "$OUT/kernel_tests.txt"
-timeout 120 python benchmarks/kernels.py --shapes real --dtype bf16 --out "$OUT/kernels.json" || echo "kernels.py failed"
+timeout 120 python benchmarks/kernel_speed.py --shapes real --dtype bf16 --out "$OUT/kernels.json" || echo "kernel_speed.py failed"
 # every family and file type, the ggml ones included (their per-weight passes are Triton kernels on CUDA)
 timeout 150 python benchmarks/step_overhead.py --model qwen3-moe-gpu --all-formats --out "$OUT/step_overhead.json" || echo "step_overhead.py failed"

@@ -1,6 +1,6 @@
 """Weight fake-quant throughput: GB/s and fraction of the device's measured copy bandwidth.
 
-    python benchmarks/kernels.py [--shapes real|small] [--dtype bf16] [--out benchmarks/results/kernels.json]
+    python benchmarks/kernel_speed.py [--shapes real|small] [--dtype bf16] [--out benchmarks/results/kernels.json]
 
 For each weight shape (real models: 576x1536, 2048x8192, 4096x14336) and 4-bit LSQ in groups of 32,
 times forward and forward+backward of:
@@ -12,9 +12,8 @@ Bytes counted: forward reads W and writes W_q (4 bytes per bf16 weight); forward
 the gradient and W and writing the weight gradient (10 bytes per weight). Scale tensors are ignored.
 On a CPU the script runs the small shapes with eager torch only (a check that it works).
 
-Running any script in benchmarks/ puts this folder on sys.path, where transformers finds this file
-as the top-level module "kernels" (the name of the Hugging Face kernels package) and imports it:
-so it imports only the standard library and torch at module level.
+(Named kernel_speed.py, not kernels.py: running a script in benchmarks/ puts this folder on sys.path, where
+a kernels.py would shadow the Hugging Face kernels package that transformers imports.)
 """
 
 from __future__ import annotations
