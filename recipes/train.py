@@ -163,3 +163,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    if torch.distributed.is_initialized():  # under torchrun: gloo can abort a rank at exit with the group alive
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

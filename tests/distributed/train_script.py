@@ -53,3 +53,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # gloo can abort a rank at exit with the group alive
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
