@@ -57,8 +57,33 @@ class Engine(Protocol):
                       need_scale_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
+# Weights per slice of the reference's backward: its temporaries (the ratio, the codes, the masks) are then
+# bounded by a slice, not the matrix (a 49152 x 576 embedding would need about 5 of its own size at once).
+BACKWARD_SLICE = 1 << 22
+
+
+def _by_rows(backward, grad_output: torch.Tensor, *per_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``backward(grad_rows, *per_row_rows) -> (grad, sums or None)`` over slices of the matrix's rows, written into
+    one gradient (the math is per row: slicing changes no bit). ``per_row``: the matrix and its scales, whose
+    first dim is the rows (or 1: a per-tensor scale, passed whole)."""
+    rows, cols = grad_output.shape
+    chunk = max(1, BACKWARD_SLICE // max(cols, 1))
+    if rows <= chunk:
+        return backward(grad_output, *per_row)
+    grad, sums = None, []
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        grad_part, sums_part = backward(grad_output[part], *(t if t is None or t.shape[0] == 1 else t[part]
+                                                            for t in per_row))
+        if grad is None:
+            grad = torch.empty((rows, cols), dtype=grad_part.dtype, device=grad_part.device)
+        grad[part] = grad_part
+        sums.append(sums_part)
+    return grad, None if sums[0] is None else torch.cat(sums)
+
+
 class TorchEngine:
-    """The reference (hf_qat.quantizers.reference) as an engine."""
+    """The reference (hf_qat.quantizers.reference) as an engine; its backward runs by slices of rows."""
 
     name = "torch"
 
@@ -66,7 +91,8 @@ class TorchEngine:
         return fake_quantize_forward(weight, s_r, step, spec.grid, spec.layout)
 
     def weight_backward(self, grad_output, weight, s_r, step, spec, need_scale_grad):
-        return fake_quantize_backward(grad_output, weight, s_r, step, spec.grid, spec.layout, need_scale_grad)
+        return _by_rows(lambda g, w, s, t: fake_quantize_backward(g, w, s, t, spec.grid, spec.layout, need_scale_grad),
+                        grad_output, weight, s_r, step)
 
     def activation_forward(self, x):
         return fake_quantize_activation(x)
@@ -78,7 +104,8 @@ class TorchEngine:
         return ggml_forward_pass(matrix, step, minimum, grid)
 
     def ggml_backward(self, grad_output, matrix, step, minimum, grid, need_scale_grad):
-        return ggml_backward_pass(grad_output, matrix, step, minimum, grid, need_scale_grad)
+        return _by_rows(lambda g, m, t, mn: ggml_backward_pass(g, m, t, mn, grid, need_scale_grad),
+                        grad_output, matrix, step, minimum)
 
 
 _TORCH = TorchEngine()

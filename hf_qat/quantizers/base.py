@@ -47,7 +47,7 @@ class Grid:
     ``nearest`` picks the closest entry of the ascending table ``magnitudes`` (integers from 0); a tie
     between entries i and i + 1 goes to the one of even index: round half to even on the element
     set, as IEEE rounds (E2M1's encodings are the table indices, so even index = mantissa bit 0).
-    ``x < 0`` gives a negative code; a zero code is +0 whatever the sign of ``x`` (-0.0 included).
+    ``x < 0`` gives a negative code (-0.0 when its magnitude is 0); ``x = -0.0`` gives +0.
     Backward:
         dL/dw = dL/dvalue where mask_lo <= r <= mask_hi, else 0   (clipped straight-through)
         dL/ds = g * sum over the group of dL/dvalue * factor, with

@@ -190,34 +190,36 @@ def _blocks(matrix: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _ratio(matrix: torch.Tensor, scales: BlockScales, grid: GGMLGrid) -> torch.Tensor:
-    """``r = (w + min) / step`` fp32 ``[R, G, block]``."""
+    """``r = (w + min) / step`` fp32 ``[R, G, block]``, a new tensor."""
     w = _blocks(matrix.float(), grid.block)
-    if scales.min is not None:
-        w = w + scales.min.unsqueeze(-1)
-    return w / scales.step.unsqueeze(-1)
+    if scales.min is None:
+        return torch.div(w, scales.step.unsqueeze(-1))
+    return torch.add(w, scales.min.unsqueeze(-1)).div_(scales.step.unsqueeze(-1))
 
 
-def _codes(r: torch.Tensor, grid: GGMLGrid) -> torch.Tensor:
-    clamped = r.clamp(grid.lo, grid.hi)
-    return nearest_value(clamped, grid.values) if grid.values else torch.round(clamped)
+def _codes_(r: torch.Tensor, grid: GGMLGrid) -> torch.Tensor:
+    """The codes of ``r`` (clamped in place, then rounded in place or looked up in the levels)."""
+    clamped = r.clamp_(grid.lo, grid.hi)
+    return nearest_value(clamped, grid.values) if grid.values else clamped.round_()
 
 
-def _values(codes: torch.Tensor, scales: BlockScales) -> torch.Tensor:
-    value = codes * scales.step.unsqueeze(-1)
-    return value if scales.min is None else value - scales.min.unsqueeze(-1)
+def _values_(codes: torch.Tensor, scales: BlockScales) -> torch.Tensor:
+    """``step * code - min``, in place on ``codes`` (fp32 ``[R, G, block]``)."""
+    value = codes.mul_(scales.step.unsqueeze(-1))
+    return value if scales.min is None else value.sub_(scales.min.unsqueeze(-1))
 
 
 def ggml_codes(matrix: torch.Tensor, scale: torch.Tensor, grid: GGMLGrid) -> tuple[torch.Tensor, BlockScales]:
     """``(codes int8 [R, C], BlockScales)``: what a GGUF packer writes; :func:`ggml_dequantize` of them is
     :func:`ggml_fake_quantize` exactly."""
     scales = block_scales(scale, grid)
-    codes = _codes(_ratio(matrix.detach(), scales, grid), grid)
+    codes = _codes_(_ratio(matrix.detach(), scales, grid), grid)
     return codes.reshape(matrix.shape).to(torch.int8), scales
 
 
 def ggml_dequantize(codes: torch.Tensor, scales: BlockScales, grid: GGMLGrid) -> torch.Tensor:
     """``codes [R, C]`` -> the fp32 weights ggml dequantizes them to."""
-    return _values(_blocks(codes.float(), grid.block), scales).reshape(codes.shape)
+    return _values_(_blocks(codes.to(torch.float32, copy=True), grid.block), scales).reshape(codes.shape)
 
 
 def ggml_forward_pass(matrix: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor | None,
@@ -225,7 +227,7 @@ def ggml_forward_pass(matrix: torch.Tensor, step: torch.Tensor, minimum: torch.T
     """The per-weight forward with the rounded block ``step`` and ``minimum`` (:class:`BlockScales`' fields):
     the matrix on the grid, in its dtype. The reference the Triton engine reproduces bit for bit."""
     scales = BlockScales(step, minimum, step, None, None, None)
-    return _values(_codes(_ratio(matrix, scales, grid), grid), scales).reshape(matrix.shape).to(matrix.dtype)
+    return _values_(_codes_(_ratio(matrix, scales, grid), grid), scales).reshape(matrix.shape).to(matrix.dtype)
 
 
 def ggml_backward_pass(grad_output: torch.Tensor, matrix: torch.Tensor, step: torch.Tensor,
@@ -237,15 +239,17 @@ def ggml_backward_pass(grad_output: torch.Tensor, matrix: torch.Tensor, step: to
     (fp32 ``[R, G]`` or ``[R, G, 2]``, before ParetoQ's factor)."""
     scales = BlockScales(step, minimum, step, None, None, None)
     r = _ratio(matrix.detach(), scales, grid)
-    inside = (r >= grid.lo) & (r <= grid.hi)
+    clamped = r.clamp(grid.lo, grid.hi)
+    outside = clamped != r  # r < lo or r > hi (or NaN)
     grad = _blocks(grad_output, grid.block)
-    grad_matrix = torch.where(inside, grad, torch.zeros((), dtype=grad.dtype)).reshape(grad_output.shape)
+    grad_matrix = grad.masked_fill(outside, 0).reshape(grad_output.shape)
     if not need_scale_grad:
         return grad_matrix, None
     g = grad.float()
-    sums = tree_sum(g * torch.where(inside, _codes(r, grid) - r, _codes(r, grid)), dim=-1)
+    factor = _codes_(clamped, grid).sub_(r.masked_fill_(outside, 0.0))  # code - r inside, code where clipped
+    sums = tree_sum(factor.mul_(g), dim=-1)
     if grid.asymmetric:
-        sums = torch.stack([sums, tree_sum(torch.where(inside, 0.0, -g), dim=-1)], -1)
+        sums = torch.stack([sums, tree_sum(torch.where(outside, -g, 0.0), dim=-1)], -1)
     return grad_matrix, sums
 
 

@@ -9,8 +9,8 @@ operation here is spelled out in fp32 in a fixed order:
   E4M3 over a per-tensor power of two) and ``step = s_r * level`` is exact.
 * Forward (:func:`fake_quantize_forward`): ``r = w / s_r`` (IEEE division), the Grid's code rule,
   ``value = step * code`` in fp32, cast to the weight dtype. A table grid (E2M1) takes the nearest
-  magnitude of ``x = clamp(r, lo, hi) * mul`` by comparisons with the midpoints of its table
-  (:func:`nearest_magnitude`): exact, with ties to the entry of even index, then the sign of ``x``.
+  magnitude of ``x = clamp(r, lo, hi) * mul`` (:func:`nearest_magnitude`): exact, with ties to the entry
+  of even index, then the sign of ``x`` (a lookup; the Triton kernels compare with the midpoints).
 * Backward (:func:`fake_quantize_backward`): the weight gradient is the output gradient where the
   Grid's mask holds (elementwise, exact); the scale gradient sums ``grad * factor`` over each group
   with :func:`tree_sum` (zero-pad to a power of two, then add adjacent pairs level by level), then
@@ -107,31 +107,51 @@ def _ratio(weight: torch.Tensor, s_r: torch.Tensor, layout: ScaleLayout) -> torc
     return torch.div(layout.group_view(weight.float()), s_r.unsqueeze(-1))
 
 
+def nearest_entry(x: float, table: tuple[int, ...]) -> int:
+    """The rule, for one number: the entry of the ascending table nearest to ``x``, a tie between entries
+    i and i + 1 going to the one of even index (round half to even on the table, as IEEE rounds)."""
+    return table[min(range(len(table)), key=lambda i: (abs(table[i] - x), i % 2))]
+
+
 @functools.lru_cache(maxsize=None)
-def _table_search(table: tuple[int, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(thresholds, levels)`` fp32 on ``device`` for :func:`nearest_value`: threshold i is the midpoint of
-    entries i and i + 1 when a tie there goes down (i + 1 odd), else the float just below it (a tie goes up)."""
-    thresholds = []
-    for i, (lo, hi) in enumerate(zip(table, table[1:])):
-        mid = torch.tensor((lo + hi) / 2, dtype=torch.float32)
-        thresholds.append(mid if (i + 1) % 2 else torch.nextafter(mid, torch.tensor(-float("inf"))))
-    return torch.stack(thresholds).to(device), torch.tensor(table, dtype=torch.float32, device=device)
+def _lookup_table(table: tuple[int, ...], signed: bool, device: str) -> torch.Tensor:
+    """fp32 ``[4 * (hi - lo) + 1]`` on ``device`` for :func:`_lookup`: entry ``j`` is the level of every ``x``
+    with ``floor(2x) + ceil(2x) = 4 lo + j`` (``x = lo + j / 4`` when ``j`` is even; strictly between two
+    halves, where no tie can fall, when odd). ``signed``: ``table`` holds magnitudes and the level is the
+    nearest one to ``|x|``, negated where ``x < 0`` (-0.0 there when it is 0)."""
+    lo, hi = (-table[-1], table[-1]) if signed else (table[0], table[-1])
+    levels = []
+    for j in range(4 * (hi - lo) + 1):
+        x = lo + j / 4
+        level = nearest_entry(abs(x), table) if signed else nearest_entry(x, table)
+        levels.append(-float(level) if signed and x < 0 else float(level))
+    return torch.tensor(levels, dtype=torch.float32, device=device)
+
+
+def _lookup(x: torch.Tensor, table: tuple[int, ...], signed: bool) -> torch.Tensor:
+    """The level of every ``x`` (fp32; clamped to the table's range first), a new tensor. Every midpoint of
+    two integers is a multiple of 1/2, so which entry is nearest, ties included, depends only on
+    ``floor(2x)`` and on whether ``2x`` is an integer: ``floor(2x) + ceil(2x)`` indexes a table of the
+    rule's answers (:func:`_lookup_table`). Doubling, floor and ceil are exact in fp32."""
+    levels = _lookup_table(tuple(table), signed, str(x.device))
+    lo, hi = (-table[-1], table[-1]) if signed else (table[0], table[-1])
+    twice = torch.mul(x, 2.0).clamp_(2 * lo, 2 * hi).nan_to_num_(2 * hi)  # NaN: the top level
+    index = torch.floor(twice).add_(twice.ceil_()).sub_(4 * lo).to(torch.int32)
+    return torch.index_select(levels, 0, index.reshape(-1)).reshape(x.shape)
 
 
 def nearest_value(x: torch.Tensor, table: tuple[int, ...]) -> torch.Tensor:
-    """The entry of the ascending table ``table`` nearest to ``x`` (fp32), a tie between entries i and i + 1
-    going to the even index: ``t_0 + sum_i (t_{i+1} - t_i) * [x past the midpoint of i and i + 1]`` ("past":
-    ``>=`` when i + 1 is even, ``>`` when odd), computed as the entry whose index counts the thresholds below
-    ``x`` (:func:`_table_search`; one binary search per element). A new tensor; x below t_0 gives t_0."""
-    thresholds, levels = _table_search(tuple(table), str(x.device))
-    return levels[torch.bucketize(x, thresholds)]
+    """The entry of the ascending integer table ``table`` nearest to ``x`` (fp32), a tie between entries
+    i and i + 1 going to the even index (:func:`nearest_entry`); ``x`` outside the table's range gives its
+    nearest end, NaN the last entry. A new tensor, computed by one lookup per element (:func:`_lookup`)."""
+    return _lookup(x, table, signed=False)
 
 
 def nearest_magnitude(x: torch.Tensor, magnitudes: tuple[int, ...]) -> torch.Tensor:
-    """``sign(x) * m`` with ``m`` the entry of the ascending table ``magnitudes`` nearest to ``|x|``
-    (:func:`nearest_value`: ties to the even index). fp32, a new tensor."""
-    m = nearest_value(x.abs(), magnitudes)
-    return torch.where(x < 0, -m, m)
+    """``sign(x) * m`` with ``m`` the entry of the ascending table ``magnitudes`` (integers from 0) nearest
+    to ``|x|`` (ties to the even index): ``-m`` where ``x < 0`` (so -0.0 for a negative ``x`` nearest to 0, +0.0
+    for -0.0). fp32, a new tensor."""
+    return _lookup(x, magnitudes, signed=True)
 
 
 def _codes_(q: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -168,6 +188,15 @@ def fake_quantize_forward(
     return codes.mul_(step.unsqueeze(-1)).reshape(weight.shape).to(weight.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def clipped_factor_is_code(grid: Grid) -> bool:
+    """Whether the scale-gradient factor where ``r`` is clipped (``grad_lo`` / ``grad_hi``) equals the clipped
+    code times ``level`` (LSQ, absmax, E2M1; not SEQ): then ``code * level - (r inside, 0 outside)`` is the
+    whole factor, without comparisons of its own."""
+    ends = torch.tensor([grid.clip_lo, grid.clip_hi], dtype=torch.float32)
+    return (grid_codes(ends, grid) * grid.level).tolist() == [grid.grad_lo, grid.grad_hi]
+
+
 def fake_quantize_backward(
     grad_output: torch.Tensor,
     weight: torch.Tensor,
@@ -180,19 +209,19 @@ def fake_quantize_backward(
     """``(grad_weight, group_sums)``: the clipped straight-through weight gradient (weight dtype) and,
     when asked, ``sum(grad * factor)`` per row and group, fp32 ``[R, n_groups]``."""
     r = _ratio(weight, s_r, layout)
-    zero = torch.zeros((), dtype=grad_output.dtype)
     if grid.sign:
-        mask = (r >= grid.mask_lo) & (r <= grid.mask_hi)
+        stopped = ~((r >= grid.mask_lo) & (r <= grid.mask_hi))
         clamped = None
     else:
         clamped = r.clamp(grid.clip_lo, grid.clip_hi)
+        outside = clamped != r  # r < lo or r > hi (or NaN)
         if grid.mask_lo == -float("inf"):
-            mask = None
+            stopped = None
         elif (grid.mask_lo, grid.mask_hi) == (grid.clip_lo, grid.clip_hi):
-            mask = clamped == r  # lo <= r <= hi, from the clamp the codes need anyway
+            stopped = outside
         else:
-            mask = (r >= grid.mask_lo) & (r <= grid.mask_hi)
-    grad_weight = grad_output if mask is None else torch.where(mask.view(weight.shape), grad_output, zero)
+            stopped = ~((r >= grid.mask_lo) & (r <= grid.mask_hi))
+    grad_weight = grad_output if stopped is None else grad_output.masked_fill(stopped.view(weight.shape), 0)
     if not need_scale_grad:
         return grad_weight, None
     if grid.sign:
@@ -201,8 +230,11 @@ def fake_quantize_backward(
         factor = _codes_(clamped, grid)
         if grid.level != 1.0:
             factor.mul_(grid.level)
-        factor.sub_(r)  # code * level - r inside the clip range
-        factor.masked_fill_(r < grid.clip_lo, grid.grad_lo).masked_fill_(r > grid.clip_hi, grid.grad_hi)
+        if clipped_factor_is_code(grid):
+            factor.sub_(r.masked_fill_(outside, 0.0))  # code * level - r inside, code * level where clipped
+        else:
+            factor.sub_(r)  # code * level - r inside the clip range
+            factor.masked_fill_(r < grid.clip_lo, grid.grad_lo).masked_fill_(r > grid.clip_hi, grid.grad_hi)
     factor.mul_(layout.group_view(grad_output.float()))
     return grad_weight, tree_sum(factor, dim=-1)
 

@@ -1,0 +1,84 @@
+"""The PyTorch engine: its backward by slices of rows equals the reference's on the whole matrix bit for bit,
+and the table lookups equal the nearest-level rule restated here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_qat.bits import TERNARY_BITS
+from hf_qat.kernels import dispatch
+from hf_qat.kernels.dispatch import TorchEngine
+from hf_qat.quantizers import ScaleLayout, get_quantizer
+from hf_qat.quantizers.kquants import GRIDS, IQ4_NL_VALUES, block_scales, ggml_backward_pass
+from hf_qat.quantizers.reference import (
+    WeightQuantSpec,
+    fake_quantize_backward,
+    nearest_magnitude,
+    nearest_value,
+    prepare_scales,
+)
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    return t.float().view(torch.int32)
+
+
+def brute_nearest(x: float, table: tuple[int, ...]) -> float:
+    """Independently: the nearest entry, a tie to the entry of even index; beyond the ends the end."""
+    distances = [abs(t - x) for t in table]
+    best = min(distances)
+    candidates = [i for i, d in enumerate(distances) if d == best]
+    return float(table[next((i for i in candidates if i % 2 == 0), candidates[0])])
+
+
+@pytest.mark.parametrize("table", [IQ4_NL_VALUES, (0, 1, 2, 3, 4, 6, 8, 12), (-4, -1, 0, 5)], ids=["iq4_nl", "e2m1", "odd"])
+def test_the_lookup_is_the_nearest_level_with_ties_to_the_even_index(table):
+    lo, hi = min(table[0], -table[-1]), table[-1]
+    quarters = torch.arange(4 * (lo - 2), 4 * (hi + 2) + 1) / 4.0  # every midpoint and tie, and beyond the ends
+    inf = torch.tensor(float("inf"))
+    x = torch.cat([quarters, torch.nextafter(quarters, inf), torch.nextafter(quarters, -inf),
+                   torch.randn(2000, generator=torch.Generator().manual_seed(0)) * hi])
+    expected = torch.tensor([brute_nearest(v, table) for v in x.tolist()])
+    assert torch.equal(nearest_value(x, table), expected)
+    if table[0] == 0:  # magnitudes: the sign of x, -0.0 for a negative x whose magnitude rounds to 0
+        magnitude = torch.tensor([brute_nearest(abs(v), table) for v in x.tolist()])
+        signed = torch.where(x < 0, -magnitude, magnitude)
+        assert torch.equal(bits_of(nearest_magnitude(x, table)), bits_of(signed))
+        assert bits_of(nearest_magnitude(torch.tensor([-0.0]), table)).item() == 0  # -0.0 gives +0.0
+    assert nearest_value(torch.tensor([float("nan")]), table).item() == table[-1]
+
+
+@pytest.mark.parametrize("family,bits,group", [("lsq", 4, 32), ("seq", TERNARY_BITS, 32), ("seq", 2, "channel"),
+                                               ("lsq", 3, "tensor"), ("mxfp4", 4, 32), ("binary", 1, 16)])
+def test_the_sliced_backward_is_the_whole_matrix_backward(family, bits, group, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    quantizer = get_quantizer(family, bits)
+    weight = torch.randn(37, 64, generator=gen) * 0.05
+    layout = ScaleLayout(group)
+    scale = quantizer.init_scale(layout.scale_view(weight)) * (0.5 + torch.rand(layout.scale_shape(weight.shape), generator=gen))
+    spec = WeightQuantSpec(quantizer.grid(), group, quantizer.scale_dtype or torch.float16,
+                           quantizer.grad_scale(weight.numel(), scale.numel(), "paretoq"))
+    s_r, step = prepare_scales(scale, spec.grid, spec.scale_dtype)
+    grad = torch.randn(37, 64, generator=gen)
+    whole = fake_quantize_backward(grad, weight, s_r, step, spec.grid, spec.layout, True)
+    monkeypatch.setattr(dispatch, "BACKWARD_SLICE", 5 * 64)  # slices of 5 rows, the last of 2
+    sliced = TorchEngine().weight_backward(grad, weight, s_r, step, spec, True)
+    assert torch.equal(bits_of(sliced[0]), bits_of(whole[0]))
+    assert torch.equal(bits_of(sliced[1]), bits_of(whole[1]))
+
+
+@pytest.mark.parametrize("name", ["q4_k", "q6_k", "iq4_nl", "q4_1"])
+def test_the_sliced_ggml_backward_is_the_whole_matrix_backward(name, monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    grid = GRIDS[name]
+    quantizer = get_quantizer(name, grid.bits)
+    matrix = torch.randn(21, 256, generator=gen) * 0.05
+    scale = quantizer.init_scale(matrix.reshape(21, -1, grid.block)) * 0.8
+    scales = block_scales(scale, grid)
+    grad = torch.randn(21, 256, generator=gen)
+    whole = ggml_backward_pass(grad, matrix, scales.step, scales.min, grid, True)
+    monkeypatch.setattr(dispatch, "BACKWARD_SLICE", 4 * 256)
+    sliced = TorchEngine().ggml_backward(grad, matrix, scales.step, scales.min, grid, True)
+    assert torch.equal(bits_of(sliced[0]), bits_of(whole[0]))
+    assert torch.equal(bits_of(sliced[1]), bits_of(whole[1]))
