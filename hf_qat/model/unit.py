@@ -31,7 +31,7 @@ it. A LoRA delta is an explicit input (``weight + delta``), never state.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -179,6 +179,12 @@ class WeightQuantizer(nn.Module):
         return weight_fake_quant(weight, self.scale(weight), self.spec, self.view)
 
     @torch.no_grad()
+    def requantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """:meth:`fake_quantize` again, outside autograd: the same function of the same tensors, so the same bits
+        (what :func:`recomputed_in_backward` gives a backward instead of a kept copy)."""
+        return weight_fake_quant(weight, self.scale(weight), self.spec, self.view)
+
+    @torch.no_grad()
     def encode(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """``(codes int8 [R, C], step fp32 [scale shape], the family's block scales or None)`` of the weight's
         matrix (:attr:`view`): what export packs (:meth:`~hf_qat.quantizers.family.Quantizer.encode`); the
@@ -230,3 +236,36 @@ def upgrade_state_dict(state_dict: dict, prefix: str) -> None:
     for old_name, new_name in (("qat_active", "active"), ("qat_initialized", "initialized")):
         if prefix + old_name in state_dict:
             state_dict.setdefault(unit + new_name, state_dict.pop(prefix + old_name))
+
+
+class _Recompute:
+    """A saved tensor stored as the function that makes it again and its view's geometry."""
+
+    def __init__(self, make: Callable[[], torch.Tensor], view_of: torch.Tensor) -> None:
+        self.make, self.size, self.stride, self.offset = make, view_of.size(), view_of.stride(), view_of.storage_offset()
+
+    def __call__(self) -> torch.Tensor:
+        return self.make().as_strided(self.size, self.stride, self.offset)
+
+
+def recomputed_in_backward(made: Iterable[tuple[torch.Tensor, Callable[[], torch.Tensor]]]):
+    """A context in which autograd keeps no tensor that is (a view of) one of the fake-quantized weights ``made``
+    (``(quantized, remake)`` pairs, ``remake`` a :meth:`WeightQuantizer.requantize` call): a matmul saves its
+    weight for the backward, and a fake-quantized weight is a new tensor the size of the weight, so a QAT
+    step would hold a copy of every quantized weight from its forward to its backward. Inside, such a saved
+    tensor is stored as its recipe and made again when the backward needs it (one more fake-quant forward per
+    weight: the same bits, as the tests check)."""
+    made = [(quantized.untyped_storage().data_ptr(), remake) for quantized, remake in made]
+
+    def pack(tensor: torch.Tensor):
+        if tensor.layout == torch.strided and tensor.device.type != "meta":
+            pointer = tensor.untyped_storage().data_ptr()
+            for made_pointer, remake in made:
+                if pointer and pointer == made_pointer:  # (an empty tensor has no storage: 0)
+                    return _Recompute(remake, tensor)
+        return tensor
+
+    def unpack(packed):
+        return packed() if isinstance(packed, _Recompute) else packed
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
