@@ -6,7 +6,8 @@ MXFP4 and NVFP4 QAT (weight-only).
                                        [--out benchmarks/results/step_overhead.json]
 
 Times a full optimizer step (forward, backward, AdamW) and records peak memory for the same model in
-each mode. On a GPU the default models are SmolLM2-135M-shaped (576 hidden, 30 layers, 49152 vocab)
+each mode. On a CPU each mode is timed in turn with an FP twin stepped alternately (its ratio is to that
+window's FP step), so two models are held at a time whatever the number of modes. On a GPU the default models are SmolLM2-135M-shaped (576 hidden, 30 layers, 49152 vocab)
 and a Qwen3-MoE-shaped model (8 experts, 2 active) in bf16; on a CPU the demo model (0.23M parameters,
 what CI trains), the tests' tiny model, a small Qwen3-MoE (8 experts, 2 active) and the dense Qwen3 with
 its active parameters. A mixture of experts is timed once per transformers experts implementation
@@ -153,23 +154,37 @@ def peak_rss(model_name: str, mode: str | None, iters: int, experts_implementati
 
 def measure_cpu(model_name: str, iters: int, experts_implementation: str | None = None,
                 memory: bool = False) -> list[dict]:
-    """All modes built at once and timed round-robin, so that machine drift hits them alike; with ``memory``,
-    each mode's peak RSS in a process of its own."""
-    steps = {mode: build(model_name, mode, "cpu", torch.float32, experts_implementation)[2] for mode in modes(model_name)}
-    for step in steps.values():
-        for _ in range(3):
-            step()
-    times = {mode: [] for mode in steps}
-    for _ in range(iters):
-        for mode, step in steps.items():
-            times[mode].append(timed(step, "cpu"))
+    """Each mode timed against an FP model of its own window: the two are built side by side and stepped in
+    turn, so that machine drift hits both alike and only two models are held at once (SmolLM2's shape with
+    every format would not fit otherwise); the FP row is the median of every window's FP steps. With
+    ``memory``, each mode's peak RSS in a process of its own."""
+    def steps_of(step, *others) -> list[list[float]]:
+        for fn in (step, *others):  # one warm-up step each
+            fn()
+        times = [[] for _ in (step, *others)]
+        for _ in range(iters):
+            for k, fn in enumerate((step, *others)):
+                times[k].append(timed(fn, "cpu"))
+        return times
+
+    fp_step = build(model_name, "fp", "cpu", torch.float32, experts_implementation)[2]
     tokens = MODELS[model_name]["batch"] * MODELS[model_name]["seq"]
-    del steps
-    gc.collect()
-    return [{"model": model_name, "experts_implementation": experts_implementation, "mode": mode,
-             "step_ms": statistics.median(t) * 1e3, "tokens_per_step": tokens,
-             "peak_bytes": peak_rss(model_name, mode, 2, experts_implementation) if memory else None}
-            for mode, t in times.items()]
+    fp_times, rows = [], []
+    for mode in modes(model_name)[1:]:
+        step = build(model_name, mode, "cpu", torch.float32, experts_implementation)[2]
+        fp_window, mode_times = steps_of(fp_step, step)
+        del step
+        gc.collect()
+        fp_times.extend(fp_window)
+        rows.append({"model": model_name, "experts_implementation": experts_implementation, "mode": mode,
+                     "step_ms": statistics.median(mode_times) * 1e3, "fp_step_ms": statistics.median(fp_window) * 1e3,
+                     "tokens_per_step": tokens})
+        print(f"  {mode}: {rows[-1]['step_ms']:.1f} ms against FP {rows[-1]['fp_step_ms']:.1f} ms", flush=True)
+    rows.insert(0, {"model": model_name, "experts_implementation": experts_implementation, "mode": "fp",
+                    "step_ms": statistics.median(fp_times) * 1e3, "tokens_per_step": tokens})
+    for row in rows:
+        row["peak_bytes"] = peak_rss(model_name, row["mode"], 2, experts_implementation) if memory else None
+    return rows
 
 
 def measure_cuda(model_name: str, iters: int, experts_implementation: str | None = None) -> list[dict]:
@@ -227,7 +242,7 @@ def main() -> None:
                           measure_cpu(name, iters, implementation, memory=args.memory))
             base = model_rows[0]
             for row in model_rows:
-                row["time_ratio"] = row["step_ms"] / base["step_ms"]
+                row["time_ratio"] = row["step_ms"] / row.get("fp_step_ms", base["step_ms"])  # its own FP window
                 row["memory_ratio"] = row["peak_bytes"] / base["peak_bytes"] if row["peak_bytes"] else None
                 memory = f", peak {row['peak_bytes'] / 2**30:.2f} GiB (x{row['memory_ratio']:.3f})" if row["peak_bytes"] else ""
                 print(f"{label:<24} {row['mode']:<13} {row['step_ms']:9.2f} ms/step (x{row['time_ratio']:.3f}){memory}")
