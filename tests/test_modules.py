@@ -185,3 +185,58 @@ def test_scale_init_mse_starts_from_the_least_error_clipping_and_is_checkpointed
     assert errors["mse"] < errors["max"]
     assert hf_qat.get_qat_config(model).scale_init == "mse"
     assert QATConfig.from_dict(hf_qat.get_qat_config(model).to_dict()).scale_init == "mse"
+
+
+# ---------------------------------------------------------------------------------------- the backward's weight
+def _layer(method: str, dtype: torch.dtype) -> QATLinear:
+    model = prepare_model_for_qat(tiny_llama(), QATConfig(bits=4, method=method, start=0)).to(dtype)
+    hf_qat.activate_qat(model)
+    return model.model.layers[0].mlp.down_proj
+
+
+@pytest.mark.parametrize("method,dtype", [("lsq", torch.float32), ("mxfp4", torch.bfloat16)])
+def test_the_backward_remakes_the_quantized_weight_with_the_same_gradients(method, dtype):
+    """The fake-quantized weight is not kept from the forward (a weakref to it dies with the forward) and the
+    gradients of input, weight and scale are those of F.linear on the kept weight."""
+    import weakref
+
+    layer = _layer(method, dtype)
+    unit = layer.weight_quantizer
+    x = torch.randn(3, 5, layer.in_features, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, 5, layer.out_features, dtype=dtype)
+
+    kept = unit.fake_quantize(layer.weight)
+    torch.nn.functional.linear(x, kept).backward(grad)
+    expected = [t.grad.clone() for t in (x, layer.weight, unit.log_scale_ratio)]
+    for t in (x, layer.weight, unit.log_scale_ratio):
+        t.grad = None
+
+    made = []
+    original = unit.fake_quantize
+
+    def spy(weight):
+        made.append(weakref.ref(out := original(weight)))
+        return out
+
+    unit.fake_quantize = spy
+    out = layer(x)
+    assert made and made[0]() is None  # nothing holds the quantized weight between forward and backward
+    out.backward(grad)
+    for got, want in zip((x.grad, layer.weight.grad, unit.log_scale_ratio.grad), expected):
+        assert torch.equal(got, want)
+
+
+def test_a_weight_changed_between_forward_and_backward_is_an_error_and_checkpointing_keeps_its_hooks():
+    layer = _layer("lsq", torch.float32)
+    x = torch.randn(4, layer.in_features, requires_grad=True)
+    out = layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    with pytest.raises(hf_qat.QATRuntimeError, match="modified in place between the forward and the backward"):
+        out.sum().backward()  # the input's gradient needs the quantized weight: remade, refused
+    # under another saved-tensor hook (activation checkpointing), the layer steps aside: theirs apply
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.shape) or t, lambda t: t):
+        layer(x).sum().backward()
+    assert torch.Size([layer.out_features, layer.in_features]) in [torch.Size(s) for s in seen] or \
+        torch.Size([layer.in_features, layer.out_features]) in [torch.Size(s) for s in seen]

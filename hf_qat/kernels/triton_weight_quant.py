@@ -5,7 +5,7 @@ They reproduce ``hf_qat.quantizers.reference`` bit for bit (tests run them under
 
 * forward: ``r = w / s_r`` with IEEE division (``div_rn``), the Grid's code rule with
   round-half-even by the 1.5 * 2^23 trick (exact for |x| < 2^22; the clamp comes first), or for a table
-  grid (E2M1) the same midpoint comparisons as ``reference.nearest_magnitude`` (the table is a
+  grid (E2M1) ``reference.nearest_magnitude``'s rule as comparisons with the midpoints (the table is a
   constexpr tuple, unrolled), ``step * code`` in fp32, rounded to the weight dtype (bf16 on the fp32
   bit pattern, since the interpreter's bf16 cast truncates).
 * backward, one pass over the gradient: the clipped straight-through weight gradient and the scale

@@ -79,7 +79,8 @@ class QATLinear(QATWeightMixin, nn.Linear):
         weight = self.weight if weight_delta is None else self.weight + weight_delta
         unit = self.weight_quantizer
         quantized = unit.fake_quantize(weight)
-        with recomputed_in_backward([(quantized, lambda: unit.requantize(weight))]):
+        sources = (weight, unit.log_scale_ratio) if unit.log_scale_ratio is not None else (weight,)
+        with recomputed_in_backward([(quantized, lambda: unit.requantize(weight), sources)]):
             return F.linear(input, quantized, self.bias)
 
     def to_linear(self) -> nn.Linear:

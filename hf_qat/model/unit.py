@@ -31,6 +31,7 @@ it. A LoRA delta is an explicit input (``weight + delta``), never state.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterable
 
 import torch
@@ -239,30 +240,47 @@ def upgrade_state_dict(state_dict: dict, prefix: str) -> None:
 
 
 class _Recompute:
-    """A saved tensor stored as the function that makes it again and its view's geometry."""
+    """A saved tensor stored as the function that makes it again, its view's geometry and the versions of what
+    it is made from (a weight or scale changed in place between the forward and the backward is an error, as
+    autograd's own saved tensors are)."""
 
-    def __init__(self, make: Callable[[], torch.Tensor], view_of: torch.Tensor) -> None:
+    def __init__(self, make: Callable[[], torch.Tensor], view_of: torch.Tensor, sources: tuple[torch.Tensor, ...]) -> None:
         self.make, self.size, self.stride, self.offset = make, view_of.size(), view_of.stride(), view_of.storage_offset()
+        self.sources, self.versions = sources, tuple(t._version for t in sources)
 
     def __call__(self) -> torch.Tensor:
+        if tuple(t._version for t in self.sources) != self.versions:
+            raise QATRuntimeError("a quantized weight or its scale was modified in place between the forward and the "
+                                  "backward; modify them after backward() (an optimizer step does)")
         return self.make().as_strided(self.size, self.stride, self.offset)
 
 
-def recomputed_in_backward(made: Iterable[tuple[torch.Tensor, Callable[[], torch.Tensor]]]):
+def _outer_hooks_active() -> bool:
+    """Whether saved-tensor hooks of someone else are active (activation checkpointing, offloading to the CPU):
+    only the innermost hooks apply, so ours would switch theirs off; asked through torch's own (private) query,
+    and assumed active where torch lacks it."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(True) is not None
+
+
+def recomputed_in_backward(made: Iterable[tuple[torch.Tensor, Callable[[], torch.Tensor], tuple[torch.Tensor, ...]]]):
     """A context in which autograd keeps no tensor that is (a view of) one of the fake-quantized weights ``made``
-    (``(quantized, remake)`` pairs, ``remake`` a :meth:`WeightQuantizer.requantize` call): a matmul saves its
-    weight for the backward, and a fake-quantized weight is a new tensor the size of the weight, so a QAT
-    step would hold a copy of every quantized weight from its forward to its backward. Inside, such a saved
-    tensor is stored as its recipe and made again when the backward needs it (one more fake-quant forward per
-    weight: the same bits, as the tests check)."""
-    made = [(quantized.untyped_storage().data_ptr(), remake) for quantized, remake in made]
+    (``(quantized, remake, sources)``: ``remake`` a :meth:`WeightQuantizer.requantize` call, ``sources`` the
+    weight and scale tensors it reads): a matmul saves its weight for the backward, and a fake-quantized weight
+    is a new tensor the size of the weight, so a QAT step would hold a copy of every quantized weight from its
+    forward to its backward. Inside, such a saved tensor is stored as its recipe and made again when the
+    backward needs it (one more fake-quant forward per weight, the same bits: tests/test_modules.py). Where
+    other saved-tensor hooks are active (checkpointing, offloading) it does nothing: theirs apply."""
+    if _outer_hooks_active():
+        return contextlib.nullcontext()
+    made = [(quantized.untyped_storage().data_ptr(), remake, sources) for quantized, remake, sources in made]
 
     def pack(tensor: torch.Tensor):
         if tensor.layout == torch.strided and tensor.device.type != "meta":
             pointer = tensor.untyped_storage().data_ptr()
-            for made_pointer, remake in made:
+            for made_pointer, remake, sources in made:
                 if pointer and pointer == made_pointer:  # (an empty tensor has no storage: 0)
-                    return _Recompute(remake, tensor)
+                    return _Recompute(remake, tensor, sources)
         return tensor
 
     def unpack(packed):

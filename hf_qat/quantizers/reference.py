@@ -191,8 +191,11 @@ def fake_quantize_forward(
 @functools.lru_cache(maxsize=None)
 def clipped_factor_is_code(grid: Grid) -> bool:
     """Whether the scale-gradient factor where ``r`` is clipped (``grad_lo`` / ``grad_hi``) equals the clipped
-    code times ``level`` (LSQ, absmax, E2M1; not SEQ): then ``code * level - (r inside, 0 outside)`` is the
-    whole factor, without comparisons of its own."""
+    code times ``level`` (LSQ, absmax, SEQ 2-bit; not ternary SEQ): then ``code * level - (r inside, 0 outside)``
+    is the whole factor, without comparisons of its own. Not a table grid: its lookup gives a NaN ``r`` a level,
+    so a NaN must reach the factor through ``r`` itself."""
+    if grid.magnitudes:
+        return False
     ends = torch.tensor([grid.clip_lo, grid.clip_hi], dtype=torch.float32)
     return (grid_codes(ends, grid) * grid.level).tolist() == [grid.grad_lo, grid.grad_hi]
 
