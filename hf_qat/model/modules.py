@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import QATModelError
 from ..kernels import activation_fake_quant
-from .unit import WeightQuantizer, recomputed_in_backward, upgrade_state_dict
+from .unit import WeightQuantizer, upgrade_state_dict
 
 # nn.Embedding's configuration attributes (copied when a QATEmbedding replaces one, and back).
 _EMBEDDING_ATTRS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
@@ -77,10 +77,8 @@ class QATLinear(QATWeightMixin, nn.Linear):
         if self.activation_bits is not None:
             input = activation_fake_quant(input)
         weight = self.weight if weight_delta is None else self.weight + weight_delta
-        unit = self.weight_quantizer
-        quantized = unit.fake_quantize(weight)
-        sources = (weight, unit.log_scale_ratio) if unit.log_scale_ratio is not None else (weight,)
-        with recomputed_in_backward([(quantized, lambda: unit.requantize(weight), sources)]):
+        quantized = self.weight_quantizer.fake_quantize(weight)
+        with self.weight_quantizer.remade_in_backward(quantized, weight):
             return F.linear(input, quantized, self.bias)
 
     def to_linear(self) -> nn.Linear:

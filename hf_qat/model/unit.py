@@ -32,7 +32,7 @@ it. A LoRA delta is an explicit input (``weight + delta``), never state.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -185,6 +185,12 @@ class WeightQuantizer(nn.Module):
         (what :func:`recomputed_in_backward` gives a backward instead of a kept copy)."""
         return weight_fake_quant(weight, self.scale(weight), self.spec, self.view)
 
+    def remade_in_backward(self, quantized: torch.Tensor, weight: torch.Tensor):
+        """A context in which autograd keeps ``quantized`` (this unit's :meth:`fake_quantize` of ``weight``) for
+        no backward but makes it again there (:func:`recomputed_in_backward`)."""
+        sources = (weight,) if self.log_scale_ratio is None else (weight, self.log_scale_ratio)
+        return recomputed_in_backward(quantized, lambda: self.requantize(weight), sources)
+
     @torch.no_grad()
     def encode(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """``(codes int8 [R, C], step fp32 [scale shape], the family's block scales or None)`` of the weight's
@@ -263,24 +269,22 @@ def _outer_hooks_active() -> bool:
     return top is None or top(True) is not None
 
 
-def recomputed_in_backward(made: Iterable[tuple[torch.Tensor, Callable[[], torch.Tensor], tuple[torch.Tensor, ...]]]):
-    """A context in which autograd keeps no tensor that is (a view of) one of the fake-quantized weights ``made``
-    (``(quantized, remake, sources)``: ``remake`` a :meth:`WeightQuantizer.requantize` call, ``sources`` the
-    weight and scale tensors it reads): a matmul saves its weight for the backward, and a fake-quantized weight
-    is a new tensor the size of the weight, so a QAT step would hold a copy of every quantized weight from its
-    forward to its backward. Inside, such a saved tensor is stored as its recipe and made again when the
-    backward needs it (one more fake-quant forward per weight, the same bits: tests/test_modules.py). Where
-    other saved-tensor hooks are active (checkpointing, offloading) it does nothing: theirs apply."""
+def recomputed_in_backward(quantized: torch.Tensor, remake: Callable[[], torch.Tensor], sources: tuple[torch.Tensor, ...]):
+    """A context in which autograd keeps no tensor that is (a view of) the fake-quantized weight ``quantized``
+    (``remake``: a :meth:`WeightQuantizer.requantize` call; ``sources``: the weight and scale tensors it reads):
+    a matmul saves its weight for the backward, and a fake-quantized weight is a new tensor the size of the
+    weight, so a QAT step would hold a copy of every quantized weight from its forward to its backward. Inside,
+    such a saved tensor is stored as its recipe and made again when the backward needs it (one more fake-quant
+    forward per weight, the same bits: tests/test_modules.py). Where other saved-tensor hooks are active
+    (checkpointing, offloading) it does nothing: theirs apply."""
     if _outer_hooks_active():
         return contextlib.nullcontext()
-    made = [(quantized.untyped_storage().data_ptr(), remake, sources) for quantized, remake, sources in made]
+    made_pointer = quantized.untyped_storage().data_ptr()
 
     def pack(tensor: torch.Tensor):
-        if tensor.layout == torch.strided and tensor.device.type != "meta":
-            pointer = tensor.untyped_storage().data_ptr()
-            for made_pointer, remake, sources in made:
-                if pointer and pointer == made_pointer:  # (an empty tensor has no storage: 0)
-                    return _Recompute(remake, tensor, sources)
+        if (tensor.layout == torch.strided and tensor.device.type != "meta" and made_pointer  # (empty: no storage, 0)
+                and tensor.untyped_storage().data_ptr() == made_pointer):
+            return _Recompute(remake, tensor, sources)
         return tensor
 
     def unpack(packed):

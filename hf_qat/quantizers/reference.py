@@ -192,15 +192,10 @@ def clipped_factor_is_code(grid: Grid) -> bool:
     """Whether the scale-gradient factor where ``r`` is clipped (``grad_lo`` / ``grad_hi``) equals the clipped
     code times ``level`` (LSQ, absmax, SEQ 2-bit; not ternary SEQ): then ``code * level - (r inside, 0 outside)``
     is the whole factor, without comparisons of its own. Not a table grid: its lookup gives a NaN ``r`` a level,
-    so a NaN must reach the factor through ``r`` itself. (Plain Python on the grid's numbers: Python's round
-    is half to even, and these codes and levels are small integers and powers of two.)"""
+    so a NaN must reach the factor through ``r`` itself."""
     if grid.magnitudes or grid.sign:
         return False
-
-    def code(r: float) -> float:
-        return (round(r * grid.mul + grid.add) * grid.code_mul + grid.code_add) * grid.level
-
-    return (code(grid.clip_lo), code(grid.clip_hi)) == (grid.grad_lo, grid.grad_hi)
+    return (grid.codes[0] * grid.level, grid.codes[-1] * grid.level) == (grid.grad_lo, grid.grad_hi)
 
 
 def fake_quantize_backward(
