@@ -1,7 +1,9 @@
 """GGUF blocks of ggml's k-quants, IQ4_NL, IQ4_XS, Q4_1 and Q5_1, packed from the QAT codes and block scales of the
 ggml families (:mod:`hf_qat.quantizers.kquants`): the inverse of ggml's ``dequantize_row_<type>``
 (ggml-common.h's structs, ggml-quants.c's unpacking), byte for byte. gguf-py's ``dequantize`` reads
-them back to the QAT weights exactly (tests/export/test_kquant_export.py).
+them back to the QAT weights exactly (tests/export/test_kquant_export.py). Each type's layout is one function
+``(unsigned codes [R, S, super_block], Blocks) -> the block's byte fields in order``, which its
+:class:`~.kquants.GGMLGrid` names; :func:`pack_ggml` lays them out.
 
 Layouts, per super-block of 256 weights (``e`` = element index in it, codes stored unsigned as ``u``):
 
@@ -33,17 +35,9 @@ import numpy as np
 import torch
 
 
-BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "IQ4_NL": 18, "IQ4_XS": 136, "Q4_1": 20,
-         "Q5_1": 24}
-
-
 def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
     """fp32 ``[..., n]`` holding fp16 values -> uint8 ``[..., 2n]`` (little-endian halves)."""
     return x.to(torch.float16).contiguous().view(torch.uint8)
-
-
-def _bits(u: torch.Tensor, shift: int, width: int) -> torch.Tensor:
-    return (u >> shift) & ((1 << width) - 1)
 
 
 def k4_scale_bytes(sc: torch.Tensor, mq: torch.Tensor) -> torch.Tensor:
@@ -82,9 +76,100 @@ def level_index(values: tuple[int, ...]) -> torch.Tensor:
     return index
 
 
+class Blocks:
+    """A matrix's block scales as the layouts read them, ``[R, S, ...]`` per super-block ``S`` (fp16 ones as bytes)."""
+
+    def __init__(self, scales, rows: int, supers: int) -> None:
+        self.scales, self.rows, self.supers = scales, rows, supers
+
+    def _shaped(self, t: torch.Tensor, last: int = -1) -> torch.Tensor:
+        return t.reshape(self.rows, self.supers, last)
+
+    @property
+    def d(self) -> torch.Tensor:
+        return _fp16_bytes(self._shaped(self.scales.d, 1))
+
+    @property
+    def dmin(self) -> torch.Tensor:
+        return _fp16_bytes(self._shaped(self.scales.dmin, 1))
+
+    @property
+    def m(self) -> torch.Tensor:
+        """``-min`` of each block (Q4_1, Q5_1), fp16 bytes."""
+        return _fp16_bytes(-self._shaped(self.scales.min, 1))
+
+    @property
+    def sc(self) -> torch.Tensor:
+        return self._shaped(self.scales.sc.to(torch.uint8))
+
+    @property
+    def mq(self) -> torch.Tensor:
+        return self._shaped(self.scales.mq.to(torch.uint8))
+
+
+def _nibbles_32(u: torch.Tensor) -> torch.Tensor:
+    """Codes ``[..., 32]`` -> 16 bytes: element ``j`` in the low nibble of byte ``j``, ``j + 16`` in the high one."""
+    return (u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)
+
+
+def _fifth_bits(u: torch.Tensor) -> torch.Tensor:
+    """Codes ``[..., 32]`` -> 4 bytes ``qh``: bit ``j`` the fifth bit of element ``j``."""
+    qh = sum(((u[..., j] >> 4).to(torch.int64) << j) for j in range(32))
+    return qh.unsqueeze(-1).view(torch.uint8)[..., :4]
+
+
+def iq4_nl(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
+    return [b.d, _nibbles_32(u)]
+
+
+def q4_1(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
+    return [b.d, b.m, _nibbles_32(u)]
+
+
+def q5_1(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
+    return [b.d, b.m, _fifth_bits(u), _nibbles_32(u)]
+
+
+def q4_k(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
+    return [b.d, b.dmin, k4_scale_bytes(b.sc, b.mq), _nibbles_k(u)]
+
+
+def q5_k(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
+    high = (u >> 4).view(b.rows, b.supers, 4, 2, 32)
+    qh = sum(high[..., c, h, :] << (2 * c + h) for c in range(4) for h in range(2))
+    return [b.d, b.dmin, k4_scale_bytes(b.sc, b.mq), qh, _nibbles_k(u)]
+
+
+def q6_k(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
+    halves = u.view(b.rows, b.supers, 2, 4, 32)
+    ql = torch.cat([(halves[..., 0, :] & 15) | ((halves[..., 2, :] & 15) << 4),
+                    (halves[..., 1, :] & 15) | ((halves[..., 3, :] & 15) << 4)], -1)
+    qh = sum((halves[..., k, :] >> 4) << (2 * k) for k in range(4))
+    return [ql.reshape(b.rows, b.supers, 128), qh.reshape(b.rows, b.supers, 64), b.sc, b.d]
+
+
+def q3_k(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
+    halves = (u >> 2).view(b.rows, b.supers, 2, 4, 32)  # [n, j, 16h + l]
+    hmask = sum(halves[..., n, j, :] << (4 * n + j) for n in range(2) for j in range(4))
+    return [hmask, _low_bits_2(u), k3_scale_bytes(b.sc + 32), b.d]
+
+
+def q2_k(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
+    return [b.sc | (b.mq << 4), _low_bits_2(u), b.d, b.dmin]
+
+
+def iq4_xs(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
+    ls = (b.sc + 32).to(torch.int64)  # [R, S, 8]: 6 bits, the format's signed scale + 32
+    scales_h = sum(((ls[..., j] >> 4) & 3) << (2 * j) for j in range(8))
+    scales_l = (ls[..., 0::2] & 15) | ((ls[..., 1::2] & 15) << 4)
+    qs = _nibbles_32(u.view(b.rows, b.supers, 8, 32))
+    return [b.d, scales_h.unsqueeze(-1).view(torch.uint8)[..., :2], scales_l, qs.reshape(b.rows, b.supers, 128)]
+
+
 def pack_ggml(codes: torch.Tensor, scales, grid) -> np.ndarray:
     """``codes int8 [R, C]`` with their block scales (:class:`~.kquants.BlockScales`) on the
-    :class:`~.kquants.GGMLGrid` ``grid`` -> the raw GGUF blocks ``uint8 [R, bytes]``."""
+    :class:`~.kquants.GGMLGrid` ``grid`` -> the raw GGUF blocks ``uint8 [R, bytes]``: the codes stored unsigned
+    (a table type's as level indices) in ``[R, S, super_block]``, laid out by ``grid.layout``."""
     rows, cols = codes.shape
     supers = cols // grid.super_block
     q = codes.to(torch.int16)
@@ -92,50 +177,6 @@ def pack_ggml(codes: torch.Tensor, scales, grid) -> np.ndarray:
         raise ValueError(f"{grid.ggml_type} codes must be its levels {grid.values}")
     u = level_index(grid.values)[(q + 128).long()] if grid.values else q - grid.lo  # unsigned codes
     u = u.to(torch.uint8).reshape(rows, supers, grid.super_block)
-    kind = grid.ggml_type
-    d = _fp16_bytes(scales.d.reshape(rows, supers, 1))
-    if kind in ("IQ4_NL", "Q4_1", "Q5_1"):
-        qs = (u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)
-        if kind == "IQ4_NL":
-            parts = [d, qs]
-        elif kind == "Q4_1":
-            parts = [d, _fp16_bytes(-scales.min.reshape(rows, supers, 1)), qs]
-        else:
-            qh = sum(((u[..., j] >> 4).to(torch.int64) << j) for j in range(32))
-            parts = [d, _fp16_bytes(-scales.min.reshape(rows, supers, 1)), qh.unsqueeze(-1).view(torch.uint8)[..., :4], qs]
-    else:
-        sc = scales.sc.to(torch.uint8).reshape(rows, supers, -1)
-        if kind in ("Q4_K", "Q5_K"):
-            mq = scales.mq.to(torch.uint8).reshape(rows, supers, -1)
-            dmin = _fp16_bytes(scales.dmin.reshape(rows, supers, 1))
-            parts = [d, dmin, k4_scale_bytes(sc, mq)]
-            if kind == "Q5_K":
-                high = (u >> 4).view(rows, supers, 4, 2, 32)
-                parts.append(sum(high[..., c, h, :] << (2 * c + h) for c in range(4) for h in range(2)))
-            parts.append(_nibbles_k(u))
-        elif kind == "Q6_K":
-            halves = u.view(rows, supers, 2, 4, 32)
-            ql = torch.cat([(halves[..., 0, :] & 15) | ((halves[..., 2, :] & 15) << 4),
-                            (halves[..., 1, :] & 15) | ((halves[..., 3, :] & 15) << 4)], -1)
-            qh = sum((halves[..., k, :] >> 4) << (2 * k) for k in range(4))
-            parts = [ql.reshape(rows, supers, 128), qh.reshape(rows, supers, 64), sc, d]
-        elif kind == "Q3_K":
-            halves = (u >> 2).view(rows, supers, 2, 4, 32)  # [n, j, 16h + l]
-            hmask = sum(halves[..., n, j, :] << (4 * n + j) for n in range(2) for j in range(4))
-            parts = [hmask, _low_bits_2(u), k3_scale_bytes(sc + 32), d]
-        elif kind == "IQ4_XS":
-            ls = (sc + 32).to(torch.int64)  # [R, S, 8]: 6 bits, the format's signed scale + 32
-            scales_h = sum(((ls[..., j] >> 4) & 3) << (2 * j) for j in range(8))
-            scales_l = (ls[..., 0::2] & 15) | ((ls[..., 1::2] & 15) << 4)
-            blocks = u.view(rows, supers, 8, 32)
-            qs = (blocks[..., :16] & 15) | ((blocks[..., 16:] & 15) << 4)
-            parts = [d, scales_h.unsqueeze(-1).view(torch.uint8)[..., :2], scales_l, qs.reshape(rows, supers, 128)]
-        elif kind == "Q2_K":
-            mq = scales.mq.to(torch.uint8).reshape(rows, supers, -1)
-            dmin = _fp16_bytes(scales.dmin.reshape(rows, supers, 1))
-            parts = [sc | (mq << 4), _low_bits_2(u), d, dmin]
-        else:
-            raise ValueError(f"no packer for {kind}")
-    out = torch.cat([p.to(torch.uint8) for p in parts], -1)
-    assert out.shape[-1] == BYTES[kind], (kind, out.shape)
+    out = torch.cat([p.to(torch.uint8) for p in grid.layout(u, Blocks(scales, rows, supers))], -1)
+    assert out.shape[-1] == grid.block_bytes, (grid.ggml_type, out.shape)
     return out.reshape(rows, -1).numpy()

@@ -59,18 +59,18 @@ llama.cpp's own quantizers search their block scales.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
 from ..llamacpp.file_types import BLOCK, FALLBACK, file_type_of
 from .base import SCALE_MIN, Grid
 from .family import Quantizer
+from . import ggml_blocks
 from .ggml_blocks import pack_ggml
 from .reference import MSE_SCALE_RATIOS, nearest_value, tree_sum
 from .registry import register_quantizer
 
-QK_K = 256
 FP16_TINY = 2.0**-24  # fp16's smallest positive value: d never rounds to 0
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
@@ -83,24 +83,36 @@ class GGMLGrid:
         ggml_type: the GGML type name ("Q4_K").
         bits: bits per code (the family's ``bits``).
         block: weights per block (one scale, and min, each).
-        super_block: weights per super-block (one fp16 ``d``, ``dmin``); ``block`` when there is none.
         lo, hi: the codes' range.
         scale_max: the largest integer block scale (0: the block scale is fp16 itself).
         min_max: the largest integer block min (0: fp16 itself); None for symmetric types.
         values: a table of levels (IQ4_NL): the code is the nearest level.
         bits_per_weight: what the format stores per weight, scales included.
+        layout: the GGUF block's byte layout (:func:`~.ggml_blocks.pack_ggml` calls it; :mod:`.ggml_blocks`
+            has the layouts of the types here).
     """
 
     ggml_type: str
     bits: int
     block: int
-    super_block: int
     lo: int
     hi: int
     scale_max: int
     min_max: int | None
     bits_per_weight: float
+    layout: Callable
     values: tuple[int, ...] = ()
+
+    @property
+    def super_block(self) -> int:
+        """Weights per super-block (one fp16 ``d``, ``dmin``); ``block`` when there is none: ggml's block size
+        of the type (llama.cpp's table, :data:`hf_qat.llamacpp.file_types.BLOCK`)."""
+        return BLOCK[self.ggml_type]
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one GGUF block (a super-block when there are any), scales included."""
+        return round(self.bits_per_weight * self.super_block / 8)
 
     @property
     def asymmetric(self) -> bool:
@@ -111,17 +123,8 @@ class GGMLGrid:
         return self.super_block // self.block
 
 
-GRIDS = {
-    "q2_k": GGMLGrid("Q2_K", 2, 16, QK_K, 0, 3, 15, 15, 2.625),
-    "q3_k": GGMLGrid("Q3_K", 3, 16, QK_K, -4, 3, 31, None, 3.4375),
-    "q4_k": GGMLGrid("Q4_K", 4, 32, QK_K, 0, 15, 63, 63, 4.5),
-    "q5_k": GGMLGrid("Q5_K", 5, 32, QK_K, 0, 31, 63, 63, 5.5),
-    "q6_k": GGMLGrid("Q6_K", 6, 16, QK_K, -32, 31, 127, None, 6.5625),
-    "iq4_nl": GGMLGrid("IQ4_NL", 4, 32, 32, -127, 113, 0, None, 4.5, IQ4_NL_VALUES),
-    "q5_1": GGMLGrid("Q5_1", 5, 32, 32, 0, 31, 0, 0, 6.0),
-    "q4_1": GGMLGrid("Q4_1", 4, 32, 32, 0, 15, 0, 0, 5.0),
-    "iq4_xs": GGMLGrid("IQ4_XS", 4, 32, QK_K, -127, 113, 31, None, 4.25, IQ4_NL_VALUES),
-}
+# The ggml block types by family name, filled by :func:`ggml_family`.
+GRIDS: dict[str, GGMLGrid] = {}
 
 
 @dataclass
@@ -387,22 +390,25 @@ class GGMLQuantizer(Quantizer):
                   importance: torch.Tensor | None = None) -> torch.Tensor:
         return ggml_mse_scale(matrix, first_scale, self.ggml_grid, importance=importance)
 
-def _family(name: str) -> type[GGMLQuantizer]:
-    cls = type(f"{GRIDS[name].ggml_type}Quantizer", (GGMLQuantizer,),
-               {"ggml_grid": GRIDS[name], "supported_bits": (GRIDS[name].bits,), "block_size": GRIDS[name].block,
-                "row_multiple": GRIDS[name].super_block,
-                "llama_cpp_types": {GRIDS[name].ggml_type: (GRIDS[name].bits, GRIDS[name].block)},
-                "scale_components": 2 if GRIDS[name].asymmetric else 1, "__module__": __name__,
-                "__doc__": f"ggml's {GRIDS[name].ggml_type} (see the module docstring)."})
+def ggml_family(name: str, grid: GGMLGrid) -> type[GGMLQuantizer]:
+    """Register the family ``name`` on the ggml block type ``grid`` (and ``grid`` in :data:`GRIDS`)."""
+    GRIDS[name] = grid
+    cls = type(f"{grid.ggml_type}Quantizer", (GGMLQuantizer,),
+               {"ggml_grid": grid, "supported_bits": (grid.bits,), "block_size": grid.block,
+                "row_multiple": grid.super_block, "llama_cpp_types": {grid.ggml_type: (grid.bits, grid.block)},
+                "scale_components": 2 if grid.asymmetric else 1, "__module__": __name__,
+                "__doc__": f"ggml's {grid.ggml_type} (see the module docstring)."})
     return register_quantizer(name)(cls)
 
 
-Q2KQuantizer = _family("q2_k")
-Q3KQuantizer = _family("q3_k")
-Q4KQuantizer = _family("q4_k")
-Q5KQuantizer = _family("q5_k")
-Q6KQuantizer = _family("q6_k")
-IQ4NLQuantizer = _family("iq4_nl")
-Q51Quantizer = _family("q5_1")
-Q41Quantizer = _family("q4_1")
-IQ4XSQuantizer = _family("iq4_xs")
+Q2KQuantizer = ggml_family("q2_k", GGMLGrid("Q2_K", 2, 16, 0, 3, 15, 15, 2.625, ggml_blocks.q2_k))
+Q3KQuantizer = ggml_family("q3_k", GGMLGrid("Q3_K", 3, 16, -4, 3, 31, None, 3.4375, ggml_blocks.q3_k))
+Q4KQuantizer = ggml_family("q4_k", GGMLGrid("Q4_K", 4, 32, 0, 15, 63, 63, 4.5, ggml_blocks.q4_k))
+Q5KQuantizer = ggml_family("q5_k", GGMLGrid("Q5_K", 5, 32, 0, 31, 63, 63, 5.5, ggml_blocks.q5_k))
+Q6KQuantizer = ggml_family("q6_k", GGMLGrid("Q6_K", 6, 16, -32, 31, 127, None, 6.5625, ggml_blocks.q6_k))
+IQ4NLQuantizer = ggml_family("iq4_nl", GGMLGrid("IQ4_NL", 4, 32, -127, 113, 0, None, 4.5, ggml_blocks.iq4_nl,
+                                                IQ4_NL_VALUES))
+Q51Quantizer = ggml_family("q5_1", GGMLGrid("Q5_1", 5, 32, 0, 31, 0, 0, 6.0, ggml_blocks.q5_1))
+Q41Quantizer = ggml_family("q4_1", GGMLGrid("Q4_1", 4, 32, 0, 15, 0, 0, 5.0, ggml_blocks.q4_1))
+IQ4XSQuantizer = ggml_family("iq4_xs", GGMLGrid("IQ4_XS", 4, 32, -127, 113, 31, None, 4.25, ggml_blocks.iq4_xs,
+                                                IQ4_NL_VALUES))

@@ -11,7 +11,8 @@ import torch
 
 from hf_qat import QATConfig
 from hf_qat.errors import QATConfigError, QATModelError
-from hf_qat.quantizers.ggml_blocks import BYTES, pack_ggml
+from hf_qat.llamacpp.file_types import BLOCK
+from hf_qat.quantizers.ggml_blocks import pack_ggml
 from hf_qat.quantizers import ScaleLayout, get_quantizer
 from hf_qat.quantizers.kquants import GRIDS, GGMLFakeQuant, block_scales, ggml_codes, ggml_fake_quantize
 from hf_qat.kernels.dispatch import TorchEngine
@@ -37,13 +38,21 @@ def test_forward_is_what_ggml_dequantizes_from_the_packed_blocks(name):
     fq = ggml_fake_quantize(w, scale, GRIDS[name])
     codes, scales = ggml_codes(w, scale, GRIDS[name])
     raw = pack_ggml(codes, scales, GRIDS[name])
-    assert raw.shape == (6, 512 // GRIDS[name].super_block * BYTES[GRIDS[name].ggml_type])
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[GRIDS[name].ggml_type]]  # ggml's own table
+    assert (GRIDS[name].super_block, GRIDS[name].block_bytes) == (block, size)
+    assert raw.shape == (6, 512 // block * size)
     back = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, GRIDS[name].ggml_type))
     assert np.array_equal(back, fq.numpy())
     assert codes.min() >= GRIDS[name].lo and codes.max() <= GRIDS[name].hi
     if GRIDS[name].values:
         assert set(codes.unique().tolist()) <= set(GRIDS[name].values)
     assert float(((fq - w) ** 2).sum() / (w ** 2).sum()) < 0.5  # a quantizer (jittered scales), not noise
+
+
+def test_block_sizes_are_ggmls():
+    """llama.cpp's block table (what its type rule and the families read) agrees with gguf-py's, type by type."""
+    for qtype, weights in BLOCK.items():
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0] == weights, qtype
 
 
 @pytest.mark.parametrize("name", ["q4_k", "q6_k", "q2_k", "q3_k"])
