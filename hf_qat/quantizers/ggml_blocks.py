@@ -107,7 +107,7 @@ class Blocks:
         return self._shaped(self.scales.mq.to(torch.uint8))
 
 
-def _nibbles_32(u: torch.Tensor) -> torch.Tensor:
+def nibbles_32(u: torch.Tensor) -> torch.Tensor:
     """Codes ``[..., 32]`` -> 16 bytes: element ``j`` in the low nibble of byte ``j``, ``j + 16`` in the high one."""
     return (u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)
 
@@ -119,15 +119,15 @@ def _fifth_bits(u: torch.Tensor) -> torch.Tensor:
 
 
 def iq4_nl(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
-    return [b.d, _nibbles_32(u)]
+    return [b.d, nibbles_32(u)]
 
 
 def q4_1(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
-    return [b.d, b.m, _nibbles_32(u)]
+    return [b.d, b.m, nibbles_32(u)]
 
 
 def q5_1(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
-    return [b.d, b.m, _fifth_bits(u), _nibbles_32(u)]
+    return [b.d, b.m, _fifth_bits(u), nibbles_32(u)]
 
 
 def q4_k(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
@@ -162,7 +162,7 @@ def iq4_xs(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
     ls = (b.sc + 32).to(torch.int64)  # [R, S, 8]: 6 bits, the format's signed scale + 32
     scales_h = sum(((ls[..., j] >> 4) & 3) << (2 * j) for j in range(8))
     scales_l = (ls[..., 0::2] & 15) | ((ls[..., 1::2] & 15) << 4)
-    qs = _nibbles_32(u.view(b.rows, b.supers, 8, 32))
+    qs = nibbles_32(u.view(b.rows, b.supers, 8, 32))
     return [b.d, scales_h.unsqueeze(-1).view(torch.uint8)[..., :2], scales_l, qs.reshape(b.rows, b.supers, 128)]
 
 
