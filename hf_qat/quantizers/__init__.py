@@ -9,7 +9,7 @@ from .family import Quantizer
 from .registry import available_quantizers, family_of_ggml_type, get_quantizer, get_quantizer_class, register_quantizer
 
 # Importing the families registers them (in this order: the names "auto" resolves to come first).
-from . import lsq, seq, binary, absmax, mxfp4, nvfp4, kquants, q1_0  # noqa: E402,F401  isort: skip
+from . import lsq, seq, binary, absmax, mxfp4, nvfp4, kquants, iq4_xs, q1_0  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "SCALE_MIN",

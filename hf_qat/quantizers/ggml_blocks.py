@@ -1,4 +1,4 @@
-"""GGUF blocks of ggml's k-quants, IQ4_NL, IQ4_XS, Q4_1 and Q5_1, packed from the QAT codes and block scales of the
+"""GGUF blocks of ggml's k-quants, IQ4_NL, Q4_1 and Q5_1, packed from the QAT codes and block scales of the
 ggml families (:mod:`hf_qat.quantizers.kquants`): the inverse of ggml's ``dequantize_row_<type>``
 (ggml-common.h's structs, ggml-quants.c's unpacking), byte for byte. gguf-py's ``dequantize`` reads
 them back to the QAT weights exactly (tests/export/test_kquant_export.py). Each type's layout is one function
@@ -19,10 +19,6 @@ Layouts, per super-block of 256 weights (``e`` = element index in it, codes stor
   ``e = 128n + 32j + 16h + l``: low two bits at bit ``2j`` of ``qs[32n + 16h + l]``, the third bit at bit
   ``4n + j`` of ``hmask[16h + l]``.
 * Q2_K (84): 16 bytes ``sc | mq << 4``, 64 bytes ``qs`` (the Q3_K low-bit order), fp16 ``d``, fp16 ``dmin``.
-
-* IQ4_XS (136): fp16 ``d``, 2 bytes ``scales_h`` (bits ``2j``, ``2j + 1``: the top two bits of block ``j``'s
-  6-bit ``sc + 32``), 4 bytes ``scales_l`` (block ``j``'s low four bits, in the low nibble of byte ``j / 2`` for
-  even ``j``, else the high one), then each block of 32 as IQ4_NL's 16 bytes.
 
 and per block of 32: IQ4_NL (18): fp16 ``d``, 16 bytes of level indices (element ``j`` low nibble,
 ``j + 16`` high); Q4_1 (20): fp16 ``d``, fp16 ``m`` (= ``-min``), 16 bytes as IQ4_NL; Q5_1 (24): fp16 ``d``, fp16 ``m`` (= ``-min``), 4 bytes ``qh`` (bit ``j``: the fifth bit of
@@ -156,14 +152,6 @@ def q3_k(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
 
 def q2_k(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
     return [b.sc | (b.mq << 4), _low_bits_2(u), b.d, b.dmin]
-
-
-def iq4_xs(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
-    ls = (b.sc + 32).to(torch.int64)  # [R, S, 8]: 6 bits, the format's signed scale + 32
-    scales_h = sum(((ls[..., j] >> 4) & 3) << (2 * j) for j in range(8))
-    scales_l = (ls[..., 0::2] & 15) | ((ls[..., 1::2] & 15) << 4)
-    qs = nibbles_32(u.view(b.rows, b.supers, 8, 32))
-    return [b.d, scales_h.unsqueeze(-1).view(torch.uint8)[..., :2], scales_l, qs.reshape(b.rows, b.supers, 128)]
 
 
 def pack_ggml(codes: torch.Tensor, scales, grid) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""ggml's k-quant grids (Q2_K .. Q6_K), IQ4_NL, IQ4_XS, Q4_1 and Q5_1 as QAT families.
+"""ggml's k-quant grids (Q2_K .. Q6_K), IQ4_NL, Q4_1 and Q5_1 as QAT families.
 
 Each family's forward computes exactly what ggml's ``dequantize_row_<type>`` computes, so a GGUF export
 is packing only. The weight matrix ``[R, C]`` is cut along its input dim into blocks of ``block``
@@ -32,7 +32,6 @@ Q4_K     32     256      0..15       63        63       4.5
 Q5_K     32     256      0..31       63        63       5.5
 Q6_K     16     256      -32..31     127 (*)   -        6.5625
 IQ4_NL   32     32       16 levels   -         -        4.5
-IQ4_XS   32     256      16 levels   31 (*)    -        4.25
 Q4_1     32     32       0..15       -         fp16     5.0
 Q5_1     32     32       0..31       -         fp16     6.0
 ======== ====== ======== =========== ========= ======== ===========================
@@ -410,5 +409,3 @@ IQ4NLQuantizer = ggml_family("iq4_nl", GGMLGrid("IQ4_NL", 4, 32, -127, 113, 0, N
                                                 IQ4_NL_VALUES))
 Q51Quantizer = ggml_family("q5_1", GGMLGrid("Q5_1", 5, 32, 0, 31, 0, 0, 6.0, ggml_blocks.q5_1))
 Q41Quantizer = ggml_family("q4_1", GGMLGrid("Q4_1", 4, 32, 0, 15, 0, 0, 5.0, ggml_blocks.q4_1))
-IQ4XSQuantizer = ggml_family("iq4_xs", GGMLGrid("IQ4_XS", 4, 32, -127, 113, 31, None, 4.25, ggml_blocks.iq4_xs,
-                                                IQ4_NL_VALUES))
