@@ -37,7 +37,6 @@ from ..errors import ExportFormatError
 from ..export_formats import register_format
 from .base import (ExportFormat, ExportInfo, refusal, save_tensors, tensor_bytes,
                    write_model_config)
-from .fp4 import NVFP4, e2m1_nibbles, is_fp4, stored_scales
 from .layers import QuantizedLayer
 
 
@@ -60,10 +59,15 @@ def _write_packed(tensors: dict[str, torch.Tensor], prefix: str, codes: torch.Te
     tensors[f"{prefix}.weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
 
 
-def _write_fp4(tensors: dict[str, torch.Tensor], prefix: str, codes: torch.Tensor, scale: torch.Tensor,
-               global_scale: torch.Tensor | None) -> None:
+def _own_format(layer: QuantizedLayer) -> bool:
+    """Whether the layer's family has a compressed-tensors format of its own (the FP4 families')."""
+    return layer.family.compressed_tensors_scheme is not None
+
+
+def _write_fp4(tensors: dict[str, torch.Tensor], prefix: str, layer: QuantizedLayer, codes: torch.Tensor,
+               scale: torch.Tensor, global_scale: torch.Tensor | None) -> None:
     """``<prefix>.weight_packed / weight_scale (/ weight_global_scale)`` of one FP4 ``[out, in]`` matrix."""
-    nibbles = e2m1_nibbles(codes)
+    nibbles = layer.family.nibbles(codes)
     tensors[f"{prefix}.weight_packed"] = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
     tensors[f"{prefix}.weight_scale"] = scale
     if global_scale is not None:
@@ -79,8 +83,8 @@ def shared_nvfp4_scales(layers: list[QuantizedLayer]) -> dict[str, tuple[torch.T
     sharing one global scale: the smallest of theirs g, each sibling's block scales multiplied by g / g_i
     (a power of two, so the weight ``q * s_b / g`` is unchanged) where that is exact in E4M3; raises
     ExportFormatError naming the layers where it is not (a block scale would underflow)."""
-    scales = {layer.name: stored_scales(layer.scale_dtype, layer.step) for layer in layers
-              if is_fp4(layer) and layer.scale_dtype == NVFP4 and layer.kind == "linear"}
+    scales = {layer.name: layer.family.stored_scales(layer.step) for layer in layers
+              if _own_format(layer) and layer.family.tensor_scale and layer.kind == "linear"}
     for group in FUSED_SIBLINGS:
         families: dict[str, list[str]] = {}
         for name in scales:
@@ -103,7 +107,7 @@ def shared_nvfp4_scales(layers: list[QuantizedLayer]) -> dict[str, tuple[torch.T
 
 def _scheme(layer: QuantizedLayer, bits: int | None) -> dict:
     """The config_groups entry (without targets) of a layer's quantization."""
-    if is_fp4(layer):
+    if _own_format(layer):
         from compressed_tensors.quantization import preset_name_to_scheme
 
         compression, preset = layer.family.compressed_tensors_scheme
@@ -139,13 +143,13 @@ class CompressedTensorsFormat(ExportFormat):
             return "per-tensor scales are not written to compressed-tensors here (use group or channel scales)"
         if layer.kind == "embedding" or layer.tied_to is not None:
             return "compressed-tensors pack-quantized stores Linear layers only (not quantized embeddings)"
-        if is_fp4(layer) and not layer.activation_bits:
+        if _own_format(layer) and not layer.activation_bits:
             if layer.dtype != torch.bfloat16:
                 return (f"compressed-tensors 0.20 decompresses {layer.family.compressed_tensors_scheme[0]} weights to bfloat16 "
                         f"whatever the model's dtype ({layer.dtype} here): transformers' Linear then multiplies "
                         f"{layer.dtype} activations by a bfloat16 weight and fails ('expected m1 and m2 to have the "
                         "same dtype'). Train in bfloat16 for this format, or export format='hf-qat' or 'gguf'")
-            if layer.kind == "experts" and layer.scale_dtype == NVFP4:
+            if layer.kind == "experts" and layer.family.tensor_scale:
                 return ("transformers 5.24 merges compressed-tensors experts without their weight_global_scale: NVFP4 "
                         "experts would load g times too large (seen: 16384 x on a tiny Qwen3-MoE). Export "
                         "format='hf-qat' or 'gguf', or train the experts on MXFP4")
@@ -167,15 +171,15 @@ class CompressedTensorsFormat(ExportFormat):
     def native_width(self, layer: QuantizedLayer) -> bool:
         """True for the rows of docs/formats.md's table: the container is the trained width (LSQ 4/8) or SEQ 2-bit."""
         return ((layer.method in ("lsq", "absmax") and layer.bits in (4, 8)) or (layer.method == "seq" and layer.bits == 2)
-                or is_fp4(layer))
+                or _own_format(layer))
 
     def storage_bits(self, layer: QuantizedLayer) -> float:
-        return 4.0 if is_fp4(layer) else float(_container_bits(layer))
+        return 4.0 if _own_format(layer) else float(_container_bits(layer))
 
     def scale_bytes(self, layer: QuantizedLayer) -> int:
-        if is_fp4(layer):  # one byte per block; NVFP4 adds an fp32 per matrix (each expert's)
+        if _own_format(layer):  # one byte per block; NVFP4 adds an fp32 per matrix (each expert's)
             matrices = layer.weight_shape[0] if layer.kind == "experts" else 1
-            return layer.step.numel() + (4 * matrices if layer.scale_dtype == NVFP4 else 0)
+            return layer.step.numel() + (4 * matrices if layer.family.tensor_scale else 0)
         return layer.step.numel() * torch.empty((), dtype=layer.dtype).element_size()  # stored in the weight dtype
 
     def check_model(self, model: nn.Module, layers: list[QuantizedLayer], tokenizer=None) -> None:
@@ -201,26 +205,26 @@ class CompressedTensorsFormat(ExportFormat):
             if layer.kind == "experts":  # each expert's [out, in] rows under its original checkpoint name
                 codes, steps = layer.expert_codes_and_steps()
                 expert_codes = revert_weight_conversion(model, {layer.name: codes})
-                if is_fp4(layer):  # one per-tensor scale for the whole stack: every expert's (gate and up alike)
-                    scales, global_scale = stored_scales(layer.scale_dtype, steps)
+                if _own_format(layer):  # one per-tensor scale for the whole stack: every expert's (gate and up alike)
+                    scales, global_scale = layer.family.stored_scales(steps)
                     expert_scales = revert_weight_conversion(model, {layer.name: scales.view(torch.uint8)})
                     for key, expert in expert_codes.items():
-                        _write_fp4(experts, key.removesuffix(".weight"), expert,
+                        _write_fp4(experts, key.removesuffix(".weight"), layer, expert,
                                    expert_scales[key].contiguous().view(scales.dtype), global_scale)
                 else:
                     expert_steps = revert_weight_conversion(model, {layer.name: steps})
                     for key, expert in expert_codes.items():
                         _write_packed(experts, key.removesuffix(".weight"), expert, expert_steps[key], bits, layer.dtype)
-            elif is_fp4(layer):
-                _write_fp4(tensors, layer.name, layer.codes,
-                           *nvfp4_scales.get(layer.name) or stored_scales(layer.scale_dtype, layer.step))
+            elif _own_format(layer):
+                _write_fp4(tensors, layer.name, layer, layer.codes,
+                           *nvfp4_scales.get(layer.name) or layer.family.stored_scales(layer.step))
             else:
                 _write_packed(tensors, layer.name, layer.codes, layer.step, bits, layer.dtype)
             if layer.bias is not None:
                 tensors[f"{layer.name}.bias"] = layer.bias
             scheme = _scheme(layer, bits)
             groups.setdefault(repr(scheme), (scheme, []))[1].append(layer.name)
-            if not is_fp4(layer) and bits != {1: 1, 1.58: 2}.get(layer.bits, layer.bits) and not self.native_width(layer):
+            if not _own_format(layer) and bits != {1: 1, 1.58: 2}.get(layer.bits, layer.bits) and not self.native_width(layer):
                 notes.append(f"{layer.name}: {layer.bits}-bit codes stored in a {bits}-bit container")
         single = len(groups) == 1
         config_groups = {f"group_{i}": {**scheme, "targets": ["Linear"] if single else names}

@@ -1,32 +1,15 @@
 """GGUF for llama.cpp: blocks written from the QAT integers (never re-quantized).
 
-* Q4_0: blocks of 32 along the input dim: fp16 ``d`` then 16 bytes; byte j holds element j (low nibble)
-  and j + 16 (high nibble) as ``q + 8``. Exact for LSQ 4-bit, groups of 32, fp16 scales.
-* Q5_0: fp16 ``d``, 4 bytes ``qh`` (bit j: the fifth bit of element j), then 16 bytes as Q4_0 of the low
-  nibbles, codes stored as ``q + 16``. Exact for LSQ 5-bit, groups of 32, fp16 scales (llama.cpp's fallback
-  for Q4_K where rows are not a multiple of 256).
-* Q8_0: fp16 ``d`` then 32 int8. Exact for LSQ 8-bit, groups of 32, fp16 scales.
-* Q2_K .. Q6_K, IQ4_NL, Q5_1: the ggml families (:mod:`hf_qat.quantizers.kquants`), packed by
-  :mod:`hf_qat.quantizers.ggml_blocks` from their codes and block scales (the family packs them).
-* TQ2_0: blocks of 256: 64 bytes of 2-bit codes ``q + 1`` (byte ``c*32 + m`` holds elements
-  ``c*128 + l*32 + m`` at bits ``2l``), then fp16 ``d``. Exact for ternary, groups of 256, fp16 scales.
-* TQ1_0 (``format_options={"ternary_type": "TQ1_0"}``): blocks of 256 in 54 bytes, trits ``t = q + 1``
-  packed five per byte as the base-3 number ``n = sum t_i 3^(4-i)`` stored as ``ceil(n * 256 / 243)``
-  (llama.cpp recovers trit i as ``(byte * 3^i mod 256) * 3 >> 8``): 32 bytes for elements
-  ``m + 32i`` (0..159), 16 bytes for ``160 + m + 16i``, 4 bytes of four trits (``240 + j + 4i``, a
-  zero fifth trit), then fp16 ``d``. The same ternary layers as TQ2_0, 1.69 instead of 2.06 bits.
-
-* MXFP4 (``block_mxfp4``): blocks of 32: the E8M0 exponent byte, then 16 bytes; byte j holds element j
-  (low nibble) and j + 16 (high) as 4-bit E2M1 encodings, indices of ggml's ``kvalues_fp4`` (doubled
-  E2M1 values, dequantized with half the scale: exactly our doubled codes times the step). Exact for
-  the MXFP4 family.
-* NVFP4 (``block_nvfp4``): blocks of 64 = four sub-blocks of 16: four UE4M3 scale bytes ``s_b``, then 32
-  bytes, byte ``8s + j`` holding element ``16s + j`` (low) and ``16s + j + 8`` (high); the per-tensor
-  scale ``1 / g`` (a power of two, exact) as the F32 tensor ``<name>.scale`` that llama.cpp multiplies
-  into the matmul's output (``{n_expert}`` for an expert stack) in the graphs that read it (llama,
-  mistral, qwen3, mixtral, qwen3_moe; refused for the others: ``GGUFArchitecture.nvfp4_scales``). Exact for the NVFP4 family, except the
-  token embedding (llama.cpp has no scale for it, nor for a tied output) and MLP layers with a bias
-  (llama.cpp's FFN asserts against a scale with a bias).
+Each quantized layer is written as the GGML block type its family names (``Quantizer.gguf_type``), packed by
+the family (``Quantizer.pack_gguf``; the layouts are :mod:`hf_qat.quantizers.ggml_blocks`): Q4_0 / Q5_0 / Q8_0
+for 4-, 5- and 8-bit integer grids in groups of 32 with fp16 scales, TQ2_0 (or TQ1_0, ``format_options=
+{"ternary_type": "TQ1_0"}``: 1.69 instead of 2.06 bits) for ternary groups of 256, the ggml families' own types
+(Q2_K .. Q6_K, IQ4_NL, IQ4_XS, Q4_1, Q5_1, Q1_0), MXFP4 and NVFP4 for the FP4 families. NVFP4's per-tensor scale
+``1 / g`` (a power of two, exact) is the F32 tensor ``<name>.scale`` that llama.cpp multiplies into the matmul's
+output (``{n_expert}`` for an expert stack) in the graphs that read it (llama, mistral, qwen3, mixtral, qwen3_moe;
+refused for the others: ``GGUFArchitecture.nvfp4_scales``): exact for the NVFP4 family, except the token
+embedding (llama.cpp has no scale for it, nor for a tied output) and MLP layers with a bias (llama.cpp's FFN
+asserts against a scale with a bias).
 
 The file is runnable by llama.cpp: llama.cpp tensor names (gguf's TensorNameMap), the per-architecture
 metadata and tensor transforms (:mod:`hf_qat.llamacpp.architectures`: the Llama q/k row permutation moves
@@ -49,15 +32,10 @@ from ..llamacpp.file_types import DEFAULT_TYPE
 from ..llamacpp.tensors import expert_tensor_names, skips_head
 from ..llamacpp.vocab import add_tokenizer, gguf_vocab
 from .base import ExportFormat, ExportInfo, other_formats, tensor_bytes, write_model_config
-from .fp4 import MXFP4 as MXFP4_SCALES
-from .fp4 import NVFP4 as NVFP4_SCALES
-from .fp4 import e2m1_nibbles, stored_scales
+from ..quantizers.ggml_blocks import SCALE_BYTES
 from .layers import QuantizedLayer
 
-Q4_0, Q5_0, Q8_0, TQ1_0, TQ2_0, MXFP4, NVFP4 = "Q4_0", "Q5_0", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4"
-# Scale bytes per block of the types the writer packs itself; a family that packs its own blocks stores
-# ``bits * block / 8`` bytes of codes per block and the rest is its scales.
-SCALE_BYTES = {Q4_0: 2, Q5_0: 2, Q8_0: 2, TQ1_0: 2, TQ2_0: 2, MXFP4: 1, NVFP4: 4}
+TQ1_0, TQ2_0, NVFP4 = "TQ1_0", "TQ2_0", "NVFP4"
 TERNARY_TYPES = (TQ2_0, TQ1_0)
 logger = logging.getLogger("hf_qat")
 
@@ -83,59 +61,9 @@ def _scale_bytes(layer: QuantizedLayer, qtype: str) -> int:
     return size - int(layer.family.bits) * block // 8
 
 
-def _base3_bytes(trits: torch.Tensor) -> torch.Tensor:
-    """``trits [..., k, m]`` in 0..2 (k <= 5 trits per byte, most significant first, padded to five
-    with zeros) -> ``uint8 [..., m]``: ``ceil(n * 256 / 243)`` of the base-3 number ``n``."""
-    k = trits.shape[-2]
-    powers = torch.tensor([3 ** (4 - i) for i in range(k)], dtype=torch.int32).view(k, 1)
-    n = (trits.to(torch.int32) * powers).sum(-2)
-    return ((n * 256 + 242) // 243).to(torch.uint8)
-
-
-def nvfp4_tensor_scale(step: torch.Tensor) -> float:
-    """The ``<name>.scale`` llama.cpp multiplies into an NVFP4 matmul: ``1 / g`` of these steps."""
-    return float(1.0 / stored_scales(NVFP4_SCALES, step)[1])
-
-
-def pack_blocks(codes: torch.Tensor, step: torch.Tensor, qtype: str) -> np.ndarray:
-    """``codes int8 [R, C]`` and their steps ``[R, C / group]`` (fp16-exact for the integer types; the
-    FP4 families' steps) -> the raw GGUF blocks ``uint8 [R, bytes]``."""
-    rows, cols = codes.shape
-    block = block_size(qtype)[0]
-    q = codes.to(torch.int16).view(rows, cols // block, block)
-    if qtype in (MXFP4, NVFP4):
-        scales = stored_scales(MXFP4_SCALES if qtype == MXFP4 else NVFP4_SCALES, step)[0].view(torch.uint8)
-        e = e2m1_nibbles(q)
-        if qtype == MXFP4:
-            out = torch.cat([scales.view(rows, cols // block, 1), e[..., :16] | (e[..., 16:] << 4)], dim=-1)
-        else:
-            e = e.view(rows, cols // block, 4, 16)
-            qs = (e[..., :8] | (e[..., 8:] << 4)).reshape(rows, cols // block, 32)
-            out = torch.cat([scales.reshape(rows, cols // block, 4), qs], dim=-1)
-        return out.reshape(rows, -1).numpy()
-    d = step.to(torch.float16).contiguous().view(torch.uint8).view(rows, cols // block, 2)
-    if qtype == Q4_0:
-        u = (q + 8).to(torch.uint8)
-        qs = u[..., :16] | (u[..., 16:] << 4)
-        out = torch.cat([d, qs], dim=-1)
-    elif qtype == Q5_0:  # d, 4 bytes qh (bit j: the fifth bit of element j), 16 bytes as Q4_0
-        u = (q + 16).to(torch.uint8)
-        qs = (u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)
-        qh = sum(((u[..., j] >> 4).to(torch.int64) << j) for j in range(32))
-        out = torch.cat([d, qh.unsqueeze(-1).view(torch.uint8)[..., :4], qs], dim=-1)
-    elif qtype == Q8_0:
-        out = torch.cat([d, q.to(torch.int8).view(torch.uint8)], dim=-1)
-    elif qtype == TQ1_0:
-        t = q + 1
-        qs = torch.cat([_base3_bytes(t[..., :160].reshape(rows, -1, 5, 32)),
-                        _base3_bytes(t[..., 160:240].reshape(rows, -1, 5, 16))], dim=-1)
-        qh = _base3_bytes(t[..., 240:].reshape(rows, -1, 4, 4))
-        out = torch.cat([qs, qh, d], dim=-1)
-    else:
-        u = (q + 1).to(torch.uint8).view(rows, cols // block, 2, 4, 32)
-        qs = u[..., 0, :] | (u[..., 1, :] << 2) | (u[..., 2, :] << 4) | (u[..., 3, :] << 6)
-        out = torch.cat([qs.reshape(rows, cols // block, 64), d], dim=-1)
-    return out.reshape(rows, -1).numpy()
+def nvfp4_tensor_scale(layer: QuantizedLayer, step: torch.Tensor) -> float:
+    """The ``<name>.scale`` llama.cpp multiplies into an NVFP4 matmul: ``1 / g`` of these steps of ``layer``."""
+    return float(1.0 / layer.family.stored_scales(step)[1])
 
 
 def _pack_layer(layer: QuantizedLayer, codes: torch.Tensor, step: torch.Tensor, qtype: str,
@@ -145,8 +73,7 @@ def _pack_layer(layer: QuantizedLayer, codes: torch.Tensor, step: torch.Tensor, 
     if heads:
         codes, step = _permute_qk(codes, heads), _permute_qk(step, heads)
     scales = layer.ggml_scales.map(lambda t: _permute_qk(t, heads)) if heads and layer.ggml_scales else layer.ggml_scales
-    raw = layer.family.pack_gguf(codes, step, scales)
-    return pack_blocks(codes, step, qtype) if raw is None else raw
+    return layer.family.pack_gguf(codes, step, scales, qtype)
 
 
 def _permute_qk(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -376,7 +303,7 @@ def _expert_tensors(layer: QuantizedLayer, qtype: str) -> list[tuple[str, np.nda
     experts, out, width = codes.shape
     raw = _pack_layer(layer, codes.reshape(experts * out, width), step.reshape(experts * out, -1), qtype)
     raw = raw.reshape(experts, out, -1)
-    tensor_scale = np.full(experts, nvfp4_tensor_scale(step), dtype=np.float32) if qtype == NVFP4 else None
+    tensor_scale = np.full(experts, nvfp4_tensor_scale(layer, step), dtype=np.float32) if qtype == NVFP4 else None
     names = expert_tensor_names(layer.name)
     if not names:
         raise ExportFormatError(f"{layer.name}: no llama.cpp tensor for the expert weight {layer.name.rsplit('.', 1)[-1]!r}")
@@ -421,7 +348,7 @@ def _add_tensors(writer, cfg, arch: GGUFArchitecture, layers, others, qtype_of) 
         writer.add_tensor(name, raw, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
         written[layer.name] = torch.from_numpy(raw)
         if qtype == NVFP4:
-            scale = np.array([nvfp4_tensor_scale(layer.step)], dtype=np.float32)
+            scale = np.array([nvfp4_tensor_scale(layer, layer.step)], dtype=np.float32)
             writer.add_tensor(name.removesuffix(".weight") + ".scale", scale)
             written[f"{layer.name}.scale"] = torch.from_numpy(scale)
         if layer.bias is not None:

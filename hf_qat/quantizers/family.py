@@ -20,7 +20,8 @@ import torch
 
 from ..bits import TERNARY_BITS, bits_label
 from ..errors import QATConfigError
-from .base import Grid, e2m1_grid
+from .base import E2M1_DOUBLED, Grid, e2m1_grid
+from .ggml_blocks import pack_fp4, pack_steps
 from .reference import WeightQuantSpec, fake_quantize_weight, mse_scale, quantize_codes
 
 
@@ -47,6 +48,10 @@ class Quantizer:
     # blocks are, for the refusal of the others.
     export_formats: ClassVar[tuple[str, ...] | None] = None
     export_blocks: ClassVar[str] = ""
+    # compressed-tensors' (format, preset scheme) of a family it stores in a format of its own (the FP4 families'
+    # E2M1 pack-quantized formats: :meth:`E2M1Quantizer.nibbles`, :meth:`E2M1Quantizer.stored_scales`), or None:
+    # its integer pack-quantized format judges the layer's codes.
+    compressed_tensors_scheme: ClassVar[tuple[str, str] | None] = None
     # The GGML types llama.cpp's file types give weights that this family trains (QATConfig.gguf_mix):
     # type -> (bits, group size); :func:`~.registry.family_of_ggml_type` asks every family.
     llama_cpp_types: ClassVar[dict[str, tuple[float, int]]] = {}
@@ -118,11 +123,11 @@ class Quantizer:
         (:func:`~.reference.mse_scale`), the error weighted per input column by ``importance``."""
         return mse_scale(matrix, first_scale, spec, importance=importance)
 
-    def pack_gguf(self, codes: torch.Tensor, step: torch.Tensor, block_scales: Any) -> np.ndarray | None:
-        """The raw GGUF blocks ``uint8 [R, bytes]`` of :meth:`gguf_type` for the matrix ``codes [R, C]`` (with its
-        steps, or its own block scales: :meth:`encode`), or None (the default): the GGUF writer packs the
-        block types it knows itself (Q4_0, Q5_0, Q8_0, TQ1_0, TQ2_0, MXFP4, NVFP4)."""
-        return None
+    def pack_gguf(self, codes: torch.Tensor, step: torch.Tensor, block_scales: Any, qtype: str | None = None) -> np.ndarray:
+        """The raw GGUF blocks ``uint8 [R, bytes]`` of the block type ``qtype`` (:meth:`gguf_type`'s answer; a
+        family of one type ignores it) for the matrix ``codes [R, C]``, with its steps or its own block scales
+        (:meth:`encode`). The default writes the blocks of codes and fp16 steps (Q4_0, Q5_0, Q8_0, TQ1_0, TQ2_0)."""
+        return pack_steps(codes, step, qtype)
 
     def export_problem(self, format_name: str) -> str | None:
         """Why the export format ``format_name`` cannot hold this family whatever the layer, or None: a family
@@ -167,16 +172,42 @@ class E2M1Quantizer(Quantizer):
 
     supported_bits = (4,)
     first_scale_divisor: ClassVar[float] = 6.0
-
-    # compressed-tensors' (format, preset scheme) of the family
     compressed_tensors_scheme: ClassVar[tuple[str, str]]
+    # Whether the format scales a whole tensor once more (NVFP4's fp32 ``g``, per matrix of an expert stack too).
+    tensor_scale: ClassVar[bool] = False
 
     def grid(self) -> Grid:
         return e2m1_grid()
 
-    def gguf_type(self, group_size: int | str, scale_dtype: torch.dtype, ternary_type: str) -> str | None:
+    def stored_scales(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(stored block scales shaped like step, per-tensor scale fp32 [] or None)`` of the steps of one tensor
+        (a layer's, or a whole expert stack's): the rounded scale ``2 * step`` (E2M1 codes are doubled) in the
+        family's scale format, exactly (:mod:`.block_scales`)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def nibbles(codes: torch.Tensor) -> torch.Tensor:
+        """Doubled E2M1 codes (-12..12, any integer dtype) -> their 4-bit encodings, uint8, same shape: bit 3 the
+        sign, bits 0-2 the index of ``|c|`` in 0, 1, 2, 3, 4, 6, 8, 12 (compressed-tensors' ``unpack_fp4_from_uint8``
+        and ggml's ``kvalues_fp4`` read the same encoding); a zero code is stored as +0."""
+        index = torch.full((max(E2M1_DOUBLED) + 1,), -1, dtype=torch.int64)
+        index[list(E2M1_DOUBLED)] = torch.arange(len(E2M1_DOUBLED))
+        c = codes.to(torch.int64)
+        magnitude = index[c.abs().clamp(max=max(E2M1_DOUBLED))]
+        if bool((magnitude < 0).any()) or bool((c.abs() > max(E2M1_DOUBLED)).any()):
+            raise ValueError("codes must be doubled E2M1 values (0, 1, 2, 3, 4, 6, 8, 12 and negatives)")
+        return (magnitude | ((c < 0).to(torch.int64) << 3)).to(torch.uint8)
+
+    def pack_gguf(self, codes: torch.Tensor, step: torch.Tensor, block_scales: Any, qtype: str | None = None) -> np.ndarray:
+        return pack_fp4(self.nibbles(codes), self.stored_scales(step)[0].view(torch.uint8), self.ggml_type)
+
+    @property
+    def ggml_type(self) -> str:
         """GGUF names the block type after the format: the family's name in capitals (MXFP4, NVFP4)."""
         return self.name.upper()
+
+    def gguf_type(self, group_size: int | str, scale_dtype: torch.dtype, ternary_type: str) -> str | None:
+        return self.ggml_type
 
     def init_scale(self, groups: torch.Tensor) -> torch.Tensor:
         return groups.abs().amax(dim=-1) / self.first_scale_divisor

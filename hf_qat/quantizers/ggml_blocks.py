@@ -23,12 +23,32 @@ Layouts, per super-block of 256 weights (``e`` = element index in it, codes stor
 and per block of 32: IQ4_NL (18): fp16 ``d``, 16 bytes of level indices (element ``j`` low nibble,
 ``j + 16`` high); Q4_1 (20): fp16 ``d``, fp16 ``m`` (= ``-min``), 16 bytes as IQ4_NL; Q5_1 (24): fp16 ``d``, fp16 ``m`` (= ``-min``), 4 bytes ``qh`` (bit ``j``: the fifth bit of
 element ``j``), 16 bytes as IQ4_NL.
+
+Blocks of codes and fp16 steps, from the integer and ternary families' codes (:func:`pack_steps`):
+
+* Q4_0 (32 weights, 18 bytes): fp16 ``d`` then 16 bytes; byte j holds element j (low nibble) and j + 16 (high)
+  as ``q + 8``. Q5_0 (22): ``d``, 4 bytes ``qh`` (bit j: the fifth bit of element j), then the low nibbles as
+  Q4_0, codes stored as ``q + 16``. Q8_0 (34): ``d`` then 32 int8.
+* TQ2_0 (256 weights, 66 bytes): 64 bytes of 2-bit codes ``q + 1`` (byte ``c*32 + m`` holds elements
+  ``c*128 + l*32 + m`` at bits ``2l``), then fp16 ``d``. TQ1_0 (54 bytes): trits ``t = q + 1`` packed five per
+  byte as the base-3 number ``n = sum t_i 3^(4-i)`` stored as ``ceil(n * 256 / 243)`` (llama.cpp recovers trit
+  i as ``(byte * 3^i mod 256) * 3 >> 8``): 32 bytes for elements ``m + 32i`` (0..159), 16 bytes for
+  ``160 + m + 16i``, 4 bytes of four trits (``240 + j + 4i``, a zero fifth trit), then fp16 ``d``.
+
+and FP4 blocks from the E2M1 families' 4-bit encodings and stored scales (:func:`pack_fp4`): MXFP4
+(``block_mxfp4``, 32 weights): the E8M0 exponent byte, then 16 bytes, element j in the low nibble of byte j and
+j + 16 in the high one (indices of ggml's ``kvalues_fp4``, doubled E2M1 values dequantized with half the
+scale: exactly the doubled codes times the step); NVFP4 (``block_nvfp4``, 64 weights = four sub-blocks of 16):
+four UE4M3 scale bytes ``s_b``, then 32 bytes, byte ``8s + j`` holding element ``16s + j`` (low) and
+``16s + j + 8`` (high).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from ..llamacpp.file_types import BLOCK
 
 
 def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -167,4 +187,66 @@ def pack_ggml(codes: torch.Tensor, scales, grid) -> np.ndarray:
     u = u.to(torch.uint8).reshape(rows, supers, grid.super_block)
     out = torch.cat([p.to(torch.uint8) for p in grid.layout(u, Blocks(scales, rows, supers))], -1)
     assert out.shape[-1] == grid.block_bytes, (grid.ggml_type, out.shape)
+    return out.reshape(rows, -1).numpy()
+
+
+# The block types whose blocks hold codes and one scale (or four, NVFP4) per block, written from the codes and
+# steps of the families that ask no layout of their own (:meth:`~.family.Quantizer.pack_gguf`), and the bytes of
+# one block's scales (the rest of the block is codes).
+SCALE_BYTES = {"Q4_0": 2, "Q5_0": 2, "Q8_0": 2, "TQ1_0": 2, "TQ2_0": 2, "MXFP4": 1, "NVFP4": 4}
+
+
+def _base3_bytes(trits: torch.Tensor) -> torch.Tensor:
+    """``trits [..., k, m]`` in 0..2 (k <= 5 trits per byte, most significant first, padded to five
+    with zeros) -> ``uint8 [..., m]``: ``ceil(n * 256 / 243)`` of the base-3 number ``n``."""
+    k = trits.shape[-2]
+    powers = torch.tensor([3 ** (4 - i) for i in range(k)], dtype=torch.int32).view(k, 1)
+    n = (trits.to(torch.int32) * powers).sum(-2)
+    return ((n * 256 + 242) // 243).to(torch.uint8)
+
+
+def pack_steps(codes: torch.Tensor, step: torch.Tensor, qtype: str) -> np.ndarray:
+    """``codes int8 [R, C]`` and their fp16-exact steps ``[R, C / block]`` -> the raw blocks ``uint8 [R, bytes]``
+    of ``qtype``: Q4_0, Q5_0, Q8_0 (blocks of 32), TQ1_0, TQ2_0 (ternary, 256)."""
+    rows, cols = codes.shape
+    block = BLOCK[qtype]
+    q = codes.to(torch.int16).view(rows, cols // block, block)
+    d = step.to(torch.float16).contiguous().view(torch.uint8).view(rows, cols // block, 2)
+    if qtype == "Q4_0":
+        out = torch.cat([d, nibbles_32((q + 8).to(torch.uint8))], dim=-1)
+    elif qtype == "Q5_0":  # d, 4 bytes qh (bit j: the fifth bit of element j), 16 bytes as Q4_0
+        u = (q + 16).to(torch.uint8)
+        out = torch.cat([d, _fifth_bits(u), nibbles_32(u)], dim=-1)
+    elif qtype == "Q8_0":
+        out = torch.cat([d, q.to(torch.int8).view(torch.uint8)], dim=-1)
+    elif qtype == "TQ1_0":
+        t = q + 1
+        qs = torch.cat([_base3_bytes(t[..., :160].reshape(rows, -1, 5, 32)),
+                        _base3_bytes(t[..., 160:240].reshape(rows, -1, 5, 16))], dim=-1)
+        qh = _base3_bytes(t[..., 240:].reshape(rows, -1, 4, 4))
+        out = torch.cat([qs, qh, d], dim=-1)
+    elif qtype == "TQ2_0":
+        u = (q + 1).to(torch.uint8).view(rows, cols // block, 2, 4, 32)
+        qs = u[..., 0, :] | (u[..., 1, :] << 2) | (u[..., 2, :] << 4) | (u[..., 3, :] << 6)
+        out = torch.cat([qs.reshape(rows, cols // block, 64), d], dim=-1)
+    else:
+        raise ValueError(f"{qtype} is not a block type of codes and steps ({', '.join(SCALE_BYTES)})")
+    return out.reshape(rows, -1).numpy()
+
+
+def pack_fp4(nibbles: torch.Tensor, scales: torch.Tensor, qtype: str) -> np.ndarray:
+    """E2M1 elements as 4-bit encodings ``uint8 [R, C]`` and their stored scale bytes ``uint8 [R, C / scale block]``
+    -> the raw blocks of ``qtype``: MXFP4 (32 weights: the E8M0 byte, then 16 bytes, element ``j`` in the low nibble
+    of byte ``j`` and ``j + 16`` in the high one), NVFP4 (64 weights: four E4M3 bytes, then each 16 weights' 8 bytes,
+    element ``j`` low and ``j + 8`` high)."""
+    rows, cols = nibbles.shape
+    blocks = cols // BLOCK[qtype]
+    if qtype == "MXFP4":
+        out = torch.cat([scales.view(rows, blocks, 1), nibbles_32(nibbles.view(rows, blocks, 32))], dim=-1)
+    elif qtype == "NVFP4":
+        e = nibbles.view(rows, blocks, 4, 16)
+        qs = (e[..., :8] | (e[..., 8:] << 4)).reshape(rows, blocks, 32)
+        out = torch.cat([scales.reshape(rows, blocks, 4), qs], dim=-1)
+    else:
+        raise ValueError(f"{qtype} is not an FP4 block type (MXFP4, NVFP4)")
     return out.reshape(rows, -1).numpy()

@@ -367,7 +367,7 @@ class GGMLQuantizer(Quantizer):
     def gguf_type(self, group_size: int | str, scale_dtype: torch.dtype, ternary_type: str) -> str:
         return self.ggml_grid.ggml_type
 
-    def pack_gguf(self, codes: torch.Tensor, step: torch.Tensor, block_scales: BlockScales):
+    def pack_gguf(self, codes: torch.Tensor, step: torch.Tensor, block_scales: BlockScales, qtype: str | None = None):
         return pack_ggml(codes, block_scales, self.ggml_grid)
 
     def own_forward(self):

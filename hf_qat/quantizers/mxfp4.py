@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from .block_scales import e8m0_exponents
 from .family import E2M1Quantizer
 from .registry import register_quantizer
 
@@ -45,3 +46,7 @@ class MXFP4Quantizer(E2M1Quantizer):
     compressed_tensors_scheme = ("mxfp4-pack-quantized", "MXFP4A16")
     llama_cpp_types = {"MXFP4": (4, 32)}
     first_scale_divisor = 4.0
+
+    def stored_scales(self, step: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """The E8M0 biased exponents, uint8 (no per-tensor scale)."""
+        return e8m0_exponents(step.float() * 2), None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .block_scales import e4m3_split
 from .family import E2M1Quantizer
 from .registry import register_quantizer
 
@@ -33,3 +34,8 @@ class NVFP4Quantizer(E2M1Quantizer):
     scale_dtype = torch.float8_e4m3fn
     compressed_tensors_scheme = ("nvfp4-pack-quantized", "NVFP4A16")
     first_scale_divisor = 6.0
+    tensor_scale = True
+
+    def stored_scales(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``s_b`` float8_e4m3fn and ``g`` fp32 ``[]`` with ``s_b / g == 2 * step`` exactly."""
+        return e4m3_split(step.float() * 2)

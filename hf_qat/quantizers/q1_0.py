@@ -32,7 +32,7 @@ class Q10Quantizer(BinaryQuantizer):
     def gguf_type(self, group_size: int | str, scale_dtype: torch.dtype, ternary_type: str) -> str:
         return "Q1_0"
 
-    def pack_gguf(self, codes: torch.Tensor, step: torch.Tensor, block_scales) -> np.ndarray:
+    def pack_gguf(self, codes: torch.Tensor, step: torch.Tensor, block_scales, qtype: str | None = None) -> np.ndarray:
         """``codes [R, C]`` in {-1, +1} and their fp16-exact steps ``[R, C / 128]`` -> ``uint8 [R, 18 C / 128]``."""
         rows, cols = codes.shape
         bits = (codes > 0).to(torch.int32).view(rows, cols // QK1_0, QK1_0 // 8, 8)
