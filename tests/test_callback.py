@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import json
 import math
 import os
@@ -13,7 +15,7 @@ from transformers import TrainerCallback
 from hf_qat import QATCallback, QATConfig, QATConfigError
 from hf_qat.training.callback import SCALE_GROUP_KEY
 from hf_qat.model.convert import qat_modules
-from helpers import make_trainer, state_dict_copy
+from helpers import make_trainer, state_dict_copy, tiny_llama
 
 CFG = dict(bits=4, group_size=16, start=10, manage_schedule=False)
 
@@ -181,6 +183,24 @@ def test_law_strategy_and_quantized_only_count_through_the_callback(tmp_path):
     assert quantized < sum(p.numel() for p in trainer.model.parameters())
     expected = plan_qat(quantized, 20 * 4 * 16, 4, total_steps=20, law=law_path, strategy="law")
     assert callback.switch_step == expected.switch_step and callback.plan.predicted_loss == expected.predicted_loss
+
+
+def test_auto_start_on_a_loaded_checkpoint_without_pretrained_tokens_is_warned(tmp_path, caplog):
+    """A fine-tune planned as if it were the model's whole training puts QAT on its last steps only: the plan
+    says so when the model came from a checkpoint; with pretrained_tokens it runs QAT from step 0, unwarned."""
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "checkpoint")
+    for tokens, warned in ((None, True), ("2T", False)):
+        loaded = type(model).from_pretrained(tmp_path / "checkpoint")
+        callback = QATCallback(QATConfig(bits=4, group_size=16, start="auto", sequence_length=16, pretrained_tokens=tokens))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_qat"):
+            make_trainer(tmp_path / str(tokens), [callback], model=loaded, max_steps=20).train()
+        message = [r.getMessage() for r in caplog.records if "pretrained_tokens is unset" in r.getMessage()]
+        assert bool(message) == warned
+        assert (callback.switch_step > 0) == warned  # the last steps only, or QAT from step 0
+        if warned:
+            assert str(tmp_path / "checkpoint") in message[0] and "pretrained_tokens" in message[0]
 
 
 def test_lsq_scale_gradient_mode_end_to_end(tmp_path):
