@@ -226,6 +226,53 @@ def test_the_backward_remakes_the_quantized_weight_with_the_same_gradients(metho
         assert torch.equal(got, want)
 
 
+def test_the_backward_remakes_the_int8_input_of_a8w4_with_the_same_gradients():
+    """With activation_bits=8 the int8-rounded input is not kept either (q/k/v would each hold a copy of their
+    shared input): the gradients are those of F.linear on the kept rounded input and weight, and an input
+    changed in place before the backward is refused."""
+    import weakref
+
+    from hf_qat.kernels import activation_fake_quant
+    from hf_qat.model import modules
+
+    model = prepare_model_for_qat(tiny_llama(), QATConfig.from_preset("a8w4", start=0))
+    hf_qat.activate_qat(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    unit = layer.weight_quantizer
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    grad = torch.randn(3, 5, layer.out_features)
+    torch.nn.functional.linear(activation_fake_quant(x), unit.fake_quantize(layer.weight)).backward(grad)
+    expected = [t.grad.clone() for t in (x, layer.weight, unit.log_scale_ratio)]
+    for t in (x, layer.weight, unit.log_scale_ratio):
+        t.grad = None
+
+    made = []
+    original = modules.activation_fake_quant
+
+    def spy(tensor):
+        out = original(tensor)
+        if tensor.requires_grad:  # the forward's, not the backward's remake
+            made.append(weakref.ref(out))
+        return out
+
+    modules.activation_fake_quant = spy
+    try:
+        out = layer(x)
+        assert made and made[0]() is None  # nothing holds the rounded input between forward and backward
+        out.backward(grad)
+    finally:
+        modules.activation_fake_quant = original
+    for got, want in zip((x.grad, layer.weight.grad, unit.log_scale_ratio.grad), expected):
+        assert torch.equal(got, want)
+    source = torch.randn(4, layer.in_features).requires_grad_()
+    y = source * 1.0
+    out = layer(y)
+    with torch.no_grad():
+        y.mul_(2.0)
+    with pytest.raises(hf_qat.QATRuntimeError, match="activation_bits was modified in place"):
+        out.sum().backward()
+
+
 def test_a_weight_changed_between_forward_and_backward_is_an_error_and_checkpointing_keeps_its_hooks():
     layer = _layer("lsq", torch.float32)
     x = torch.randn(4, layer.in_features, requires_grad=True)

@@ -74,11 +74,13 @@ class QATLinear(QATWeightMixin, nn.Linear):
         """``weight_delta``: added to the weight before quantization (LoRA merged mode)."""
         if not self.weight_quantizer.is_active:
             return F.linear(input, self.weight, self.bias)
+        others = ()
         if self.activation_bits is not None:
-            input = activation_fake_quant(input)
+            source, input = input, activation_fake_quant(input)
+            others = ((input, lambda: _requantized_input(source), (source,)),)
         weight = self.weight if weight_delta is None else self.weight + weight_delta
         quantized = self.weight_quantizer.fake_quantize(weight)
-        with self.weight_quantizer.remade_in_backward(quantized, weight):
+        with self.weight_quantizer.remade_in_backward(quantized, weight, *others):
             return F.linear(input, quantized, self.bias)
 
     def to_linear(self) -> nn.Linear:
@@ -97,6 +99,12 @@ class QATLinear(QATWeightMixin, nn.Linear):
     def extra_repr(self) -> str:
         act = f", activation_bits={self.activation_bits}" if self.activation_bits else ""
         return f"{nn.Linear.extra_repr(self)}{act}"
+
+
+@torch.no_grad()
+def _requantized_input(source: torch.Tensor) -> torch.Tensor:
+    """The int8 fake quant of a Linear's input again, outside autograd (the same bits)."""
+    return activation_fake_quant(source)
 
 
 class QATEmbedding(QATWeightMixin, nn.Embedding):

@@ -185,11 +185,11 @@ class WeightQuantizer(nn.Module):
         (what :func:`recomputed_in_backward` gives a backward instead of a kept copy)."""
         return weight_fake_quant(weight, self.scale(weight), self.spec, self.view)
 
-    def remade_in_backward(self, quantized: torch.Tensor, weight: torch.Tensor):
-        """A context in which autograd keeps ``quantized`` (this unit's :meth:`fake_quantize` of ``weight``) for
-        no backward but makes it again there (:func:`recomputed_in_backward`)."""
+    def remade_in_backward(self, quantized: torch.Tensor, weight: torch.Tensor, *others: Recipe):
+        """A context in which autograd keeps ``quantized`` (this unit's :meth:`fake_quantize` of ``weight``), and the
+        tensors of ``others``, for no backward but makes them again there (:func:`recomputed_in_backward`)."""
         sources = (weight,) if self.log_scale_ratio is None else (weight, self.log_scale_ratio)
-        return recomputed_in_backward(quantized, lambda: self.requantize(weight), sources)
+        return recomputed_in_backward((quantized, lambda: self.requantize(weight), sources), *others)
 
     @torch.no_grad()
     def encode(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -256,8 +256,9 @@ class _Recompute:
 
     def __call__(self) -> torch.Tensor:
         if tuple(t._version for t in self.sources) != self.versions:
-            raise QATRuntimeError("a quantized weight or its scale was modified in place between the forward and the "
-                                  "backward; modify them after backward() (an optimizer step does)")
+            raise QATRuntimeError("a quantized weight, its scale or the input of a Linear with activation_bits was "
+                                  "modified in place between the forward and the backward; modify them after backward() "
+                                  "(an optimizer step does)")
         return self.make().as_strided(self.size, self.stride, self.offset)
 
 
@@ -269,22 +270,30 @@ def _outer_hooks_active() -> bool:
     return top is None or top(True) is not None
 
 
-def recomputed_in_backward(quantized: torch.Tensor, remake: Callable[[], torch.Tensor], sources: tuple[torch.Tensor, ...]):
-    """A context in which autograd keeps no tensor that is (a view of) the fake-quantized weight ``quantized``
-    (``remake``: a :meth:`WeightQuantizer.requantize` call; ``sources``: the weight and scale tensors it reads):
-    a matmul saves its weight for the backward, and a fake-quantized weight is a new tensor the size of the
-    weight, so a QAT step would hold a copy of every quantized weight from its forward to its backward. Inside,
-    such a saved tensor is stored as its recipe and made again when the backward needs it (one more fake-quant
-    forward per weight, the same bits: tests/test_modules.py). Where other saved-tensor hooks are active
-    (checkpointing, offloading) it does nothing: theirs apply."""
+# A tensor made in the forward, the function that makes it again (outside autograd, the same bits) and the tensors
+# it is made from.
+Recipe = tuple[torch.Tensor, Callable[[], torch.Tensor], tuple[torch.Tensor, ...]]
+
+
+def recomputed_in_backward(*recipes: Recipe):
+    """A context in which autograd keeps no tensor that is (a view of) a tensor a recipe makes (the fake-quantized
+    weight: a :meth:`WeightQuantizer.requantize` call from the weight and scale; the int8-rounded input of a Linear
+    with ``activation_bits``: the activation fake quant of its input): a matmul saves its operands for the backward,
+    and these are new tensors the size of the weight or of the input, so a QAT step would hold a copy of each from
+    its forward to its backward (one per Linear for inputs that q/k/v or gate/up share). Inside, such a saved tensor
+    is stored as its recipe and made again when the backward needs it (one more fake-quant forward, the same bits:
+    tests/test_modules.py). Where other saved-tensor hooks are active (checkpointing, offloading) it does nothing:
+    theirs apply."""
     if _outer_hooks_active():
         return contextlib.nullcontext()
-    made_pointer = quantized.untyped_storage().data_ptr()
+    by_storage = {made.untyped_storage().data_ptr(): (remake, sources) for made, remake, sources in recipes}
+    by_storage.pop(0, None)  # an empty tensor has no storage (pointer 0): nothing to remake
 
     def pack(tensor: torch.Tensor):
-        if (tensor.layout == torch.strided and tensor.device.type != "meta" and made_pointer  # (empty: no storage, 0)
-                and tensor.untyped_storage().data_ptr() == made_pointer):
-            return _Recompute(remake, tensor, sources)
+        if tensor.layout == torch.strided and tensor.device.type != "meta":
+            recipe = by_storage.get(tensor.untyped_storage().data_ptr())
+            if recipe is not None:
+                return _Recompute(recipe[0], tensor, recipe[1])
         return tensor
 
     def unpack(packed):
