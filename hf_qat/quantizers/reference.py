@@ -320,5 +320,5 @@ def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
     """int8 per-token dynamic fake quantization: ``clamp(round(x * a), -128, 127) / a`` in fp32,
     cast back to ``x.dtype`` (the straight-through gradient is the identity)."""
     scale = activation_scale(x)
-    q = torch.round(x.float() * scale).clamp(-128.0, 127.0)
-    return (q / scale).to(x.dtype)
+    q = x.float() * scale  # then in place: an activation-sized temporary is one more per Linear in the forward
+    return q.round_().clamp_(-128.0, 127.0).div_(scale).to(x.dtype)
