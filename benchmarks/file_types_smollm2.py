@@ -276,6 +276,20 @@ def report(out: str, plot: str | None) -> str:
     return "\n".join(lines)
 
 
+TABLE_BEGIN, TABLE_END = "<!-- results: benchmarks/file_types_smollm2.py --report -->", "<!-- end of results -->"
+
+
+def write_table(doc: str, table: str) -> None:
+    """Put ``table`` between the markers of the page ``doc`` (the page keeps its text around them)."""
+    text = open(doc, encoding="utf-8").read()
+    if TABLE_BEGIN not in text or TABLE_END not in text:
+        raise SystemExit(f"{doc} has no {TABLE_BEGIN!r} ... {TABLE_END!r} markers to write the table between")
+    head, rest = text.split(TABLE_BEGIN, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+    with open(doc, "w", encoding="utf-8") as f:
+        f.write(f"{head}{TABLE_BEGIN}\n{table}\n{TABLE_END}{tail}")
+
+
 def order(name: str) -> tuple[int, float]:
     """A type's rows: llama.cpp's, plain QAT, then each lever; each by learning rate."""
     method, _, lr = name.split("/")[1].partition("@")
@@ -327,14 +341,18 @@ def main() -> None:
     parser.add_argument("--out", default="docs/file_types/smollm2")
     parser.add_argument("--plot", default="docs/file_types/loss_vs_size.png")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "file_types_work"))
-    parser.add_argument("--report", action="store_true", help="only print the table and draw the plot")
+    parser.add_argument("--doc", default="docs/file_types.md", help="the page whose results table is rewritten")
+    parser.add_argument("--report", action="store_true", help="only print and write the table and draw the plot")
     args = parser.parse_args()
     if not args.report:
         os.makedirs(args.out, exist_ok=True)
         os.makedirs(args.work, exist_ok=True)
         torch.manual_seed(0)
         Runs(args).run()
-    print(report(args.out, args.plot))
+    table = report(args.out, args.plot)
+    print(table)
+    if args.doc:
+        write_table(args.doc, table)
 
 
 if __name__ == "__main__":
