@@ -200,7 +200,7 @@ def test_auto_start_on_a_loaded_checkpoint_without_pretrained_tokens_is_warned(t
         assert bool(message) == warned
         assert (callback.switch_step > 0) == warned  # the last steps only, or QAT from step 0
         if warned:
-            assert str(tmp_path / "checkpoint") in message[0] and "pretrained_tokens" in message[0]
+            assert str(tmp_path / "checkpoint") in message[0] and "If its weights are pretrained" in message[0]
 
 
 def test_lsq_scale_gradient_mode_end_to_end(tmp_path):

@@ -286,7 +286,8 @@ def recomputed_in_backward(*recipes: Recipe):
     theirs apply."""
     if _outer_hooks_active():
         return contextlib.nullcontext()
-    by_storage = {made.untyped_storage().data_ptr(): (remake, sources) for made, remake, sources in recipes}
+    by_storage = {made.untyped_storage().data_ptr(): (remake, sources) for made, remake, sources in recipes
+                  if not any(t.is_inference() for t in sources)}  # inference tensors have no version to check: kept
     by_storage.pop(0, None)  # an empty tensor has no storage (pointer 0): nothing to remake
 
     def pack(tensor: torch.Tensor):

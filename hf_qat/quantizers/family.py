@@ -127,6 +127,8 @@ class Quantizer:
         """The raw GGUF blocks ``uint8 [R, bytes]`` of the block type ``qtype`` (:meth:`gguf_type`'s answer; a
         family of one type ignores it) for the matrix ``codes [R, C]``, with its steps or its own block scales
         (:meth:`encode`). The default writes the blocks of codes and fp16 steps (Q4_0, Q5_0, Q8_0, TQ1_0, TQ2_0)."""
+        if qtype is None:
+            raise ValueError(f"{self.name}: pack_gguf needs qtype, the block type gguf_type() gives the layer")
         return pack_steps(codes, step, qtype)
 
     def export_problem(self, format_name: str) -> str | None:

@@ -41,4 +41,5 @@ def layout(u: torch.Tensor, b: Blocks) -> list[torch.Tensor]:
     return [b.d, scales_h.unsqueeze(-1).view(torch.uint8)[..., :2], scales_l, qs.reshape(b.rows, b.supers, 128)]
 
 
-IQ4XSQuantizer = ggml_family("iq4_xs", GGMLGrid("IQ4_XS", 4, 32, -127, 113, 31, None, 4.25, layout, IQ4_NL_VALUES))
+GRID = GGMLGrid("IQ4_XS", 4, 32, -127, 113, 31, None, 4.25, layout, IQ4_NL_VALUES)
+IQ4XSQuantizer = ggml_family("iq4_xs", GRID, __name__)

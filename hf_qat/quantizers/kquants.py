@@ -36,6 +36,9 @@ Q4_1     32     32       0..15       -         fp16     5.0
 Q5_1     32     32       0..31       -         fp16     6.0
 ======== ====== ======== =========== ========= ======== ===========================
 
+IQ4_XS (IQ4_NL's levels under Q3_K-like 6-bit block scales, 4.25 bits) runs on this math from a module of its own
+(:mod:`.iq4_xs`).
+
 (*) the format stores signed block scales (Q3_K and IQ4_XS: -32..31, Q6_K: -128..127); a learned scale is
 positive, so QAT uses 1..31 and 1..127 (the quantizers of llama.cpp use the sign of the block's
 largest weight, a symmetric choice that changes nothing for symmetric codes except at -lo).
@@ -389,13 +392,15 @@ class GGMLQuantizer(Quantizer):
                   importance: torch.Tensor | None = None) -> torch.Tensor:
         return ggml_mse_scale(matrix, first_scale, self.ggml_grid, importance=importance)
 
-def ggml_family(name: str, grid: GGMLGrid) -> type[GGMLQuantizer]:
-    """Register the family ``name`` on the ggml block type ``grid`` (and ``grid`` in :data:`GRIDS`)."""
+def ggml_family(name: str, grid: GGMLGrid, module: str = __name__) -> type[GGMLQuantizer]:
+    """Register the family ``name`` on the ggml block type ``grid`` (and ``grid`` in :data:`GRIDS`): a class named
+    after the type without underscores (``Q4KQuantizer``), which ``module`` (the caller's ``__name__``) must bind
+    to that name, so that it pickles."""
     GRIDS[name] = grid
-    cls = type(f"{grid.ggml_type}Quantizer", (GGMLQuantizer,),
+    cls = type(f"{grid.ggml_type.replace('_', '')}Quantizer", (GGMLQuantizer,),
                {"ggml_grid": grid, "supported_bits": (grid.bits,), "block_size": grid.block,
                 "row_multiple": grid.super_block, "llama_cpp_types": {grid.ggml_type: (grid.bits, grid.block)},
-                "scale_components": 2 if grid.asymmetric else 1, "__module__": __name__,
+                "scale_components": 2 if grid.asymmetric else 1, "__module__": module,
                 "__doc__": f"ggml's {grid.ggml_type} (see the module docstring)."})
     return register_quantizer(name)(cls)
 

@@ -270,11 +270,11 @@ class QATCallback(TrainerCallback, ExportableState):
             source = getattr(model, "name_or_path", "")
             if fixed is None and cfg.pretrained_tokens is None and source:
                 self.plan.warnings.append(
-                    f"the model was loaded from {source!r} but QATConfig.pretrained_tokens is unset, so the plan takes "
-                    f"this run for the model's whole training and puts QAT on its last {self.plan.run_qat_fraction:.1%}. "
-                    "For a fine-tune of a pretrained checkpoint set pretrained_tokens (the tokens it was pretrained on, "
-                    "e.g. '2T'): the plan then counts them, and runs QAT from step 0 when the optimum wants more QAT "
-                    "tokens than the run has")
+                    f"the model comes from {source!r} and QATConfig.pretrained_tokens is unset, so the plan takes this "
+                    f"run for the model's whole training and puts QAT on its last {self.plan.run_qat_fraction:.1%}. If "
+                    "its weights are pretrained (from_pretrained, not a config trained from scratch), set "
+                    "pretrained_tokens (the tokens it was pretrained on, e.g. '2T'): the plan then counts them, and runs "
+                    "QAT from step 0 when the optimum wants more QAT tokens than the run has")
             if fixed is not None:
                 self.plan.switch_step = fixed
         self.switch_step = self.plan.switch_step if fixed is None else fixed

@@ -49,6 +49,16 @@ def test_forward_is_what_ggml_dequantizes_from_the_packed_blocks(name):
     assert float(((fq - w) ** 2).sum() / (w ** 2).sum()) < 0.5  # a quantizer (jittered scales), not noise
 
 
+@pytest.mark.parametrize("name", sorted(GRIDS))
+def test_each_family_pickles(name):
+    """A family (and so a model holding its units) survives pickle: its class is bound to its name in its module."""
+    import pickle
+
+    quantizer = get_quantizer(name, BITS[name])
+    back = pickle.loads(pickle.dumps(quantizer))
+    assert type(back) is type(quantizer) and back.bits == quantizer.bits
+
+
 def test_block_sizes_are_ggmls():
     """llama.cpp's block table (what its type rule and the families read) agrees with gguf-py's, type by type."""
     for qtype, weights in BLOCK.items():
