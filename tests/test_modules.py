@@ -194,6 +194,23 @@ def _layer(method: str, dtype: torch.dtype) -> QATLinear:
     return model.model.layers[0].mlp.down_proj
 
 
+def _kept_gradients(layer: QATLinear, x: torch.Tensor, rounded: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+    """The gradients of ``x``, the weight and the scale through F.linear on kept tensors (``rounded``: the input as
+    the layer rounds it, made from ``x``), then cleared."""
+    unit = layer.weight_quantizer
+    torch.nn.functional.linear(rounded, unit.fake_quantize(layer.weight)).backward(grad)
+    tensors = (x, layer.weight, unit.log_scale_ratio)
+    expected = [t.grad.clone() for t in tensors]
+    for t in tensors:
+        t.grad = None
+    return expected
+
+
+def _assert_gradients(layer: QATLinear, x: torch.Tensor, expected: list[torch.Tensor]) -> None:
+    for got, want in zip((x.grad, layer.weight.grad, layer.weight_quantizer.log_scale_ratio.grad), expected):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("method,dtype", [("lsq", torch.float32), ("mxfp4", torch.bfloat16)])
 def test_the_backward_remakes_the_quantized_weight_with_the_same_gradients(method, dtype):
     """The fake-quantized weight is not kept from the forward (a weakref to it dies with the forward) and the
@@ -205,11 +222,7 @@ def test_the_backward_remakes_the_quantized_weight_with_the_same_gradients(metho
     x = torch.randn(3, 5, layer.in_features, dtype=dtype, requires_grad=True)
     grad = torch.randn(3, 5, layer.out_features, dtype=dtype)
 
-    kept = unit.fake_quantize(layer.weight)
-    torch.nn.functional.linear(x, kept).backward(grad)
-    expected = [t.grad.clone() for t in (x, layer.weight, unit.log_scale_ratio)]
-    for t in (x, layer.weight, unit.log_scale_ratio):
-        t.grad = None
+    expected = _kept_gradients(layer, x, x, grad)
 
     made = []
     original = unit.fake_quantize
@@ -222,8 +235,7 @@ def test_the_backward_remakes_the_quantized_weight_with_the_same_gradients(metho
     out = layer(x)
     assert made and made[0]() is None  # nothing holds the quantized weight between forward and backward
     out.backward(grad)
-    for got, want in zip((x.grad, layer.weight.grad, unit.log_scale_ratio.grad), expected):
-        assert torch.equal(got, want)
+    _assert_gradients(layer, x, expected)
 
 
 def test_the_backward_remakes_the_int8_input_of_a8w4_with_the_same_gradients():
@@ -241,10 +253,7 @@ def test_the_backward_remakes_the_int8_input_of_a8w4_with_the_same_gradients():
     unit = layer.weight_quantizer
     x = torch.randn(3, 5, layer.in_features, requires_grad=True)
     grad = torch.randn(3, 5, layer.out_features)
-    torch.nn.functional.linear(activation_fake_quant(x), unit.fake_quantize(layer.weight)).backward(grad)
-    expected = [t.grad.clone() for t in (x, layer.weight, unit.log_scale_ratio)]
-    for t in (x, layer.weight, unit.log_scale_ratio):
-        t.grad = None
+    expected = _kept_gradients(layer, x, activation_fake_quant(x), grad)
 
     made = []
     original = modules.activation_fake_quant
@@ -262,8 +271,7 @@ def test_the_backward_remakes_the_int8_input_of_a8w4_with_the_same_gradients():
         out.backward(grad)
     finally:
         modules.activation_fake_quant = original
-    for got, want in zip((x.grad, layer.weight.grad, unit.log_scale_ratio.grad), expected):
-        assert torch.equal(got, want)
+    _assert_gradients(layer, x, expected)
     with torch.inference_mode():  # an inference tensor has no version to check: its rounded copy is kept
         frozen = torch.randn(4, layer.in_features)
     layer(frozen).sum().backward()
