@@ -250,7 +250,6 @@ def test_the_backward_remakes_the_int8_input_of_a8w4_with_the_same_gradients():
     model = prepare_model_for_qat(tiny_llama(), QATConfig.from_preset("a8w4", start=0))
     hf_qat.activate_qat(model)
     layer = model.model.layers[0].self_attn.q_proj
-    unit = layer.weight_quantizer
     x = torch.randn(3, 5, layer.in_features, requires_grad=True)
     grad = torch.randn(3, 5, layer.out_features)
     expected = _kept_gradients(layer, x, activation_fake_quant(x), grad)
