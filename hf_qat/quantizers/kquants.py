@@ -37,7 +37,7 @@ Q5_1     32     32       0..31       -         fp16     6.0
 ======== ====== ======== =========== ========= ======== ===========================
 
 IQ4_XS (IQ4_NL's levels under Q3_K-like 6-bit block scales, 4.25 bits) runs on this math from a module of its own
-(:mod:`.iq4_xs`).
+in this package, which holds its grid and block layout (``IQ4XSQuantizer``).
 
 (*) the format stores signed block scales (Q3_K and IQ4_XS: -32..31, Q6_K: -128..127); a learned scale is
 positive, so QAT uses 1..31 and 1..127 (the quantizers of llama.cpp use the sign of the block's
