@@ -11,9 +11,14 @@ from helpers import run_distributed as run
 pytestmark = pytest.mark.slow
 
 
-def test_ddp_ranks_identical_and_equal_to_single_process(tmp_path):
-    run(tmp_path / "ddp", 2, "--embedding-bits", "4")
-    run(tmp_path / "single", 1, "--embedding-bits", "4")
+@pytest.mark.parametrize("quantized,atol", [(("--embedding-bits", "4"), 1e-4), (("--activation-bits", "8"), 5e-4)],
+                         ids=["embedding", "a8"])
+def test_ddp_ranks_identical_and_equal_to_single_process(tmp_path, quantized, atol):
+    """(a8: the int8-rounded inputs are made again in each rank's backward, not kept. Against one process its
+    learned scales drift up to 2.2e-4 apart over 12 steps at lr 3e-3, the same with the rounded inputs kept:
+    the gradients' reduction order, not the remake; the ranks stay bit-identical.)"""
+    run(tmp_path / "ddp", 2, *quantized)
+    run(tmp_path / "single", 1, *quantized)
     r0 = torch.load(tmp_path / "ddp" / "rank0.pt")
     r1 = torch.load(tmp_path / "ddp" / "rank1.pt")
     single = torch.load(tmp_path / "single" / "rank0.pt")
@@ -28,7 +33,7 @@ def test_ddp_ranks_identical_and_equal_to_single_process(tmp_path):
     assert all(not torch.equal(state0[n], torch.zeros_like(state0[n])) for n in scales)  # the scales learned
 
     for name in state0:
-        torch.testing.assert_close(state0[name].float(), single["state"][name].float(), rtol=0, atol=1e-4, msg=name)
+        torch.testing.assert_close(state0[name].float(), single["state"][name].float(), rtol=0, atol=atol, msg=name)
     assert len(r0["losses"]) == len(single["losses"]) == 12
     for a, b in zip(r0["losses"], single["losses"]):
         assert abs(a - b) <= 1e-4

@@ -25,13 +25,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--start", type=int, default=6)
     parser.add_argument("--embedding-bits", type=int, default=None)
+    parser.add_argument("--activation-bits", type=int, default=None)
     parser.add_argument("--distill", action="store_true", help="distil from the FP model at the switch")
     args = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     torch.set_num_threads(1)
-    cfg = QATConfig(bits=4, group_size=16, start=args.start, embedding_bits=args.embedding_bits, manage_schedule=False,
+    cfg = QATConfig(bits=4, group_size=16, start=args.start, embedding_bits=args.embedding_bits,
+                    activation_bits=args.activation_bits, manage_schedule=False,
                     distill={"teacher": "switch", "weight": 0.5} if args.distill else None)
     trainer = make_trainer(
         args.out, [QATCallback(cfg)], max_steps=args.steps, per_device_train_batch_size=4 // world,
