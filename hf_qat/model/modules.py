@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import QATModelError
 from ..kernels import activation_fake_quant
-from .unit import WeightQuantizer, upgrade_state_dict
+from .unit import WeightQuantizer, recomputed_in_backward, upgrade_state_dict
 
 # nn.Embedding's configuration attributes (copied when a QATEmbedding replaces one, and back).
 _EMBEDDING_ATTRS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
@@ -74,13 +74,14 @@ class QATLinear(QATWeightMixin, nn.Linear):
         """``weight_delta``: added to the weight before quantization (LoRA merged mode)."""
         if not self.weight_quantizer.is_active:
             return F.linear(input, self.weight, self.bias)
-        others = ()
+        recipes = []
         if self.activation_bits is not None:
             source, input = input, activation_fake_quant(input)
-            others = ((input, lambda: _requantized_input(source), (source,)),)
+            recipes.append((input, lambda: _requantized_input(source), (source,)))
         weight = self.weight if weight_delta is None else self.weight + weight_delta
         quantized = self.weight_quantizer.fake_quantize(weight)
-        with self.weight_quantizer.remade_in_backward(quantized, weight, *others):
+        recipes.append(self.weight_quantizer.recipe(quantized, weight))
+        with recomputed_in_backward(*recipes):  # neither is kept for the backward: both are made again there
             return F.linear(input, quantized, self.bias)
 
     def to_linear(self) -> nn.Linear:

@@ -185,11 +185,11 @@ class WeightQuantizer(nn.Module):
         (what :func:`recomputed_in_backward` gives a backward instead of a kept copy)."""
         return weight_fake_quant(weight, self.scale(weight), self.spec, self.view)
 
-    def remade_in_backward(self, quantized: torch.Tensor, weight: torch.Tensor, *others: Recipe):
-        """A context in which autograd keeps ``quantized`` (this unit's :meth:`fake_quantize` of ``weight``), and the
-        tensors of ``others``, for no backward but makes them again there (:func:`recomputed_in_backward`)."""
+    def recipe(self, quantized: torch.Tensor, weight: torch.Tensor) -> Recipe:
+        """How to make ``quantized`` (this unit's :meth:`fake_quantize` of ``weight``) again in the backward instead
+        of keeping it (:func:`recomputed_in_backward`)."""
         sources = (weight,) if self.log_scale_ratio is None else (weight, self.log_scale_ratio)
-        return recomputed_in_backward((quantized, lambda: self.requantize(weight), sources), *others)
+        return quantized, lambda: self.requantize(weight), sources
 
     @torch.no_grad()
     def encode(self, full_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
