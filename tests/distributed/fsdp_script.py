@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--moe", action="store_true", help="a tiny Qwen3-MoE instead of the tiny Llama")
     parser.add_argument("--kquant", action="store_true", help="a 256-wide Llama on q4_k (a [R, G, 2] scale-pair "
                         "parameter); its GGUF blocks' inputs are collected instead of an hf-qat export")
+    parser.add_argument("--activation-bits", type=int, default=None, help="int8 inputs (a8w4): made again in the "
+                        "backward, under FSDP2's own unshard and reshard of the weights")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -88,7 +90,8 @@ def main() -> None:
         cfg = hf_qat.QATConfig(bits=4, method="q4_k", start=args.start)
     else:
         model = tiny_llama(tie=True)
-        cfg = hf_qat.QATConfig(bits=4, group_size=16, start=args.start, embedding_bits=4)
+        cfg = hf_qat.QATConfig(bits=4, group_size=16, start=args.start, embedding_bits=4,
+                               activation_bits=args.activation_bits)
     hf_qat.prepare_model_for_qat(model, cfg)
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh

@@ -48,6 +48,25 @@ def test_fsdp2_ranks_losses_and_export(tmp_path):
     assert config["quantization_config"] == json.loads((tmp_path / "reference" / "config.json").read_text())["quantization_config"]
 
 
+def test_fsdp2_with_int8_activations_matches_one_process(tmp_path):
+    """a8w4 under FSDP2: each QAT Linear's int8-rounded input and fake-quantized weight are made again in the
+    backward (none is kept), while FSDP2 frees each layer's gathered weights after the forward and gathers them
+    again for the backward. The ranks end with the same state and the losses follow one process's."""
+    run_distributed(tmp_path / "fsdp", 2, "--activation-bits", "8", script=FSDP_SCRIPT)
+    run_distributed(tmp_path / "single", 1, "--activation-bits", "8", script=FSDP_SCRIPT)
+    r0, r1 = torch.load(tmp_path / "fsdp" / "rank0.pt"), torch.load(tmp_path / "fsdp" / "rank1.pt")
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    assert sorted(r0["state"]) == sorted(r1["state"])
+    for name in r0["state"]:
+        assert torch.equal(r0["state"][name], r1["state"][name]), name
+    assert len(r0["losses"]) == len(single["losses"]) == 10
+    for a, b in zip(r0["losses"], single["losses"]):  # seen: equal to 6 decimals
+        assert abs(a - b) <= 1e-4
+    config = json.loads((tmp_path / "fsdp" / "export" / "config.json").read_text())
+    layers = config["quantization_config"]["modules"]
+    assert layers["model.layers.0.mlp.down_proj"]["activation_bits"] == 8  # the export keeps the int8 inputs
+
+
 def test_fsdp2_export_keeps_the_model_on_rank_0_only(tmp_path):
     """Rank 0 gathers and packs every layer; rank 1 takes part in the gathers one tensor at a time and
     keeps nothing, so its peak memory does not grow with the model (holding every layer's codes alone
