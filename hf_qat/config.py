@@ -364,12 +364,6 @@ class QATConfig:
             raise QATConfigError("gguf_mix", self.gguf_mix, "None, " + ", ".join(FILE_TYPES),
                                  detail=f"hf_qat cannot train llama.cpp's {self.gguf_mix.upper()} file: "
                                         f"{UNTRAINABLE[self.gguf_mix.lower()]}")
-        if isinstance(self.gguf_mix, str) and self.gguf_mix.lower() in PRESETS and self.gguf_mix.lower() not in FILE_TYPES:
-            raise QATConfigError("gguf_mix", self.gguf_mix, "None, " + ", ".join(FILE_TYPES),
-                                 detail=f"{self.gguf_mix!r} is a preset of hf_qat, not a llama.cpp file type: llama.cpp's "
-                                        "quantizer has no default type for a file of that name. Train every weight in it "
-                                        f"with QATConfig.from_preset({self.gguf_mix.lower()!r}) (export_format='gguf' "
-                                        "writes it where the family has a GGUF type)")
         if not isinstance(self.gguf_mix, str) or self.gguf_mix not in FILE_TYPES:
             raise QATConfigError("gguf_mix", self.gguf_mix, "None, " + ", ".join(FILE_TYPES))
         method, bits, group_size = _file_type_family(self.gguf_mix)

@@ -69,6 +69,8 @@ UNTRAINABLE = {
             "blocks",
     "q2_k_s": "llama.cpp's quantizer writes it only with an importance matrix, and hf_qat's port of its rule "
               "follows the quantizer without one",
+    "nvfp4": "the vendored llama.cpp's quantizer has no default type for it (it writes no NVFP4 file); train "
+             "QATConfig.from_preset('nvfp4') and export it to GGUF instead",
 }
 BLOCK = {"Q1_0": 128, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "IQ4_NL": 32, "MXFP4": 32, "NVFP4": 64, "F16": 1,
          **{t: 256 for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "TQ1_0", "TQ2_0")}}  # ggml_blck_size

@@ -69,8 +69,7 @@ def main() -> None:
     parser.add_argument("--moe", action="store_true", help="a tiny Qwen3-MoE instead of the tiny Llama")
     parser.add_argument("--kquant", action="store_true", help="a 256-wide Llama on q4_k (a [R, G, 2] scale-pair "
                         "parameter); its GGUF blocks' inputs are collected instead of an hf-qat export")
-    parser.add_argument("--activation-bits", type=int, default=None, help="int8 inputs (a8w4): made again in the "
-                        "backward, under FSDP2's own unshard and reshard of the weights")
+    parser.add_argument("--activation-bits", type=int, default=None, help="8: int8-rounded Linear inputs (a8w4)")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -49,13 +49,13 @@ def test_fsdp2_ranks_losses_and_export(tmp_path):
 
 
 def test_fsdp2_with_int8_activations_matches_one_process(tmp_path):
-    """a8w4 under FSDP2: each QAT Linear's int8-rounded input and fake-quantized weight are made again in the
-    backward (none is kept), while FSDP2 frees each layer's gathered weights after the forward and gathers them
-    again for the backward. The ranks end with the same state and the losses follow one process's."""
+    """a8w4 (int8-rounded Linear inputs) under FSDP2: the ranks end with the same state, the losses follow one
+    process's with the same global batch, and the sharded export records the int8 inputs."""
     run_distributed(tmp_path / "fsdp", 2, "--activation-bits", "8", script=FSDP_SCRIPT)
     run_distributed(tmp_path / "single", 1, "--activation-bits", "8", script=FSDP_SCRIPT)
     r0, r1 = torch.load(tmp_path / "fsdp" / "rank0.pt"), torch.load(tmp_path / "fsdp" / "rank1.pt")
     single = torch.load(tmp_path / "single" / "rank0.pt")
+    assert r0["world"] == 2 and single["world"] == 1
     assert sorted(r0["state"]) == sorted(r1["state"])
     for name in r0["state"]:
         assert torch.equal(r0["state"][name], r1["state"][name]), name
