@@ -15,24 +15,28 @@ from helpers import FSDP_SCRIPT, run_distributed, tiny_llama
 pytestmark = pytest.mark.slow
 
 
-def test_fsdp2_ranks_losses_and_export(tmp_path):
-    run_distributed(tmp_path / "fsdp", 2, script=FSDP_SCRIPT)
-    run_distributed(tmp_path / "single", 1, script=FSDP_SCRIPT)
+def _sharded_and_single(tmp_path, *args: str) -> tuple[dict, dict]:
+    """Run the script on 2 ranks and on 1 process; assert the ranks end with the same full state and the losses
+    are within 1e-4 of one process's with the same global batch; return (rank 0's, the single process's) results."""
+    run_distributed(tmp_path / "fsdp", 2, *args, script=FSDP_SCRIPT)
+    run_distributed(tmp_path / "single", 1, *args, script=FSDP_SCRIPT)
     r0, r1 = torch.load(tmp_path / "fsdp" / "rank0.pt"), torch.load(tmp_path / "fsdp" / "rank1.pt")
     single = torch.load(tmp_path / "single" / "rank0.pt")
     assert r0["world"] == 2 and single["world"] == 1
-
-    # Every rank gathers the same full weights and scales after the switch.
     assert sorted(r0["state"]) == sorted(r1["state"])
     for name in r0["state"]:
         assert torch.equal(r0["state"][name], r1["state"][name]), name
-    scales = [n for n in r0["state"] if n.endswith("log_scale_ratio")]
-    assert scales and all(bool(r0["state"][n.replace("log_scale_ratio", "active")]) for n in scales)
-
-    # The same losses as one process with the same global batch.
     assert len(r0["losses"]) == len(single["losses"]) == 10
     for a, b in zip(r0["losses"], single["losses"]):
         assert abs(a - b) <= 1e-4
+    return r0, single
+
+
+def test_fsdp2_ranks_losses_and_export(tmp_path):
+    # Every rank gathers the same full weights and scales after the switch; the losses are one process's.
+    r0, _ = _sharded_and_single(tmp_path)
+    scales = [n for n in r0["state"] if n.endswith("log_scale_ratio")]
+    assert scales and all(bool(r0["state"][n.replace("log_scale_ratio", "active")]) for n in scales)
 
     # The export written from the sharded model equals a single-process export of the same weights.
     model = tiny_llama(tie=True)
@@ -51,17 +55,7 @@ def test_fsdp2_ranks_losses_and_export(tmp_path):
 def test_fsdp2_with_int8_activations_matches_one_process(tmp_path):
     """a8w4 (int8-rounded Linear inputs) under FSDP2: the ranks end with the same state, the losses follow one
     process's with the same global batch, and the sharded export records the int8 inputs."""
-    run_distributed(tmp_path / "fsdp", 2, "--activation-bits", "8", script=FSDP_SCRIPT)
-    run_distributed(tmp_path / "single", 1, "--activation-bits", "8", script=FSDP_SCRIPT)
-    r0, r1 = torch.load(tmp_path / "fsdp" / "rank0.pt"), torch.load(tmp_path / "fsdp" / "rank1.pt")
-    single = torch.load(tmp_path / "single" / "rank0.pt")
-    assert r0["world"] == 2 and single["world"] == 1
-    assert sorted(r0["state"]) == sorted(r1["state"])
-    for name in r0["state"]:
-        assert torch.equal(r0["state"][name], r1["state"][name]), name
-    assert len(r0["losses"]) == len(single["losses"]) == 10
-    for a, b in zip(r0["losses"], single["losses"]):  # seen: equal to 6 decimals
-        assert abs(a - b) <= 1e-4
+    _sharded_and_single(tmp_path, "--activation-bits", "8")  # losses seen equal to 6 decimals
     config = json.loads((tmp_path / "fsdp" / "export" / "config.json").read_text())
     layers = config["quantization_config"]["modules"]
     assert layers["model.layers.0.mlp.down_proj"]["activation_bits"] == 8  # the export keeps the int8 inputs
@@ -85,15 +79,8 @@ def test_fsdp2_shards_the_fused_experts_and_matches_one_process(tmp_path):
     """A Qwen3-MoE under FSDP2 (its [experts, ...] stacks and their scales sharded on dim 0): the ranks
     gather the same state, the losses equal one process's, and the sharded export equals a single-process
     export of the same weights."""
-    run_distributed(tmp_path / "fsdp", 2, "--moe", script=FSDP_SCRIPT)
-    run_distributed(tmp_path / "single", 1, "--moe", script=FSDP_SCRIPT)
-    r0, r1 = torch.load(tmp_path / "fsdp" / "rank0.pt"), torch.load(tmp_path / "fsdp" / "rank1.pt")
-    single = torch.load(tmp_path / "single" / "rank0.pt")
+    r0, _ = _sharded_and_single(tmp_path, "--moe")
     assert any(name.endswith("experts.gate_up_proj_quantizer.log_scale_ratio") for name in r0["state"])
-    for name in r0["state"]:
-        assert torch.equal(r0["state"][name], r1["state"][name]), name
-    for a, b in zip(r0["losses"], single["losses"]):
-        assert abs(a - b) <= 1e-4
     from helpers import tiny_moe
 
     model = tiny_moe("qwen3_moe", intermediate_size=32, moe_intermediate_size=32)
