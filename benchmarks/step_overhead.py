@@ -13,7 +13,9 @@ what CI trains), the tests' tiny model, a small Qwen3-MoE (8 experts, 2 active) 
 its active parameters. A mixture of experts is timed once per transformers experts implementation
 (eager, batched_mm, grouped_mm); int8 activations do not apply to fused experts, so it has two modes.
 ``--all-formats`` adds every family and llama.cpp file type; ``--memory`` (CPU) measures each mode's peak
-resident memory in a fresh process (the CUDA run always records its peak allocation).
+resident memory in a fresh process (the CUDA run always records its peak allocation). The engine is
+``HF_QAT_BACKEND``'s (``HF_QAT_BACKEND=compiled`` times the TorchInductor-compiled reference on a CPU; each mode's
+warm-up step compiles its kernels, so the timed steps do not), recorded in the JSON.
 """
 
 from __future__ import annotations
@@ -249,7 +251,8 @@ def main() -> None:
             rows.extend(model_rows)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"machine": machine, "dtype": str(dtype), "results": rows}, fh, indent=2)
+        json.dump({"machine": machine, "dtype": str(dtype), "backend": os.environ.get("HF_QAT_BACKEND", "auto"),
+                   "results": rows}, fh, indent=2)
     print(f"wrote {args.out}")
 
 

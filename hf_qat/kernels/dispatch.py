@@ -1,8 +1,9 @@
 """The one dispatch point: Triton kernels for CUDA tensors, the PyTorch reference otherwise.
 
-``HF_QAT_BACKEND=auto|triton|torch`` (read on every call) overrides the choice. Forcing ``triton``
+``HF_QAT_BACKEND=auto|triton|torch|compiled`` (read on every call) overrides the choice. Forcing ``triton``
 where Triton cannot run (not installed, or a CPU tensor without ``TRITON_INTERPRET=1``) raises; it
-never falls back silently.
+never falls back silently. ``compiled`` is the reference compiled by TorchInductor
+(:mod:`.compiled_engine`: fused passes for long CPU runs, after a compile of some seconds per family).
 
 The autograd Functions here are the only place that calls an engine. Scale rounding before the
 kernels and the scale-gradient finish after them are shared PyTorch code (``prepare_scales`` /
@@ -14,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shutil
 from typing import Protocol
 
 import torch
@@ -30,7 +32,7 @@ from hf_qat.quantizers.reference import (
     prepare_scales,
 )
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "compiled")
 ENV_VAR = "HF_QAT_BACKEND"
 
 
@@ -110,12 +112,19 @@ class TorchEngine:
 
 _TORCH = TorchEngine()
 _TRITON = None
+_COMPILED = None
 
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Whether triton is installed (looked up once per process, not per call)."""
     return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def cxx_available() -> bool:
+    """Whether a C++ compiler is on the PATH for TorchInductor's CPU kernels (looked up once per process)."""
+    return any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "g++", "clang++"))
 
 
 def _triton_engine():
@@ -125,6 +134,15 @@ def _triton_engine():
 
         _TRITON = TritonEngine()
     return _TRITON
+
+
+def _compiled_engine():
+    global _COMPILED
+    if _COMPILED is None:
+        from .compiled_engine import CompiledEngine
+
+        _COMPILED = CompiledEngine()
+    return _COMPILED
 
 
 def requested_backend() -> str:
@@ -139,6 +157,11 @@ def select_engine(tensor: torch.Tensor) -> Engine:
     backend = requested_backend()
     if backend == "torch":
         return _TORCH
+    if backend == "compiled":
+        if not tensor.is_cuda and not cxx_available():
+            raise RuntimeError(f"{ENV_VAR}=compiled needs a C++ compiler on a CPU (TorchInductor builds its kernels "
+                               "with one): install g++ or clang++ (or set CXX), or use HF_QAT_BACKEND=torch")
+        return _compiled_engine()
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(f"{ENV_VAR}=triton but triton is not installed (pip install triton)")

@@ -112,14 +112,15 @@ def e2m1_grid() -> Grid:
     )
 
 
+@dataclass(frozen=True)
 class ScaleLayout:
     """How a weight ``[R, C]`` is split into groups that share one scale.
 
-    ``group_size`` is an int (groups of that many consecutive input columns), "channel" or "tensor".
+    ``group_size`` is an int (groups of that many consecutive input columns), "channel" or "tensor". A value:
+    two layouts of one group size are equal (the compiled engine keys its kernels on it).
     """
 
-    def __init__(self, group_size: int | str) -> None:
-        self.group_size = group_size
+    group_size: int | str
 
     def scale_shape(self, weight_shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
         rows, cols = int(weight_shape[0]), int(weight_shape[1])

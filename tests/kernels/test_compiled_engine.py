@@ -1,0 +1,185 @@
+"""The compiled engine (``HF_QAT_BACKEND=compiled``: the reference compiled by TorchInductor) against the reference
+engine, bit for bit: every kind of grid (integer, sign, SEQ, E2M1 lookups with both block-scale formats, ggml's
+blocks with and without mins, IQ4_NL's table), ties, -0.0, NaN and clipped weights, and a training run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_qat
+from hf_qat import QATConfig
+from hf_qat.config import TERNARY_BITS
+from hf_qat.kernels.compiled_engine import CompiledEngine, kernel
+from hf_qat.kernels.dispatch import TorchEngine, cxx_available, select_engine
+from hf_qat.quantizers import ScaleLayout, get_quantizer
+from hf_qat.quantizers.kquants import GRIDS, block_scales
+from hf_qat.quantizers.reference import WeightQuantSpec, finish_scale_grad, prepare_scales
+from helpers import tiny_llama, token_dataset
+
+REF, COMPILED = TorchEngine(), CompiledEngine()
+needs_cxx = pytest.mark.skipif(not cxx_available(), reason="TorchInductor needs a C++ compiler on a CPU")
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that -0.0 != +0.0 and every ulp counts."""
+    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def assert_same(got, want):
+    """The same bits, except that a NaN may be any NaN (a NaN weight's payload is not the math's)."""
+    if want is None:
+        assert got is None
+        return
+    assert got.dtype == want.dtype
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(bits_of(got.masked_fill(nan, 0)), bits_of(want.masked_fill(nan, 0)))
+
+
+def hard_weight(rows: int, cols: int, s_r: torch.Tensor, ties: torch.Tensor, dtype, seed: int = 0) -> torch.Tensor:
+    """Gaussian weights with the first row's start set to ``ties`` times its scale (exact ties of the grid, -0.0,
+    values past the clip range), one NaN and one outlier."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=gen) * 0.05
+    weight[0, :len(ties)] = ties * s_r.reshape(-1)[0]
+    weight[-1, -1] = float("nan")
+    weight[-1, 0] = 3.0
+    return weight.to(dtype)
+
+
+# (family, bits, group): the integer LSQ grid, absmax (no scale gradient), SEQ ternary and 2-bit (no zero level),
+# the sign grid, and E2M1 with E8M0 and E4M3 block scales (the table lookup)
+GRID_CASES = [("lsq", 4, 32), ("absmax", 4, "channel"), ("seq", TERNARY_BITS, "tensor"), ("seq", 2, 16),
+              ("binary", 1, "channel"), ("mxfp4", 4, 32), ("nvfp4", 4, 16)]
+TIES = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.25, -1.75, -5.0, -8.0, 0.0, -0.0, 0.5, -6.5])
+
+
+@needs_cxx
+@pytest.mark.parametrize("family,bits,group", GRID_CASES, ids=lambda v: str(v))
+def test_grid_passes_are_the_reference_bit_for_bit(family, bits, group):
+    rows, cols = 9, 96
+    quantizer = get_quantizer(family, bits)
+    layout = ScaleLayout(group)
+    probe = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1)) * 0.05
+    gen = torch.Generator().manual_seed(2)
+    scale = quantizer.init_scale(layout.scale_view(probe))
+    scale = scale * (0.6 + 0.8 * torch.rand(scale.shape, generator=gen))  # some weights clip, some do not
+    spec = WeightQuantSpec(quantizer.grid(), group, quantizer.scale_dtype or torch.float16,
+                           quantizer.grad_scale(probe.numel(), scale.numel(), "paretoq"), quantizer.learnable)
+    s_r, step = prepare_scales(scale, spec.grid, spec.scale_dtype)
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = hard_weight(rows, cols, s_r, TIES, dtype)
+        grad = torch.randn(rows, cols, generator=gen).to(dtype)
+        assert_same(COMPILED.weight_forward(weight, s_r, step, spec), REF.weight_forward(weight, s_r, step, spec))
+        for need_scale_grad in {False, spec.learnable}:
+            got = COMPILED.weight_backward(grad, weight, s_r, step, spec, need_scale_grad)
+            want = REF.weight_backward(grad, weight, s_r, step, spec, need_scale_grad)
+            assert_same(got[0], want[0])
+            assert_same(got[1], want[1])
+            if need_scale_grad:
+                assert_same(finish_scale_grad(got[1], scale, spec.grad_scale),
+                            finish_scale_grad(want[1], scale, spec.grad_scale))
+        if spec.grid.mask_lo != -float("inf"):  # absmax passes every gradient
+            stopped = REF.weight_backward(grad, weight, s_r, step, spec, False)[0] == 0
+            assert stopped.any() and not stopped.all()  # both sides of the straight-through mask are reached
+
+
+@needs_cxx
+@pytest.mark.parametrize("name", ["q4_k", "q6_k", "iq4_nl", "q4_1"])
+def test_ggml_passes_are_the_reference_bit_for_bit(name):
+    """Symmetric and asymmetric blocks, super-blocks and IQ4_NL's table, with weights on the ties of the grid."""
+    grid = GRIDS[name]
+    rows, cols = 5, 256
+    gen = torch.Generator().manual_seed(3)
+    probe = torch.randn(rows, cols, generator=gen) * 0.05
+    scale = get_quantizer(name, grid.bits).init_scale(ScaleLayout(grid.block).scale_view(probe))
+    scale = scale * (0.6 + 0.8 * torch.rand(scale.shape, generator=gen))
+    scales = block_scales(scale, grid)
+    levels = torch.tensor(grid.values, dtype=torch.float32) if grid.values else torch.arange(grid.lo, grid.hi + 1.0)
+    ties = torch.cat([(levels[1:] + levels[:-1]) / 2, torch.tensor([-0.0, grid.hi + 3.0, grid.lo - 3.0])])
+    minimum = scales.min.reshape(-1)[0] if grid.asymmetric else 0.0
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = hard_weight(rows, cols, scales.step, ties, torch.float32)
+        weight[0, :len(ties)] -= minimum
+        weight = weight.to(dtype)
+        grad = torch.randn(rows, cols, generator=gen).to(dtype)
+        assert_same(COMPILED.ggml_forward(weight, scales.step, scales.min, grid),
+                    REF.ggml_forward(weight, scales.step, scales.min, grid))
+        for need_scale_grad in (False, True):
+            got = COMPILED.ggml_backward(grad, weight, scales.step, scales.min, grid, need_scale_grad)
+            want = REF.ggml_backward(grad, weight, scales.step, scales.min, grid, need_scale_grad)
+            assert_same(got[0], want[0])
+            assert_same(got[1], want[1])
+
+
+@needs_cxx
+def test_activations_of_any_shape_share_one_kernel_and_are_the_reference():
+    gen = torch.Generator().manual_seed(4)
+    kernels_before = kernel.cache_info().currsize
+    for shape in [(2, 7, 48), (3, 5, 48), (1, 33)]:
+        x = torch.randn(shape, generator=gen) * 3
+        x[0, 0] = 0.0
+        x[-1, -1] = -0.0
+        assert_same(COMPILED.activation_forward(x), REF.activation_forward(x))
+    assert kernel.cache_info().currsize - kernels_before <= 1  # one kernel for every shape of a dtype
+
+
+@needs_cxx
+def test_each_weight_shape_gets_a_kernel_of_its_own_that_runs_compiled():
+    """A model has many weight shapes; each shape's kernel is a code object of its own, so none of them runs
+    into dynamo's recompile limit (8 per code object) and silently falls back to eager."""
+    from torch._dynamo.utils import counters
+
+    quantizer = get_quantizer("lsq", 3)
+    spec = WeightQuantSpec(quantizer.grid(), 8, torch.float32, 1.0)
+    before = counters["stats"]["unique_graphs"]
+    compiled_before = kernel.cache_info().currsize
+    for cols in range(8, 8 * 12, 8):  # 11 shapes of one family and dtype
+        weight = torch.randn(3, cols)
+        scale = quantizer.init_scale(ScaleLayout(8).scale_view(weight))
+        s_r, step = prepare_scales(scale, spec.grid, spec.scale_dtype)
+        assert_same(COMPILED.weight_forward(weight, s_r, step, spec), REF.weight_forward(weight, s_r, step, spec))
+    assert kernel.cache_info().currsize - compiled_before == 11
+    assert counters["stats"]["unique_graphs"] - before == 11  # every shape traced and compiled, none left eager
+
+
+@needs_cxx
+def test_the_dispatch_serves_the_compiled_engine_on_request(monkeypatch):
+    monkeypatch.setenv("HF_QAT_BACKEND", "compiled")
+    assert select_engine(torch.zeros(1)).name == "compiled"
+    monkeypatch.setenv("HF_QAT_BACKEND", "auto")
+    assert select_engine(torch.zeros(1)).name == "torch"  # never chosen unasked: its compile takes seconds
+
+
+@needs_cxx
+@pytest.mark.parametrize("cfg", [dict(bits=4, method="mxfp4", activation_bits=8), dict(bits=4, method="iq4_nl")],
+                         ids=["mxfp4-a8", "iq4_nl"])
+def test_a_training_run_ends_with_the_weights_of_the_reference(cfg, monkeypatch):
+    results = {}
+    for backend in ("torch", "compiled"):
+        monkeypatch.setenv("HF_QAT_BACKEND", backend)
+        model = tiny_llama()
+        hf_qat.prepare_model_for_qat(model, QATConfig(start=0, **cfg))
+        hf_qat.activate_qat(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        data = token_dataset(n=12)
+        for step in range(3):
+            batch = torch.stack([row["input_ids"] for row in data[step * 4:(step + 1) * 4]])
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        results[backend] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, value in results["torch"].items():
+        assert torch.equal(value.view(torch.uint8), results["compiled"][name].view(torch.uint8)), name
+    scales = [k for k in results["torch"] if k.endswith("log_scale_ratio")]
+    assert scales and any(bool(results["torch"][k].abs().max() > 0) for k in scales)  # training moved them
+
+
+def test_without_a_cxx_compiler_the_request_is_refused_with_the_way_out(monkeypatch):
+    from hf_qat.kernels import dispatch
+
+    monkeypatch.setenv("HF_QAT_BACKEND", "compiled")
+    monkeypatch.setattr(dispatch, "cxx_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"HF_QAT_BACKEND=compiled needs a C\+\+ compiler.*HF_QAT_BACKEND=torch"):
+        select_engine(torch.zeros(1))
