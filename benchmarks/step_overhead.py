@@ -15,7 +15,8 @@ its active parameters. A mixture of experts is timed once per transformers exper
 ``--all-formats`` adds every family and llama.cpp file type; ``--memory`` (CPU) measures each mode's peak
 resident memory in a fresh process (the CUDA run always records its peak allocation). The engine is
 ``HF_QAT_BACKEND``'s (``HF_QAT_BACKEND=compiled`` times the TorchInductor-compiled reference on a CPU; each mode's
-warm-up step compiles its kernels, so the timed steps do not), recorded in the JSON.
+warm-up step compiles its kernels, so the timed steps do not; its ``--memory`` peaks include what compiling
+holds), recorded in the JSON.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_qat
+from hf_qat.kernels.dispatch import requested_backend
 
 MODELS = {
     # SmolLM2-135M's shape: the step_overhead target of the kernels issue.
@@ -236,7 +238,7 @@ def main() -> None:
                                                                                       "dense-active"])
     iters = args.iters or (20 if device == "cuda" else 30)
     machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
-    print(f"{machine}, {dtype}, torch {torch.__version__}, HF_QAT_BACKEND={os.environ.get('HF_QAT_BACKEND', 'auto')}")
+    print(f"{machine}, {dtype}, torch {torch.__version__}, HF_QAT_BACKEND={requested_backend()}")
     rows = []
     for name in models:
         for label, implementation in variants(name):
@@ -251,7 +253,7 @@ def main() -> None:
             rows.extend(model_rows)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"machine": machine, "dtype": str(dtype), "backend": os.environ.get("HF_QAT_BACKEND", "auto"),
+        json.dump({"machine": machine, "dtype": str(dtype), "backend": requested_backend(),
                    "results": rows}, fh, indent=2)
     print(f"wrote {args.out}")
 

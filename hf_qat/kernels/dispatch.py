@@ -3,7 +3,7 @@
 ``HF_QAT_BACKEND=auto|triton|torch|compiled`` (read on every call) overrides the choice. Forcing ``triton``
 where Triton cannot run (not installed, or a CPU tensor without ``TRITON_INTERPRET=1``) raises; it
 never falls back silently. ``compiled`` is the reference compiled by TorchInductor
-(:mod:`.compiled_engine`: fused passes for long CPU runs, after a compile of some seconds per family).
+(:mod:`.compiled_engine`: fused passes for long CPU runs, after a compile of seconds per weight shape).
 
 The autograd Functions here are the only place that calls an engine. Scale rounding before the
 kernels and the scale-gradient finish after them are shared PyTorch code (``prepare_scales`` /
@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import shutil
 from typing import Protocol
 
 import torch
@@ -121,12 +120,6 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.lru_cache(maxsize=None)
-def cxx_available() -> bool:
-    """Whether a C++ compiler is on the PATH for TorchInductor's CPU kernels (looked up once per process)."""
-    return any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "g++", "clang++"))
-
-
 def _triton_engine():
     global _TRITON
     if _TRITON is None:
@@ -158,10 +151,13 @@ def select_engine(tensor: torch.Tensor) -> Engine:
     if backend == "torch":
         return _TORCH
     if backend == "compiled":
-        if not tensor.is_cuda and not cxx_available():
-            raise RuntimeError(f"{ENV_VAR}=compiled needs a C++ compiler on a CPU (TorchInductor builds its kernels "
-                               "with one): install g++ or clang++ (or set CXX), or use HF_QAT_BACKEND=torch")
-        return _compiled_engine()
+        if torch.compiler.is_compiling():  # a compiled model (Trainer torch_compile=True) compiles the reference itself
+            return _TORCH
+        engine = _compiled_engine()
+        reason = engine.refusal(tensor)
+        if reason is not None:
+            raise RuntimeError(f"{ENV_VAR}=compiled {reason}; or use {ENV_VAR}=torch")
+        return engine
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(f"{ENV_VAR}=triton but triton is not installed (pip install triton)")

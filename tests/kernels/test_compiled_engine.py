@@ -10,15 +10,24 @@ import torch
 import hf_qat
 from hf_qat import QATConfig
 from hf_qat.config import TERNARY_BITS
-from hf_qat.kernels.compiled_engine import CompiledEngine, kernel
-from hf_qat.kernels.dispatch import TorchEngine, cxx_available, select_engine
+from hf_qat.kernels import compiled_engine
+from hf_qat.kernels.compiled_engine import CompiledEngine
+from hf_qat.kernels.dispatch import TorchEngine, select_engine
 from hf_qat.quantizers import ScaleLayout, get_quantizer
 from hf_qat.quantizers.kquants import GRIDS, block_scales
 from hf_qat.quantizers.reference import WeightQuantSpec, finish_scale_grad, prepare_scales
-from helpers import tiny_llama, token_dataset
+from helpers import qat_trained_model, tiny_llama
 
 REF, COMPILED = TorchEngine(), CompiledEngine()
-needs_cxx = pytest.mark.skipif(not cxx_available(), reason="TorchInductor needs a C++ compiler on a CPU")
+needs_cxx = pytest.mark.skipif(CompiledEngine().refusal(torch.zeros(1)) is not None,
+                               reason="no C++ compiler for TorchInductor, or an older torch than the engine's")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def bits_of(t: torch.Tensor) -> torch.Tensor:
@@ -39,13 +48,20 @@ def assert_same(got, want):
 
 def hard_weight(rows: int, cols: int, s_r: torch.Tensor, ties: torch.Tensor, dtype, seed: int = 0) -> torch.Tensor:
     """Gaussian weights with the first row's start set to ``ties`` times its scale (exact ties of the grid, -0.0,
-    values past the clip range), one NaN and one outlier."""
+    values past the clip range), subnormals, one NaN and one outlier."""
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(rows, cols, generator=gen) * 0.05
     weight[0, :len(ties)] = ties * s_r.reshape(-1)[0]
+    weight[1, :4] = torch.tensor([1e-39, -1e-39, 1e-44, -0.0])  # fp32 subnormals: no flush to zero
     weight[-1, -1] = float("nan")
     weight[-1, 0] = 3.0
     return weight.to(dtype)
+
+
+def hard_grad(rows: int, cols: int, dtype, gen) -> torch.Tensor:
+    grad = torch.randn(rows, cols, generator=gen)
+    grad[1, :8] = torch.tensor([1e-39, -1e-39, 3e-40, 1e-45, -1e-45, 0.0, -0.0, 1e-38])
+    return grad.to(dtype)
 
 
 # (family, bits, group): the integer LSQ grid, absmax (no scale gradient), SEQ ternary and 2-bit (no zero level),
@@ -68,9 +84,10 @@ def test_grid_passes_are_the_reference_bit_for_bit(family, bits, group):
     spec = WeightQuantSpec(quantizer.grid(), group, quantizer.scale_dtype or torch.float16,
                            quantizer.grad_scale(probe.numel(), scale.numel(), "paretoq"), quantizer.learnable)
     s_r, step = prepare_scales(scale, spec.grid, spec.scale_dtype)
-    for dtype in (torch.float32, torch.bfloat16):
+    graphs_before = graphs()
+    for dtype in DTYPES:
         weight = hard_weight(rows, cols, s_r, TIES, dtype)
-        grad = torch.randn(rows, cols, generator=gen).to(dtype)
+        grad = hard_grad(rows, cols, dtype, gen)
         assert_same(COMPILED.weight_forward(weight, s_r, step, spec), REF.weight_forward(weight, s_r, step, spec))
         for need_scale_grad in {False, spec.learnable}:
             got = COMPILED.weight_backward(grad, weight, s_r, step, spec, need_scale_grad)
@@ -83,6 +100,7 @@ def test_grid_passes_are_the_reference_bit_for_bit(family, bits, group):
         if spec.grid.mask_lo != -float("inf"):  # absmax passes every gradient
             stopped = REF.weight_backward(grad, weight, s_r, step, spec, False)[0] == 0
             assert stopped.any() and not stopped.all()  # both sides of the straight-through mask are reached
+    assert graphs() > graphs_before  # the compiled code ran (a cached kernel from an earlier test would not count)
 
 
 @needs_cxx
@@ -99,11 +117,11 @@ def test_ggml_passes_are_the_reference_bit_for_bit(name):
     levels = torch.tensor(grid.values, dtype=torch.float32) if grid.values else torch.arange(grid.lo, grid.hi + 1.0)
     ties = torch.cat([(levels[1:] + levels[:-1]) / 2, torch.tensor([-0.0, grid.hi + 3.0, grid.lo - 3.0])])
     minimum = scales.min.reshape(-1)[0] if grid.asymmetric else 0.0
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in DTYPES:
         weight = hard_weight(rows, cols, scales.step, ties, torch.float32)
         weight[0, :len(ties)] -= minimum
         weight = weight.to(dtype)
-        grad = torch.randn(rows, cols, generator=gen).to(dtype)
+        grad = hard_grad(rows, cols, dtype, gen)
         assert_same(COMPILED.ggml_forward(weight, scales.step, scales.min, grid),
                     REF.ggml_forward(weight, scales.step, scales.min, grid))
         for need_scale_grad in (False, True):
@@ -116,13 +134,14 @@ def test_ggml_passes_are_the_reference_bit_for_bit(name):
 @needs_cxx
 def test_activations_of_any_shape_share_one_kernel_and_are_the_reference():
     gen = torch.Generator().manual_seed(4)
-    kernels_before = kernel.cache_info().currsize
-    for shape in [(2, 7, 48), (3, 5, 48), (1, 33)]:
+    before = graphs()
+    for shape in [(2, 7, 48), (3, 5, 48), (4, 33)]:
         x = torch.randn(shape, generator=gen) * 3
         x[0, 0] = 0.0
-        x[-1, -1] = -0.0
+        x[0, 1] = -0.0
+        x[1, 0] = float("nan")  # its row is NaN, as in the reference
         assert_same(COMPILED.activation_forward(x), REF.activation_forward(x))
-    assert kernel.cache_info().currsize - kernels_before <= 1  # one kernel for every shape of a dtype
+    assert graphs() - before <= 1  # one dynamic kernel for every shape (0: an earlier test compiled it)
 
 
 @needs_cxx
@@ -134,13 +153,13 @@ def test_each_weight_shape_gets_a_kernel_of_its_own_that_runs_compiled():
     quantizer = get_quantizer("lsq", 3)
     spec = WeightQuantSpec(quantizer.grid(), 8, torch.float32, 1.0)
     before = counters["stats"]["unique_graphs"]
-    compiled_before = kernel.cache_info().currsize
+    compiled_before = compiled_engine.kernel.cache_info().currsize
     for cols in range(8, 8 * 12, 8):  # 11 shapes of one family and dtype
         weight = torch.randn(3, cols)
         scale = quantizer.init_scale(ScaleLayout(8).scale_view(weight))
         s_r, step = prepare_scales(scale, spec.grid, spec.scale_dtype)
         assert_same(COMPILED.weight_forward(weight, s_r, step, spec), REF.weight_forward(weight, s_r, step, spec))
-    assert kernel.cache_info().currsize - compiled_before == 11
+    assert compiled_engine.kernel.cache_info().currsize - compiled_before == 11
     assert counters["stats"]["unique_graphs"] - before == 11  # every shape traced and compiled, none left eager
 
 
@@ -153,33 +172,52 @@ def test_the_dispatch_serves_the_compiled_engine_on_request(monkeypatch):
 
 
 @needs_cxx
-@pytest.mark.parametrize("cfg", [dict(bits=4, method="mxfp4", activation_bits=8), dict(bits=4, method="iq4_nl")],
-                         ids=["mxfp4-a8", "iq4_nl"])
+@pytest.mark.parametrize("cfg", [dict(bits=4, method="mxfp4", activation_bits=8), dict(bits=4, method="iq4_nl"),
+                                 dict(bits="ternary", group_size="tensor", embedding_bits=4)],
+                         ids=["mxfp4-a8", "iq4_nl", "ternary-embedding"])
 def test_a_training_run_ends_with_the_weights_of_the_reference(cfg, monkeypatch):
     results = {}
     for backend in ("torch", "compiled"):
         monkeypatch.setenv("HF_QAT_BACKEND", backend)
-        model = tiny_llama()
-        hf_qat.prepare_model_for_qat(model, QATConfig(start=0, **cfg))
-        hf_qat.activate_qat(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        data = token_dataset(n=12)
-        for step in range(3):
-            batch = torch.stack([row["input_ids"] for row in data[step * 4:(step + 1) * 4]])
-            model(input_ids=batch, labels=batch).loss.backward()
-            opt.step()
-            opt.zero_grad()
-        results[backend] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        results[backend] = qat_trained_model(QATConfig(start=0, **cfg)).state_dict()
     for name, value in results["torch"].items():
         assert torch.equal(value.view(torch.uint8), results["compiled"][name].view(torch.uint8)), name
     scales = [k for k in results["torch"] if k.endswith("log_scale_ratio")]
     assert scales and any(bool(results["torch"][k].abs().max() > 0) for k in scales)  # training moved them
 
 
-def test_without_a_cxx_compiler_the_request_is_refused_with_the_way_out(monkeypatch):
-    from hf_qat.kernels import dispatch
+@needs_cxx
+def test_a_compiled_model_traces_the_reference_instead(monkeypatch):
+    """Under torch.compile of the whole model (the Trainer's torch_compile=True) the outer compile traces the
+    reference itself: the same loss and gradients as eager."""
+    results = {}
+    for backend, compile_model in (("torch", False), ("compiled", True)):
+        monkeypatch.setenv("HF_QAT_BACKEND", backend)
+        model = tiny_llama()
+        hf_qat.prepare_model_for_qat(model, QATConfig(start=0, bits=4, method="mxfp4"))
+        hf_qat.activate_qat(model)
+        run = torch.compile(model, backend="aot_eager") if compile_model else model
+        batch = torch.arange(32).reshape(2, 16)
+        loss = run(input_ids=batch, labels=batch).loss
+        loss.backward()
+        results[backend] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert torch.allclose(results["torch"][0], results["compiled"][0], atol=1e-6)
+    for want, got in zip(results["torch"][1], results["compiled"][1], strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
 
+
+def test_without_a_cxx_compiler_the_request_is_refused_with_the_way_out(monkeypatch):
     monkeypatch.setenv("HF_QAT_BACKEND", "compiled")
-    monkeypatch.setattr(dispatch, "cxx_available", lambda: False)
-    with pytest.raises(RuntimeError, match=r"HF_QAT_BACKEND=compiled needs a C\+\+ compiler.*HF_QAT_BACKEND=torch"):
+    monkeypatch.setattr(compiled_engine, "cxx_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"HF_QAT_BACKEND=compiled needs a C\+\+ compiler.*install g\+\+.*"
+                                           r"HF_QAT_BACKEND=torch"):
         select_engine(torch.zeros(1))
+    monkeypatch.setattr(compiled_engine, "TORCH_CHECKED", False)
+    with pytest.raises(RuntimeError, match=r"HF_QAT_BACKEND=compiled needs torch >= 2\.13"):
+        select_engine(torch.zeros(1))
+
+
+def test_a_tensor_off_the_cpu_is_refused(monkeypatch):
+    monkeypatch.setenv("HF_QAT_BACKEND", "compiled")
+    with pytest.raises(RuntimeError, match=r"HF_QAT_BACKEND=compiled runs CPU tensors, and this one is on meta"):
+        select_engine(torch.zeros(1, device="meta"))
