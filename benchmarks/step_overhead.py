@@ -3,6 +3,7 @@ MXFP4 and NVFP4 QAT (weight-only).
 
     python benchmarks/step_overhead.py [--model smollm2-135m|demo|tiny|qwen3-moe|qwen3-moe-gpu|dense-active]
                                        [--all-formats] [--modes M ...] [--memory] [--batch B --seq L] [--iters N]
+                                       [--backends torch compiled]
                                        [--out benchmarks/results/step_overhead.json]
 
 Times a full optimizer step (forward, backward, AdamW) and records peak memory for the same model in
@@ -16,7 +17,8 @@ its active parameters. A mixture of experts is timed once per transformers exper
 resident memory in a fresh process (the CUDA run always records its peak allocation). The engine is
 ``HF_QAT_BACKEND``'s (``HF_QAT_BACKEND=compiled`` times the TorchInductor-compiled reference on a CPU; each mode's
 warm-up step compiles its kernels, so the timed steps do not; its ``--memory`` peaks include what compiling
-holds), recorded in the JSON.
+holds), recorded in the JSON; ``--backends torch compiled`` steps each QAT model on both engines in turn, in
+one window with its FP twin (on a shared CPU, a comparison of engines across runs is mostly noise).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_qat
-from hf_qat.kernels.dispatch import requested_backend
+from hf_qat.kernels.dispatch import BACKENDS, requested_backend
 
 MODELS = {
     # SmolLM2-135M's shape: the step_overhead target of the kernels issue.
@@ -137,7 +139,8 @@ def timed(step, device: str) -> float:
     return time.perf_counter() - start
 
 
-def peak_rss(model_name: str, mode: str | None, iters: int, experts_implementation: str | None) -> int:
+def peak_rss(model_name: str, mode: str | None, iters: int, experts_implementation: str | None,
+             backend: str | None = None) -> int:
     """Peak resident bytes of a fresh process that builds ``mode`` and takes ``iters`` steps (CPU peak memory:
     parameters, optimizer state, activations and every temporary of the step) over one that only imports the
     libraries (``mode=None``: that baseline itself)."""
@@ -150,44 +153,56 @@ def peak_rss(model_name: str, mode: str | None, iters: int, experts_implementati
             "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))") % (
         os.path.dirname(os.path.abspath(__file__)), model_name, spec["batch"], spec["seq"], mode, model_name, mode,
         experts_implementation, iters)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = dict(os.environ, **({"HF_QAT_BACKEND": backend} if backend else {}))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     # VmHWM (KiB): the high-water mark of this process's own memory (ru_maxrss would carry the parent's over fork)
     peak = int(out.stdout.split()[-1]) * 1024
-    return peak if mode is None else peak - peak_rss(model_name, None, 0, experts_implementation)
+    return peak if mode is None else peak - peak_rss(model_name, None, 0, experts_implementation, backend)
 
 
 def measure_cpu(model_name: str, iters: int, experts_implementation: str | None = None,
-                memory: bool = False) -> list[dict]:
+                memory: bool = False, backends: list[str] | None = None) -> list[dict]:
     """Each mode timed against an FP model of its own window: the two are built side by side and stepped in
     turn, so that machine drift hits both alike and only two models are held at once (SmolLM2's shape with
-    every format would not fit otherwise); the FP row is the median of every window's FP steps. With
-    ``memory``, each mode's peak RSS in a process of its own."""
-    def steps_of(step, *others) -> list[list[float]]:
-        for fn in (step, *others):  # one warm-up step each
+    every format would not fit otherwise); the FP row is the median of every window's FP steps. ``backends``:
+    the same QAT model stepped on each engine in turn within the window (``HF_QAT_BACKEND`` is read at every
+    call), one row each; None: the environment's. With ``memory``, each row's peak RSS in a process of its own."""
+    def steps_of(*fns) -> list[list[float]]:
+        for fn in fns:  # one warm-up step each (the compiled engine compiles here)
             fn()
-        times = [[] for _ in (step, *others)]
+        times = [[] for _ in fns]
         for _ in range(iters):
-            for k, fn in enumerate((step, *others)):
+            for k, fn in enumerate(fns):
                 times[k].append(timed(fn, "cpu"))
         return times
 
+    def on(backend: str, step):
+        def run():
+            os.environ["HF_QAT_BACKEND"] = backend
+            step()
+        return run
+
     fp_step = build(model_name, "fp", "cpu", torch.float32, experts_implementation)[2]
     tokens = MODELS[model_name]["batch"] * MODELS[model_name]["seq"]
+    engines = backends or [requested_backend()]
     fp_times, rows = [], []
     for mode in modes(model_name)[1:]:
         step = build(model_name, mode, "cpu", torch.float32, experts_implementation)[2]
-        fp_window, mode_times = steps_of(fp_step, step)
+        fp_window, *mode_times = steps_of(fp_step, *(on(backend, step) for backend in engines))
         del step
         gc.collect()
         fp_times.extend(fp_window)
-        rows.append({"model": model_name, "experts_implementation": experts_implementation, "mode": mode,
-                     "step_ms": statistics.median(mode_times) * 1e3, "fp_step_ms": statistics.median(fp_window) * 1e3,
-                     "tokens_per_step": tokens})
-        print(f"  {mode}: {rows[-1]['step_ms']:.1f} ms against FP {rows[-1]['fp_step_ms']:.1f} ms", flush=True)
+        for backend, times in zip(engines, mode_times):
+            rows.append({"model": model_name, "experts_implementation": experts_implementation, "mode": mode,
+                         "backend": backend, "step_ms": statistics.median(times) * 1e3,
+                         "fp_step_ms": statistics.median(fp_window) * 1e3, "tokens_per_step": tokens})
+            print(f"  {mode} [{backend}]: {rows[-1]['step_ms']:.1f} ms against FP {rows[-1]['fp_step_ms']:.1f} ms",
+                  flush=True)
     rows.insert(0, {"model": model_name, "experts_implementation": experts_implementation, "mode": "fp",
-                    "step_ms": statistics.median(fp_times) * 1e3, "tokens_per_step": tokens})
+                    "backend": None, "step_ms": statistics.median(fp_times) * 1e3, "tokens_per_step": tokens})
     for row in rows:
-        row["peak_bytes"] = peak_rss(model_name, row["mode"], 2, experts_implementation) if memory else None
+        row["peak_bytes"] = (peak_rss(model_name, row["mode"], 2, experts_implementation, row["backend"])
+                             if memory else None)
     return rows
 
 
@@ -218,6 +233,8 @@ def main() -> None:
     parser.add_argument("--all-formats", action="store_true", help="every family and llama.cpp file type")
     parser.add_argument("--modes", nargs="+", default=None, help="only these modes (fp is always first)")
     parser.add_argument("--memory", action="store_true", help="CPU: each mode's peak RSS in a fresh process")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
+                        help="CPU: step each QAT model on these engines in turn (e.g. torch compiled)")
     parser.add_argument("--batch", type=int, default=None, help="override the model's batch size")
     parser.add_argument("--seq", type=int, default=None, help="override the model's sequence length")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_overhead.json"))
@@ -243,13 +260,14 @@ def main() -> None:
     for name in models:
         for label, implementation in variants(name):
             model_rows = (measure_cuda(name, iters, implementation) if device == "cuda" else
-                          measure_cpu(name, iters, implementation, memory=args.memory))
+                          measure_cpu(name, iters, implementation, memory=args.memory, backends=args.backends))
             base = model_rows[0]
             for row in model_rows:
                 row["time_ratio"] = row["step_ms"] / row.get("fp_step_ms", base["step_ms"])  # its own FP window
                 row["memory_ratio"] = row["peak_bytes"] / base["peak_bytes"] if row["peak_bytes"] else None
                 memory = f", peak {row['peak_bytes'] / 2**30:.2f} GiB (x{row['memory_ratio']:.3f})" if row["peak_bytes"] else ""
-                print(f"{label:<24} {row['mode']:<13} {row['step_ms']:9.2f} ms/step (x{row['time_ratio']:.3f}){memory}")
+                engine = f" [{row['backend']}]" if row.get("backend") else ""
+                print(f"{label:<24} {row['mode'] + engine:<24} {row['step_ms']:9.2f} ms/step (x{row['time_ratio']:.3f}){memory}")
             rows.extend(model_rows)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
