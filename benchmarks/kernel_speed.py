@@ -1,16 +1,17 @@
 """Weight fake-quant throughput: GB/s and fraction of the device's measured copy bandwidth.
 
-    python benchmarks/kernel_speed.py [--shapes real|small] [--dtype bf16] [--out benchmarks/results/kernels.json]
+    python benchmarks/kernel_speed.py [--shapes real|small] [--dtype bf16] [--family lsq|mxfp4|nvfp4]
+                                      [--out benchmarks/results/kernels.json]
 
-For each weight shape (real models: 576x1536, 2048x8192, 4096x14336) and 4-bit LSQ in groups of 32,
-times forward and forward+backward of:
+For each weight shape (real models: 576x1536, 2048x8192, 4096x14336) and 4-bit LSQ in groups of 32 (or MXFP4,
+NVFP4 in their blocks), times forward and forward+backward of:
   * torch eager: the PyTorch reference (hf_qat.quantizers.reference) through the autograd Function
-  * torch.compile of that reference
-  * torchao's IntxFakeQuantizer on the same grid (int4, symmetric, group 32), if torchao is installed
-  * the Triton kernels (hf_qat.kernels)
+  * on a CPU, hf_qat's compiled engine (HF_QAT_BACKEND=compiled: that reference compiled by TorchInductor)
+  * on a GPU, torch.compile of the reference, torchao's IntxFakeQuantizer on the same grid (int4, symmetric,
+    group 32; LSQ only) if torchao is installed, and the Triton kernels (hf_qat.kernels)
 Bytes counted: forward reads W and writes W_q (4 bytes per bf16 weight); forward+backward adds reading
 the gradient and W and writing the weight gradient (10 bytes per weight). Scale tensors are ignored.
-On a CPU the script runs the small shapes with eager torch only (a check that it works).
+On a CPU the script runs the small shapes unless ``--shapes real``.
 
 (Named kernel_speed.py, not kernels.py: running a script in benchmarks/ puts this folder on sys.path, where
 a kernels.py would shadow the Hugging Face kernels package that transformers imports.)
@@ -63,27 +64,31 @@ def copy_bandwidth(device: str, dtype: torch.dtype, iters: int) -> float:
 
 def methods(spec, device: str):
     """name -> (forward(w, s), forward_backward(w, s, g)) callables; missing methods are skipped."""
-    from hf_qat.kernels.dispatch import WeightFakeQuant
+    from hf_qat.kernels.dispatch import weight_fake_quant
 
     def with_backend(backend):
         def forward(w, s):
             os.environ["HF_QAT_BACKEND"] = backend
             with torch.no_grad():
-                return WeightFakeQuant.apply(w, s, spec)
+                return weight_fake_quant(w, s, spec)
 
         def forward_backward(w, s, g):
             os.environ["HF_QAT_BACKEND"] = backend
             w.grad = s.grad = None
-            WeightFakeQuant.apply(w, s, spec).backward(g)
+            weight_fake_quant(w, s, spec).backward(g)
 
         return forward, forward_backward
 
     out = {"torch eager": with_backend("torch")}
+    if device == "cpu":
+        out["compiled (hf_qat)"] = with_backend("compiled")
     if device == "cuda":
         fwd, fwd_bwd = with_backend("torch")
         out["torch.compile"] = (torch.compile(fwd), torch.compile(fwd_bwd))
         out["triton (hf_qat)"] = with_backend("triton")
         try:
+            if spec.grid.magnitudes:
+                raise ImportError("torchao's IntxFakeQuantizer is an integer grid")
             from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer
 
             quantizer = IntxFakeQuantizer(IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True)).to(device)
@@ -107,6 +112,7 @@ def main() -> None:
     parser.add_argument("--shapes", choices=["real", "small"], default=None)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--family", default="lsq", choices=["lsq", "mxfp4", "nvfp4"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels.json"))
     args = parser.parse_args()
     from hf_qat.quantizers import ScaleLayout, get_quantizer
@@ -115,7 +121,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     shapes = REAL_SHAPES if (args.shapes or ("real" if device == "cuda" else "small")) == "real" else SMALL_SHAPES
-    quantizer = get_quantizer("lsq", 4)
+    quantizer = get_quantizer(args.family, 4)
+    group = quantizer.block_size or 32
     bandwidth = copy_bandwidth(device, dtype, args.iters)
     machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
     print(f"{machine}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s ({args.dtype})")
@@ -123,9 +130,9 @@ def main() -> None:
     for shape in shapes:
         gen = torch.Generator().manual_seed(0)
         w = (torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=dtype).requires_grad_(True)
-        s = quantizer.init_scale(ScaleLayout(32).scale_view(w.detach().float())).to(dtype).requires_grad_(True)
+        s = quantizer.init_scale(ScaleLayout(group).scale_view(w.detach().float())).to(dtype).requires_grad_(True)
         g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-        spec = WeightQuantSpec(quantizer.grid(), 32, torch.float16,
+        spec = WeightQuantSpec(quantizer.grid(), group, quantizer.scale_dtype or torch.float16,
                                quantizer.grad_scale(w.numel(), s.numel(), "paretoq"))
         numel, size = w.numel(), w.element_size()
         for name, (forward, forward_backward) in methods(spec, device).items():
@@ -143,7 +150,8 @@ def main() -> None:
     os.environ.pop("HF_QAT_BACKEND", None)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"machine": machine, "dtype": args.dtype, "copy_GBps": bandwidth / 1e9, "results": rows}, fh, indent=2)
+        json.dump({"machine": machine, "dtype": args.dtype, "family": args.family, "copy_GBps": bandwidth / 1e9,
+                   "results": rows}, fh, indent=2)
     print(f"wrote {args.out}")
 
 
