@@ -106,8 +106,10 @@ def test_fsdp2_trains_and_exports_a_k_quant_like_one_process(tmp_path):
     assert pairs and all(r0["state"][name].shape[-1] == 2 for name in pairs)
     for name in r0["state"]:
         assert torch.equal(r0["state"][name], r1["state"][name]), name
-    for a, b in zip(r0["losses"], single["losses"]):  # 256 wide: sharded reductions differ more than at 32
-        assert abs(a - b) <= 1e-4 * abs(b)
+    # 256 wide: sharded reductions differ more than at 32, and a code that one run rounds the other way shifts a
+    # loss for a step or two (seen: 1.2e-4 of it once in 10 steps, with transformers 5.25 and torch 2.13)
+    gaps = [abs(a - b) / abs(b) for a, b in zip(r0["losses"], single["losses"], strict=True)]
+    assert len(gaps) == 10 and max(gaps) <= 5e-4 and sorted(gaps)[len(gaps) // 2] <= 2e-5, gaps
     sharded, reference = torch.load(tmp_path / "fsdp" / "blocks0.pt"), torch.load(tmp_path / "single" / "blocks0.pt")
     assert torch.load(tmp_path / "fsdp" / "blocks1.pt") == {}  # rank 1 took part in the gathers and kept nothing
     assert sorted(sharded) == sorted(reference) and len(reference) == 14
