@@ -81,29 +81,34 @@ def methods(spec, device: str):
 
     out = {"torch eager": with_backend("torch")}
     if device == "cpu":
-        out["compiled (hf_qat)"] = with_backend("compiled")
+        from hf_qat.kernels.compiled_engine import CompiledEngine
+
+        reason = CompiledEngine().refusal(torch.zeros(1))
+        if reason is None:
+            out["compiled (hf_qat)"] = with_backend("compiled")
+        else:
+            print(f"the compiled engine {reason}; skipping it")
     if device == "cuda":
         fwd, fwd_bwd = with_backend("torch")
         out["torch.compile"] = (torch.compile(fwd), torch.compile(fwd_bwd))
         out["triton (hf_qat)"] = with_backend("triton")
-        try:
-            if spec.grid.magnitudes:
-                raise ImportError("torchao's IntxFakeQuantizer is an integer grid")
-            from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer
+        if not spec.grid.magnitudes:  # torchao's IntxFakeQuantizer is an integer grid
+            try:
+                from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer
 
-            quantizer = IntxFakeQuantizer(IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True)).to(device)
+                quantizer = IntxFakeQuantizer(IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True)).to(device)
 
-            def ao_forward(w, s):
-                with torch.no_grad():
-                    return quantizer(w)
+                def ao_forward(w, s):
+                    with torch.no_grad():
+                        return quantizer(w)
 
-            def ao_forward_backward(w, s, g):
-                w.grad = None
-                quantizer(w).backward(g)
+                def ao_forward_backward(w, s, g):
+                    w.grad = None
+                    quantizer(w).backward(g)
 
-            out["torchao IntxFakeQuantizer"] = (ao_forward, ao_forward_backward)
-        except ImportError as err:
-            print(f"torchao not available ({err}); skipping it")
+                out["torchao IntxFakeQuantizer"] = (ao_forward, ao_forward_backward)
+            except ImportError as err:
+                print(f"torchao not available ({err}); skipping it")
     return out
 
 

@@ -178,8 +178,15 @@ def measure_cpu(model_name: str, iters: int, experts_implementation: str | None 
 
     def on(backend: str, step):
         def run():
+            before = os.environ.get("HF_QAT_BACKEND")
             os.environ["HF_QAT_BACKEND"] = backend
-            step()
+            try:
+                step()
+            finally:  # the next model is built, and the JSON labelled, under the caller's setting
+                if before is None:
+                    del os.environ["HF_QAT_BACKEND"]
+                else:
+                    os.environ["HF_QAT_BACKEND"] = before
         return run
 
     fp_step = build(model_name, "fp", "cpu", torch.float32, experts_implementation)[2]
@@ -250,6 +257,8 @@ def main() -> None:
             del MODES[mode]
     for name in args.model or ():
         MODELS[name].update({k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v is not None})
+    if args.backends and device == "cuda":
+        parser.error("--backends compares engines on a CPU; on CUDA set HF_QAT_BACKEND (auto runs Triton)")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     models = args.model or (["smollm2-135m", "qwen3-moe-gpu"] if device == "cuda" else ["demo", "tiny", "qwen3-moe",
                                                                                       "dense-active"])
@@ -271,7 +280,7 @@ def main() -> None:
             rows.extend(model_rows)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"machine": machine, "dtype": str(dtype), "backend": requested_backend(),
+        json.dump({"machine": machine, "dtype": str(dtype), "backend": " ".join(args.backends or [requested_backend()]),
                    "results": rows}, fh, indent=2)
     print(f"wrote {args.out}")
 

@@ -188,7 +188,7 @@ def test_backend_override_must_be_known(monkeypatch):
     from hf_qat.kernels import select_engine
 
     monkeypatch.setenv("HF_QAT_BACKEND", "cuda")
-    with pytest.raises(ValueError, match=r"HF_QAT_BACKEND='cuda' .*auto, triton, torch"):
+    with pytest.raises(ValueError, match=r"HF_QAT_BACKEND='cuda' .*auto, triton, torch, compiled"):
         select_engine(torch.zeros(1))
 
 

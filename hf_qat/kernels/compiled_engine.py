@@ -42,10 +42,15 @@ TORCH_CHECKED = torch.torch_version.TorchVersion(torch.__version__) >= MIN_TORCH
 warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped function")
 
 
+def cxx_compiler() -> str:
+    """The C++ compiler TorchInductor will call: ``$CXX``, else g++ (clang++ on macOS)."""
+    return os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+
+
 @functools.lru_cache(maxsize=None)
 def cxx_available() -> bool:
-    """Whether the C++ compiler TorchInductor will call is on the PATH (``$CXX``, else g++; clang++ on macOS)."""
-    return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")) is not None
+    """Whether :func:`cxx_compiler` is on the PATH (looked up once per process)."""
+    return shutil.which(cxx_compiler()) is not None
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,7 +84,8 @@ class CompiledEngine:
             return (f"needs torch >= {'.'.join(map(str, MIN_TORCH))} (its compiled passes are checked bit for bit "
                     f"there), and this is torch {torch.__version__}")
         if not cxx_available():
-            return "needs a C++ compiler on a CPU (TorchInductor builds its kernels with one): install g++ (or set CXX to one)"
+            return (f"needs a C++ compiler on a CPU (TorchInductor builds its kernels with one) and found no "
+                    f"{cxx_compiler()} on the PATH: install it, or set CXX to a C++ compiler")
         return None
 
     def weight_forward(self, weight, s_r, step, spec):

@@ -106,10 +106,12 @@ def test_fsdp2_trains_and_exports_a_k_quant_like_one_process(tmp_path):
     assert pairs and all(r0["state"][name].shape[-1] == 2 for name in pairs)
     for name in r0["state"]:
         assert torch.equal(r0["state"][name], r1["state"][name]), name
-    # 256 wide: sharded reductions differ more than at 32, and a code that one run rounds the other way shifts a
-    # loss for a step or two (seen: 1.2e-4 of it once in 10 steps, with transformers 5.25 and torch 2.13)
+    # 256 wide: sharded reductions differ more than at 32, and in QAT a code that one run rounds the other way
+    # shifts a loss for a step (seen: 1.2e-4 once in the 6 QAT steps, with transformers 5.25 and torch 2.13)
     gaps = [abs(a - b) / abs(b) for a, b in zip(r0["losses"], single["losses"], strict=True)]
-    assert len(gaps) == 10 and max(gaps) <= 5e-4 and sorted(gaps)[len(gaps) // 2] <= 2e-5, gaps
+    fp, qat = gaps[:4], gaps[4:]  # the script's QAT starts at step 4 of 10
+    assert len(qat) == 6 and max(fp) <= 1e-4, gaps
+    assert max(qat) <= 3e-4 and sum(g > 5e-5 for g in qat) <= 1, gaps
     sharded, reference = torch.load(tmp_path / "fsdp" / "blocks0.pt"), torch.load(tmp_path / "single" / "blocks0.pt")
     assert torch.load(tmp_path / "fsdp" / "blocks1.pt") == {}  # rank 1 took part in the gathers and kept nothing
     assert sorted(sharded) == sorted(reference) and len(reference) == 14
