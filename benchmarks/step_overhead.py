@@ -3,12 +3,13 @@ MXFP4 and NVFP4 QAT (weight-only).
 
     python benchmarks/step_overhead.py [--model smollm2-135m|demo|tiny|qwen3-moe|qwen3-moe-gpu|dense-active]
                                        [--all-formats] [--modes M ...] [--memory] [--batch B --seq L] [--iters N]
-                                       [--backends torch compiled]
+                                       [--backends torch compiled] [--optimizer fused|foreach|loop]
                                        [--out benchmarks/results/step_overhead.json]
 
-Times a full optimizer step (forward, backward, AdamW) and records peak memory for the same model in
-each mode. On a CPU each mode is timed in turn with an FP twin stepped alternately (its ratio is to that
-window's FP step), so two models are held at a time whatever the number of modes. On a GPU the default models are SmolLM2-135M-shaped (576 hidden, 30 layers, 49152 vocab)
+Times a full optimizer step (forward, backward, AdamW: fused, the Trainer's default, unless ``--optimizer``)
+and records peak memory for the same model in each mode. On a CPU each mode is timed in turn with an FP twin
+stepped alternately (its ratio is the median of each step over the FP step just before it), so two models are
+held at a time whatever the number of modes. On a GPU the default models are SmolLM2-135M-shaped (576 hidden, 30 layers, 49152 vocab)
 and a Qwen3-MoE-shaped model (8 experts, 2 active) in bf16; on a CPU the demo model (0.23M parameters,
 what CI trains), the tests' tiny model, a small Qwen3-MoE (8 experts, 2 active) and the dense Qwen3 with
 its active parameters. A mixture of experts is timed once per transformers experts implementation
@@ -69,6 +70,9 @@ MODELS.update({
                           batch=8, seq=1024),
 })
 EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+# AdamW as the Trainer builds it: fused is its default optim ("adamw_torch_fused") since torch 2.8, on a CPU too;
+# a per-parameter loop pays for every small scale tensor QAT adds (about 0.05x of a SmolLM2-135M step on 2 cores).
+OPTIMIZERS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "loop": dict(foreach=False, fused=False)}
 MODES = {
     "fp": None,
     "w4 QAT": dict(bits=4, group_size=32),
@@ -107,7 +111,8 @@ def modes(model_name: str) -> list[str]:
     return [m for m in MODES if not (moe and MODES[m] and MODES[m].get("activation_bits"))]
 
 
-def build(model_name: str, mode: str, device: str, dtype: torch.dtype, experts_implementation: str | None = None):
+def build(model_name: str, mode: str, device: str, dtype: torch.dtype, experts_implementation: str | None = None,
+          optimizer: str = "fused"):
     """(model, optimizer, step function) for one mode."""
     spec = MODELS[model_name]
     fields = dict(spec["config"])
@@ -120,7 +125,7 @@ def build(model_name: str, mode: str, device: str, dtype: torch.dtype, experts_i
     if MODES[mode] is not None:
         hf_qat.prepare_model_for_qat(model, qat_config(mode))
         hf_qat.activate_qat(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **OPTIMIZERS[optimizer])
     x = torch.randint(0, spec["config"]["vocab_size"], (spec["batch"], spec["seq"]), device=device)
 
     def step():
@@ -140,7 +145,7 @@ def timed(step, device: str) -> float:
 
 
 def peak_rss(model_name: str, mode: str | None, iters: int, experts_implementation: str | None,
-             backend: str | None = None) -> int:
+             backend: str | None = None, optimizer: str = "fused") -> int:
     """Peak resident bytes of a fresh process that builds ``mode`` and takes ``iters`` steps (CPU peak memory:
     parameters, optimizer state, activations and every temporary of the step) over one that only imports the
     libraries (``mode=None``: that baseline itself)."""
@@ -148,20 +153,20 @@ def peak_rss(model_name: str, mode: str | None, iters: int, experts_implementati
     code = ("import sys; sys.path.insert(0, %r); import step_overhead as b; b.MODES.update(b.EVERY_FORMAT); "
             "b.MODELS[%r].update(batch=%d, seq=%d)\n"
             "if %r is not None:\n"
-            "    step = b.build(%r, %r, 'cpu', b.torch.float32, %r)[2]\n"
+            "    step = b.build(%r, %r, 'cpu', b.torch.float32, %r, %r)[2]\n"
             "    for _ in range(%d): step()\n"
             "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))") % (
         os.path.dirname(os.path.abspath(__file__)), model_name, spec["batch"], spec["seq"], mode, model_name, mode,
-        experts_implementation, iters)
+        experts_implementation, optimizer, iters)
     env = dict(os.environ, **({"HF_QAT_BACKEND": backend} if backend else {}))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     # VmHWM (KiB): the high-water mark of this process's own memory (ru_maxrss would carry the parent's over fork)
     peak = int(out.stdout.split()[-1]) * 1024
-    return peak if mode is None else peak - peak_rss(model_name, None, 0, experts_implementation, backend)
+    return peak if mode is None else peak - peak_rss(model_name, None, 0, experts_implementation, backend, optimizer)
 
 
 def measure_cpu(model_name: str, iters: int, experts_implementation: str | None = None,
-                memory: bool = False, backends: list[str] | None = None) -> list[dict]:
+                memory: bool = False, backends: list[str] | None = None, optimizer: str = "fused") -> list[dict]:
     """Each mode timed against an FP model of its own window: the two are built side by side and stepped in
     turn, so that machine drift hits both alike and only two models are held at once (SmolLM2's shape with
     every format would not fit otherwise); the FP row is the median of every window's FP steps. ``backends``:
@@ -189,35 +194,40 @@ def measure_cpu(model_name: str, iters: int, experts_implementation: str | None 
                     os.environ["HF_QAT_BACKEND"] = before
         return run
 
-    fp_step = build(model_name, "fp", "cpu", torch.float32, experts_implementation)[2]
+    fp_step = build(model_name, "fp", "cpu", torch.float32, experts_implementation, optimizer)[2]
     tokens = MODELS[model_name]["batch"] * MODELS[model_name]["seq"]
     engines = backends or [requested_backend()]
     fp_times, rows = [], []
     for mode in modes(model_name)[1:]:
-        step = build(model_name, mode, "cpu", torch.float32, experts_implementation)[2]
+        step = build(model_name, mode, "cpu", torch.float32, experts_implementation, optimizer)[2]
         fp_window, *mode_times = steps_of(fp_step, *(on(backend, step) for backend in engines))
         del step
         gc.collect()
         fp_times.extend(fp_window)
         for backend, times in zip(engines, mode_times):
+            # the ratio is the median of each step over the FP step just before it: a drift of the machine between
+            # iterations (seconds on a shared CPU) cancels out of each pair
             rows.append({"model": model_name, "experts_implementation": experts_implementation, "mode": mode,
                          "backend": backend, "step_ms": statistics.median(times) * 1e3,
-                         "fp_step_ms": statistics.median(fp_window) * 1e3, "tokens_per_step": tokens})
-            print(f"  {mode} [{backend}]: {rows[-1]['step_ms']:.1f} ms against FP {rows[-1]['fp_step_ms']:.1f} ms",
-                  flush=True)
+                         "fp_step_ms": statistics.median(fp_window) * 1e3, "tokens_per_step": tokens,
+                         "time_ratio": statistics.median(t / fp for t, fp in zip(times, fp_window)),
+                         "steps_ms": [t * 1e3 for t in times], "fp_steps_ms": [t * 1e3 for t in fp_window]})
+            print(f"  {mode} [{backend}]: {rows[-1]['step_ms']:.1f} ms against FP {rows[-1]['fp_step_ms']:.1f} ms, "
+                  f"x{rows[-1]['time_ratio']:.3f} step by step", flush=True)
     rows.insert(0, {"model": model_name, "experts_implementation": experts_implementation, "mode": "fp",
                     "backend": None, "step_ms": statistics.median(fp_times) * 1e3, "tokens_per_step": tokens})
     for row in rows:
-        row["peak_bytes"] = (peak_rss(model_name, row["mode"], 2, experts_implementation, row["backend"])
+        row["peak_bytes"] = (peak_rss(model_name, row["mode"], 2, experts_implementation, row["backend"], optimizer)
                              if memory else None)
     return rows
 
 
-def measure_cuda(model_name: str, iters: int, experts_implementation: str | None = None) -> list[dict]:
+def measure_cuda(model_name: str, iters: int, experts_implementation: str | None = None,
+                 optimizer: str = "fused") -> list[dict]:
     """One mode at a time (peak memory must be per mode)."""
     rows = []
     for mode in modes(model_name):
-        model, optimizer, step = build(model_name, mode, "cuda", torch.bfloat16, experts_implementation)
+        model, adamw, step = build(model_name, mode, "cuda", torch.bfloat16, experts_implementation, optimizer)
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -227,7 +237,7 @@ def measure_cuda(model_name: str, iters: int, experts_implementation: str | None
                      "step_ms": statistics.median(times) * 1e3,
                      "peak_bytes": torch.cuda.max_memory_allocated(),
                      "tokens_per_step": MODELS[model_name]["batch"] * MODELS[model_name]["seq"]})
-        del model, optimizer, step
+        del model, adamw, step
         gc.collect()
         torch.cuda.empty_cache()
     return rows
@@ -242,6 +252,8 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="CPU: each mode's peak RSS in a fresh process")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                         help="CPU: step each QAT model on these engines in turn (e.g. torch compiled)")
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="fused",
+                        help="AdamW's implementation (fused: the Trainer's default)")
     parser.add_argument("--batch", type=int, default=None, help="override the model's batch size")
     parser.add_argument("--seq", type=int, default=None, help="override the model's sequence length")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_overhead.json"))
@@ -264,15 +276,17 @@ def main() -> None:
                                                                                       "dense-active"])
     iters = args.iters or (20 if device == "cuda" else 30)
     machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
-    print(f"{machine}, {dtype}, torch {torch.__version__}, HF_QAT_BACKEND={requested_backend()}")
+    print(f"{machine}, {dtype}, torch {torch.__version__}, HF_QAT_BACKEND={requested_backend()}, "
+          f"AdamW {args.optimizer}")
     rows = []
     for name in models:
         for label, implementation in variants(name):
-            model_rows = (measure_cuda(name, iters, implementation) if device == "cuda" else
-                          measure_cpu(name, iters, implementation, memory=args.memory, backends=args.backends))
+            model_rows = (measure_cuda(name, iters, implementation, args.optimizer) if device == "cuda" else
+                          measure_cpu(name, iters, implementation, memory=args.memory, backends=args.backends,
+                                      optimizer=args.optimizer))
             base = model_rows[0]
             for row in model_rows:
-                row["time_ratio"] = row["step_ms"] / row.get("fp_step_ms", base["step_ms"])  # its own FP window
+                row.setdefault("time_ratio", row["step_ms"] / base["step_ms"])  # CPU rows: paired with their FP steps
                 row["memory_ratio"] = row["peak_bytes"] / base["peak_bytes"] if row["peak_bytes"] else None
                 memory = f", peak {row['peak_bytes'] / 2**30:.2f} GiB (x{row['memory_ratio']:.3f})" if row["peak_bytes"] else ""
                 engine = f" [{row['backend']}]" if row.get("backend") else ""
@@ -281,6 +295,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"machine": machine, "dtype": str(dtype), "backend": " ".join(args.backends or [requested_backend()]),
+                   "optimizer": args.optimizer,
                    "results": rows}, fh, indent=2)
     print(f"wrote {args.out}")
 
