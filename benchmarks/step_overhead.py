@@ -8,7 +8,7 @@ MXFP4 and NVFP4 QAT (weight-only).
 
 Times a full optimizer step (forward, backward, AdamW: fused, the Trainer's default, unless ``--optimizer``)
 and records peak memory for the same model in each mode. On a CPU each mode is timed in turn with an FP twin
-stepped alternately (its ratio is the median of each step over the FP step just before it), so two models are
+stepped alternately (its ratio is the median of each step over the FP step of the same round), so two models are
 held at a time whatever the number of modes. On a GPU the default models are SmolLM2-135M-shaped (576 hidden, 30 layers, 49152 vocab)
 and a Qwen3-MoE-shaped model (8 experts, 2 active) in bf16; on a CPU the demo model (0.23M parameters,
 what CI trains), the tests' tiny model, a small Qwen3-MoE (8 experts, 2 active) and the dense Qwen3 with
@@ -205,8 +205,8 @@ def measure_cpu(model_name: str, iters: int, experts_implementation: str | None 
         gc.collect()
         fp_times.extend(fp_window)
         for backend, times in zip(engines, mode_times):
-            # the ratio is the median of each step over the FP step just before it: a drift of the machine between
-            # iterations (seconds on a shared CPU) cancels out of each pair
+            # the ratio is the median of each step over the FP step of the same round: a drift of the machine between
+            # rounds (seconds on a shared CPU) cancels out of each pair
             rows.append({"model": model_name, "experts_implementation": experts_implementation, "mode": mode,
                          "backend": backend, "step_ms": statistics.median(times) * 1e3,
                          "fp_step_ms": statistics.median(fp_window) * 1e3, "tokens_per_step": tokens,
