@@ -118,11 +118,19 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# The engines that need Triton or the compiler: imported on first use, one instance per process.
 @functools.lru_cache(maxsize=None)
-def _engine(module: str, name: str) -> Engine:
-    """One instance per process of an engine whose module is imported on first use (Triton and the
-    compiler stay unimported until a run asks for them)."""
-    return getattr(importlib.import_module(f".{module}", __package__), name)()
+def _triton_engine() -> Engine:
+    from .triton_engine import TritonEngine
+
+    return TritonEngine()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_engine() -> Engine:
+    from .compiled_engine import CompiledEngine
+
+    return CompiledEngine()
 
 
 def requested_backend() -> str:
@@ -140,7 +148,7 @@ def select_engine(tensor: torch.Tensor) -> Engine:
     if backend == "compiled":
         if torch.compiler.is_compiling():  # a compiled model (Trainer torch_compile=True) compiles the reference itself
             return _TORCH
-        engine = _engine("compiled_engine", "CompiledEngine")
+        engine = _compiled_engine()
         reason = engine.refusal(tensor)
         if reason is not None:
             raise RuntimeError(f"{ENV_VAR}=compiled {reason}; or use {ENV_VAR}=torch")
@@ -153,8 +161,8 @@ def select_engine(tensor: torch.Tensor) -> Engine:
                 f"{ENV_VAR}=triton but the tensor is on {tensor.device}: Triton runs CUDA tensors, or CPU "
                 "tensors only under TRITON_INTERPRET=1 (slow, for tests)"
             )
-        return _engine("triton_engine", "TritonEngine")
-    return _engine("triton_engine", "TritonEngine") if tensor.is_cuda and triton_available() else _TORCH
+        return _triton_engine()
+    return _triton_engine() if tensor.is_cuda and triton_available() else _TORCH
 
 
 class WeightFakeQuant(torch.autograd.Function):
