@@ -297,3 +297,69 @@ def test_a_weight_changed_between_forward_and_backward_is_an_error_and_checkpoin
         layer(x).sum().backward()
     assert torch.Size([layer.out_features, layer.in_features]) in [torch.Size(s) for s in seen] or \
         torch.Size([layer.in_features, layer.out_features]) in [torch.Size(s) for s in seen]
+
+
+# Embeddings of each kind of family: (config, whether a row's quantized values depend on its own row alone).
+EMBEDDING_FORMATS = {
+    "lsq g16": (dict(bits=4, group_size=16, embedding_bits=4), True),
+    "absmax channel": (dict(bits=4, group_size="channel", embedding_bits=8, embedding_method="absmax"), True),
+    "absmax tensor": (dict(bits=4, group_size="tensor", embedding_bits=8, embedding_method="absmax"), False),
+    "mxfp4": (dict(bits=4, method="mxfp4", embedding_bits=4, embedding_method="mxfp4"), True),
+    "nvfp4": (dict(bits=4, method="nvfp4", embedding_bits=4, embedding_method="nvfp4"), False),
+    "q4_k_m file": (dict(preset="q4_k_m"), True),
+    "iq4_nl file": (dict(preset="iq4_nl"), True),
+}
+
+
+@pytest.mark.parametrize("name,backend", [(name, "torch") for name in EMBEDDING_FORMATS]
+                         + [("q4_k_m file", "compiled"), ("mxfp4", "compiled")])
+def test_an_embedding_quantizes_only_the_rows_it_looks_up_with_the_same_values_and_gradients(name, backend,
+                                                                                              monkeypatch):
+    """An active QATEmbedding returns the rows of its fully fake-quantized table, bit for bit, and passes the
+    gradients of the table's lookup to the weight (exactly) and the scales (up to the order of a sum over repeated
+    tokens), padding_idx and scale_grad_by_freq included; where a row depends on its own scales alone, the fake
+    quantization sees only the batch's rows, never the table."""
+    fields, rows_alone = EMBEDDING_FORMATS[name]
+    monkeypatch.setenv("HF_QAT_BACKEND", backend)
+    model = tiny_llama(tie=False, hidden=256, vocab=96)
+    fields = dict(fields)
+    preset = fields.pop("preset", None)
+    cfg = QATConfig.from_preset(preset, start=0) if preset else QATConfig(start=0, **fields)
+    prepare_model_for_qat(model, cfg)
+    hf_qat.activate_qat(model)
+    embedding = model.model.embed_tokens
+    embedding.padding_idx, embedding.scale_grad_by_freq = 3, True
+    unit = embedding.weight_quantizer
+    assert isinstance(embedding, QATEmbedding) and unit.rows_independent == rows_alone
+    with torch.no_grad():
+        embedding.weight.mul_(torch.linspace(0.5, 2.0, 96).unsqueeze(1))  # rows of different ranges
+    ids = torch.tensor([[5, 3, 7, 7, 90], [7, 0, 3, 41, 5]])
+    grad = torch.randn(2, 5, 256)
+    unit.fake_quantize(embedding.weight)  # initialises the scales
+    learned = [embedding.weight] + ([unit.log_scale_ratio] if unit.log_scale_ratio is not None else [])
+
+    table = unit.fake_quantize(embedding.weight)
+    torch.nn.functional.embedding(ids, table, 3, None, 2.0, True).backward(grad)
+    expected = [t.grad.clone() for t in learned]
+    for t in learned:
+        t.grad = None
+
+    import hf_qat.model.unit as unit_module
+
+    seen = []
+    original = unit_module.weight_fake_quant
+
+    def spy(weight, *args, **kwargs):
+        seen.append(weight.shape[0])
+        return original(weight, *args, **kwargs)
+
+    monkeypatch.setattr(unit_module, "weight_fake_quant", spy)
+    out = embedding(ids)
+    assert torch.equal(out, torch.nn.functional.embedding(ids, unit.quantized(embedding.weight)))
+    assert seen == ([ids.numel()] if rows_alone else [96])
+    out.backward(grad)
+    assert torch.equal(embedding.weight.grad, expected[0])
+    assert embedding.weight.grad[3].abs().sum() == 0 and embedding.weight.grad[7].abs().sum() > 0
+    if len(learned) > 1:
+        torch.testing.assert_close(unit.log_scale_ratio.grad, expected[1], rtol=1e-5, atol=1e-9)
+        assert unit.log_scale_ratio.grad[7].abs().sum() > 0

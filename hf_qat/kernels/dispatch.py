@@ -140,13 +140,16 @@ def requested_backend() -> str:
     return value
 
 
-def select_engine(tensor: torch.Tensor) -> Engine:
-    """The engine for ``tensor`` under the current ``HF_QAT_BACKEND``."""
+def select_engine(tensor: torch.Tensor, rows_vary: bool = False) -> Engine:
+    """The engine for ``tensor`` under the current ``HF_QAT_BACKEND``; ``rows_vary``: a matrix whose number of rows
+    changes from call to call (an embedding's rows of one batch: few), which the compiled engine leaves to the
+    reference rather than compile a kernel for every batch's shape (the same bits)."""
     backend = requested_backend()
     if backend == "torch":
         return _TORCH
     if backend == "compiled":
-        if torch.compiler.is_compiling():  # a compiled model (Trainer torch_compile=True) compiles the reference itself
+        # a compiled model (Trainer torch_compile=True) compiles the reference itself
+        if torch.compiler.is_compiling() or rows_vary:
             return _TORCH
         engine = _compiled_engine()
         reason = engine.refusal(tensor)
@@ -171,8 +174,8 @@ class WeightFakeQuant(torch.autograd.Function):
     matrix is a contiguous copy made in each pass and never kept (only the stored weight is saved)."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor, spec: WeightQuantSpec, view: MatrixView) -> torch.Tensor:
-        engine = select_engine(weight)
+    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor, spec: WeightQuantSpec, view: MatrixView,
+                engine: Engine) -> torch.Tensor:
         s_r, step = prepare_scales(scale, spec.grid, spec.scale_dtype)
         ctx.save_for_backward(weight, scale, s_r, step)
         ctx.spec = spec
@@ -193,7 +196,7 @@ class WeightFakeQuant(torch.autograd.Function):
         )
         grad_scale = finish_scale_grad(group_sums, scale, spec.grad_scale) if need_scale_grad else None
         grad_weight = view.from_matrix(grad_matrix, weight.shape) if ctx.needs_input_grad[0] else None
-        return grad_weight, grad_scale, None, None
+        return grad_weight, grad_scale, None, None, None
 
 
 class ActivationFakeQuant(torch.autograd.Function):
@@ -209,15 +212,17 @@ class ActivationFakeQuant(torch.autograd.Function):
 
 
 def weight_fake_quant(weight: torch.Tensor, scale: torch.Tensor, spec: WeightQuantSpec,
-                      view: MatrixView = MatrixView()) -> torch.Tensor:
+                      view: MatrixView = MatrixView(), rows_vary: bool = False) -> torch.Tensor:
     """Differentiable weight fake quantization through the selected engine (``view``: how ``weight``
-    is seen as the matrix of the math; a 2-D weight is its own). A family with a forward of its own
+    is seen as the matrix of the math; a 2-D weight is its own; ``rows_vary``: rows looked up from a table,
+    whose number changes from call to call, see :func:`select_engine`). A family with a forward of its own
     (``spec.forward``, :meth:`~hf_qat.quantizers.family.Quantizer.own_forward`: ggml's blocks) is served by it,
     with the engine chosen here for its per-weight passes."""
+    engine = select_engine(weight, rows_vary)
     if spec.forward is not None:
         matrix = view.to_matrix(weight)
-        return view.from_matrix(spec.forward(matrix, scale, spec.grad_scale, select_engine(matrix)), weight.shape)
-    return WeightFakeQuant.apply(weight, scale, spec, view)
+        return view.from_matrix(spec.forward(matrix, scale, spec.grad_scale, engine), weight.shape)
+    return WeightFakeQuant.apply(weight, scale, spec, view, engine)
 
 
 def dequantize_packed(packed: torch.Tensor, bits: int, cols: int, table: torch.Tensor, step: torch.Tensor,

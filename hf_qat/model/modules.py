@@ -127,9 +127,16 @@ class QATEmbedding(QATWeightMixin, nn.Embedding):
         return module
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_quantizer.fake_quantize(self.weight) if self.weight_quantizer.is_active else self.weight
-        return F.embedding(input, weight, self.padding_idx, self.max_norm, self.norm_type,
-                           self.scale_grad_by_freq, self.sparse)
+        unit = self.weight_quantizer
+        if not unit.is_active:
+            return self._lookup(input, self.weight)
+        if unit.rows_independent:  # only the batch's rows of the table are quantized
+            return unit.fake_quantize_rows(self.weight, lambda table: self._lookup(input, table))
+        return self._lookup(input, unit.fake_quantize(self.weight))
+
+    def _lookup(self, input: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                           self.sparse)
 
     def to_embedding(self) -> nn.Embedding:
         embedding = nn.Embedding.__new__(nn.Embedding)

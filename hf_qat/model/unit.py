@@ -170,14 +170,41 @@ class WeightQuantizer(nn.Module):
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight on the grid, differentiable w.r.t. weight and ratio (initialises lazily in a
         single process)."""
-        if not self.is_initialized:
-            if world_size() > 1 or is_dtensor(weight):
-                raise QATRuntimeError(
-                    f"{self.name}: scales are not initialised. Under distributed training call "
-                    "hf_qat.initialize_scales(model) on every rank after activating QAT (QATCallback does this)"
-                )
-            self.initialize(weight)
+        self._initialize_lazily(weight)
         return weight_fake_quant(weight, self.scale(weight), self.spec, self.view)
+
+    def _initialize_lazily(self, weight: torch.Tensor) -> None:
+        if self.is_initialized:
+            return
+        if world_size() > 1 or is_dtensor(weight):
+            raise QATRuntimeError(
+                f"{self.name}: scales are not initialised. Under distributed training call "
+                "hf_qat.initialize_scales(model) on every rank after activating QAT (QATCallback does this)"
+            )
+        self.initialize(weight)
+
+    @property
+    def rows_independent(self) -> bool:
+        """Whether a row's quantized values depend on that row and its own scales alone (every family but NVFP4,
+        whose tensor scale ``g`` comes from all of them, on every layout but "tensor"), so that a lookup may
+        quantize only the rows it picks (:meth:`fake_quantize_rows`)."""
+        return self.view == MatrixView() and self.layout.group_size != "tensor" and not self.quantizer.tensor_scale
+
+    def fake_quantize_rows(self, weight: torch.Tensor, lookup: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``lookup(fake_quantize(weight))`` made from the rows the lookup picks alone, the same bits
+        (:attr:`rows_independent` units; ``lookup``: a differentiable row gather such as ``F.embedding`` of token
+        ids, applied to the weight and to the scales): an embedding quantizes the few rows of its batch, not
+        its table of the whole vocabulary, and the gradients reach the weight and scales through the lookup's
+        own backward."""
+        self._initialize_lazily(weight)
+        rows = lookup(weight)
+        matrix = rows.reshape(-1, rows.shape[-1])
+        if self.log_scale_ratio is None:  # recomputed from the weights: a row's from its own
+            scale = self.scale(matrix)
+        else:
+            table = self.scale(weight)
+            scale = lookup(table.reshape(table.shape[0], -1)).reshape(matrix.shape[0], *table.shape[1:])
+        return weight_fake_quant(matrix, scale, self.spec, rows_vary=True).reshape(rows.shape)
 
     @torch.no_grad()
     def requantize(self, weight: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,9 @@ class Quantizer:
     # The GGML types llama.cpp's file types give weights that this family trains (QATConfig.gguf_mix):
     # type -> (bits, group size); :func:`~.registry.family_of_ggml_type` asks every family.
     llama_cpp_types: ClassVar[dict[str, tuple[float, int]]] = {}
+    # Whether the format scales a whole tensor once more (NVFP4's fp32 ``g``, per matrix of an expert stack too),
+    # so that a row's quantized values depend on every row's scales, not on its own alone.
+    tensor_scale: ClassVar[bool] = False
 
     def __init__(self, bits: float | int) -> None:
         self.check_bits(bits)
@@ -175,8 +178,6 @@ class E2M1Quantizer(Quantizer):
     supported_bits = (4,)
     first_scale_divisor: ClassVar[float] = 6.0
     compressed_tensors_scheme: ClassVar[tuple[str, str]]
-    # Whether the format scales a whole tensor once more (NVFP4's fp32 ``g``, per matrix of an expert stack too).
-    tensor_scale: ClassVar[bool] = False
 
     def grid(self) -> Grid:
         return e2m1_grid()
