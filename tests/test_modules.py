@@ -8,7 +8,11 @@ from torch import nn
 
 import hf_qat
 from hf_qat import QATConfig, QATEmbedding, QATLinear, prepare_model_for_qat
+import hf_qat.model.unit as unit_module
+from hf_qat.kernels.compiled_engine import CompiledEngine, kernel as compiled_kernel
 from hf_qat.model.convert import find_targets, qat_modules
+from hf_qat.model.unit import WeightQuantizer
+from hf_qat.quantizers import available_quantizers, get_quantizer, get_quantizer_class
 from hf_qat.quantizers.reference import fake_quantize_activation
 from helpers import tiny_llama
 
@@ -309,16 +313,31 @@ EMBEDDING_FORMATS = {
     "q4_k_m file": (dict(preset="q4_k_m"), True),
     "iq4_nl file": (dict(preset="iq4_nl"), True),
 }
+needs_compiled = pytest.mark.skipif(CompiledEngine().refusal(torch.zeros(1)) is not None,
+                                    reason="the compiled engine needs a C++ compiler and torch >= 2.13")
+
+
+def _spy_on_fake_quant(monkeypatch) -> list[int]:
+    """The number of rows of every weight the units fake-quantize from now on."""
+    seen, original = [], unit_module.weight_fake_quant
+
+    def spy(weight, *args, **kwargs):
+        seen.append(weight.shape[0])
+        return original(weight, *args, **kwargs)
+
+    monkeypatch.setattr(unit_module, "weight_fake_quant", spy)
+    return seen
 
 
 @pytest.mark.parametrize("name,backend", [(name, "torch") for name in EMBEDDING_FORMATS]
-                         + [("q4_k_m file", "compiled"), ("mxfp4", "compiled")])
+                         + [pytest.param(name, "compiled", marks=needs_compiled) for name in ("q4_k_m file", "mxfp4")])
 def test_an_embedding_quantizes_only_the_rows_it_looks_up_with_the_same_values_and_gradients(name, backend,
                                                                                               monkeypatch):
     """An active QATEmbedding returns the rows of its fully fake-quantized table, bit for bit, and passes the
     gradients of the table's lookup to the weight (exactly) and the scales (up to the order of a sum over repeated
     tokens), padding_idx and scale_grad_by_freq included; where a row depends on its own scales alone, the fake
-    quantization sees only the batch's rows, never the table."""
+    quantization sees only the batch's rows, never the table (on the compiled engine: uncompiled, no kernel per
+    batch shape), and the whole table again once a batch holds as many tokens as the table has rows."""
     fields, rows_alone = EMBEDDING_FORMATS[name]
     monkeypatch.setenv("HF_QAT_BACKEND", backend)
     model = tiny_llama(tie=False, hidden=256, vocab=96)
@@ -344,22 +363,58 @@ def test_an_embedding_quantizes_only_the_rows_it_looks_up_with_the_same_values_a
     for t in learned:
         t.grad = None
 
-    import hf_qat.model.unit as unit_module
-
-    seen = []
-    original = unit_module.weight_fake_quant
-
-    def spy(weight, *args, **kwargs):
-        seen.append(weight.shape[0])
-        return original(weight, *args, **kwargs)
-
-    monkeypatch.setattr(unit_module, "weight_fake_quant", spy)
+    kernels = compiled_kernel.cache_info().currsize
+    seen = _spy_on_fake_quant(monkeypatch)
     out = embedding(ids)
     assert torch.equal(out, torch.nn.functional.embedding(ids, unit.quantized(embedding.weight)))
     assert seen == ([ids.numel()] if rows_alone else [96])
     out.backward(grad)
+    assert compiled_kernel.cache_info().currsize == kernels
     assert torch.equal(embedding.weight.grad, expected[0])
     assert embedding.weight.grad[3].abs().sum() == 0 and embedding.weight.grad[7].abs().sum() > 0
     if len(learned) > 1:
         torch.testing.assert_close(unit.log_scale_ratio.grad, expected[1], rtol=1e-5, atol=1e-9)
         assert unit.log_scale_ratio.grad[7].abs().sum() > 0
+
+    seen.clear()
+    many = torch.arange(96).repeat(2)
+    assert torch.equal(embedding(many), unit.quantized(embedding.weight)[many])
+    assert seen == [96]
+
+
+def _family_cases():
+    """Every registered family at its first bit width, on an embedding 512 wide (two k-quant super-blocks a row)."""
+    for family in available_quantizers():
+        cls = get_quantizer_class(family)
+        group = cls.block_size or 32
+        yield pytest.param(family, cls.supported_bits[0], group, id=family)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family,bits,group", list(_family_cases()))
+def test_every_family_quantizes_looked_up_rows_as_the_rows_of_its_table(family, bits, group, dtype, monkeypatch):
+    """For every family, from the lazy first forward on: the looked-up rows equal the rows of the whole table on its
+    grid (NVFP4, whose tensor scale couples the rows, quantizes the table), the weight gradient is the whole-table
+    path's, and a batch of no tokens gives no rows."""
+    monkeypatch.setenv("HF_QAT_BACKEND", "torch")
+    torch.manual_seed(0)
+    table = nn.Embedding(40, 512, dtype=dtype)
+    with torch.no_grad():
+        table.weight.mul_(torch.linspace(0.25, 4.0, 40, dtype=dtype).unsqueeze(1))
+    unit = WeightQuantizer(get_quantizer(family, bits), table.weight, group_size=group, scale_dtype="float32",
+                           scale_grad_mode="paretoq", name="embed_tokens")
+    embedding = QATEmbedding.from_embedding(table, unit)
+    unit.set_active(True)
+    ids = torch.tensor([[1, 9, 9, 30], [0, 39, 1, 9]])
+    seen = _spy_on_fake_quant(monkeypatch)
+    out = embedding(ids)  # initialises the scales from the whole table
+    assert unit.is_initialized and seen == [ids.numel() if unit.rows_independent else 40]
+    assert unit.rows_independent == (family != "nvfp4")
+    assert torch.equal(out, unit.quantized(table.weight)[ids])
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    got = table.weight.grad.clone()
+    table.weight.grad = None
+    torch.nn.functional.embedding(ids, unit.fake_quantize(table.weight)).backward(grad)
+    assert torch.equal(got, table.weight.grad)
+    assert embedding(ids[:, :0]).shape == (2, 0, 512)

@@ -3,7 +3,8 @@
 ``HF_QAT_BACKEND=auto|triton|torch|compiled`` (read on every call) overrides the choice. Forcing ``triton``
 where Triton cannot run (not installed, or a CPU tensor without ``TRITON_INTERPRET=1``) raises; it
 never falls back silently. ``compiled`` is the reference compiled by TorchInductor
-(:mod:`.compiled_engine`: fused passes for long CPU runs, after a compile of seconds per weight shape).
+(:mod:`.compiled_engine`: fused passes for long CPU runs, after a compile of seconds per weight shape); the rows
+an embedding looks up, whose number changes with the batch, run on the uncompiled reference there.
 
 The autograd Functions here are the only place that calls an engine. Scale rounding before the
 kernels and the scale-gradient finish after them are shared PyTorch code (``prepare_scales`` /

@@ -130,9 +130,7 @@ class QATEmbedding(QATWeightMixin, nn.Embedding):
         unit = self.weight_quantizer
         if not unit.is_active:
             return self._lookup(input, self.weight)
-        if unit.rows_independent:  # only the batch's rows of the table are quantized
-            return unit.fake_quantize_rows(self.weight, lambda table: self._lookup(input, table))
-        return self._lookup(input, unit.fake_quantize(self.weight))
+        return unit.fake_quantize_rows(self.weight, lambda table: self._lookup(input, table), input.numel())
 
     def _lookup(self, input: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return F.embedding(input, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,

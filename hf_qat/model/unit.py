@@ -26,7 +26,8 @@ matrix (``[E, 1]``); ParetoQ's gradient factor counts the weights of one expert 
 
 Methods that take a *full* weight expect the whole tensor (all-gathered under FSDP2: see
 :func:`hf_qat.model.distributed.full_tensor`); :meth:`fake_quantize` takes the weight as the forward sees
-it. A LoRA delta is an explicit input (``weight + delta``), never state.
+it, and :meth:`fake_quantize_rows` the rows of it a lookup picks. A LoRA delta is an explicit input
+(``weight + delta``), never state.
 """
 
 from __future__ import annotations
@@ -190,12 +191,16 @@ class WeightQuantizer(nn.Module):
         quantize only the rows it picks (:meth:`fake_quantize_rows`)."""
         return self.view == MatrixView() and self.layout.group_size != "tensor" and not self.quantizer.tensor_scale
 
-    def fake_quantize_rows(self, weight: torch.Tensor, lookup: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``lookup(fake_quantize(weight))`` made from the rows the lookup picks alone, the same bits
-        (:attr:`rows_independent` units; ``lookup``: a differentiable row gather such as ``F.embedding`` of token
-        ids, applied to the weight and to the scales): an embedding quantizes the few rows of its batch, not
-        its table of the whole vocabulary, and the gradients reach the weight and scales through the lookup's
-        own backward."""
+    def fake_quantize_rows(self, weight: torch.Tensor, lookup: Callable[[torch.Tensor], torch.Tensor],
+                           picked: int) -> torch.Tensor:
+        """``lookup(fake_quantize(weight))``, the same bits; ``lookup``: a differentiable gather of ``picked`` rows,
+        such as ``F.embedding`` of token ids. Where the unit is :attr:`rows_independent` and the rows are fewer
+        than the weight's, only they are quantized (the lookup gathers the weight's rows and the learned scales'
+        rows; a recomputed scale comes from the rows themselves): an embedding quantizes the few rows of its
+        batch, not its table of the whole vocabulary, and the gradients reach the weight and scales through the
+        lookup's own backward."""
+        if not (self.rows_independent and picked < weight.shape[0]):
+            return lookup(self.fake_quantize(weight))
         self._initialize_lazily(weight)
         rows = lookup(weight)
         matrix = rows.reshape(-1, rows.shape[-1])

@@ -157,7 +157,8 @@ class ScaleLayout:
         """``weight`` viewed as ``[*scale_shape, weights per scale]``: what scale statistics reduce
         over (per tensor: ``[1, 1, R * C]``)."""
         rows_s, n_groups = self.scale_shape(weight.shape)
-        return weight.reshape(rows_s, n_groups, weight.numel() // (rows_s * n_groups))
+        per_scale = weight.numel() if self.group_size == "tensor" else int(weight.shape[1]) // n_groups
+        return weight.reshape(rows_s, n_groups, per_scale)  # no rows (an empty batch's): a view of none
 
     def __repr__(self) -> str:
         return f"ScaleLayout({self.group_size!r})"

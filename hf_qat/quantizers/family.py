@@ -55,7 +55,7 @@ class Quantizer:
     # The GGML types llama.cpp's file types give weights that this family trains (QATConfig.gguf_mix):
     # type -> (bits, group size); :func:`~.registry.family_of_ggml_type` asks every family.
     llama_cpp_types: ClassVar[dict[str, tuple[float, int]]] = {}
-    # Whether the format scales a whole tensor once more (NVFP4's fp32 ``g``, per matrix of an expert stack too),
+    # Whether the format scales a whole tensor once more (NVFP4's fp32 ``g``; one for a whole fused expert stack),
     # so that a row's quantized values depend on every row's scales, not on its own alone.
     tensor_scale: ClassVar[bool] = False
 
