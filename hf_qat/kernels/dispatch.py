@@ -149,7 +149,7 @@ def select_engine(tensor: torch.Tensor, rows_vary: bool = False) -> Engine:
     if backend == "torch":
         return _TORCH
     if backend == "compiled":
-        # a compiled model (Trainer torch_compile=True) compiles the reference itself
+        # a compiled model (Trainer torch_compile=True) compiles the reference itself; rows that vary run it uncompiled
         if torch.compiler.is_compiling() or rows_vary:
             return _TORCH
         engine = _compiled_engine()
