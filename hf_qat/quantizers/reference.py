@@ -10,7 +10,8 @@ operation here is spelled out in fp32 in a fixed order:
 * Forward (:func:`fake_quantize_forward`): ``r = w / s_r`` (IEEE division), the Grid's code rule,
   ``value = step * code`` in fp32, cast to the weight dtype. A table grid (E2M1) takes the nearest
   magnitude of ``x = clamp(r, lo, hi) * mul`` (:func:`nearest_magnitude`): exact, with ties to the entry
-  of even index, then the sign of ``x`` (a lookup; the Triton kernels compare with the midpoints).
+  of even index, then the sign of ``x`` (a lookup; compiled, and in the Triton kernels, comparisons with the
+  midpoints).
 * Backward (:func:`fake_quantize_backward`): the weight gradient is the output gradient where the
   Grid's mask holds (elementwise, exact); the scale gradient sums ``grad * factor`` over each group
   with :func:`tree_sum` (zero-pad to a power of two, then add adjacent pairs level by level), then
@@ -132,12 +133,31 @@ def _lookup(x: torch.Tensor, table: tuple[int, ...], signed: bool) -> torch.Tens
     """The level of every ``x`` (fp32; clamped to the table's range first), a new tensor. Every midpoint of
     two integers is a multiple of 1/2, so which entry is nearest, ties included, depends only on
     ``floor(2x)`` and on whether ``2x`` is an integer: ``floor(2x) + ceil(2x)`` indexes a table of the
-    rule's answers (:func:`_lookup_table`). Doubling, floor and ceil are exact in fp32."""
+    rule's answers (:func:`_lookup_table`). Doubling, floor and ceil are exact in fp32. Traced (the compiled
+    engine, a model compiled whole), the same rule as comparisons (:func:`_lookup_by_midpoints`)."""
+    if torch.compiler.is_compiling():
+        return _lookup_by_midpoints(x, table, signed)
     levels = _lookup_table(tuple(table), signed, str(x.device))
     lo, hi = (-table[-1], table[-1]) if signed else (table[0], table[-1])
     twice = torch.mul(x, 2.0).clamp_(2 * lo, 2 * hi).nan_to_num_(2 * hi)  # NaN: the top level
     index = torch.floor(twice).add_(twice.ceil_()).sub_(4 * lo).to(torch.int32)
     return torch.index_select(levels, 0, index.reshape(-1)).reshape(x.shape)
+
+
+def _lookup_by_midpoints(x: torch.Tensor, table: tuple[int, ...], signed: bool) -> torch.Tensor:
+    """:func:`_lookup`'s levels, bit for bit, as comparisons with the midpoints of adjacent entries: the first
+    entry, plus each step whose midpoint ``x`` is not below (not at or below when the upper index is odd, so that
+    a tie goes to the even index); NaN, below nothing, is past every midpoint: the last entry. ``signed``: of
+    ``|x|``, negated where ``x < 0``. Compiled, one vectorised compare and select per entry, where a gather from
+    the table runs element by element (an MXFP4 or NVFP4 forward pass in under a third of the time on a CPU); the
+    Triton kernels compare the same way."""
+    key = x.abs() if signed else x
+    level = torch.full_like(key, float(table[0]))
+    for i in range(len(table) - 1):
+        middle = (table[i] + table[i + 1]) / 2
+        past = ~(key < middle) if (i + 1) % 2 == 0 else ~(key <= middle)
+        level = torch.where(past, level + float(table[i + 1] - table[i]), level)
+    return torch.where(x < 0, -level, level) if signed else level
 
 
 def nearest_value(x: torch.Tensor, table: tuple[int, ...]) -> torch.Tensor:

@@ -32,21 +32,42 @@ def brute_nearest(x: float, table: tuple[int, ...]) -> float:
     return float(table[next((i for i in candidates if i % 2 == 0), candidates[0])])
 
 
-@pytest.mark.parametrize("table", [IQ4_NL_VALUES, (0, 1, 2, 3, 4, 6, 8, 12), (-4, -1, 0, 5)], ids=["iq4_nl", "e2m1", "odd"])
-def test_the_lookup_is_the_nearest_level_with_ties_to_the_even_index(table):
+def table_probes(table: tuple[int, ...]) -> torch.Tensor:
+    """Every quarter of the table's range and a little beyond (each midpoint, each tie), the fp32 neighbours of
+    each, random values, the infinities and NaN."""
     lo, hi = min(table[0], -table[-1]), table[-1]
-    quarters = torch.arange(4 * (lo - 2), 4 * (hi + 2) + 1) / 4.0  # every midpoint and tie, and beyond the ends
+    quarters = torch.arange(4 * (lo - 2), 4 * (hi + 2) + 1) / 4.0
     inf = torch.tensor(float("inf"))
-    x = torch.cat([quarters, torch.nextafter(quarters, inf), torch.nextafter(quarters, -inf),
-                   torch.randn(2000, generator=torch.Generator().manual_seed(0)) * hi])
-    expected = torch.tensor([brute_nearest(v, table) for v in x.tolist()])
-    assert torch.equal(nearest_value(x, table), expected)
+    return torch.cat([quarters, torch.nextafter(quarters, inf), torch.nextafter(quarters, -inf),
+                      torch.randn(2000, generator=torch.Generator().manual_seed(0)) * hi,
+                      torch.tensor([float("inf"), -float("inf"), -0.0, float("nan")])])
+
+
+def traced(fn):
+    """``fn`` as the compiled engine runs it: traced by dynamo (the lookup's compiled form) and run eagerly by
+    the "eager" backend, so no C++ compiler is needed and only the traced math is under test."""
+    return torch.compile(fn, backend="eager", fullgraph=True)
+
+
+def brute_nearest_of(x: torch.Tensor, table: tuple[int, ...]) -> torch.Tensor:
+    """Elementwise :func:`brute_nearest`, NaN giving the last entry (an infinity, the end on its side)."""
+    return torch.tensor([float(table[-1]) if v != v else brute_nearest(min(max(v, table[0] - 1), table[-1] + 1), table)
+                         for v in x.tolist()])
+
+
+@pytest.mark.parametrize("path", ["eager", "traced"])
+@pytest.mark.parametrize("table", [IQ4_NL_VALUES, (0, 1, 2, 3, 4, 6, 8, 12), (-4, -1, 0, 5)], ids=["iq4_nl", "e2m1", "odd"])
+def test_the_lookup_is_the_nearest_level_with_ties_to_the_even_index(table, path):
+    """The eager lookup (a gather from a table of answers) and the traced one (comparisons with the midpoints)."""
+    value, magnitude = (nearest_value, nearest_magnitude) if path == "eager" else (traced(nearest_value), traced(nearest_magnitude))
+    x = table_probes(table)
+    assert torch.equal(value(x, table), brute_nearest_of(x, table))
     if table[0] == 0:  # magnitudes: the sign of x, -0.0 for a negative x whose magnitude rounds to 0
-        magnitude = torch.tensor([brute_nearest(abs(v), table) for v in x.tolist()])
-        signed = torch.where(x < 0, -magnitude, magnitude)
-        assert torch.equal(bits_of(nearest_magnitude(x, table)), bits_of(signed))
-        assert bits_of(nearest_magnitude(torch.tensor([-0.0]), table)).item() == 0  # -0.0 gives +0.0
-    assert nearest_value(torch.tensor([float("nan")]), table).item() == table[-1]
+        size = brute_nearest_of(x.abs(), table)
+        signed = torch.where(x < 0, -size, size)
+        assert torch.equal(bits_of(magnitude(x, table)), bits_of(signed))
+        assert bits_of(magnitude(torch.tensor([-0.0]), table)).item() == 0  # -0.0 gives +0.0
+        assert magnitude(torch.tensor([float("nan")]), table).item() == table[-1]
 
 
 @pytest.mark.parametrize("family,bits,group", [("lsq", 4, 32), ("seq", TERNARY_BITS, 32), ("seq", 2, "channel"),
