@@ -20,6 +20,12 @@ resident memory in a fresh process (the CUDA run always records its peak allocat
 warm-up step compiles its kernels, so the timed steps do not; its ``--memory`` peaks include what compiling
 holds), recorded in the JSON; ``--backends torch compiled`` steps each QAT model on both engines in turn, in
 one window with its FP twin (on a shared CPU, a comparison of engines across runs is mostly noise).
+
+On a CPU, glibc's allocator shapes the figures: it maps each large temporary afresh and unmaps it when freed,
+so every step pays page faults for what it allocates, and a QAT format allocates more (a8w4's rounded inputs
+above all). ``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296`` before the command keeps
+freed memory for reuse instead (faster steps, a higher peak); the ``MALLOC_*`` settings are printed and recorded
+in the JSON.
 """
 
 from __future__ import annotations
@@ -276,8 +282,9 @@ def main() -> None:
                                                                                       "dense-active"])
     iters = args.iters or (20 if device == "cuda" else 30)
     machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+    allocator = {name: value for name, value in sorted(os.environ.items()) if name.startswith("MALLOC_")}
     print(f"{machine}, {dtype}, torch {torch.__version__}, HF_QAT_BACKEND={requested_backend()}, "
-          f"AdamW {args.optimizer}")
+          f"AdamW {args.optimizer}, glibc malloc {allocator or 'defaults'}")
     rows = []
     for name in models:
         for label, implementation in variants(name):
@@ -295,7 +302,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"machine": machine, "dtype": str(dtype), "backend": " ".join(args.backends or [requested_backend()]),
-                   "optimizer": args.optimizer,
+                   "optimizer": args.optimizer, "malloc_env": allocator,
                    "results": rows}, fh, indent=2)
     print(f"wrote {args.out}")
 
