@@ -24,8 +24,8 @@ one window with its FP twin (on a shared CPU, a comparison of engines across run
 On a CPU, glibc's allocator shapes the figures: it maps each large temporary afresh and unmaps it when freed,
 so every step pays page faults for what it allocates, and a QAT format allocates more (a8w4's rounded inputs
 above all). ``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296`` before the command keeps
-freed memory for reuse instead (faster steps, a higher peak); the ``MALLOC_*`` settings are printed and recorded
-in the JSON.
+freed memory for reuse instead (README, "Cost of a QAT step"); the allocator's environment (``MALLOC_*``,
+``GLIBC_TUNABLES``, ``LD_PRELOAD``) is printed and recorded in the JSON.
 """
 
 from __future__ import annotations
@@ -282,9 +282,10 @@ def main() -> None:
                                                                                       "dense-active"])
     iters = args.iters or (20 if device == "cuda" else 30)
     machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
-    allocator = {name: value for name, value in sorted(os.environ.items()) if name.startswith("MALLOC_")}
+    allocator = {name: value for name, value in sorted(os.environ.items())
+                 if name.startswith("MALLOC_") or name in ("GLIBC_TUNABLES", "LD_PRELOAD")}
     print(f"{machine}, {dtype}, torch {torch.__version__}, HF_QAT_BACKEND={requested_backend()}, "
-          f"AdamW {args.optimizer}, glibc malloc {allocator or 'defaults'}")
+          f"AdamW {args.optimizer}, allocator environment {allocator or 'none (glibc defaults)'}")
     rows = []
     for name in models:
         for label, implementation in variants(name):
@@ -302,7 +303,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"machine": machine, "dtype": str(dtype), "backend": " ".join(args.backends or [requested_backend()]),
-                   "optimizer": args.optimizer, "malloc_env": allocator,
+                   "optimizer": args.optimizer, "allocator_env": allocator,
                    "results": rows}, fh, indent=2)
     print(f"wrote {args.out}")
 

@@ -23,7 +23,6 @@ import os
 import shutil
 import sys
 import types
-import warnings
 
 import torch
 
@@ -36,10 +35,6 @@ EXACT = {"cpp.enable_floating_point_contract_flag": "off", "cpp.enable_unsafe_ma
 # The oldest torch whose compiled passes the suite has checked bit for bit.
 MIN_TORCH = (2, 13)
 TORCH_CHECKED = torch.torch_version.TorchVersion(torch.__version__) >= MIN_TORCH
-
-# Dynamo traces through the reference's lru_cache of lookup tables (a pure function of the table) and says so once,
-# at compile time; the cache hides no state.
-warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped function")
 
 
 def cxx_compiler() -> str:

@@ -11,7 +11,7 @@ operation here is spelled out in fp32 in a fixed order:
   ``value = step * code`` in fp32, cast to the weight dtype. A table grid (E2M1) takes the nearest
   magnitude of ``x = clamp(r, lo, hi) * mul`` (:func:`nearest_magnitude`): exact, with ties to the entry
   of even index, then the sign of ``x`` (a lookup; compiled, and in the Triton kernels, comparisons with the
-  midpoints).
+  midpoints; a NaN ratio takes the top level here and the bottom one in the Triton kernels, whose clamp drops it).
 * Backward (:func:`fake_quantize_backward`): the weight gradient is the output gradient where the
   Grid's mask holds (elementwise, exact); the scale gradient sums ``grad * factor`` over each group
   with :func:`tree_sum` (zero-pad to a power of two, then add adjacent pairs level by level), then
@@ -149,10 +149,9 @@ def _lookup_by_midpoints(x: torch.Tensor, table: tuple[int, ...], signed: bool) 
     entry, plus each step whose midpoint ``x`` is not below (not at or below when the upper index is odd, so that
     a tie goes to the even index); NaN, below nothing, is past every midpoint: the last entry. ``signed``: of
     ``|x|``, negated where ``x < 0``. Compiled, one vectorised compare and select per entry, where a gather from
-    the table runs element by element (an MXFP4 or NVFP4 forward pass in under a third of the time on a CPU); the
-    Triton kernels compare the same way."""
+    the table runs element by element (docs/figures.md); the Triton kernels compare with the same midpoints."""
     key = x.abs() if signed else x
-    level = torch.full_like(key, float(table[0]))
+    level = torch.full_like(key, float(table[0]), dtype=torch.float32)
     for i in range(len(table) - 1):
         middle = (table[i] + table[i + 1]) / 2
         past = ~(key < middle) if (i + 1) % 2 == 0 else ~(key <= middle)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 from hf_qat.bits import TERNARY_BITS
 from hf_qat.kernels import dispatch
@@ -13,6 +14,7 @@ from hf_qat.quantizers import ScaleLayout, get_quantizer
 from hf_qat.quantizers.kquants import GRIDS, IQ4_NL_VALUES, block_scales, ggml_backward_pass
 from hf_qat.quantizers.reference import (
     WeightQuantSpec,
+    _lookup_by_midpoints,
     fake_quantize_backward,
     nearest_magnitude,
     nearest_value,
@@ -43,10 +45,22 @@ def table_probes(table: tuple[int, ...]) -> torch.Tensor:
                       torch.tensor([float("inf"), -float("inf"), -0.0, float("nan")])])
 
 
-def traced(fn):
-    """``fn`` as the compiled engine runs it: traced by dynamo (the lookup's compiled form) and run eagerly by
-    the "eager" backend, so no C++ compiler is needed and only the traced math is under test."""
-    return torch.compile(fn, backend="eager", fullgraph=True)
+class Traced:
+    """A lookup as the compiled engine runs it: traced by dynamo, which takes the comparisons with the midpoints,
+    and run by the "eager" backend (no C++ compiler needed: only the traced math is under test); ``frames``
+    counts the frames dynamo compiled, so that a silent fallback to eager fails the test."""
+
+    def __init__(self, fn):
+        self.counter = torch._dynamo.testing.CompileCounter()
+        self.fn = torch.compile(fn, backend=self.counter, fullgraph=True)
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def midpoints(signed: bool):
+    """``_lookup_by_midpoints`` called directly, eagerly."""
+    return lambda x, table: _lookup_by_midpoints(x, table, signed)
 
 
 def brute_nearest_of(x: torch.Tensor, table: tuple[int, ...]) -> torch.Tensor:
@@ -55,19 +69,23 @@ def brute_nearest_of(x: torch.Tensor, table: tuple[int, ...]) -> torch.Tensor:
                          for v in x.tolist()])
 
 
-@pytest.mark.parametrize("path", ["eager", "traced"])
+@pytest.mark.parametrize("path", ["eager", "traced", "midpoints"])
 @pytest.mark.parametrize("table", [IQ4_NL_VALUES, (0, 1, 2, 3, 4, 6, 8, 12), (-4, -1, 0, 5)], ids=["iq4_nl", "e2m1", "odd"])
 def test_the_lookup_is_the_nearest_level_with_ties_to_the_even_index(table, path):
-    """The eager lookup (a gather from a table of answers) and the traced one (comparisons with the midpoints)."""
-    value, magnitude = (nearest_value, nearest_magnitude) if path == "eager" else (traced(nearest_value), traced(nearest_magnitude))
+    """The eager lookup (a gather from a table of answers), the traced one and the comparisons called directly."""
+    value, magnitude = {"eager": (nearest_value, nearest_magnitude),
+                        "traced": (Traced(nearest_value), Traced(nearest_magnitude)),
+                        "midpoints": (midpoints(False), midpoints(True))}[path]
     x = table_probes(table)
-    assert torch.equal(value(x, table), brute_nearest_of(x, table))
+    assert torch.equal(bits_of(value(x, table)), bits_of(brute_nearest_of(x, table)))
     if table[0] == 0:  # magnitudes: the sign of x, -0.0 for a negative x whose magnitude rounds to 0
         size = brute_nearest_of(x.abs(), table)
         signed = torch.where(x < 0, -size, size)
         assert torch.equal(bits_of(magnitude(x, table)), bits_of(signed))
         assert bits_of(magnitude(torch.tensor([-0.0]), table)).item() == 0  # -0.0 gives +0.0
-        assert magnitude(torch.tensor([float("nan")]), table).item() == table[-1]
+    if path == "traced":
+        assert value.counter.frame_count >= 1  # dynamo traced the lookup (no silent eager fallback)
+        assert table[0] != 0 or magnitude.counter.frame_count >= 1
 
 
 @pytest.mark.parametrize("family,bits,group", [("lsq", 4, 32), ("seq", TERNARY_BITS, 32), ("seq", 2, "channel"),
