@@ -13,7 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_weight_quant import OUT_KINDS, _round_half_even, _to_out_dtype
+from .triton_weight_quant import OUT_KINDS, _clamp, _round_half_even, _to_out_dtype
+
+
+@triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -24,13 +29,13 @@ def _activation_fq_kernel(x_ptr, out_ptr, D, OUT_KIND: tl.constexpr, BLOCK: tl.c
     for start in range(0, D, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + base + cols, mask=cols < D, other=0.0).to(tl.float32)
-        peak = tl.maximum(peak, tl.abs(x))
-    m = tl.maximum(tl.max(peak, axis=0), 1e-5)
+        peak = _max_keeping_nan(peak, tl.abs(x))
+    m = _max_keeping_nan(tl.reduce(peak, 0, _max_keeping_nan), 1e-5)  # a NaN in the row: a NaN row, as torch's amax
     scale = tl.math.div_rn(1.0, m) * 127.0
     for start in range(0, D, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + base + cols, mask=cols < D, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(_round_half_even(x * scale), -128.0), 127.0)
+        q = _clamp(_round_half_even(x * scale), -128.0, 127.0)
         tl.store(out_ptr + base + cols, _to_out_dtype(tl.math.div_rn(q, scale), OUT_KIND), mask=cols < D)
 
 

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from hf_qat.quantizers.reference import next_power_of_two
 
-from .triton_weight_quant import OUT_KINDS, _nearest_value, _round_half_even, _to_out_dtype, _tree_last
+from .triton_weight_quant import OUT_KINDS, _clamp, _nearest_value, _round_half_even, _to_out_dtype, _tree_last
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def _ratio_and_codes(w_ptr, step_ptr, min_ptr, pid_r, pid_c, R, C, N_BLOCKS,
     else:
         mn = tl.zeros_like(step)
     r = tl.math.div_rn(w, step)
-    clamped = tl.minimum(tl.maximum(r, LO), HI)
+    clamped = _clamp(r, LO, HI)
     if N_VALUES > 0:
         code = _nearest_value(clamped, VALUES, N_VALUES)
     else:

@@ -39,30 +39,38 @@ def _round_half_even(x):
 
 @triton.jit
 def _to_out_dtype(x, OUT_KIND: tl.constexpr):
-    """fp32 -> the output dtype with round-to-nearest-even (0 fp32, 1 fp16, 2 bf16)."""
+    """fp32 -> the output dtype with round-to-nearest-even (0 fp32, 1 fp16, 2 bf16). A NaN becomes bf16's quiet
+    NaN 0x7FC0, as torch's cast makes it (rounding CUDA's NaN 0x7FFFFFFF would carry into the sign: -0.0)."""
     if OUT_KIND == 0:
         return x
     elif OUT_KIND == 1:
         return x.to(tl.float16)
     else:
         bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        bits = tl.where(x != x, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
 def _nearest_value(x, VALUES: tl.constexpr, N_VALUES: tl.constexpr):
-    """``reference.nearest_value``: the first entry, plus each step whose midpoint ``x`` is past (``>=`` when the
-    upper index i + 1 is even: a tie goes to the even index, ``>`` when odd)."""
+    """``reference.nearest_value``: the first entry, plus each step whose midpoint ``x`` is not below (not at or
+    below when the upper index i + 1 is odd: a tie goes to the even index). A NaN is below nothing: the last
+    entry."""
     v = tl.zeros_like(x) + VALUES[0]
     for i in tl.static_range(N_VALUES - 1):
         mid = (VALUES[i] + VALUES[i + 1]) * 0.5
         if (i + 1) % 2 == 0:
-            past = x >= mid
+            below = x < mid
         else:
-            past = x > mid
-        v = tl.where(past, v + (VALUES[i + 1] - VALUES[i]), v)
+            below = x <= mid
+        v = tl.where(below, v, v + (VALUES[i + 1] - VALUES[i]))
     return v
+
+
+@triton.jit
+def _clamp(x, LO: tl.constexpr, HI: tl.constexpr):
+    """``torch.clamp``: a NaN stays NaN (Triton's default on CUDA would return the bound)."""
+    return tl.minimum(tl.maximum(x, LO, propagate_nan=tl.PropagateNan.ALL), HI, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -79,7 +87,7 @@ def _codes(r, SIGN: tl.constexpr, CLIP_LO: tl.constexpr, CLIP_HI: tl.constexpr, 
            N_MAGS: tl.constexpr):
     if SIGN:
         return tl.where(r >= 0, 1.0, -1.0)
-    q = tl.minimum(tl.maximum(r, CLIP_LO), CLIP_HI)
+    q = _clamp(r, CLIP_LO, CLIP_HI)
     if MUL != 1.0:
         q = q * MUL
     if N_MAGS > 0:
@@ -141,7 +149,7 @@ def _fake_quant_bwd_kernel(
     g_ptr, w_ptr, s_ptr, step_ptr, gw_ptr, part_ptr, R, C, GROUP_W, scale_row_stride, part_cols,
     SIGN: tl.constexpr, CLIP_LO: tl.constexpr, CLIP_HI: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
     CODE_MUL: tl.constexpr, CODE_ADD: tl.constexpr, MAGS: tl.constexpr, N_MAGS: tl.constexpr, LEVEL: tl.constexpr,
-    GRAD_LO: tl.constexpr, GRAD_HI: tl.constexpr, MASK_LO: tl.constexpr, MASK_HI: tl.constexpr,
+    GRAD_LO: tl.constexpr, GRAD_HI: tl.constexpr, MASK_LO: tl.constexpr, MASK_HI: tl.constexpr, MASK_ALL: tl.constexpr,
     NEED_SCALE_GRAD: tl.constexpr,
     GROUP_MODE: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr, LOG2_BC: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr,
@@ -152,8 +160,11 @@ def _fake_quant_bwd_kernel(
                                                  scale_row_stride, BR, BC)
     grad_raw = tl.load(g_ptr + offs, mask=mask, other=0.0)
     r = tl.math.div_rn(w, s_r)
-    inside_mask = (r >= MASK_LO) & (r <= MASK_HI)
-    tl.store(gw_ptr + offs, tl.where(inside_mask, grad_raw, tl.zeros_like(grad_raw)), mask=mask)
+    if MASK_ALL:  # nothing is stopped, a NaN ratio included (absmax)
+        tl.store(gw_ptr + offs, grad_raw, mask=mask)
+    else:
+        inside_mask = (r >= MASK_LO) & (r <= MASK_HI)
+        tl.store(gw_ptr + offs, tl.where(inside_mask, grad_raw, tl.zeros_like(grad_raw)), mask=mask)
     if NEED_SCALE_GRAD:
         code = _codes(r, SIGN, CLIP_LO, CLIP_HI, MUL, ADD, CODE_MUL, CODE_ADD, MAGS, N_MAGS)
         if SIGN:
@@ -225,7 +236,7 @@ def fake_quant_backward(
     _fake_quant_bwd_kernel[grid](
         grad_output, weight, s_r.contiguous(), step.contiguous(), grad_weight, partial, rows, cols, group_w,
         row_stride, part_cols, **_grid_constants(spec), LEVEL=g.level, GRAD_LO=g.grad_lo,
-        GRAD_HI=g.grad_hi, MASK_LO=g.mask_lo, MASK_HI=g.mask_hi, NEED_SCALE_GRAD=need_scale_grad,
+        GRAD_HI=g.grad_hi, MASK_LO=g.mask_lo, MASK_HI=g.mask_hi, MASK_ALL=g.mask_lo == -float("inf"), NEED_SCALE_GRAD=need_scale_grad,
         GROUP_MODE=grouped, G=group_w if grouped else 1, LOG2_G=(group_w.bit_length() - 1) if grouped else 0,
         LOG2_BC=bc.bit_length() - 1, BR=br, BC=bc, enable_fp_fusion=False,
     )

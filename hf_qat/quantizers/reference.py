@@ -11,8 +11,8 @@ operation here is spelled out in fp32 in a fixed order:
   ``value = step * code`` in fp32, cast to the weight dtype. A table grid (E2M1) takes the nearest
   magnitude of ``x = clamp(r, lo, hi) * mul`` (:func:`nearest_magnitude`): exact, with ties to the entry
   of even index, then the sign of ``x`` (a lookup; compiled, and in the Triton kernels, comparisons with the
-  midpoints; a NaN ratio takes the top level here, while the Triton kernels' clamp, whose NaN rule differs between
-  the interpreter and CUDA, may drop it to the bottom one: no Triton test has a NaN yet).
+  midpoints). Non-finite ratios: ``clamp`` keeps a NaN (the kernels ask Triton to propagate it), so a NaN ratio
+  stays NaN on an integer grid and takes a table's top level; +-inf clip to the ends.
 * Backward (:func:`fake_quantize_backward`): the weight gradient is the output gradient where the
   Grid's mask holds (elementwise, exact); the scale gradient sums ``grad * factor`` over each group
   with :func:`tree_sum` (zero-pad to a power of two, then add adjacent pairs level by level), then
