@@ -3,6 +3,7 @@ MXFP4 and NVFP4 QAT (weight-only).
 
     python benchmarks/step_overhead.py [--model smollm2-135m|demo|tiny|qwen3-moe|qwen3-moe-gpu|dense-active]
                                        [--all-formats] [--modes M ...] [--memory] [--batch B --seq L] [--iters N]
+                                       [--experts eager batched_mm grouped_mm]
                                        [--backends torch compiled] [--optimizer fused|foreach|loop]
                                        [--out benchmarks/results/step_overhead.json]
 
@@ -105,10 +106,10 @@ def qat_config(mode: str) -> hf_qat.QATConfig:
             hf_qat.QATConfig(start=0, **fields))
 
 
-def variants(model_name: str) -> list[tuple[str, str | None]]:
+def variants(model_name: str, implementations=EXPERTS_IMPLEMENTATIONS) -> list[tuple[str, str | None]]:
     """``(label, experts implementation)``: one per implementation for a mixture of experts."""
     if MODELS[model_name]["config"].get("architecture") == "qwen3_moe":
-        return [(f"{model_name} {impl}", impl) for impl in EXPERTS_IMPLEMENTATIONS]
+        return [(f"{model_name} {impl}", impl) for impl in implementations]
     return [(model_name, None)]
 
 
@@ -262,6 +263,8 @@ def main() -> None:
                         help="AdamW's implementation (fused: the Trainer's default)")
     parser.add_argument("--batch", type=int, default=None, help="override the model's batch size")
     parser.add_argument("--seq", type=int, default=None, help="override the model's sequence length")
+    parser.add_argument("--experts", nargs="+", choices=EXPERTS_IMPLEMENTATIONS, default=list(EXPERTS_IMPLEMENTATIONS),
+                        help="a mixture of experts: these implementations of its experts")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_overhead.json"))
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -287,8 +290,9 @@ def main() -> None:
     print(f"{machine}, {dtype}, torch {torch.__version__}, HF_QAT_BACKEND={requested_backend()}, "
           f"AdamW {args.optimizer}, allocator environment {allocator or 'none (glibc defaults)'}")
     rows = []
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     for name in models:
-        for label, implementation in variants(name):
+        for label, implementation in variants(name, args.experts):
             model_rows = (measure_cuda(name, iters, implementation, args.optimizer) if device == "cuda" else
                           measure_cpu(name, iters, implementation, memory=args.memory, backends=args.backends,
                                       optimizer=args.optimizer))
@@ -300,11 +304,10 @@ def main() -> None:
                 engine = f" [{row['backend']}]" if row.get("backend") else ""
                 print(f"{label:<24} {row['mode'] + engine:<24} {row['step_ms']:9.2f} ms/step (x{row['time_ratio']:.3f}){memory}")
             rows.extend(model_rows)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"machine": machine, "dtype": str(dtype), "backend": " ".join(args.backends or [requested_backend()]),
-                   "optimizer": args.optimizer, "allocator_env": allocator,
-                   "results": rows}, fh, indent=2)
+            with open(args.out, "w") as fh:  # after each model: a run stopped early keeps what it measured
+                json.dump({"machine": machine, "dtype": str(dtype),
+                           "backend": " ".join(args.backends or [requested_backend()]), "optimizer": args.optimizer,
+                           "allocator_env": allocator, "results": rows}, fh, indent=2)
     print(f"wrote {args.out}")
 
 
