@@ -8,9 +8,9 @@
 #     bash benchmarks/device_check.sh            # in a checkout with the package and triton installed
 set -uo pipefail
 DEADLINE=$((SECONDS + ${DEVICE_CHECK_SECONDS:-420}))
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-benchmarks/results/cuda}"
-mkdir -p "$OUT"
+mkdir -p "$OUT" || exit 1
 export PYTHONUNBUFFERED=1
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this script is for a GPU')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
@@ -20,7 +20,7 @@ step() {  # step SECONDS NAME COMMAND...: run it for at most SECONDS (and not pa
     local start=$SECONDS left=$((DEADLINE - SECONDS))
     if [ "$left" -lt "$limit" ]; then limit=$left; fi
     if [ "$limit" -lt 10 ]; then echo "== $name: skipped, the deadline has passed" | tee -a "$OUT/device.txt"; return; fi
-    timeout "$limit" "$@"
+    timeout -k 10 "$limit" "$@"
     local rc=$?
     echo "== $name: exit $rc after $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/device.txt"
 }
@@ -38,7 +38,7 @@ step 120 "step_overhead smollm2-135m" python benchmarks/step_overhead.py --model
 step 60 "kernel_speed lsq" python benchmarks/kernel_speed.py --shapes real --dtype bf16 --family lsq --iters 30 \
     --out "$OUT/kernels_lsq.json"
 step 45 "step_overhead qwen3-moe-gpu" python benchmarks/step_overhead.py --model qwen3-moe-gpu --experts grouped_mm \
-    --modes "w4 QAT" "mxfp4 QAT" "nvfp4 QAT" "q4_k_m file" --iters 10 --out "$OUT/step_overhead_moe.json"
+    --all-formats --modes "w4 QAT" "mxfp4 QAT" "nvfp4 QAT" "q4_k_m file" --iters 10 --out "$OUT/step_overhead_moe.json"
 for family in mxfp4 nvfp4; do
     step 45 "kernel_speed $family" python benchmarks/kernel_speed.py --shapes real --dtype bf16 --family "$family" \
         --iters 30 --out "$OUT/kernels_$family.json"

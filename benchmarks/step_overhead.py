@@ -230,8 +230,8 @@ def measure_cpu(model_name: str, iters: int, experts_implementation: str | None 
 
 
 def measure_cuda(model_name: str, iters: int, experts_implementation: str | None = None,
-                 optimizer: str = "fused") -> list[dict]:
-    """One mode at a time (peak memory must be per mode)."""
+                 optimizer: str = "fused", progress=lambda rows: None) -> list[dict]:
+    """One mode at a time (peak memory must be per mode); ``progress(rows)`` after each."""
     rows = []
     for mode in modes(model_name):
         model, adamw, step = build(model_name, mode, "cuda", torch.bfloat16, experts_implementation, optimizer)
@@ -244,6 +244,8 @@ def measure_cuda(model_name: str, iters: int, experts_implementation: str | None
                      "step_ms": statistics.median(times) * 1e3,
                      "peak_bytes": torch.cuda.max_memory_allocated(),
                      "tokens_per_step": MODELS[model_name]["batch"] * MODELS[model_name]["seq"]})
+        print(f"  {mode}: {rows[-1]['step_ms']:.2f} ms, peak {rows[-1]['peak_bytes'] / 2**30:.2f} GiB", flush=True)
+        progress(rows)
         del model, adamw, step
         gc.collect()
         torch.cuda.empty_cache()
@@ -291,9 +293,16 @@ def main() -> None:
           f"AdamW {args.optimizer}, allocator environment {allocator or 'none (glibc defaults)'}")
     rows = []
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+
+    def save(more: list[dict]) -> None:  # after each model (CUDA: each mode), so a run stopped early keeps its rows
+        with open(args.out, "w") as fh:
+            json.dump({"machine": machine, "dtype": str(dtype),
+                       "backend": " ".join(args.backends or [requested_backend()]), "optimizer": args.optimizer,
+                       "allocator_env": allocator, "results": rows + more}, fh, indent=2)
+
     for name in models:
         for label, implementation in variants(name, args.experts):
-            model_rows = (measure_cuda(name, iters, implementation, args.optimizer) if device == "cuda" else
+            model_rows = (measure_cuda(name, iters, implementation, args.optimizer, save) if device == "cuda" else
                           measure_cpu(name, iters, implementation, memory=args.memory, backends=args.backends,
                                       optimizer=args.optimizer))
             base = model_rows[0]
@@ -304,10 +313,7 @@ def main() -> None:
                 engine = f" [{row['backend']}]" if row.get("backend") else ""
                 print(f"{label:<24} {row['mode'] + engine:<24} {row['step_ms']:9.2f} ms/step (x{row['time_ratio']:.3f}){memory}")
             rows.extend(model_rows)
-            with open(args.out, "w") as fh:  # after each model: a run stopped early keeps what it measured
-                json.dump({"machine": machine, "dtype": str(dtype),
-                           "backend": " ".join(args.backends or [requested_backend()]), "optimizer": args.optimizer,
-                           "allocator_env": allocator, "results": rows}, fh, indent=2)
+            save([])
     print(f"wrote {args.out}")
 
 

@@ -16,6 +16,22 @@ VOCAB = 64
 SEQ = 16
 
 
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that -0.0 != +0.0 and every ulp counts."""
+    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def assert_same(got: torch.Tensor | None, want: torch.Tensor | None) -> None:
+    """The same bits, except that a NaN may be any NaN (a NaN's payload is not the math's)."""
+    if want is None:
+        assert got is None
+        return
+    assert got.dtype == want.dtype and got.shape == want.shape
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(bits_of(got.masked_fill(nan, 0)), bits_of(want.masked_fill(nan, 0)))
+
+
 def tiny_llama_config(tie: bool = True, vocab: int = VOCAB, hidden: int = 32, layers: int = 2) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,

@@ -39,8 +39,8 @@ def _round_half_even(x):
 
 @triton.jit
 def _to_out_dtype(x, OUT_KIND: tl.constexpr):
-    """fp32 -> the output dtype with round-to-nearest-even (0 fp32, 1 fp16, 2 bf16). A NaN becomes bf16's quiet
-    NaN 0x7FC0, as torch's cast makes it (rounding CUDA's NaN 0x7FFFFFFF would carry into the sign: -0.0)."""
+    """fp32 -> the output dtype with round-to-nearest-even (0 fp32, 1 fp16, 2 bf16). A NaN becomes the quiet NaN
+    0x7FC0 (rounding CUDA's NaN 0x7FFFFFFF would carry into the sign: -0.0); its payload is not the math's."""
     if OUT_KIND == 0:
         return x
     elif OUT_KIND == 1:
@@ -69,7 +69,7 @@ def _nearest_value(x, VALUES: tl.constexpr, N_VALUES: tl.constexpr):
 
 @triton.jit
 def _clamp(x, LO: tl.constexpr, HI: tl.constexpr):
-    """``torch.clamp``: a NaN stays NaN (Triton's default on CUDA would return the bound)."""
+    """``torch.clamp``: a NaN stays NaN (Triton's default, on CUDA and in the interpreter, returns the bound)."""
     return tl.minimum(tl.maximum(x, LO, propagate_nan=tl.PropagateNan.ALL), HI, propagate_nan=tl.PropagateNan.ALL)
 
 
@@ -236,7 +236,8 @@ def fake_quant_backward(
     _fake_quant_bwd_kernel[grid](
         grad_output, weight, s_r.contiguous(), step.contiguous(), grad_weight, partial, rows, cols, group_w,
         row_stride, part_cols, **_grid_constants(spec), LEVEL=g.level, GRAD_LO=g.grad_lo,
-        GRAD_HI=g.grad_hi, MASK_LO=g.mask_lo, MASK_HI=g.mask_hi, MASK_ALL=g.mask_lo == -float("inf"), NEED_SCALE_GRAD=need_scale_grad,
+        GRAD_HI=g.grad_hi, MASK_LO=g.mask_lo, MASK_HI=g.mask_hi, MASK_ALL=g.mask_lo == -float("inf"),
+        NEED_SCALE_GRAD=need_scale_grad,
         GROUP_MODE=grouped, G=group_w if grouped else 1, LOG2_G=(group_w.bit_length() - 1) if grouped else 0,
         LOG2_BC=bc.bit_length() - 1, BR=br, BC=bc, enable_fp_fusion=False,
     )

@@ -12,7 +12,8 @@ operation here is spelled out in fp32 in a fixed order:
   magnitude of ``x = clamp(r, lo, hi) * mul`` (:func:`nearest_magnitude`): exact, with ties to the entry
   of even index, then the sign of ``x`` (a lookup; compiled, and in the Triton kernels, comparisons with the
   midpoints). Non-finite ratios: ``clamp`` keeps a NaN (the kernels ask Triton to propagate it), so a NaN ratio
-  stays NaN on an integer grid and takes a table's top level; +-inf clip to the ends.
+  stays NaN on an integer grid, takes a table's top level and a sign grid's -1, and its weight gradient is stopped
+  (absmax, which masks nothing, passes it); +-inf clip to the ends.
 * Backward (:func:`fake_quantize_backward`): the weight gradient is the output gradient where the
   Grid's mask holds (elementwise, exact); the scale gradient sums ``grad * factor`` over each group
   with :func:`tree_sum` (zero-pad to a power of two, then add adjacent pairs level by level), then

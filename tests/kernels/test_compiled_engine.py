@@ -16,7 +16,7 @@ from hf_qat.kernels.dispatch import TorchEngine, select_engine
 from hf_qat.quantizers import ScaleLayout, get_quantizer
 from hf_qat.quantizers.kquants import GRIDS, block_scales
 from hf_qat.quantizers.reference import WeightQuantSpec, finish_scale_grad, prepare_scales
-from helpers import qat_trained_model, tiny_llama
+from helpers import assert_same, bits_of, qat_trained_model, tiny_llama
 
 REF, COMPILED = TorchEngine(), CompiledEngine()
 needs_cxx = pytest.mark.skipif(COMPILED.refusal(torch.zeros(1)) is not None,
@@ -28,22 +28,6 @@ def graphs() -> int:
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"]
-
-
-def bits_of(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits, so that -0.0 != +0.0 and every ulp counts."""
-    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
-
-
-def assert_same(got, want):
-    """The same bits, except that a NaN may be any NaN (a NaN weight's payload is not the math's)."""
-    if want is None:
-        assert got is None
-        return
-    assert got.dtype == want.dtype
-    nan = want.isnan()
-    assert torch.equal(got.isnan(), nan)
-    assert torch.equal(bits_of(got.masked_fill(nan, 0)), bits_of(want.masked_fill(nan, 0)))
 
 
 def hard_weight(rows: int, cols: int, s_r: torch.Tensor, ties: torch.Tensor, dtype, seed: int = 0) -> torch.Tensor:

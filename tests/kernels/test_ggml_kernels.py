@@ -7,6 +7,7 @@ import torch
 
 from hf_qat.quantizers.kquants import GRIDS, block_scales, ggml_fake_quantize
 from hf_qat.quantizers.reference import nearest_value, tree_sum
+from helpers import bits_of
 
 triton = pytest.importorskip("triton")
 from hf_qat.kernels.triton_ggml import ggml_backward, ggml_forward  # noqa: E402
@@ -16,11 +17,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # and 96 (a tile of 128 the row does not fill) for the types without super-blocks
 SHAPES = [(3, 256), (5, 768), (33, 256), (4, 96)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def bits_of(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits, so that -0.0 != +0.0 and every ulp counts."""
-    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 def case(name: str, rows: int, cols: int, dtype, seed: int = 0):

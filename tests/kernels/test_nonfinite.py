@@ -1,9 +1,10 @@
-"""A NaN or infinite weight (or activation) through the Triton kernels: the same output and gradients as the PyTorch reference.
+"""Non-finite weights and activations through the Triton kernels: the same results as the PyTorch reference.
 
 A ratio ``r = w / s`` that is NaN keeps NaN through an integer grid's clamp and rounding, takes a table grid's
 last level (E2M1's 6, IQ4_NL's 113) and has its weight gradient stopped wherever a mask applies; +-inf clip to
-the grid's ends. Triton's ``minimum`` / ``maximum`` return the other operand for a NaN by default on CUDA, and
-``x > midpoint`` is false for a NaN: both would put a NaN weight on the bottom level instead."""
+the grid's ends. Triton's ``minimum`` / ``maximum`` return the other operand for a NaN by default (on CUDA and in
+the interpreter), and ``x > midpoint`` is false for a NaN: both would put a NaN weight on the bottom level instead.
+A NaN's payload is not compared, except that a bf16 NaN must stay a NaN (:func:`test_bf16_cast_of_any_nan`)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ from hf_qat.kernels.dispatch import TorchEngine
 from hf_qat.quantizers import ScaleLayout, get_quantizer
 from hf_qat.quantizers.kquants import GRIDS, block_scales, ggml_backward_pass, ggml_forward_pass
 from hf_qat.quantizers.reference import WeightQuantSpec, prepare_scales
+from helpers import assert_same
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
 from hf_qat.kernels.triton_engine import TritonEngine  # noqa: E402
 from hf_qat.kernels.triton_ggml import ggml_backward, ggml_forward  # noqa: E402
+from hf_qat.kernels.triton_weight_quant import _to_out_dtype  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NONFINITE = (float("nan"), float("inf"), -float("inf"), -float("nan"))
@@ -26,18 +31,8 @@ FAMILIES = [("binary", 1, 32), ("seq", TERNARY_BITS, 32), ("seq", 2, 32), ("lsq"
             ("lsq", 8, 32), ("absmax", 4, 32), ("mxfp4", 4, 32), ("nvfp4", 4, 16)]
 
 
-def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
-    """NaN where the reference has NaN (any payload), the same bits everywhere else."""
-    assert got.dtype == want.dtype and got.shape == want.shape
-    nan = torch.isnan(want)
-    assert torch.equal(torch.isnan(got), nan)
-    ints = {4: torch.int32, 2: torch.int16}
-    got_bits, want_bits = (t.contiguous().view(ints[t.element_size()]) for t in (got, want))
-    assert torch.equal(got_bits[~nan], want_bits[~nan])
-
-
 def poison(weight: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Put each non-finite value in a few random places (rows and groups apart)."""
+    """Put each non-finite value in three random places."""
     weight = weight.clone()
     flat = weight.view(-1)
     places = torch.randperm(flat.numel(), generator=gen)[:3 * len(NONFINITE)]
@@ -108,3 +103,19 @@ def test_activations(dtype):
     want = TorchEngine().activation_forward(x)
     assert torch.isnan(want[1:5]).all() and not torch.isnan(want[[0, 5]]).any()
     assert_same(TritonEngine().activation_forward(x), want)
+
+
+@triton.jit
+def _cast_to_bf16(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, _to_out_dtype(tl.load(x_ptr + offs), 2))
+
+
+def test_bf16_cast_of_any_nan():
+    """The kernels' fp32 -> bf16 rounding (carry into the upper half) on NaNs of every payload: CUDA's 0x7FFFFFFF
+    would carry into the sign and come out -0.0; the interpreter's own NaN (0x7FC00000) would not show it."""
+    payloads = [0x7FFFFFFF, 0x7FFF8000, 0x7FC00000, 0xFFFFFFFF, 0xFFC00000, 0x7F800001, 0x3F800000, 0x7F800000]
+    x = torch.tensor(payloads, dtype=torch.int64).to(torch.int32).view(torch.float32).to(DEVICE)
+    out = torch.empty(len(payloads), dtype=torch.bfloat16, device=DEVICE)
+    _cast_to_bf16[(1,)](x, out, N=len(payloads))
+    assert_same(out, x.to(torch.bfloat16))  # six NaNs, 1.0 and +inf

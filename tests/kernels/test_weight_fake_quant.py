@@ -9,6 +9,7 @@ from hf_qat.config import TERNARY_BITS
 from hf_qat.kernels.dispatch import TorchEngine, weight_fake_quant
 from hf_qat.quantizers import ScaleLayout, get_quantizer
 from hf_qat.quantizers.reference import WeightQuantSpec, finish_scale_grad, prepare_scales
+from helpers import bits_of
 
 triton = pytest.importorskip("triton")
 from hf_qat.kernels.triton_engine import TritonEngine  # noqa: E402
@@ -20,11 +21,6 @@ FAMILIES = [("binary", 1), ("seq", TERNARY_BITS), ("seq", 2), ("lsq", 2), ("lsq"
 SHAPES = [(5, 96, 32), (7, 48, 16), (3, 200, "channel"), (9, 72, "tensor"), (6, 1536, 512), (4, 40, 8),
           (33, 1100, "channel")]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def bits_of(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits, so that -0.0 != +0.0 and every ulp counts."""
-    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 def case(family, bits, rows, cols, group, dtype, seed=0):
