@@ -6,18 +6,26 @@
 # failed or stopped step is recorded and the next still runs (the device time is not spent twice).
 #
 #     bash benchmarks/device_check.sh            # in a checkout with the package and triton installed
+#     REHEARSAL=1 bash benchmarks/device_check.sh   # first, on any machine: every step started on the CPU for 25 s
+#
+# A rehearsal's steps should all end "exit 124" (stopped at their limit): one that ends sooner with another
+# code has a wrong argument or a missing package, found before the GPU's time is spent.
 set -uo pipefail
+REHEARSAL="${REHEARSAL:-}"
 DEADLINE=$((SECONDS + ${DEVICE_CHECK_SECONDS:-420}))
 cd "$(dirname "$0")/.." || exit 1
-OUT="${OUT:-benchmarks/results/cuda}"
+if [ -n "$REHEARSAL" ]; then OUT="${OUT:-benchmarks/results/rehearsal}"; else OUT="${OUT:-benchmarks/results/cuda}"; fi
 mkdir -p "$OUT" || exit 1
 export PYTHONUNBUFFERED=1
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this script is for a GPU')" || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+if [ -z "$REHEARSAL" ]; then
+    python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this script is for a GPU')" || exit 1
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+fi
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 step() {  # step SECONDS NAME COMMAND...: run it for at most SECONDS (and not past the deadline), say how it ended
     local limit=$1 name=$2; shift 2
     local start=$SECONDS left=$((DEADLINE - SECONDS))
+    if [ -n "$REHEARSAL" ]; then limit=25; fi
     if [ "$left" -lt "$limit" ]; then limit=$left; fi
     if [ "$limit" -lt 10 ]; then echo "== $name: skipped, the deadline has passed" | tee -a "$OUT/device.txt"; return; fi
     timeout -k 10 "$limit" "$@"
