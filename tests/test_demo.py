@@ -38,3 +38,16 @@ def test_quick_demo_branches_the_planned_switch_and_the_baselines(tmp_path):
     saved = json.load(open(tmp_path / "results.json"))
     assert saved["losses"] == losses
     assert abs(losses["exported"] - losses["qat"]) < 1e-5  # the export computes what the QAT model computed
+
+
+def test_a_missing_loader_package_stops_the_demo_before_it_trains(tmp_path, monkeypatch):
+    """The demo ends by reloading its compressed-tensors export: without that package it says so at once, not
+    after minutes of training."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args, **kwargs:
+                        None if name == "compressed_tensors" else find_spec(name, *args, **kwargs))
+    with pytest.raises(ImportError, match=r"needs the compressed_tensors package \(pip install 'hf_qat\[export\]'\)"):
+        run_demo(DemoSettings.quick(output_dir=str(tmp_path)))
+    assert not (tmp_path / "sweep").exists()

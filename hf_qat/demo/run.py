@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..bits import bits_label
-from ..export import export_checkpoint, load_exported
+from ..export import check_loadable, export_checkpoint, load_exported
 from ..planner import plan_qat
 from ..sweep import SweepConfig, run_sweep
 from ..sweep.data import load_sweep_data
@@ -112,6 +112,7 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     console.rule("[bold]hf_qat demo[/bold]")
 
     probe = settings.sweep_config([0.0])
+    _check_export_loads(settings, probe)
     n, _ = num_params(probe, SIZE)
     planned, plan = _planned_fraction(settings, n)
     fractions = sorted({0.0, planned, *BASELINES.values()})
@@ -137,6 +138,15 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
         json.dump(asdict(result), fh, indent=2)
     print_table(result)
     return result
+
+
+def _check_export_loads(settings: DemoSettings, config: SweepConfig) -> None:
+    """Before any training: the export the demo ends with must load here (compressed-tensors needs its package)."""
+    from ..model.convert import prepare_model_for_qat
+
+    model = build_model(config, SIZE, settings.seed)
+    prepare_model_for_qat(model, config.qat_config(settings.bits))
+    check_loadable(model, settings.export_format)
 
 
 def _export_step(settings: DemoSettings, config: SweepConfig, sweep_dir: str, row: dict, result: DemoResult) -> None:

@@ -6,7 +6,7 @@ Importing this package registers the native format's transformers quantizer.
 """
 
 from . import bitnet, compressed_tensors, gguf, native  # noqa: F401  (registers the formats)
-from .api import export_checkpoint, load_exported, load_qat_checkpoint
+from .api import check_loadable, export_checkpoint, load_exported, load_qat_checkpoint
 from ..errors import ExportFormatError
 from .base import FORMATS, ExportInfo, choose_format
 from .gguf import export_float_gguf
@@ -24,6 +24,7 @@ __all__ = [
     "ExportFormatError",
     "ExportInfo",
     "QuantizedLayer",
+    "check_loadable",
     "choose_format",
     "collect_layers",
     "export_checkpoint",

@@ -26,11 +26,12 @@ from .base import (
     choose_format,
     dedupe_shared,
     get_format,
+    missing_for_loading,
     read_manifest,
     verify_manifest,
     write_manifest,
 )
-from .layers import QuantizedLayer, collect_layers
+from .layers import QuantizedLayer, collect_layers, probe_layers
 
 logger = logging.getLogger("hf_qat")
 PLAN_NAME = "qat_plan.json"
@@ -220,6 +221,15 @@ def _find_plan(model_or_dir, plan) -> dict | None:
     return None
 
 
+def check_loadable(model: nn.Module, format: str = "auto") -> None:
+    """For a model just prepared for QAT: raise now the ImportError that loading its export in ``format`` (auto:
+    the format it would get) with transformers would end in, so that a run that exports and reloads fails before
+    it trains rather than after."""
+    name = choose_format(probe_layers(model))[0] if format == "auto" else format
+    if (missing := missing_for_loading(name)) is not None:
+        raise missing
+
+
 def load_exported(directory: str | os.PathLike, verify: bool = True, **kwargs: Any) -> nn.Module:
     """Load an export (any format) after checking every file against the manifest's sha256.
 
@@ -230,6 +240,8 @@ def load_exported(directory: str | os.PathLike, verify: bool = True, **kwargs: A
 
     directory = os.fspath(directory)
     manifest = verify_manifest(directory) if verify else read_manifest(directory)
+    if (missing := missing_for_loading(manifest["format"])) is not None:
+        raise missing
     if manifest["format"] == "gguf":
         gguf_file = next(f for f in manifest["files"] if f.endswith(".gguf"))
         return AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, **kwargs)

@@ -5,6 +5,7 @@ every file, so that ``load_exported`` refuses a corrupt or modified checkpoint).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ class ExportFormat:
     # Whether it writes llama.cpp's file types: format="auto" sends a model trained for one (gguf_mix) to
     # such a format only.
     writes_llama_cpp_files: ClassVar[bool] = False
+    # The Python packages transformers needs to load what it writes (module names; hf_qat's `export` extra
+    # installs them)
+    load_requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: str) -> None:
         for key, value in options.items():
@@ -133,6 +137,17 @@ def choose_format(layers: list[QuantizedLayer]) -> tuple[str, list[str]]:
         skipped.append(f"format='auto' passed over {cls.name!r}: {reason}")
     raise ExportFormatError(f"no registered format accepts these layers ({'; '.join(skipped) or 'none tried'}); "
                             f"formats: {', '.join(FORMATS)}")
+
+
+def missing_for_loading(name: str) -> ImportError | None:
+    """The error that loading an export in format ``name`` with transformers would end in here, for a package it
+    needs that is not installed (:attr:`ExportFormat.load_requires`), or None."""
+    fmt = FORMATS.get(name)
+    missing = [module for module in (fmt.load_requires if fmt else ()) if importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    return ImportError(f"loading a {name} export with transformers needs the {', '.join(missing)} package "
+                       f"(pip install 'hf_qat[export]')")
 
 
 def get_format(name: str, options: dict[str, str] | None = None) -> ExportFormat:

@@ -132,6 +132,7 @@ class CompressedTensorsFormat(ExportFormat):
     name = "compressed-tensors"
     auto_priority = 0  # loads without hf_qat, in transformers and vLLM
     tags = ("compressed-tensors",)
+    load_requires = ("compressed_tensors",)
 
     def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
         """Every layer a row of docs/formats.md's table (LSQ 4/8-bit or SEQ 2-bit, group or channel, Linear) or

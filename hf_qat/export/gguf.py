@@ -87,6 +87,7 @@ class GGUFFormat(ExportFormat):
     name = "gguf"
     library_name = "gguf"
     tags = ("gguf", "llama.cpp")
+    load_requires = ("gguf",)  # transformers' GGUF reader
 
     OPTIONS = {"ternary_type": TERNARY_TYPES}
     auto_priority = 2  # for the ggml families only (auto_accepts): the others load in transformers first

@@ -196,3 +196,32 @@ def test_export_to_a_relative_directory_with_a_tokenizer(tmp_path, monkeypatch):
     assert "tokenizer.json" in info.files and "tokenizer_config.json" in info.files
     assert all(not f.startswith("out") for f in info.files)
     assert load_exported("out/export") is not None
+
+
+def without_module(monkeypatch, missing: str) -> None:
+    """As if the package ``missing`` were not installed (for the checks that ask importlib before loading)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args, **kwargs: None if name == missing else find_spec(name, *args, **kwargs))
+
+
+def test_a_missing_loader_package_is_named_before_loading_and_before_training(tmp_path, monkeypatch):
+    from hf_qat.export import check_loadable
+
+    model = qat_trained_model(QATConfig(start=0, bits=4, group_size=16))
+    export_checkpoint(model, tmp_path / "ct", format="compressed-tensors")
+    fresh = tiny_llama()
+    hf_qat.prepare_model_for_qat(fresh, QATConfig(start=0, bits=4, group_size=16))
+    check_loadable(fresh)  # installed here: nothing to say
+    without_module(monkeypatch, "compressed_tensors")
+    needs = r"loading a compressed-tensors export with transformers needs the compressed_tensors package \(pip install 'hf_qat\[export\]'\)"
+    with pytest.raises(ImportError, match=needs):
+        load_exported(tmp_path / "ct")
+    with pytest.raises(ImportError, match=needs):
+        check_loadable(fresh)  # format="auto" picks compressed-tensors for int4 groups
+    check_loadable(fresh, format="hf-qat")  # the native format needs only hf_qat
+    without_module(monkeypatch, "gguf")
+    with pytest.raises(ImportError, match=r"a gguf export with transformers needs the gguf package"):
+        check_loadable(fresh, format="gguf")
