@@ -8,6 +8,7 @@ import sys
 from typing import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .bits import bits_label, normalize_bits
@@ -102,7 +103,7 @@ def _print_plan(plan) -> None:
     if plan.optimal_qat_tokens > plan.qat_tokens:
         console.print(f"the optimum wants {human(plan.optimal_qat_tokens)} QAT tokens")
     for warning in plan.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 # ---------------------------------------------------------------------------------------- fit
@@ -151,7 +152,7 @@ def cmd_best_bits(args: argparse.Namespace) -> int:
     else:
         console.print(f"best bit width for {budget}: [bold]{choice.best['format']}[/bold]")
     for warning in choice.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if any(row["storage_bits"] != row["bits"] for row in choice.candidates if row["format"] != bits_label(row["bits"])):
         console.print("formats of one bit width differ here only by the parameters their scales leave room for: the "
                       "law predicts at the bit width and knows no element grid")
@@ -188,7 +189,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     console.print(f"exported {info.format} to {info.path}: {info.weight_bytes / 1e6:.2f} MB of tensors "
                   f"(expected {info.expected_bytes / 1e6:.2f} MB); exact: {info.exact}")
     for note in info.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
     return 0
 
 
@@ -304,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {escape(str(err))}")  # a message's [brackets] are text, not markup
         return 2
 
 

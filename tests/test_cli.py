@@ -100,6 +100,19 @@ def test_bad_arguments_fail_clearly(tmp_path, capsys):
     assert "error" in capsys.readouterr().out
 
 
+def test_an_error_message_is_printed_as_written(monkeypatch, capsys):
+    """Brackets in a message ("pip install 'hf_qat[export]'", a list of names) are not taken for rich's markup."""
+    import hf_qat.cli
+
+    def fails(args):
+        raise ImportError("needs the gguf package (pip install 'hf_qat[export]'); modes: ['a', 'b'] [bold]x[/bold]")
+
+    monkeypatch.setattr(hf_qat.cli, "cmd_demo", fails)
+    assert main(["demo"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(pip install 'hf_qat[export]'); modes: ['a', 'b'] [bold]x[/bold]" in out
+
+
 def test_console_script_is_installed():
     proc = subprocess.run([sys.executable, "-m", "hf_qat.cli", "plan", "--params", "86M", "--tokens", "2.3e9",
                            "--bits", "6"], capture_output=True, text=True, timeout=120)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..bits import bits_label
@@ -118,7 +119,7 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     fractions = sorted({0.0, planned, *BASELINES.values()})
     config = settings.sweep_config(fractions)
     out = os.path.join(settings.output_dir, "sweep")
-    summary = run_sweep(config, out, save_models=True, log=console.print)
+    summary = run_sweep(config, out, save_models=True, log=lambda message: console.print(message, markup=False))
     seconds = {"train": time.perf_counter() - started}
 
     rows = {(r["schedule"], float(r["fraction"])): r for r in read_rows(os.path.join(out, RUNS_NAME))}
@@ -183,7 +184,7 @@ def print_table(result: DemoResult) -> None:
     console.print(f"one FP trunk, every run branched from it: {tokens['branched_tokens'] / 1e6:.2f}M tokens trained "
                   f"instead of {tokens['unbranched_tokens'] / 1e6:.2f}M")
     for warning in result.warnings:
-        console.print(f"[yellow]planner warning:[/yellow] {warning}")
+        console.print(f"[yellow]planner warning:[/yellow] {escape(warning)}")
     table = Table(show_header=True, header_style="bold")
     for column in ("model", "QAT", "loss", "ppl"):
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=column == "model")
