@@ -8,16 +8,20 @@
 #     bash benchmarks/device_check.sh            # in a checkout with the package and triton installed
 #     REHEARSAL=1 bash benchmarks/device_check.sh   # first, on any machine: every step started on the CPU for 25 s
 #
-# A rehearsal's steps should all end "exit 124" (stopped at their limit): one that ends sooner with another
-# code has a wrong argument or a missing package, found before the GPU's time is spent.
+# A rehearsal's steps should all end "exit 124" (stopped at their limit) or 0: one that ends sooner with an error
+# has a wrong argument or a missing package, found before the GPU's time is spent (the CPU paths only: a
+# rehearsal hides any GPU).
 set -uo pipefail
-REHEARSAL="${REHEARSAL:-}"
+[ "${REHEARSAL:-0}" = 1 ] && REHEARSAL=1 || REHEARSAL=""
 DEADLINE=$((SECONDS + ${DEVICE_CHECK_SECONDS:-420}))
 cd "$(dirname "$0")/.." || exit 1
 if [ -n "$REHEARSAL" ]; then OUT="${OUT:-benchmarks/results/rehearsal}"; else OUT="${OUT:-benchmarks/results/cuda}"; fi
 mkdir -p "$OUT" || exit 1
 export PYTHONUNBUFFERED=1
-if [ -z "$REHEARSAL" ]; then
+if [ -n "$REHEARSAL" ]; then
+    export CUDA_VISIBLE_DEVICES=""
+    : > "$OUT/device.txt"
+else
     python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this script is for a GPU')" || exit 1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 fi

@@ -31,7 +31,7 @@ from .model.importance import calibrate_importance
 from .model.modules import QATEmbedding, QATLinear
 from .quantizers import Quantizer, available_quantizers, register_quantizer
 from .training.callback import QATCallback  # noqa: E402  (imports transformers)
-from .export import export_checkpoint, load_exported  # noqa: E402  (registers the native format's quantizer)
+from .export import check_loadable, export_checkpoint, load_exported  # noqa: E402  (registers the native format's quantizer)
 from .planner import plan_qat  # noqa: E402
 
 from .version import __version__  # noqa: E402
@@ -49,6 +49,7 @@ __all__ = [
     "activate_qat",
     "available_quantizers",
     "calibrate_importance",
+    "check_loadable",
     "coverage",
     "export_checkpoint",
     "load_exported",

@@ -66,7 +66,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.plot:
         from .plots import plot_plan
 
-        console.print(f"plot written to {plot_plan(plan, args.plot, law)}")
+        console.print(f"plot written to {plot_plan(plan, args.plot, law)}", markup=False)
     return 0
 
 
@@ -122,11 +122,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         f"{diag['runs']} runs fitted in {diag['fit_seconds']:.1f} s ({diag['starts']} starts); mean |relative error| "
         f"{diag['mean_abs_relative_error']:.3%}, max {diag['max_abs_relative_error']:.3%}"
     )
-    console.print(f"law written to {path}")
+    console.print(f"law written to {path}", markup=False)
     if args.plot:
         from .plots import plot_fit
 
-        console.print(f"plot written to {plot_fit(law, runs, args.plot)}")
+        console.print(f"plot written to {plot_fit(law, runs, args.plot)}", markup=False)
     return 0
 
 
@@ -187,7 +187,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ValueError(f"GGUF embeds the tokenizer in the file, and {args.checkpoint} holds none (no "
                          "tokenizer_config.json): pass --tokenizer ID_OR_PATH (the base model's id, or a folder)") from None
     console.print(f"exported {info.format} to {info.path}: {info.weight_bytes / 1e6:.2f} MB of tensors "
-                  f"(expected {info.expected_bytes / 1e6:.2f} MB); exact: {info.exact}")
+                  f"(expected {info.expected_bytes / 1e6:.2f} MB); exact: {info.exact}", markup=False)
     for note in info.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
     return 0
@@ -216,7 +216,7 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
     from .sweep.report import sweep_report
 
     report = sweep_report(args.dir, law=args.law, fit=not args.no_fit)
-    console.print(f"report written to {report.markdown_path} ({len(report.figures)} plots)")
+    console.print(f"report written to {report.markdown_path} ({len(report.figures)} plots)", markup=False)
     return 0
 
 

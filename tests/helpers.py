@@ -21,6 +21,14 @@ def bits_of(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
+def without_package(monkeypatch, missing: str) -> None:
+    """As if the Python package ``missing`` were not installed, for hf_qat's checks that ask before loading."""
+    import hf_qat.export.base
+
+    installed = hf_qat.export.base.installed
+    monkeypatch.setattr(hf_qat.export.base, "installed", lambda module: module != missing and installed(module))
+
+
 def assert_same(got: torch.Tensor | None, want: torch.Tensor | None) -> None:
     """The same bits, except that a NaN may be any NaN (a NaN's payload is not the math's)."""
     if want is None:

@@ -9,6 +9,7 @@ import pytest
 
 from hf_qat.demo.corpus import load_stdlib_corpus, make_blocks, train_tokenizer
 from hf_qat.demo.run import DemoSettings, run_demo
+from helpers import without_package
 
 pytestmark = pytest.mark.slow
 
@@ -43,11 +44,7 @@ def test_quick_demo_branches_the_planned_switch_and_the_baselines(tmp_path):
 def test_a_missing_loader_package_stops_the_demo_before_it_trains(tmp_path, monkeypatch):
     """The demo ends by reloading its compressed-tensors export: without that package it says so at once, not
     after minutes of training."""
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args, **kwargs:
-                        None if name == "compressed_tensors" else find_spec(name, *args, **kwargs))
+    without_package(monkeypatch, "compressed_tensors")
     with pytest.raises(ImportError, match=r"needs the compressed_tensors package \(pip install 'hf_qat\[export\]'\)"):
         run_demo(DemoSettings.quick(output_dir=str(tmp_path)))
     assert not (tmp_path / "sweep").exists()

@@ -107,13 +107,13 @@ def _planned_fraction(settings: DemoSettings, n: int) -> tuple[float, Any]:
 def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     """Run the whole demo and print its table; returns the figures (also written to results.json)."""
     settings = settings or DemoSettings()
+    _check_export_loads(settings, settings.sweep_config([0.0]))
     logging.getLogger("hf_qat").setLevel(logging.INFO)
     started = time.perf_counter()
     os.makedirs(settings.output_dir, exist_ok=True)
     console.rule("[bold]hf_qat demo[/bold]")
 
     probe = settings.sweep_config([0.0])
-    _check_export_loads(settings, probe)
     n, _ = num_params(probe, SIZE)
     planned, plan = _planned_fraction(settings, n)
     fractions = sorted({0.0, planned, *BASELINES.values()})

@@ -222,10 +222,17 @@ def _find_plan(model_or_dir, plan) -> dict | None:
 
 
 def check_loadable(model: nn.Module, format: str = "auto") -> None:
-    """For a model just prepared for QAT: raise now the ImportError that loading its export in ``format`` (auto:
-    the format it would get) with transformers would end in, so that a run that exports and reloads fails before
-    it trains rather than after."""
-    name = choose_format(probe_layers(model))[0] if format == "auto" else format
+    """For a model just prepared for QAT: raise now what exporting it in ``format`` and loading that with
+    transformers would end in, so that a run that exports and reloads fails before it trains rather than after:
+    QATModelError for a model not prepared, ValueError for an unknown format (ExportFormatError for one that
+    cannot hold its layers), ImportError for a package the loader needs (auto: for the format it would get)."""
+    if get_qat_config(model) is None:
+        raise QATModelError("check_loadable: the model is not prepared for QAT (prepare_model_for_qat first)")
+    if format == "auto":
+        name = choose_format(probe_layers(model))[0]
+    else:
+        get_format(format).check_prepared(model)
+        name = format
     if (missing := missing_for_loading(name)) is not None:
         raise missing
 
@@ -239,9 +246,11 @@ def load_exported(directory: str | os.PathLike, verify: bool = True, **kwargs: A
     from transformers import AutoModelForCausalLM
 
     directory = os.fspath(directory)
-    manifest = verify_manifest(directory) if verify else read_manifest(directory)
+    manifest = read_manifest(directory)
     if (missing := missing_for_loading(manifest["format"])) is not None:
         raise missing
+    if verify:
+        manifest = verify_manifest(directory)
     if manifest["format"] == "gguf":
         gguf_file = next(f for f in manifest["files"] if f.endswith(".gguf"))
         return AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, **kwargs)

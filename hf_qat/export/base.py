@@ -139,11 +139,16 @@ def choose_format(layers: list[QuantizedLayer]) -> tuple[str, list[str]]:
                             f"formats: {', '.join(FORMATS)}")
 
 
+def installed(module: str) -> bool:
+    """Whether the Python package ``module`` can be imported here (without importing it)."""
+    return importlib.util.find_spec(module) is not None
+
+
 def missing_for_loading(name: str) -> ImportError | None:
     """The error that loading an export in format ``name`` with transformers would end in here, for a package it
     needs that is not installed (:attr:`ExportFormat.load_requires`), or None."""
     fmt = FORMATS.get(name)
-    missing = [module for module in (fmt.load_requires if fmt else ()) if importlib.util.find_spec(module) is None]
+    missing = [module for module in (fmt.load_requires if fmt else ()) if not installed(module)]
     if not missing:
         return None
     return ImportError(f"loading a {name} export with transformers needs the {', '.join(missing)} package "

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import hf_qat
 from hf_qat import QATCallback, QATConfig, QATModelError
 from hf_qat.export import ExportFormatError, export_checkpoint, load_exported
-from helpers import make_trainer, qat_trained_model, tiny_llama
+from helpers import make_trainer, qat_trained_model, tiny_llama, without_package
 
 INPUT = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
 
@@ -198,14 +198,6 @@ def test_export_to_a_relative_directory_with_a_tokenizer(tmp_path, monkeypatch):
     assert load_exported("out/export") is not None
 
 
-def without_module(monkeypatch, missing: str) -> None:
-    """As if the package ``missing`` were not installed (for the checks that ask importlib before loading)."""
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args, **kwargs: None if name == missing else find_spec(name, *args, **kwargs))
-
 
 def test_a_missing_loader_package_is_named_before_loading_and_before_training(tmp_path, monkeypatch):
     from hf_qat.export import check_loadable
@@ -215,13 +207,25 @@ def test_a_missing_loader_package_is_named_before_loading_and_before_training(tm
     fresh = tiny_llama()
     hf_qat.prepare_model_for_qat(fresh, QATConfig(start=0, bits=4, group_size=16))
     check_loadable(fresh)  # installed here: nothing to say
-    without_module(monkeypatch, "compressed_tensors")
+    without_package(monkeypatch, "compressed_tensors")
     needs = r"loading a compressed-tensors export with transformers needs the compressed_tensors package \(pip install 'hf_qat\[export\]'\)"
     with pytest.raises(ImportError, match=needs):
         load_exported(tmp_path / "ct")
     with pytest.raises(ImportError, match=needs):
         check_loadable(fresh)  # format="auto" picks compressed-tensors for int4 groups
     check_loadable(fresh, format="hf-qat")  # the native format needs only hf_qat
-    without_module(monkeypatch, "gguf")
+    three = tiny_llama()
+    hf_qat.prepare_model_for_qat(three, QATConfig(start=0, bits=3, group_size=16))
+    check_loadable(three)  # auto picks hf-qat for 3-bit codes: compressed-tensors is not needed
+    with pytest.raises(ExportFormatError, match=r"QATConfig.export_format='gguf'.*cannot"):
+        check_loadable(three, format="gguf")  # a named format must hold the layers
+    with pytest.raises(ValueError, match=r"format 'onnx' is not known"):
+        check_loadable(three, format="onnx")
+    with pytest.raises(QATModelError, match=r"not prepared for QAT"):
+        check_loadable(tiny_llama())
+    q4_0 = tiny_llama()
+    hf_qat.prepare_model_for_qat(q4_0, QATConfig(start=0, bits=4, group_size=32))
+    check_loadable(q4_0, format="gguf")
+    without_package(monkeypatch, "gguf")
     with pytest.raises(ImportError, match=r"a gguf export with transformers needs the gguf package"):
-        check_loadable(fresh, format="gguf")
+        check_loadable(q4_0, format="gguf")
