@@ -141,23 +141,25 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     return result
 
 
-def _check_export_loads(settings: DemoSettings, config: SweepConfig) -> None:
-    """Before any training: the export the demo ends with must load here (compressed-tensors needs its package)."""
+def _qat_model(config: SweepConfig, bits, seed: int):
+    """The demo's model, prepared for QAT at ``bits``."""
     from ..model.convert import prepare_model_for_qat
 
-    model = build_model(config, SIZE, settings.seed)
-    prepare_model_for_qat(model, config.qat_config(settings.bits))
-    check_loadable(model, settings.export_format)
+    model = build_model(config, SIZE, seed)
+    prepare_model_for_qat(model, config.qat_config(bits))
+    return model
+
+
+def _check_export_loads(settings: DemoSettings, config: SweepConfig) -> None:
+    """Before any training: the export the demo ends with must load here (compressed-tensors needs its package)."""
+    check_loadable(_qat_model(config, settings.bits, settings.seed), settings.export_format)
 
 
 def _export_step(settings: DemoSettings, config: SweepConfig, sweep_dir: str, row: dict, result: DemoResult) -> None:
     """Export the planned QAT model, reload it from disk (checksums verified) with transformers, evaluate it."""
-    from ..model.convert import prepare_model_for_qat
-
     t0 = time.perf_counter()
     data = load_sweep_data(config, row["total_steps"] * config.batch_size, cache_dir=os.path.join(sweep_dir, "cache"))
-    model = build_model(config, SIZE, settings.seed)
-    prepare_model_for_qat(model, config.qat_config(row["bits"]))
+    model = _qat_model(config, row["bits"], settings.seed)
     load_checkpoint(os.path.join(sweep_dir, "models", row["key"].replace("/", "_") + ".pt"), model, None)
     out = os.path.join(settings.output_dir, "export")
     card = {"eval": {"held-out loss (QAT)": result.losses["qat"], "held-out loss (PTQ)": result.losses["ptq"],
