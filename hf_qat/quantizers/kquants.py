@@ -70,7 +70,7 @@ from .base import SCALE_MIN, Grid
 from .family import Quantizer
 from . import ggml_blocks
 from .ggml_blocks import pack_ggml
-from .reference import MSE_SCALE_RATIOS, nearest_value, tree_sum
+from .reference import MSE_SCALE_RATIOS, nearest_value_, tree_sum
 from .registry import register_quantizer
 
 FP16_TINY = 2.0**-24  # fp16's smallest positive value: d never rounds to 0
@@ -205,7 +205,7 @@ def _ratio(matrix: torch.Tensor, scales: BlockScales, grid: GGMLGrid) -> torch.T
 def _codes_(r: torch.Tensor, grid: GGMLGrid) -> torch.Tensor:
     """The codes of ``r`` (clamped in place, then rounded in place or looked up in the levels)."""
     clamped = r.clamp_(grid.lo, grid.hi)
-    return nearest_value(clamped, grid.values) if grid.values else clamped.round_()
+    return nearest_value_(clamped, grid.values) if grid.values else clamped.round_()
 
 
 def _values_(codes: torch.Tensor, scales: BlockScales) -> torch.Tensor:

@@ -118,7 +118,7 @@ def nearest_entry(x: float, table: tuple[int, ...]) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _lookup_table(table: tuple[int, ...], signed: bool, device: str) -> torch.Tensor:
-    """fp32 ``[4 * (hi - lo) + 1]`` on ``device`` for :func:`_lookup`: entry ``j`` is the level of every ``x``
+    """fp32 ``[4 * (hi - lo) + 1]`` on ``device`` for :func:`_lookup_`: entry ``j`` is the level of every ``x``
     with ``floor(2x) + ceil(2x) = 4 lo + j`` (``x = lo + j / 4`` when ``j`` is even; strictly between two
     halves, where no tie can fall, when odd). ``signed``: ``table`` holds magnitudes and the level is the
     nearest one to ``|x|``, negated where ``x < 0`` (-0.0 there when it is 0)."""
@@ -131,23 +131,27 @@ def _lookup_table(table: tuple[int, ...], signed: bool, device: str) -> torch.Te
     return torch.tensor(levels, dtype=torch.float32, device=device)
 
 
-def _lookup(x: torch.Tensor, table: tuple[int, ...], signed: bool) -> torch.Tensor:
-    """The level of every ``x`` (fp32; clamped to the table's range first), a new tensor. Every midpoint of
-    two integers is a multiple of 1/2, so which entry is nearest, ties included, depends only on
-    ``floor(2x)`` and on whether ``2x`` is an integer: ``floor(2x) + ceil(2x)`` indexes a table of the
-    rule's answers (:func:`_lookup_table`). Doubling, floor and ceil are exact in fp32. Traced (the compiled
-    engine, a model compiled whole), the same rule as comparisons (:func:`_lookup_by_midpoints`)."""
+def _lookup_(x: torch.Tensor, table: tuple[int, ...], signed: bool) -> torch.Tensor:
+    """The level of every ``x`` (fp32; clamped to the table's range first), written over ``x`` and returned
+    (a new tensor where ``x`` is not contiguous). Every midpoint of two integers is a multiple of 1/2, so which entry is nearest, ties
+    included, depends only on ``floor(2x)`` and on whether ``2x`` is an integer: ``floor(2x) + ceil(2x)``
+    indexes a table of the rule's answers (:func:`_lookup_table`). Doubling, floor and ceil are exact in fp32.
+    Two temporaries (the floor and the integer index; every other pass is in place and the levels land in
+    ``x``): on a CPU a fresh tensor of a weight's size costs its page faults. Traced (the compiled engine,
+    a model compiled whole), the same rule as comparisons (:func:`_lookup_by_midpoints`)."""
     if torch.compiler.is_compiling():
         return _lookup_by_midpoints(x, table, signed)
     levels = _lookup_table(tuple(table), signed, str(x.device))
     lo, hi = (-table[-1], table[-1]) if signed else (table[0], table[-1])
-    twice = torch.mul(x, 2.0).clamp_(2 * lo, 2 * hi).nan_to_num_(2 * hi)  # NaN: the top level
-    index = torch.floor(twice).add_(twice.ceil_()).sub_(4 * lo).to(torch.int32)
-    return torch.index_select(levels, 0, index.reshape(-1)).reshape(x.shape)
+    twice = x.mul_(2.0).clamp_(2 * lo, 2 * hi).nan_to_num_(2 * hi)  # NaN: the top level
+    index = torch.floor(twice).add_(twice.ceil_()).sub_(4 * lo).to(torch.int32).reshape(-1)  # integers: exact
+    if not x.is_contiguous():  # a view of a transposed matrix (export's checks): the levels in a new tensor
+        return torch.index_select(levels, 0, index).view(x.shape)
+    return torch.index_select(levels, 0, index, out=x.view(-1)).view(x.shape)
 
 
 def _lookup_by_midpoints(x: torch.Tensor, table: tuple[int, ...], signed: bool) -> torch.Tensor:
-    """:func:`_lookup`'s levels, bit for bit, as comparisons with the midpoints of adjacent entries: the first
+    """:func:`_lookup_`'s levels, bit for bit, as comparisons with the midpoints of adjacent entries: the first
     entry, plus each step whose midpoint ``x`` is not below (not at or below when the upper index is odd, so that
     a tie goes to the even index); NaN, below nothing, is past every midpoint: the last entry. ``signed``: of
     ``|x|``, negated where ``x < 0``. Compiled, one vectorised compare and select per entry, where a gather from
@@ -164,15 +168,26 @@ def _lookup_by_midpoints(x: torch.Tensor, table: tuple[int, ...], signed: bool) 
 def nearest_value(x: torch.Tensor, table: tuple[int, ...]) -> torch.Tensor:
     """The entry of the ascending integer table ``table`` nearest to ``x`` (fp32), a tie between entries
     i and i + 1 going to the even index (:func:`nearest_entry`); ``x`` outside the table's range gives its
-    nearest end, NaN the last entry. A new tensor, computed by one lookup per element (:func:`_lookup`)."""
-    return _lookup(x, table, signed=False)
+    nearest end, NaN the last entry. A new tensor, computed by one lookup per element (:func:`_lookup_`)."""
+    return nearest_value_(x.float().clone(memory_format=torch.contiguous_format), table)
+
+
+def nearest_value_(x: torch.Tensor, table: tuple[int, ...]) -> torch.Tensor:
+    """:func:`nearest_value` of an fp32 ``x`` that is the caller's to overwrite (the result is ``x`` itself, or,
+    traced or where ``x`` is not contiguous, a new tensor: use what it returns)."""
+    return _lookup_(x, table, signed=False)
 
 
 def nearest_magnitude(x: torch.Tensor, magnitudes: tuple[int, ...]) -> torch.Tensor:
     """``sign(x) * m`` with ``m`` the entry of the ascending table ``magnitudes`` (integers from 0) nearest
     to ``|x|`` (ties to the even index): ``-m`` where ``x < 0`` (so -0.0 for a negative ``x`` nearest to 0, +0.0
     for -0.0). fp32, a new tensor."""
-    return _lookup(x, magnitudes, signed=True)
+    return nearest_magnitude_(x.float().clone(memory_format=torch.contiguous_format), magnitudes)
+
+
+def nearest_magnitude_(x: torch.Tensor, magnitudes: tuple[int, ...]) -> torch.Tensor:
+    """:func:`nearest_magnitude` of an fp32 ``x`` that is the caller's to overwrite (as :func:`nearest_value_`)."""
+    return _lookup_(x, magnitudes, signed=True)
 
 
 def _codes_(q: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -182,7 +197,7 @@ def _codes_(q: torch.Tensor, grid: Grid) -> torch.Tensor:
     if grid.mul != 1.0:
         q.mul_(grid.mul)
     if grid.magnitudes:
-        return nearest_magnitude(q, grid.magnitudes)
+        return nearest_magnitude_(q, grid.magnitudes)
     if grid.add != 0.0:
         q.add_(grid.add)
     q.round_()
@@ -211,10 +226,9 @@ def fake_quantize_forward(
 
 def clipped_factor_is_code(grid: Grid) -> bool:
     """Whether the scale-gradient factor where ``r`` is clipped (``grad_lo`` / ``grad_hi``) equals the clipped
-    code times ``level`` (LSQ, absmax, SEQ 2-bit; not ternary SEQ): then ``code * level - (r inside, 0 outside)``
-    is the whole factor, without comparisons of its own. Not a table grid: its lookup gives a NaN ``r`` a level,
-    so a NaN must reach the factor through ``r`` itself."""
-    if grid.magnitudes or grid.sign:
+    code times ``level`` (LSQ, absmax, SEQ 2-bit, the E2M1 table; not ternary SEQ): then ``code * level - (r
+    inside, 0 where clipped)`` is the whole factor, with no fill of its own."""
+    if grid.sign:
         return False
     return (grid.codes[0] * grid.level, grid.codes[-1] * grid.level) == (grid.grad_lo, grid.grad_hi)
 
@@ -252,8 +266,11 @@ def fake_quantize_backward(
         factor = _codes_(clamped, grid)
         if grid.level != 1.0:
             factor.mul_(grid.level)
-        if clipped_factor_is_code(grid):
-            factor.sub_(r.masked_fill_(outside, 0.0))  # code * level - r inside, code * level where clipped
+        if clipped_factor_is_code(grid):  # code * level - r inside, code * level where clipped
+            # A table's lookup gives a NaN r a level: its NaN must reach the factor through r, so only r past an
+            # end is zeroed there (an integer grid's code is NaN already)
+            clipped = (r < grid.clip_lo).logical_or_(r > grid.clip_hi) if grid.magnitudes else outside
+            factor.sub_(r.masked_fill_(clipped, 0.0))
         else:
             factor.sub_(r)  # code * level - r inside the clip range
             factor.masked_fill_(r < grid.clip_lo, grid.grad_lo).masked_fill_(r > grid.clip_hi, grid.grad_hi)

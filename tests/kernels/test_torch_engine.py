@@ -121,3 +121,21 @@ def test_the_sliced_ggml_backward_is_the_whole_matrix_backward(name, monkeypatch
     sliced = TorchEngine().ggml_backward(grad, matrix, scales.step, scales.min, grid, True)
     assert torch.equal(bits_of(sliced[0]), bits_of(whole[0]))
     assert torch.equal(bits_of(sliced[1]), bits_of(whole[1]))
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "iq4_nl"])
+def test_a_table_grid_of_a_transposed_view_is_that_of_its_copy(name):
+    """The lookup writes the levels over the codes it is given where they are contiguous: a transposed matrix
+    (a non-contiguous view, as an export check may pass) gives its contiguous copy's bits and is left unchanged."""
+    gen = torch.Generator().manual_seed(5)
+    quantizer = get_quantizer(name, 4)
+    group = quantizer.block_size or 32
+    stored = torch.randn(64, 40, generator=gen) * 0.05
+    matrix = stored.t()
+    assert not matrix.is_contiguous()
+    scale = quantizer.init_scale(ScaleLayout(group).scale_view(matrix.contiguous())) * 0.7  # some values clip
+    spec = WeightQuantSpec(quantizer.grid(), group, quantizer.scale_dtype or torch.float16, 1.0)
+    before = stored.clone()
+    viewed = quantizer.fake_quantize(matrix, scale, spec)
+    assert torch.equal(bits_of(viewed), bits_of(quantizer.fake_quantize(matrix.contiguous(), scale, spec)))
+    assert torch.equal(bits_of(stored), bits_of(before))
