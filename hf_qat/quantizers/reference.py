@@ -132,20 +132,22 @@ def _lookup_table(table: tuple[int, ...], signed: bool, device: str) -> torch.Te
 
 
 def _lookup_(x: torch.Tensor, table: tuple[int, ...], signed: bool) -> torch.Tensor:
-    """The level of every ``x`` (fp32; clamped to the table's range first), written over ``x`` and returned
-    (a new tensor where ``x`` is not contiguous). Every midpoint of two integers is a multiple of 1/2, so which entry is nearest, ties
-    included, depends only on ``floor(2x)`` and on whether ``2x`` is an integer: ``floor(2x) + ceil(2x)``
-    indexes a table of the rule's answers (:func:`_lookup_table`). Doubling, floor and ceil are exact in fp32.
-    Two temporaries (the floor and the integer index; every other pass is in place and the levels land in
-    ``x``): on a CPU a fresh tensor of a weight's size costs its page faults. Traced (the compiled engine,
-    a model compiled whole), the same rule as comparisons (:func:`_lookup_by_midpoints`)."""
+    """The level of every ``x`` (fp32; clamped to the table's range first), computed in place: ``x`` is
+    overwritten (with the levels, or, where it is not contiguous, with intermediates and the levels come in a
+    new tensor): use what it returns. Every midpoint of two integers is a multiple of 1/2, so which entry is
+    nearest, ties included, depends only on ``floor(2x)`` and on whether ``2x`` is an integer: ``floor(2x) +
+    ceil(2x)`` indexes a table of the rule's answers (:func:`_lookup_table`). Doubling, floor and ceil are exact
+    in fp32. Two temporaries (the floor and the integer index): on a CPU each fresh tensor of a weight's size
+    costs its page faults. No gradient flows through a lookup. Traced (the compiled engine, a model compiled
+    whole), the same rule as comparisons (:func:`_lookup_by_midpoints`)."""
     if torch.compiler.is_compiling():
         return _lookup_by_midpoints(x, table, signed)
+    x = x.detach()  # the same storage; written through ``out=``, which autograd refuses on a tensor needing grad
     levels = _lookup_table(tuple(table), signed, str(x.device))
     lo, hi = (-table[-1], table[-1]) if signed else (table[0], table[-1])
     twice = x.mul_(2.0).clamp_(2 * lo, 2 * hi).nan_to_num_(2 * hi)  # NaN: the top level
     index = torch.floor(twice).add_(twice.ceil_()).sub_(4 * lo).to(torch.int32).reshape(-1)  # integers: exact
-    if not x.is_contiguous():  # a view of a transposed matrix (export's checks): the levels in a new tensor
+    if not x.is_contiguous():  # a view of a transposed matrix (export's checks)
         return torch.index_select(levels, 0, index).view(x.shape)
     return torch.index_select(levels, 0, index, out=x.view(-1)).view(x.shape)
 
@@ -169,7 +171,7 @@ def nearest_value(x: torch.Tensor, table: tuple[int, ...]) -> torch.Tensor:
     """The entry of the ascending integer table ``table`` nearest to ``x`` (fp32), a tie between entries
     i and i + 1 going to the even index (:func:`nearest_entry`); ``x`` outside the table's range gives its
     nearest end, NaN the last entry. A new tensor, computed by one lookup per element (:func:`_lookup_`)."""
-    return nearest_value_(x.float().clone(memory_format=torch.contiguous_format), table)
+    return nearest_value_(x.detach().float().clone(memory_format=torch.contiguous_format), table)
 
 
 def nearest_value_(x: torch.Tensor, table: tuple[int, ...]) -> torch.Tensor:
@@ -182,7 +184,7 @@ def nearest_magnitude(x: torch.Tensor, magnitudes: tuple[int, ...]) -> torch.Ten
     """``sign(x) * m`` with ``m`` the entry of the ascending table ``magnitudes`` (integers from 0) nearest
     to ``|x|`` (ties to the even index): ``-m`` where ``x < 0`` (so -0.0 for a negative ``x`` nearest to 0, +0.0
     for -0.0). fp32, a new tensor."""
-    return nearest_magnitude_(x.float().clone(memory_format=torch.contiguous_format), magnitudes)
+    return nearest_magnitude_(x.detach().float().clone(memory_format=torch.contiguous_format), magnitudes)
 
 
 def nearest_magnitude_(x: torch.Tensor, magnitudes: tuple[int, ...]) -> torch.Tensor:
@@ -191,8 +193,8 @@ def nearest_magnitude_(x: torch.Tensor, magnitudes: tuple[int, ...]) -> torch.Te
 
 
 def _codes_(q: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Turn ``q = clamp(r, clip_lo, clip_hi)`` (modified in place, or replaced for a table grid) into the
-    codes of a non-sign grid. Multiplications by 1 and additions of 0 are not performed (so -0.0 stays
+    """Turn ``q = clamp(r, clip_lo, clip_hi)`` (overwritten: use what it returns) into the codes of a
+    non-sign grid. Multiplications by 1 and additions of 0 are not performed (so -0.0 stays
     -0.0)."""
     if grid.mul != 1.0:
         q.mul_(grid.mul)

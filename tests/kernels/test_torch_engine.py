@@ -139,3 +139,52 @@ def test_a_table_grid_of_a_transposed_view_is_that_of_its_copy(name):
     viewed = quantizer.fake_quantize(matrix, scale, spec)
     assert torch.equal(bits_of(viewed), bits_of(quantizer.fake_quantize(matrix.contiguous(), scale, spec)))
     assert torch.equal(bits_of(stored), bits_of(before))
+
+
+def test_the_public_lookups_leave_their_input_and_take_a_tensor_that_needs_grad():
+    """``nearest_value`` / ``nearest_magnitude`` return new tensors (the in-place ``_`` variants are the engine's),
+    also for an input that requires grad (no gradient flows through a lookup), and a family's ``fake_quantize``
+    of a Parameter runs with grad enabled."""
+    x = (torch.randn(4, 64, generator=torch.Generator().manual_seed(6)) * 5).requires_grad_(True)
+    before = x.detach().clone()
+    for value in (nearest_value(x, IQ4_NL_VALUES), nearest_magnitude(x, (0, 1, 2, 3, 4, 6, 8, 12))):
+        assert not value.requires_grad and value.shape == x.shape
+    assert torch.equal(bits_of(x.detach()), bits_of(before))
+    for name in ("mxfp4", "iq4_nl"):
+        quantizer = get_quantizer(name, 4)
+        weight = torch.nn.Parameter(torch.randn(4, 64, generator=torch.Generator().manual_seed(7)) * 0.05)
+        scale = quantizer.init_scale(ScaleLayout(32).scale_view(weight.detach()))
+        spec = WeightQuantSpec(quantizer.grid(), 32, quantizer.scale_dtype or torch.float16, 1.0)
+        with torch.no_grad():
+            expected = quantizer.fake_quantize(weight, scale, spec)
+        assert torch.equal(bits_of(quantizer.fake_quantize(weight, scale, spec).detach()), bits_of(expected))
+
+
+def test_the_e2m1_scale_gradient_factor_element_by_element():
+    """MXFP4's backward, one element per group of 32 (the rest 0, whose factor is 0): the factor is the nearest E2M1
+    value of ``r`` less ``r`` inside the clip range, +-6 past an end (inf included), NaN for NaN; the weight's
+    gradient passes inside and stops outside and at NaN. Restated here from the format, not from the code."""
+    quantizer = get_quantizer("mxfp4", 4)
+    grid = quantizer.grid()
+    specials = [0.2, 0.25, 0.75, 1.25, 2.6, 5.0, 6.0, 6.5, -7.0, 1e30, float("inf"), float("-inf"), float("nan"),
+                -0.3, -2.5, -5.1]
+    weight = torch.zeros(1, 32 * len(specials))
+    weight[0, ::32] = torch.tensor(specials)
+    s_r, step = prepare_scales(torch.ones(1, len(specials)), grid, quantizer.scale_dtype)
+    grad = torch.ones_like(weight)
+    grad_weight, sums = fake_quantize_backward(grad, weight, s_r, step, grid, ScaleLayout(32), True)
+    e2m1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+    def nearest(v):  # ties to the even index of the magnitude table
+        m = min(range(len(e2m1)), key=lambda i: (abs(e2m1[i] - abs(v)), i % 2))
+        return -e2m1[m] if v < 0 else e2m1[m]
+
+    for i, v in enumerate(specials):
+        factor, passed = sums[0, i].item(), grad_weight[0, 32 * i].item()
+        if v != v:
+            assert factor != factor and passed == 0.0
+        elif abs(v) > 6.0:
+            assert factor == (6.0 if v > 0 else -6.0) and passed == 0.0
+        else:
+            r = torch.tensor(v, dtype=torch.float32)  # the ratio as the weight holds it (scale 1)
+            assert factor == (torch.tensor(nearest(r.item()), dtype=torch.float32) - r).item() and passed == 1.0
