@@ -133,13 +133,14 @@ def _lookup_table(table: tuple[int, ...], signed: bool, device: str) -> torch.Te
 
 def _lookup_(x: torch.Tensor, table: tuple[int, ...], signed: bool) -> torch.Tensor:
     """The level of every ``x`` (fp32; clamped to the table's range first), computed in place: ``x`` is
-    overwritten (with the levels, or, where it is not contiguous, with intermediates and the levels come in a
-    new tensor): use what it returns. Every midpoint of two integers is a multiple of 1/2, so which entry is
+    overwritten (with the levels; where it is not contiguous it holds intermediates and the levels come in a new
+    tensor): use what it returns. Every midpoint of two integers is a multiple of 1/2, so which entry is
     nearest, ties included, depends only on ``floor(2x)`` and on whether ``2x`` is an integer: ``floor(2x) +
     ceil(2x)`` indexes a table of the rule's answers (:func:`_lookup_table`). Doubling, floor and ceil are exact
-    in fp32. Two temporaries (the floor and the integer index): on a CPU each fresh tensor of a weight's size
-    costs its page faults. No gradient flows through a lookup. Traced (the compiled engine, a model compiled
-    whole), the same rule as comparisons (:func:`_lookup_by_midpoints`)."""
+    in fp32. Two temporaries (the floor and the integer index): on a CPU each fresh tensor of a weight's size is
+    one more pass over memory out of cache (and, with glibc's default allocator, its page faults). No gradient
+    flows through a lookup. Traced (the compiled engine, a model compiled whole), the same rule as comparisons
+    (:func:`_lookup_by_midpoints`)."""
     if torch.compiler.is_compiling():
         return _lookup_by_midpoints(x, table, signed)
     x = x.detach()  # the same storage; written through ``out=``, which autograd refuses on a tensor needing grad
