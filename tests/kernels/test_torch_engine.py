@@ -20,10 +20,7 @@ from hf_qat.quantizers.reference import (
     nearest_value,
     prepare_scales,
 )
-
-
-def bits_of(t: torch.Tensor) -> torch.Tensor:
-    return t.float().view(torch.int32)
+from helpers import bits_of
 
 
 def brute_nearest(x: float, table: tuple[int, ...]) -> float:
