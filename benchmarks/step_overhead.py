@@ -13,7 +13,8 @@ stepped alternately (its ratio is the median of each step over the FP step of th
 held at a time whatever the number of modes. On a GPU the default models are SmolLM2-135M-shaped (576 hidden, 30 layers, 49152 vocab)
 and a Qwen3-MoE-shaped model (8 experts, 2 active) in bf16; on a CPU the demo model (0.23M parameters,
 what CI trains), the tests' tiny model, a small Qwen3-MoE (8 experts, 2 active) and the dense Qwen3 with
-its active parameters. A mixture of experts is timed once per transformers experts implementation
+its active parameters; ``--model smollm2-135m`` on a CPU steps 4 x 256 tokens (8 x 1024 on a GPU) unless ``--batch``
+/ ``--seq`` say otherwise. A mixture of experts is timed once per transformers experts implementation
 (eager, batched_mm, grouped_mm); int8 activations do not apply to fused experts, so it has two modes.
 ``--all-formats`` adds every family and llama.cpp file type; ``--memory`` (CPU) measures each mode's peak
 resident memory in a fresh process (the CUDA run always records its peak allocation). The engine is
@@ -48,10 +49,10 @@ import hf_qat
 from hf_qat.kernels.dispatch import BACKENDS, requested_backend
 
 MODELS = {
-    # SmolLM2-135M's shape: the step_overhead target of the kernels issue.
+    # SmolLM2-135M's shape: the model of the step-cost targets; 4 x 256 tokens a step on a CPU (``cpu``), 8 x 1024 on a GPU.
     "smollm2-135m": dict(config=dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                                     tie_word_embeddings=True), batch=8, seq=1024),
+                                     tie_word_embeddings=True), batch=8, seq=1024, cpu=dict(batch=4, seq=256)),
     # The model hf-qat demo trains (and CI, in the quick demo).
     "demo": dict(config=dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -279,6 +280,7 @@ def main() -> None:
         for mode in [m for m in MODES if m != "fp" and m not in args.modes]:
             del MODES[mode]
     for name in args.model or ():
+        MODELS[name].update(MODELS[name].get(device, {}))  # the device's own shape, where the model names one
         MODELS[name].update({k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v is not None})
     if args.backends and device == "cuda":
         parser.error("--backends compares engines on a CPU; on CUDA set HF_QAT_BACKEND (auto runs Triton)")
