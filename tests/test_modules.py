@@ -144,6 +144,55 @@ def test_remove_qat_restores_plain_modules_and_can_bake_weights():
     assert torch.equal(model(INPUT).logits, quantized)
 
 
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_a_scaled_word_embedding_is_quantized_and_scales_its_quantized_rows(model_type):
+    """Gemma's embedding multiplies the rows it looks up by sqrt(hidden): a llama.cpp file type quantizes it, so QAT
+    quantizes the table and scales the fake-quantized rows; remove_qat gives the scaled class back."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        model_type, vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16))
+    source = model.model.embed_tokens
+    scaled_class, scale = type(source), source.embed_scale
+    assert scaled_class is not nn.Embedding and float(scale) == 8.0
+    plain = model(INPUT).logits
+    prepare_model_for_qat(model, QATConfig.from_preset("q4_0", start=0))
+    embedding = model.model.embed_tokens
+    assert isinstance(embedding, QATEmbedding) and torch.equal(model(INPUT).logits, plain)  # dormant: the same
+    hf_qat.activate_qat(model)
+    unit = embedding.weight_quantizer
+    table = unit.quantized(embedding.weight)
+    assert not torch.equal(table, embedding.weight)
+    assert torch.equal(embedding(INPUT), table[INPUT] * 8.0)  # the quantized rows, then the scale
+    embedding(INPUT).sum().backward()
+    assert embedding.weight.grad is not None and unit.log_scale_ratio.grad is not None
+    hf_qat.remove_qat(model)
+    restored = model.model.embed_tokens
+    assert type(restored) is scaled_class and restored.embed_scale is scale
+    assert restored.scalar_embed_scale == source.scalar_embed_scale and restored.weight is source.weight
+    assert "model.embed_tokens.embed_scale" not in model.state_dict()  # non-persistent, as it was
+    assert torch.equal(model(INPUT).logits, plain)
+
+
+def test_an_embedding_with_another_forward_is_refused_naming_the_setting_and_the_way_out():
+    class Shifted(nn.Embedding):
+        def forward(self, input):
+            return super().forward(input) + 1.0
+
+    for config, setting in ((QATConfig(bits=4, group_size=16, embedding_bits=4, start=0), "embedding_bits is set"),
+                            (QATConfig.from_preset("q8_0", start=0), "gguf_mix='q8_0' quantizes it")):
+        model = tiny_llama(tie=True)
+        model.model.embed_tokens = Shifted(64, 32)
+        model.model.embed_tokens.weight = model.lm_head.weight
+        with pytest.raises(hf_qat.QATModelError) as refused:
+            prepare_model_for_qat(model, config)
+        message = str(refused.value)
+        assert "Shifted overrides nn.Embedding.forward" in message and setting in message
+        assert "exclude_modules=['model.embed_tokens', 'lm_head']" in message
+
+
 def test_checkpoints_of_hf_qat_0_1_0_load_and_compute_the_same():
     """0.1.0 kept weight_scale / qat_active / qat_initialized on the layer; they load into the unit
     (the scale as init_scale, ratio 0), and the model computes the same logits."""

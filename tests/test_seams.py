@@ -184,6 +184,20 @@ def test_a_gguf_refusal_names_only_formats_that_can(tmp_path):
     assert "Formats that can" not in str(refused.value)
 
 
+
+def test_a_quantized_scaled_embedding_goes_to_gguf_and_the_native_format_refuses_it(tmp_path):
+    """The native format packs a plain embedding: Gemma's, whose rows are scaled by sqrt(hidden), would load and
+    compute something else, so it is refused, naming GGUF (whose Gemma graph scales them)."""
+    config = QATConfig(bits=4, group_size=32, embedding_bits=4)
+    model = hf_qat.ptq(tiny_causal_lm("gemma2", head_dim=16, query_pre_attn_scalar=16), config)
+    with pytest.raises(ExportFormatError, match=r"multiplies its rows by 8 .*Formats that can: gguf"):
+        export_checkpoint(model, tmp_path / "n", format="hf-qat")
+    with pytest.raises(ExportFormatError, match="multiplies its rows by 8"):  # before training
+        hf_qat.prepare_model_for_qat(tiny_causal_lm("gemma2", head_dim=16, query_pre_attn_scalar=16),
+                                     QATConfig(bits=4, group_size=32, embedding_bits=4, export_format="hf-qat"))
+    export_checkpoint(model, tmp_path / "g", format="gguf", tokenizer=byte_level_bpe("gpt-2"))
+    assert (tmp_path / "g" / "model.gguf").is_file()
+
 # ---------------------------------------------------------------------------------------- fuzz of the new options
 FUZZ_OPTIONS = {
     "bits": [2, 3, 4, 5, 6, 8, "ternary"],

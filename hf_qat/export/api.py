@@ -135,7 +135,7 @@ def export_checkpoint(
             QAT run (it holds ``qat_config.json``).
         out_dir: the directory to write.
         format: "compressed-tensors" (transformers + vLLM), "gguf" (llama.cpp), "bitnet"
-            (transformers BitNet), "hf-qat" (native: every setting; needs hf_qat to load), or
+            (transformers BitNet), "hf-qat" (native: every grid but llama.cpp's blocks; needs hf_qat to load), or
             "auto". A format that cannot represent the model exactly is an error naming those that can.
         tokenizer: saved alongside (required for GGUF, which embeds it).
         plan: the run's :class:`hf_qat.planner.Plan` (``QATCallback.plan``) or its dict, for the

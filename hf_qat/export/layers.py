@@ -48,6 +48,8 @@ class QuantizedLayer:
         ggml_scales: a family's own block scales (:meth:`~hf_qat.quantizers.family.Quantizer.encode`: ggml's
             ``d``, ``sc``, mins; the matrix is ``step * code - min`` in fp32), or None.
         gguf_mix: the llama.cpp file type the model was trained for (``QATConfig.gguf_mix``), or None.
+        embed_scale: what an embedding's forward multiplies the rows it looks up by (transformers' scaled word
+            embeddings, Gemma 2 and 3: sqrt(hidden)), or None: a format that stores a plain embedding refuses it.
     """
 
     name: str
@@ -68,6 +70,7 @@ class QuantizedLayer:
     family: Quantizer | None = None
     ggml_scales: Any = None
     gguf_mix: str | None = None
+    embed_scale: float | None = None
 
     @property
     def step_dtype(self) -> torch.dtype:
@@ -102,6 +105,7 @@ def _layer(name: str, qweight, weight: torch.Tensor, codes: torch.Tensor, step: 
         weight_shape=tuple(weight.shape), view=unit.view, family=unit.quantizer,
         ggml_scales=None if ggml_scales is None else ggml_scales.map(torch.Tensor.cpu),
         gguf_mix=None if unit.config is None else unit.config.gguf_mix,
+        embed_scale=None if getattr(qweight.module, "embed_scale", None) is None else float(qweight.module.embed_scale),
     )
 
 

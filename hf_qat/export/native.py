@@ -1,4 +1,5 @@
-"""The native format ("hf-qat"): every setting, packed at its own bit width.
+"""The native format ("hf-qat"): every grid of hf_qat's own (integer, ternary, binary, FP4), packed at its own bit
+width. llama.cpp's block families (their blocks go to GGUF only) and scaled word embeddings (Gemma's) it refuses.
 
 Per quantized layer: ``<name>.weight_packed`` (uint8, the code indices in the ``kernels.pack``
 bitstream at ``ceil(log2(#codes))`` bits: 1 for binary, 2 for ternary and 2-bit, b for b-bit LSQ) and
@@ -32,11 +33,14 @@ def code_indices(codes: torch.Tensor, table: list[int]) -> torch.Tensor:
 @register_format
 class NativeFormat(ExportFormat):
     name = "hf-qat"
-    auto_priority = 99  # every setting; needs hf_qat to load, so last
+    auto_priority = 99  # the widest; needs hf_qat to load, so last
     needs_hf_qat = True
     tags = ("hf_qat",)
 
     def problem(self, layer: QuantizedLayer) -> str | None:
+        if layer.embed_scale is not None:  # its packed embedding looks rows up, nothing more
+            return (f"the native format stores a plain embedding, and {layer.name} multiplies its rows by "
+                    f"{layer.embed_scale:g} (a scaled word embedding)")
         return None
 
     def storage_bits(self, layer: QuantizedLayer) -> float:

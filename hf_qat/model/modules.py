@@ -28,6 +28,25 @@ _EMBEDDING_ATTRS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm"
                     "scale_grad_by_freq", "sparse")
 
 
+def embedding_scale(embedding: nn.Embedding) -> torch.Tensor | None:
+    """What ``embedding``'s forward multiplies the rows it looks up by: None for nn.Embedding's own forward; the
+    one-element ``embed_scale`` of transformers' scaled word embeddings (Gemma 2 and 3: ``rows *
+    embed_scale.to(weight dtype)``, sqrt(hidden)), checked on the module's own output. Raises QATModelError for
+    any other forward (and on the meta device, where nothing can be checked): hf_qat could not reproduce it."""
+    if type(embedding).forward is nn.Embedding.forward:
+        return None
+    scale = getattr(embedding, "embed_scale", None)
+    weight = embedding.weight
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not weight.is_meta:
+        with torch.no_grad():
+            ids = torch.arange(min(8, embedding.num_embeddings), device=weight.device)
+            rows = F.embedding(ids, weight, embedding.padding_idx) * scale.to(weight.dtype)
+            if torch.equal(embedding(ids), rows):
+                return scale
+    raise QATModelError(f"{type(embedding).__name__} overrides nn.Embedding.forward with something other than "
+                        "looking rows up and multiplying them by its embed_scale")
+
+
 class QATWeightMixin:
     """What QATLinear and QATEmbedding share: the unit of their ``weight`` (never used alone)."""
 
@@ -112,15 +131,26 @@ class QATEmbedding(QATWeightMixin, nn.Embedding):
     """nn.Embedding whose table is trained on a low-bit grid once active (rows = tokens, groups
     along the embedding dim). Build with :meth:`from_embedding`."""
 
+    embed_scale: torch.Tensor | None
+
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, unit: WeightQuantizer) -> "QATEmbedding":
-        """A QATEmbedding holding ``embedding``'s own table Parameter (no copy) and ``unit``."""
+        """A QATEmbedding holding ``embedding``'s own table Parameter (no copy) and ``unit``; a scaled word
+        embedding (:func:`embedding_scale`) keeps its ``embed_scale``, which multiplies the (fake-quantized)
+        rows, and :meth:`to_embedding` gives its class back."""
         if embedding.max_norm is not None or embedding.sparse:
             raise QATModelError(f"{unit.name}: embeddings with max_norm or sparse gradients cannot be quantized by hf_qat")
+        scale = embedding_scale(embedding)
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         for attr in _EMBEDDING_ATTRS:
             setattr(module, attr, getattr(embedding, attr))
+        module.embedding_class = type(embedding)
+        # the class's own settings (Gemma's scalar_embed_scale), given back by to_embedding
+        module.embedding_extras = {k: v for k, v in vars(embedding).items()
+                                   if not k.startswith("_") and k not in (*_EMBEDDING_ATTRS, "training")}
+        module.register_buffer("embed_scale", scale,
+                               persistent="embed_scale" not in embedding._non_persistent_buffers_set)
         module.weight = embedding.weight
         module.weight_quantizer = unit
         module.train(embedding.training)
@@ -129,18 +159,27 @@ class QATEmbedding(QATWeightMixin, nn.Embedding):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         unit = self.weight_quantizer
         if not unit.is_active:
-            return self._lookup(input, self.weight)
-        return unit.fake_quantize_rows(self.weight, lambda table: self._lookup(input, table), input.numel())
+            rows = self._lookup(input, self.weight)
+        else:
+            rows = unit.fake_quantize_rows(self.weight, lambda table: self._lookup(input, table), input.numel())
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(self.weight.dtype)
 
     def _lookup(self, input: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return F.embedding(input, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
                            self.sparse)
 
     def to_embedding(self) -> nn.Embedding:
-        embedding = nn.Embedding.__new__(nn.Embedding)
+        """The embedding this one replaced, of its own class (nn.Embedding, or a scaled word embedding with its
+        ``embed_scale``), holding the same table Parameter."""
+        embedding = self.embedding_class.__new__(self.embedding_class)
         nn.Module.__init__(embedding)
         for attr in _EMBEDDING_ATTRS:
             setattr(embedding, attr, getattr(self, attr))
+        for attr, value in self.embedding_extras.items():
+            setattr(embedding, attr, value)
+        if self.embed_scale is not None:
+            embedding.register_buffer("embed_scale", self.embed_scale,
+                                      persistent="embed_scale" not in self._non_persistent_buffers_set)
         embedding.weight = self.weight
         embedding.train(self.training)
         return embedding

@@ -25,6 +25,7 @@ from torch import nn
 from ..config import QATConfig
 from ..errors import QATModelError
 from .experts import fused_weights, is_fused_experts, router_modules
+from .modules import embedding_scale
 
 logger = logging.getLogger("hf_qat")
 
@@ -249,9 +250,13 @@ def embedding_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTa
     out: dict[str, WeightTarget] = {}
     if emb is not None:
         name = names.get(id(emb), "embed_tokens")
-        if not _plain_forward(emb, nn.Embedding):
-            raise QATModelError(f"{name} is a {type(emb).__name__}, which overrides nn.Embedding.forward; hf_qat "
-                                "cannot quantize it (leave embedding_bits unset)")
+        try:
+            embedding_scale(emb)
+        except QATModelError as refused:
+            setting = f"gguf_mix={config.gguf_mix!r} quantizes it" if config.embedding_bits is None else "embedding_bits is set"
+            tied = [names.get(id(head), "lm_head")] if head is not None and head.weight is emb.weight else []
+            raise QATModelError(f"{name}: {refused}, so hf_qat cannot quantize it ({setting}); keep it in float with "
+                                f"exclude_modules={[name, *tied]!r}") from None
         if emb.max_norm is not None or emb.sparse:
             raise QATModelError(f"{name}: embeddings with max_norm or sparse gradients cannot be quantized by hf_qat")
         out[name] = WeightTarget(name, name, emb, "weight", "embedding", embedding=True)

@@ -121,6 +121,16 @@ class GGMLGrid:
         return self.min_max is not None
 
     @property
+    def description(self) -> str:
+        """The block's storage in words ("integer block scales and mins under an fp16 super-block scale ...")."""
+        levels = "a table of non-uniform levels, " if self.values else ""
+        minimum = " and mins" if self.asymmetric else ""
+        if self.scale_max:
+            return (f"{levels}integer block scales{minimum} of {self.block} weights under an fp16 scale per "
+                    f"super-block of {self.super_block}")
+        return f"{levels}an fp16 scale{' and min' if self.asymmetric else ''} per block of {self.block}"
+
+    @property
     def blocks_per_super(self) -> int:
         return self.super_block // self.block
 
@@ -335,7 +345,10 @@ class GGMLQuantizer(Quantizer):
     ggml_grid: ClassVar[GGMLGrid]
     scale_dtype = torch.float16  # d (and dmin) are fp16
     export_formats = ("gguf",)
-    export_blocks = "integer block scales under an fp16 super-block scale, mins"
+
+    @property
+    def export_blocks(self) -> str:
+        return self.ggml_grid.description
 
     def storage_bits(self) -> float:
         return self.ggml_grid.bits_per_weight
