@@ -184,6 +184,8 @@ def plan_qat(
             warnings.append(
                 f"the optimal fraction {f:.3g} gives no whole QAT step in {total_steps} steps; QAT runs for the last step only"
             )
+            run_f = 1.0 / total_steps  # what the run does: one QAT step (the optimum stays in optimal_qat_tokens)
+            qat_tokens = run_f * float(total_tokens)
     plan = Plan(
         strategy=strategy, num_params=float(num_params), bits=bits, total_tokens=float(total_tokens),
         pretrained_tokens=pretrained, d_total=d_total, tokens_per_param_byte=s_total, qat_fraction=f,

@@ -36,6 +36,12 @@ def test_outside_the_fitted_range_warns_but_answers():
     plan = plan_qat(num_params=1e6, total_tokens=2e6, bits=4, total_steps=100)
     assert plan.warnings and "extrapolation" in plan.warnings[0]
     assert 0 <= plan.qat_fraction < 1 and plan.switch_step == 99  # at least one QAT step
+    # fewer QAT tokens than one step: the plan reports the one step the run takes, the optimum beside it
+    short = plan_qat(num_params=1e6, total_tokens=2e6, bits=4, total_steps=3)
+    assert short.switch_step == 2 and short.optimal_qat_tokens == pytest.approx(short.qat_fraction * 2e6)
+    assert short.run_qat_fraction == pytest.approx(1 / 3) and short.qat_tokens == pytest.approx(2e6 / 3)
+    assert short.fp_tokens + short.qat_tokens == pytest.approx(2e6)
+    assert "QAT on 33.3% of the run" in short.summary()
 
 
 def test_law_strategy_and_predicted_losses():
