@@ -12,7 +12,9 @@ A recipe has five sections (see the YAML files beside this script):
             eval_blocks.
   qat:      QATConfig fields (start: auto, bits, group_size, ...).
   training: TrainingArguments fields (output_dir, max_steps, learning_rate, eval_steps, ...).
-  export:   format (auto, compressed-tensors, gguf, bitnet, hf-qat), push_to_hub, private.
+  export:   format (auto, compressed-tensors, gguf, bitnet, hf-qat, or none), dir, push_to_hub, private. A named
+            format is also the run's qat.export_format: the model is checked against it before the first step.
+A key a section does not know is refused (qat and training: by QATConfig and TrainingArguments).
 The run: FP training, the planned switch to QAT with the fused cooldown, periodic eval, export of the
 low-bit model (rank 0 writes), and a summary with the plan and the final eval loss.
 """
@@ -20,6 +22,7 @@ low-bit model (rank 0 writes), and a summary with the plan and the final eval lo
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -31,6 +34,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Traine
 
 import hf_qat
 from hf_qat.pretrained import load_for_training
+
+
+# The keys of the sections this script reads itself (qat and training go to QATConfig and TrainingArguments).
+SECTION_KEYS = {
+    "model": ("name_or_path", "gguf_file", "dtype", "config", "tokenizer", "seed"),
+    "data": ("dataset", "config_name", "split", "text_files", "jsonl_files", "stdlib", "text_column", "block_size",
+             "eval_blocks"),
+    "export": ("format", "dir", "push_to_hub", "private"),
+}
 
 
 def load_recipe(path: str, overrides: list[str]) -> dict:
@@ -49,7 +61,21 @@ def load_recipe(path: str, overrides: list[str]) -> dict:
     unknown = set(recipe) - {"model", "data", "qat", "training", "export"}
     if unknown:
         raise SystemExit(f"unknown recipe sections {sorted(unknown)}; allowed: model, data, qat, training, export")
+    for section, keys in SECTION_KEYS.items():
+        for key in sorted(set(recipe.get(section) or {}) - set(keys)):
+            close = difflib.get_close_matches(key, keys, n=1)
+            raise SystemExit(f"unknown key {section}.{key}; allowed: {', '.join(keys)}"
+                             + (f" (did you mean {section}.{close[0]}?)" if close else ""))
     return recipe
+
+
+def qat_config(recipe: dict) -> hf_qat.QATConfig:
+    """The qat section, with the export section's format as ``export_format`` (checked before the first step)."""
+    fields = dict(recipe.get("qat") or {})
+    fmt = (recipe.get("export") or {}).get("format", "auto")
+    if fmt not in ("auto", "none") and fields.setdefault("export_format", fmt) != fmt:
+        raise SystemExit(f"export.format={fmt!r} but qat.export_format={fields['export_format']!r}: name one format")
+    return hf_qat.QATConfig(**fields)
 
 
 def build_model_and_tokenizer(spec: dict, data_spec: dict):
@@ -118,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.set)
+    config = qat_config(recipe)  # a wrong field fails here, before the model and the data load
 
     training = dict(recipe.get("training", {}))
     training.setdefault("output_dir", os.path.join("runs", os.path.splitext(os.path.basename(args.recipe))[0]))
@@ -132,8 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = build_model_and_tokenizer(recipe.get("model", {}), recipe.get("data", {}))
     blocks_needed = targs.max_steps * targs.per_device_train_batch_size * targs.gradient_accumulation_steps * targs.world_size
     train_ds, eval_ds = build_datasets(recipe.get("data", {}), tokenizer, blocks_needed)
-    qat_config = hf_qat.QATConfig(**recipe.get("qat", {}))
-    callback = hf_qat.QATCallback(qat_config)
+    callback = hf_qat.QATCallback(config)
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=[callback])
     trainer.train()
     metrics = trainer.evaluate()

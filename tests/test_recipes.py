@@ -88,6 +88,28 @@ def test_train_script_runs_a_recipe(tiny_recipe):
     assert saved["eval_loss"] == summary["eval_loss"]
 
 
+
+def test_a_wrong_recipe_fails_before_training(tiny_recipe):
+    """A key no section knows is refused with the one meant; an export format the QAT layers cannot reach is refused
+    when they are installed, before the first step (it becomes qat.export_format)."""
+    base, path = tiny_recipe
+    train = load_train_module()
+    for key, meant in (("export.formt=gguf", "export.format"), ("model.dtyp=bfloat16", "model.dtype"),
+                       ("data.block_siz=16", "data.block_size")):
+        with pytest.raises(SystemExit, match=rf"unknown key {key.split('=')[0]}; .*did you mean {meant}\?"):
+            train.main(["--recipe", str(path), "--set", key])
+    from hf_qat.errors import ExportFormatError, QATConfigError
+
+    out = base / "refused"
+    with pytest.raises(ExportFormatError, match="export_format=.gguf.: format .gguf. cannot represent"):
+        train.main(["--recipe", str(path), "--set", "export.format=gguf", "--set", "qat.bits=3",
+                    "--set", f"training.output_dir={out}"])
+    assert not (out / "summary.json").exists() and not list(out.glob("checkpoint-*"))
+    with pytest.raises(QATConfigError, match="export_format"):
+        train.main(["--recipe", str(path), "--set", "export.format=ggufx"])
+    with pytest.raises(SystemExit, match="name one format"):
+        train.main(["--recipe", str(path), "--set", "qat.export_format=hf-qat"])
+
 @pytest.mark.slow
 def test_train_script_under_torchrun_ddp(tiny_recipe):
     base, path = tiny_recipe

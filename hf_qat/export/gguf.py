@@ -32,6 +32,7 @@ from ..llamacpp.file_types import DEFAULT_TYPE
 from ..llamacpp.tensors import expert_tensor_names, skips_head
 from ..llamacpp.vocab import add_tokenizer, gguf_vocab
 from .base import ExportFormat, ExportInfo, other_formats, tensor_bytes, write_model_config
+from ..quantizers import available_quantizers, get_quantizer_class
 from ..quantizers.ggml_blocks import SCALE_BYTES
 from .layers import QuantizedLayer
 
@@ -106,9 +107,9 @@ class GGUFFormat(ExportFormat):
     def problem(self, layer: QuantizedLayer) -> str | None:
         qtype = self.qtype(layer)
         if qtype is None:
+            ggml = ", ".join(name for name in available_quantizers() if get_quantizer_class(name).export_formats == (self.name,))
             return ("GGUF holds Q4_0 / Q5_0 / Q8_0 (4-, 5-, 8-bit LSQ, groups of 32), TQ2_0 / TQ1_0 (ternary, groups "
-                    "of 256), all with fp16 scales, the FP4 families (MXFP4, NVFP4) and the ggml families "
-                    "(q2_k .. q6_k, iq4_nl, q5_1)")
+                    f"of 256), all with fp16 scales, the FP4 families (MXFP4, NVFP4) and the ggml families ({ggml})")
         if layer.activation_bits:
             return "llama.cpp does not fake-quantize activations as int8 per token"
         if qtype == NVFP4:
