@@ -499,6 +499,12 @@ class QATConfig:
             data["distill"] = self.distill_config.to_dict()  # an nn.Module teacher is written as "nn.Module"
         return data
 
+    def differences(self, other: "QATConfig") -> dict[str, tuple[Any, Any]]:
+        """``{field: (this config's value, other's)}`` for every field whose :meth:`to_dict` value differs, in
+        field order (empty: the same config)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {name: (mine[name], theirs.get(name)) for name in mine if mine[name] != theirs.get(name)}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QATConfig":
         if isinstance(data, QATConfig):

@@ -193,6 +193,25 @@ def test_an_embedding_with_another_forward_is_refused_naming_the_setting_and_the
         assert "exclude_modules=['model.embed_tokens', 'lm_head']" in message
 
 
+def test_calls_on_a_model_nobody_prepared_are_refused_naming_the_call():
+    model = tiny_llama()
+    calls = {"activate_qat": hf_qat.activate_qat, "set_qat_active": hf_qat.set_qat_active,
+             "initialize_scales": hf_qat.initialize_scales, "quantization_error": hf_qat.quantization_error,
+             "calibrate_importance": lambda m: hf_qat.calibrate_importance(m, [INPUT])}
+    for name, call in calls.items():
+        with pytest.raises(hf_qat.QATModelError, match=rf"^{name}: the model has no QAT modules; .*prepare_model_for_qat"):
+            call(model)
+    assert not hf_qat.is_qat_active(model)  # a question, answered
+
+
+def test_preparing_again_with_another_config_names_the_fields_that_differ():
+    model = prepare_model_for_qat(tiny_llama(), QATConfig(bits=4, group_size=16, start=0))
+    assert prepare_model_for_qat(model, QATConfig(bits=4, group_size=16, start=0)) is model  # the same: a no-op
+    with pytest.raises(hf_qat.QATModelError, match=r"another config; group_size: 16 there, 32 here; "
+                                                   r"start: 0 there, 'auto' here\. Pass the config"):
+        prepare_model_for_qat(model, QATConfig(bits=4, group_size=32, start="auto"))
+
+
 def test_checkpoints_of_hf_qat_0_1_0_load_and_compute_the_same():
     """0.1.0 kept weight_scale / qat_active / qat_initialized on the layer; they load into the unit
     (the scale as init_scale, ratio 0), and the model computes the same logits."""

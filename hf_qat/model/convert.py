@@ -37,7 +37,8 @@ from .file_type import WeightFamily, mix_families
 from .modules import QATEmbedding, QATLinear
 from .targets import WeightTarget, check_uncovered, embedding_targets, find_targets, name_matches
 from .unit import WeightQuantizer
-from .weights import QuantizedWeight, get_qat_config, qat_modules, quantized_weights, quantizer_units
+from .weights import (QuantizedWeight, get_qat_config, qat_modules, quantized_weights, quantizer_units,
+                      require_qat_modules)
 
 logger = logging.getLogger("hf_qat")
 PROGRESS_DELAY = 5.0  # seconds: scale initialisation that ends sooner shows no progress bar
@@ -81,12 +82,14 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
         restored = restore(model) or restored
     existing = get_qat_config(model)
     if existing is not None or any(True for _ in qat_modules(model)):
-        if existing is not None and existing.to_dict() == config.to_dict():
+        differ = {} if existing is None else existing.differences(config)
+        if existing is not None and not differ:
             _link_adapters(model, config)
             return model
+        listed = "".join(f"; {name}: {old!r} there, {new!r} here" for name, (old, new) in differ.items())
         raise QATModelError(
-            "the model already holds QAT modules prepared with another config; call "
-            "hf_qat.remove_qat(model) first"
+            f"the model already holds QAT modules prepared with another config{listed}. Pass the config it was "
+            "prepared with (hf_qat.get_qat_config(model)), or call hf_qat.remove_qat(model) first"
         )
 
     targets = {**find_targets(model, config), **embedding_targets(model, config)}
@@ -204,7 +207,8 @@ def _link_adapters(model: nn.Module, config: QATConfig) -> None:
 
 # ---------------------------------------------------------------------------------------- state
 def set_qat_active(model: nn.Module, active: bool = True) -> int:
-    """Switch every QAT unit on (or off); returns how many there are."""
+    """Switch every QAT unit on (or off); returns how many there are (QATModelError if none)."""
+    require_qat_modules(model, "set_qat_active")
     count = 0
     for _, weight in quantizer_units(model):
         weight.weight_quantizer.set_active(active)
@@ -225,6 +229,7 @@ def initialize_scales(model: nn.Module, force: bool = False) -> int:
     """
     from .lora import weight_deltas
 
+    require_qat_modules(model, "initialize_scales")
     deltas = weight_deltas(model)
     todo = [weight for _, weight in quantizer_units(model) if force or not weight.weight_quantizer.is_initialized]
     # scale_init="mse" took 0.7 s (int4 g32) to 1.6 s (Q4_K) per 2048 x 2048 matrix on one CPU thread: minutes
@@ -237,6 +242,7 @@ def initialize_scales(model: nn.Module, force: bool = False) -> int:
 
 def activate_qat(model: nn.Module) -> None:
     """Switch QAT on and initialise the scales that are not yet (what the callback does at the switch)."""
+    require_qat_modules(model, "activate_qat")
     set_qat_active(model, True)
     initialize_scales(model)
 
@@ -298,6 +304,7 @@ def quantization_error(model: nn.Module) -> float:
     """
     from .lora import weight_deltas
 
+    require_qat_modules(model, "quantization_error")
     deltas = weight_deltas(model)
     errors = [weight.weight_quantizer.error(weight.full_weight(deltas.get(id(weight.module))))
               for _, weight in quantizer_units(model) if weight.weight_quantizer.is_initialized]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .modules import QATLinear
-from .weights import qat_modules
+from .weights import qat_modules, require_qat_modules
 
 
 @torch.no_grad()
@@ -33,6 +33,7 @@ def calibrate_importance(model: nn.Module, batches: Iterable[dict[str, Any] | to
     unit the mean squared activation of each input column (fp32 ``[in]``) over every token it saw. Call it
     before the scales are initialised (``ptq`` and ``activate_qat`` initialise them), with QAT dormant so that
     the statistics are the full-precision model's, as llama.cpp's. Returns how many units got one."""
+    require_qat_modules(model, "calibrate_importance")
     sums: dict[int, tuple[nn.Module, torch.Tensor, list[int]]] = {}
     hooks = []
 

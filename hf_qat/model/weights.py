@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import QATModelError
 from .distributed import full_tensor
 from .experts import UNIT_SUFFIX, QATExperts
 from .modules import QAT_MODULE_TYPES, QATEmbedding
@@ -66,6 +67,14 @@ def qat_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if isinstance(module, (*QAT_MODULE_TYPES, QATExperts)):
             yield name, module
+
+
+def require_qat_modules(model: nn.Module, caller: str) -> None:
+    """QATModelError unless ``model`` holds QAT modules: ``caller`` (a function that works on them) would do
+    nothing and say nothing on a model nobody prepared."""
+    if next(qat_modules(model), None) is None:
+        raise QATModelError(f"{caller}: the model has no QAT modules; prepare it first with "
+                            "hf_qat.prepare_model_for_qat(model, config) (QATCallback does it in the Trainer)")
 
 
 def quantized_weights(model: nn.Module) -> Iterator[tuple[str, QuantizedWeight]]:

@@ -98,6 +98,11 @@ def _steps(total_tokens: float, total_steps: int | None, tokens_per_step: float 
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
     if tokens_per_step is not None and tokens_per_step <= 0:
         raise ValueError(f"tokens_per_step must be > 0, got {tokens_per_step}")
+    if (total_steps is not None and tokens_per_step is not None
+            and abs(total_steps * tokens_per_step - total_tokens) > tokens_per_step):
+        raise ValueError(f"total_steps x tokens_per_step = {total_steps} x {tokens_per_step:.6g} = "
+                         f"{total_steps * tokens_per_step:.6g} tokens, but total_tokens is {total_tokens:.6g}: give "
+                         "two of the three that agree, or one of total_steps / tokens_per_step")
     if total_steps is None and tokens_per_step is not None:
         total_steps = max(1, int(round(total_tokens / tokens_per_step)))
     if tokens_per_step is None and total_steps is not None:

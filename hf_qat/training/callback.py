@@ -204,14 +204,13 @@ class QATCallback(TrainerCallback, ExportableState):
                 f"to resume. To QAT-train from its weights, start a new run: model = "
                 f"AutoModelForCausalLM.from_pretrained({directory!r}), then Trainer(model=model, ..., "
                 "callbacks=[QATCallback(cfg)]).train() without resume_from_checkpoint")
-        saved = QATConfig.from_pretrained(directory).to_dict()
-        ours = self.config.to_dict()
-        differ = [name for name in ours if saved.get(name) != ours[name]]
+        differ = self.config.differences(QATConfig.from_pretrained(directory))
         if differ:
-            listed = "; ".join(f"{name}: {saved.get(name)!r} in the checkpoint, {ours[name]!r} in this run"
-                               for name in differ)
+            listed = "; ".join(f"{name}: {saved!r} in the checkpoint, {ours!r} in this run"
+                               for name, (ours, saved) in differ.items())
+            first, (ours, saved) = next(iter(differ.items()))
             raise QATConfigError(
-                differ[0], ours[differ[0]], f"{saved.get(differ[0])!r}, as the checkpoint {directory} was saved with",
+                first, ours, f"{saved!r}, as the checkpoint {directory} was saved with",
                 detail=f"Differences: {listed}. Resume with the saved config, QATCallback({directory!r}) (it reads "
                        f"its {CONFIG_NAME}), or start a new run from its weights with "
                        f"AutoModelForCausalLM.from_pretrained({directory!r}) and no resume_from_checkpoint")

@@ -17,6 +17,9 @@ def test_plan_fields_and_switch_step():
     assert plan.baselines["switch_at_half"]["switch_step"] == 10_000
     assert plan.baselines["qat_from_start"]["switch_step"] == 0
     assert plan_qat(135e6, 10e9, 4, tokens_per_step=1e6).total_steps == 10_000
+    assert plan_qat(135e6, 10e9, 4, total_steps=20_000, tokens_per_step=5e5).switch_step == plan.switch_step
+    with pytest.raises(ValueError, match=r"20000 x 1000 = 2e\+07 tokens, but total_tokens is 1e\+10"):
+        plan_qat(135e6, 10e9, 4, total_steps=20_000, tokens_per_step=1000)
 
 
 def test_pretrained_tokens_count_as_fp_tokens():
