@@ -235,6 +235,9 @@ class QATConfig:
     export_format: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("method", "embedding_method", "export_format"):  # names of things, in any case ("MXFP4", "GGUF")
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, getattr(self, name).lower())
         self._adopt_gguf_mix()
         self._check_quantizers()
         self._check_export_format()

@@ -36,6 +36,8 @@ class _DefaultHandler(logging.StreamHandler):
 
 
 def _level(level: int | str, source: str) -> int:
+    if isinstance(level, str) and level.strip().lower() == "warn":  # logging's own alias of warning
+        level = "warning"
     if isinstance(level, str) and level.strip().lower() in LEVELS:
         return LEVELS[level.strip().lower()]
     if isinstance(level, int) and not isinstance(level, bool) and level in LEVELS.values():

@@ -43,6 +43,13 @@ def test_presets_are_valid(name):
     assert QATConfig.from_preset(name, start=10).start == 10
 
 
+def test_names_of_families_and_formats_take_any_case():
+    config = QATConfig(bits=4, method="MXFP4", embedding_bits=4, embedding_method="LSQ", export_format="GGUF")
+    assert (config.method, config.embedding_method, config.export_format) == ("mxfp4", "lsq", "gguf")
+    assert config.to_dict() == QATConfig(bits=4, method="mxfp4", embedding_bits=4, embedding_method="lsq",
+                                         export_format="gguf").to_dict()
+
+
 def test_replace_validates():
     cfg = QATConfig()
     assert cfg.replace(bits=2).resolved_method == "seq"

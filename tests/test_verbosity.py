@@ -54,6 +54,8 @@ def test_set_verbosity_and_bad_levels():
         assert hf_qat.get_verbosity() == logging.WARNING
         hf_qat.set_verbosity(logging.INFO)
         assert hf_qat.get_verbosity() == logging.INFO
+        hf_qat.set_verbosity("WARN")  # logging's alias
+        assert hf_qat.get_verbosity() == logging.WARNING
         with pytest.raises(ValueError, match=r"set_verbosity\(level\)='loud' .*debug, info, warning, error, critical"):
             hf_qat.set_verbosity("loud")
     finally:

@@ -46,6 +46,9 @@ def load_qat_checkpoint(directory: str, **kwargs: Any) -> nn.Module:
     ``lora_mode="merged"``: that merge is exact, so the result exports as trained."""
     from transformers import AutoModelForCausalLM
 
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} does not exist (or is not a directory): pass a QAT model, or the "
+                                f"checkpoint directory of a QAT run (it holds {CONFIG_NAME})")
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a checkpoint of a QAT run")
     config = QATConfig.from_pretrained(directory)

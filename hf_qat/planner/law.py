@@ -267,9 +267,12 @@ class QATScalingLaw:
         }
 
     # ------------------------------------------------------------------ validity
-    def range_warning(self, num_params: float | Sequence[float], total_tokens: float) -> str | None:
-        """Why predictions at N = ``num_params`` (one or several) and D = ``total_tokens`` are an extrapolation
-        (they leave the N or D range of the runs the law was fitted on, ``diagnostics["fitted_range"]``), or None."""
+    def range_warning(self, num_params: float | Sequence[float], total_tokens: float,
+                      bits: Sequence = ()) -> str | None:
+        """Why predictions at N = ``num_params`` (one or several), D = ``total_tokens`` and the bit widths ``bits``
+        are an extrapolation (they leave the N or D range of the runs the law was fitted on, or use a bit width
+        none of its QAT runs had: ``diagnostics["fitted_range"]``; a law fitted before the bit widths were
+        recorded judges N and D only), or None."""
         fitted = self.diagnostics.get("fitted_range")
         if not fitted:
             return None
@@ -279,6 +282,10 @@ class QATScalingLaw:
             if ((values < lo * (1 - 1e-9)) | (values > hi * (1 + 1e-9))).any():
                 shown = human(values.min()) if values.min() == values.max() else f"{human(values.min())} to {human(values.max())}"
                 outside.append(f"{label}={shown} (fitted on {human(lo)} to {human(hi)})")
+        unseen = sorted({v for b in bits if not math.isnan(v := _bits_value(b))} - set(fitted.get("bits", ())))
+        if "bits" in fitted and unseen:
+            outside.append(f"B={', '.join(f'{b:.3g}' for b in unseen)} (fitted on B="
+                           f"{', '.join(f'{b:.3g}' for b in fitted['bits']) or 'none'})")
         if not outside:
             return None
         return (f"{' and '.join(outside)} {'lie' if len(outside) > 1 else 'lies'} outside the runs the law was fitted "
@@ -381,7 +388,7 @@ class QATScalingLaw:
             loss = float(self.predict(n, (1 - f) * total_tokens, f * total_tokens, fmt.bits))
             rows.append({"bits": fmt.bits, "format": fmt.name, "storage_bits": fmt.storage_bits, "num_params": n,
                          "qat_fraction": f, "predicted_loss": loss})
-        text = self.range_warning([r["num_params"] for r in rows], total_tokens)
+        text = self.range_warning([r["num_params"] for r in rows], total_tokens, [r["bits"] for r in rows])
         rows.sort(key=lambda r: r["predicted_loss"])
         best = rows[0]["predicted_loss"]
         ties = [r for r in rows if r["predicted_loss"] <= best * (1 + TIE_RELATIVE)]
@@ -438,7 +445,8 @@ def fitted_range(runs: Runs) -> dict[str, list[float]]:
     extrapolating."""
     tokens = runs.fp_tokens + runs.qat_tokens
     return {"num_params": [float(runs.num_params.min()), float(runs.num_params.max())],
-            "tokens": [float(tokens.min()), float(tokens.max())]}
+            "tokens": [float(tokens.min()), float(tokens.max())],
+            "bits": sorted({float(b) for b in runs.bits if np.isfinite(b)})}
 
 
 # ---------------------------------------------------------------------------------------- fitting

@@ -202,7 +202,7 @@ def plan_qat(
     )
     if law is not None:
         plan.predicted_loss = float(law.predict(n, plan.fp_tokens, plan.qat_tokens, bits))
-        if text := law.range_warning(n, d_total):
+        if text := law.range_warning(n, d_total, [bits]):
             plan.warnings.append(text)
     plan.baselines = _baselines(n, float(total_tokens), d_total, bits, total_steps, law)
     return plan

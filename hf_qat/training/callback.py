@@ -304,8 +304,9 @@ class QATCallback(TrainerCallback, ExportableState):
         self._check_ddp()
         if is_qat_active(model) and state.global_step < self.switch_step:
             logger.warning(
-                "hf_qat: the resumed model already has QAT on, but this config switches at step %d (now %d)",
-                self.switch_step, state.global_step,
+                "hf_qat: the model already has QAT on at step %d (activated before training, or resumed from a QAT "
+                "checkpoint), but this config switches at step %d: it trains with QAT from now on, and the plan "
+                "describes the planned switch", state.global_step, self.switch_step,
             )
         if self.plan is not None:
             logger.info("hf_qat plan: %s", self.plan.summary())

@@ -184,6 +184,10 @@ def test_export_from_a_trainer_checkpoint_directory(tmp_path):
         assert torch.equal(load_exported(tmp_path / "export")(INPUT).logits, expected)
     manifest = json.loads((tmp_path / "export" / "hf_qat_export.json").read_text())
     assert manifest["plan"]["switch_step"] == 4 and info.format == "hf-qat"
+    with pytest.raises(FileNotFoundError, match="checkpoint-9 does not exist"):  # a typo, said as such
+        export_checkpoint(tmp_path / "run" / "checkpoint-9", tmp_path / "e2", format="hf-qat")
+    with pytest.raises(FileNotFoundError, match="has no qat_config.json: not a checkpoint of a QAT run"):
+        export_checkpoint(tmp_path / "export", tmp_path / "e3", format="hf-qat")
 
 
 def test_export_to_a_relative_directory_with_a_tokenizer(tmp_path, monkeypatch):
