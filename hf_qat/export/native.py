@@ -8,7 +8,9 @@ them exactly, for the FP8 block scales of MXFP4 / NVFP4). A fused expert
 stack ``<experts>.<P>`` stores the same two tensors of its matrix under ``<experts>.<P>_packed.``, with
 its stored shape and layout in the config. An LM head tied to the quantized embedding stores nothing
 of its own. Loads through the transformers quantizer that
-importing hf_qat registers (``native_quantizer.py``).
+importing hf_qat registers (``native_quantizer.py``). A guard tensor (``quantization_config["guard"]``: a
+1-D uint8 text under the plain weight key of the first quantized layer) makes transformers refuse the
+checkpoint where hf_qat is not imported (a size mismatch), instead of loading random weights in its place.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..model.convert import get_qat_config
 from .base import (ExportFormat, ExportInfo, dtype_name, save_tensors, tensor_bytes,
                    write_model_config)
 from .layers import QuantizedLayer
-from .native_quantizer import FORMAT_VERSION, QUANT_METHOD
+from .native_quantizer import FORMAT_VERSION, GUARD_TEXT, QUANT_METHOD
 from .packed_modules import PACKED_SUFFIX, index_bits
 
 
@@ -67,10 +69,13 @@ class NativeFormat(ExportFormat):
                 tensors[f"{prefix}.weight_step"] = layer.step.to(layer.step_dtype)
             if layer.bias is not None:
                 tensors[f"{layer.name}.bias"] = layer.bias
+        guard = next(layer.name if layer.kind == "experts" else f"{layer.name}.weight" for layer in layers
+                     if layer.tied_to is None)
         cfg = get_qat_config(model)
         quantization_config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "modules": modules,
-                               "qat_config": cfg.to_dict() if cfg else {}}
+                               "qat_config": cfg.to_dict() if cfg else {}, "guard": guard}
         overrides = {"tie_word_embeddings": False} if any(layer.tied_to for layer in layers) else {}
         files = write_model_config(model, out_dir, quantization_config, **overrides)
-        files += save_tensors(tensors, out_dir)
+        files += save_tensors({**tensors, guard: torch.frombuffer(bytearray(GUARD_TEXT.encode()), dtype=torch.uint8)},
+                              out_dir)
         return ExportInfo(format=self.name, path=out_dir, files=files, weight_bytes=tensor_bytes(tensors))

@@ -2,8 +2,9 @@
 
 Importing hf_qat registers it, so ``AutoModelForCausalLM.from_pretrained(dir)`` rebuilds the packed
 low-bit layers of an ``export_checkpoint(..., format="hf-qat")`` directory. Without hf_qat imported,
-transformers would load such a checkpoint WITHOUT error and with random Linear weights (an unknown
-``quant_method`` is ignored): the model card says so.
+transformers ignores an unknown ``quant_method`` and would load random Linear weights: the checkpoint's guard
+tensor (a 1-D text under a plain weight key, ``quantization_config["guard"]``) makes it refuse instead, with a
+size mismatch; this quantizer skips the guard (checkpoints written before the guard load as they did).
 
 Loading checks that every packed tensor came from the checkpoint: a missing ``weight_packed`` or
 ``weight_step`` is an error, never a silently random layer. The quantizer declares itself
@@ -13,6 +14,7 @@ layers back into trainable QAT layers).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -25,6 +27,8 @@ from .packed_modules import PackedExperts, PackedWeight, replace_with_packed
 
 QUANT_METHOD = "hf_qat"
 FORMAT_VERSION = 1
+# The guard tensor's bytes (what a reader who opens the file finds there).
+GUARD_TEXT = "hf_qat native format: import hf_qat before from_pretrained, or this checkpoint loads nothing"
 
 
 class HfQatQuantizationConfig(QuantizationConfigMixin):
@@ -66,6 +70,10 @@ class HfQatQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs: Any) -> None:
         dtype = kwargs.get("dtype") or self._dtype
         replace_with_packed(model, self.quantization_config.modules, dtype if isinstance(dtype, torch.dtype) else self._dtype)
+        guard = getattr(self.quantization_config, "guard", None)
+        if guard is not None:  # the tensor that stops a load without hf_qat: not a weight of the packed model
+            model._keys_to_ignore_on_load_unexpected = {*(model._keys_to_ignore_on_load_unexpected or ()),
+                                                        f"^{re.escape(guard)}$"}
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any) -> None:
         # transformers marks every tensor it loaded with _is_hf_initialized; a packed tensor without

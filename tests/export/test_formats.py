@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +61,19 @@ def test_native_format_every_setting_and_tied_embeddings(tmp_path):
         if cfg.get("embedding_bits"):
             assert reloaded.lm_head.embedding is reloaded.model.embed_tokens  # the tie survives, stored once
 
+
+
+def test_a_native_export_refuses_to_load_where_hf_qat_is_not_imported(tmp_path):
+    """transformers ignores a quant_method it does not know and would fill the packed layers with random weights:
+    the guard tensor makes that load fail (a size mismatch), and hf_qat's own load skips it."""
+    model = qat_trained_model(QATConfig(start=0, bits=3, group_size=16))
+    export_checkpoint(model, tmp_path / "native", format="hf-qat")
+    with pytest.raises(AssertionError, match="ignore_mismatched_sizes"):
+        logits_in_fresh_process(tmp_path / "native", "hf-qat", INPUT, tmp_path)
+    guard = json.loads((tmp_path / "native" / "config.json").read_text())["quantization_config"]["guard"]
+    assert guard == "model.layers.0.self_attn.q_proj.weight"
+    with torch.no_grad():
+        assert torch.equal(load_exported(tmp_path / "native")(INPUT).logits, reference_logits(model))
 
 def test_bitnet_reloads_without_hf_qat(tmp_path):
     model = qat_trained_model(QATConfig(start=0, bits="ternary", group_size="tensor", activation_bits=8))
