@@ -82,11 +82,12 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
         restored = restore(model) or restored
     existing = get_qat_config(model)
     if existing is not None or any(True for _ in qat_modules(model)):
-        differ = {} if existing is None else existing.differences(config)
-        if existing is not None and not differ:
+        here, there = config.to_dict(), ({} if existing is None else existing.to_dict())
+        if here == there:
             _link_adapters(model, config)
             return model
-        listed = "".join(f"; {name}: {old!r} there, {new!r} here" for name, (old, new) in differ.items())
+        listed = "".join(f"; {name}: {there.get(name)!r} there, {value!r} here" for name, value in here.items()
+                         if there and value != there.get(name))
         raise QATModelError(
             f"the model already holds QAT modules prepared with another config{listed}. Pass the config it was "
             "prepared with (hf_qat.get_qat_config(model)), or call hf_qat.remove_qat(model) first"
