@@ -235,9 +235,7 @@ class QATConfig:
     export_format: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("method", "embedding_method", "export_format"):  # names of things, in any case ("MXFP4", "GGUF")
-            if isinstance(getattr(self, name), str):
-                setattr(self, name, getattr(self, name).lower())
+        self._fold_case()
         self._adopt_gguf_mix()
         self._check_quantizers()
         self._check_export_format()
@@ -269,6 +267,17 @@ class QATConfig:
             raise QATConfigError("law_path", None, "the path of a fitted law JSON when strategy='law'")
 
     # ------------------------------------------------------------------ validation helpers
+    def _fold_case(self) -> None:
+        """A family or format named in another case ("MXFP4", "GGUF") is that one: the registered name is taken
+        when only the lower-case spelling is registered (a registered name is never changed)."""
+        from .quantizers import available_quantizers
+
+        for name, known in (("method", available_quantizers()), ("embedding_method", available_quantizers()),
+                            ("export_format", list(FORMATS))):
+            value = getattr(self, name)
+            if isinstance(value, str) and value not in known and value.lower() in known:
+                setattr(self, name, value.lower())
+
     def _check_quantizers(self) -> None:
         """bits/method and embedding_bits/embedding_method: known families at bit widths they support."""
         from .quantizers import available_quantizers, get_quantizer_class

@@ -72,8 +72,8 @@ def load_recipe(path: str, overrides: list[str]) -> dict:
 def qat_config(recipe: dict) -> hf_qat.QATConfig:
     """The qat section, with the export section's format as ``export_format`` (checked before the first step)."""
     fields = dict(recipe.get("qat") or {})
-    fmt = (recipe.get("export") or {}).get("format", "auto")
-    if fmt not in ("auto", "none") and fields.setdefault("export_format", fmt) != fmt:
+    fmt = str((recipe.get("export") or {}).get("format", "auto"))
+    if fmt not in ("auto", "none") and str(fields.setdefault("export_format", fmt)).lower() != fmt.lower():
         raise SystemExit(f"export.format={fmt!r} but qat.export_format={fields['export_format']!r}: name one format")
     return hf_qat.QATConfig(**fields)
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     if export.get("format", "auto") != "none":
         out = export.get("dir") or os.path.join(targs.output_dir, "export")
         info = hf_qat.export_checkpoint(
-            trainer.model, out, format=export.get("format", "auto"), tokenizer=tokenizer,
+            trainer.model, out, format=config.export_format or export.get("format", "auto"), tokenizer=tokenizer,
             push_to_hub=export.get("push_to_hub"), private=export.get("private", True),
             base_model=recipe.get("model", {}).get("name_or_path"), plan=callback.plan,
             card={"eval": {"eval loss": metrics["eval_loss"]}, "training_tokens": callback.plan.total_tokens if callback.plan else None},

@@ -174,6 +174,10 @@ def test_a_scaled_word_embedding_is_quantized_and_scales_its_quantized_rows(mode
     assert restored.scalar_embed_scale == source.scalar_embed_scale and restored.weight is source.weight
     assert "model.embed_tokens.embed_scale" not in model.state_dict()  # non-persistent, as it was
     assert torch.equal(model(INPUT).logits, plain)
+    with torch.device("meta"):  # nothing to check there: refused, with what to do
+        meta = AutoModelForCausalLM.from_config(model.config)
+    with pytest.raises(hf_qat.QATModelError, match="is on the meta device.*once its weights are loaded"):
+        prepare_model_for_qat(meta, QATConfig.from_preset("q4_0", start=0))
 
 
 def test_an_embedding_with_another_forward_is_refused_naming_the_setting_and_the_way_out():

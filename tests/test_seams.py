@@ -195,8 +195,8 @@ def test_a_quantized_scaled_embedding_goes_to_gguf_and_the_native_format_refuses
     with pytest.raises(ExportFormatError, match="multiplies its rows by 8"):  # before training
         hf_qat.prepare_model_for_qat(tiny_causal_lm("gemma2", head_dim=16, query_pre_attn_scalar=16),
                                      QATConfig(bits=4, group_size=32, embedding_bits=4, export_format="hf-qat"))
-    export_checkpoint(model, tmp_path / "g", format="gguf", tokenizer=byte_level_bpe("gpt-2"))
-    assert (tmp_path / "g" / "model.gguf").is_file()
+    info = export_checkpoint(model, tmp_path / "g", format="auto", tokenizer=byte_level_bpe("gpt-2"))
+    assert info.format == "gguf" and (tmp_path / "g" / "model.gguf").is_file()  # the one format that holds it
 
 # ---------------------------------------------------------------------------------------- fuzz of the new options
 FUZZ_OPTIONS = {

@@ -122,19 +122,23 @@ class ExportFormat:
 
 
 def choose_format(layers: list[QuantizedLayer]) -> tuple[str, list[str]]:
-    """format="auto": the registered format of lowest ``auto_priority`` that accepts every layer, and why
+    """format="auto": the registered format of lowest ``auto_priority`` that accepts every layer (failing that, the
+    first that holds every layer exactly: a Gemma embedding with embedding_bits, which only GGUF holds), and why
     each format tried before it did not (one reason each, for the export's notes)."""
     skipped = []
     file_type = next((layer.gguf_mix for layer in layers if layer.gguf_mix), None)
-    for cls in sorted((c for c in FORMATS.values() if c.auto_priority is not None), key=lambda c: c.auto_priority):
-        if file_type is not None and not cls.writes_llama_cpp_files:
-            continue  # the model was trained for llama.cpp's file: only a format that writes it is chosen
-        fmt = cls()
+    candidates = [cls() for cls in sorted((c for c in FORMATS.values() if c.auto_priority is not None),
+                                          key=lambda c: c.auto_priority)
+                  if file_type is None or cls.writes_llama_cpp_files]  # a file type: only a format that writes it
+    for fmt in candidates:
         if fmt.auto_accepts(layers):
-            return cls.name, skipped
+            return fmt.name, skipped
         reason = next((f"{layer.name}: {p}" for layer in layers if (p := refusal(fmt, layer)) is not None),
                       "not chosen automatically for these layers")
-        skipped.append(f"format='auto' passed over {cls.name!r}: {reason}")
+        skipped.append(f"format='auto' passed over {fmt.name!r}: {reason}")
+    exact = next((fmt for fmt in candidates if all(refusal(fmt, layer) is None for layer in layers)), None)
+    if exact is not None:
+        return exact.name, skipped
     raise ExportFormatError(f"no registered format accepts these layers ({'; '.join(skipped) or 'none tried'}); "
                             f"formats: {', '.join(FORMATS)}")
 

@@ -107,9 +107,11 @@ class GGUFFormat(ExportFormat):
     def problem(self, layer: QuantizedLayer) -> str | None:
         qtype = self.qtype(layer)
         if qtype is None:
-            ggml = ", ".join(name for name in available_quantizers() if get_quantizer_class(name).export_formats == (self.name,))
-            return ("GGUF holds Q4_0 / Q5_0 / Q8_0 (4-, 5-, 8-bit LSQ, groups of 32), TQ2_0 / TQ1_0 (ternary, groups "
-                    f"of 256), all with fp16 scales, the FP4 families (MXFP4, NVFP4) and the ggml families ({ggml})")
+            families = "; ".join(f"{name}: {', '.join(f'{t} ({b}-bit, {g} a block)' for t, (b, g) in types.items())}"
+                                 for name in available_quantizers()
+                                 if (types := get_quantizer_class(name).llama_cpp_types))
+            return (f"GGUF holds the GGML types these families train ({families}; lsq and seq with fp16 scales) and "
+                    "NVFP4 (blocks of 16 under E4M3 scales)")
         if layer.activation_bits:
             return "llama.cpp does not fake-quantize activations as int8 per token"
         if qtype == NVFP4:

@@ -23,7 +23,7 @@ from ..model.convert import get_qat_config
 from .base import (ExportFormat, ExportInfo, dtype_name, save_tensors, tensor_bytes,
                    write_model_config)
 from .layers import QuantizedLayer
-from .native_quantizer import FORMAT_VERSION, GUARD_TEXT, QUANT_METHOD
+from .native_quantizer import FORMAT_VERSION, QUANT_METHOD, guard_tensor
 from .packed_modules import PACKED_SUFFIX, index_bits
 
 
@@ -76,6 +76,5 @@ class NativeFormat(ExportFormat):
                                "qat_config": cfg.to_dict() if cfg else {}, "guard": guard}
         overrides = {"tie_word_embeddings": False} if any(layer.tied_to for layer in layers) else {}
         files = write_model_config(model, out_dir, quantization_config, **overrides)
-        files += save_tensors({**tensors, guard: torch.frombuffer(bytearray(GUARD_TEXT.encode()), dtype=torch.uint8)},
-                              out_dir)
+        files += save_tensors({**tensors, guard: guard_tensor()}, out_dir)
         return ExportInfo(format=self.name, path=out_dir, files=files, weight_bytes=tensor_bytes(tensors))

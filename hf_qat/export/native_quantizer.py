@@ -31,6 +31,11 @@ FORMAT_VERSION = 1
 GUARD_TEXT = "hf_qat native format: import hf_qat before from_pretrained, or this checkpoint loads nothing"
 
 
+def guard_tensor() -> torch.Tensor:
+    """The guard: :data:`GUARD_TEXT` as 1-D uint8, saved under a plain weight key (a shape no plain layer has)."""
+    return torch.frombuffer(bytearray(GUARD_TEXT.encode()), dtype=torch.uint8)
+
+
 class HfQatQuantizationConfig(QuantizationConfigMixin):
     """``quantization_config`` of a native checkpoint: ``modules`` maps each quantized layer to its
     shape, code table, storage bits, scale shape and dtype; ``qat_config`` is the QATConfig it was
@@ -94,6 +99,11 @@ class HfQatQuantizer(HfQuantizer):
 
     def is_serializable(self) -> bool:
         return True
+
+    def get_state_dict_and_metadata(self, model):
+        """save_pretrained of a loaded native checkpoint writes its guard back (the packed model holds none)."""
+        guard = getattr(self.quantization_config, "guard", None)
+        return (None if guard is None else {**model.state_dict(), guard: guard_tensor()}), {}
 
     @property
     def is_trainable(self) -> bool:

@@ -88,10 +88,9 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
             return model
         listed = "".join(f"; {name}: {there.get(name)!r} there, {value!r} here" for name, value in here.items()
                          if there and value != there.get(name))
-        raise QATModelError(
-            f"the model already holds QAT modules prepared with another config{listed}. Pass the config it was "
-            "prepared with (hf_qat.get_qat_config(model)), or call hf_qat.remove_qat(model) first"
-        )
+        same = " Pass the config it was prepared with (hf_qat.get_qat_config(model)), or" if there else ""
+        raise QATModelError(f"the model already holds QAT modules prepared with another config{listed}.{same} "
+                            "call hf_qat.remove_qat(model) first")
 
     targets = {**find_targets(model, config), **embedding_targets(model, config)}
     check_uncovered(model, config, targets)

@@ -37,14 +37,18 @@ def embedding_scale(embedding: nn.Embedding) -> torch.Tensor | None:
         return None
     scale = getattr(embedding, "embed_scale", None)
     weight = embedding.weight
-    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not weight.is_meta:
+    kind = f"{type(embedding).__module__}.{type(embedding).__qualname__}"
+    if weight.is_meta or (isinstance(scale, torch.Tensor) and scale.is_meta):
+        raise QATModelError(f"{kind} overrides nn.Embedding.forward and is on the meta device, where what it computes "
+                            "cannot be checked: prepare the model for QAT once its weights are loaded")
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
         with torch.no_grad():
             ids = torch.arange(min(8, embedding.num_embeddings), device=weight.device)
             rows = F.embedding(ids, weight, embedding.padding_idx) * scale.to(weight.dtype)
             if torch.equal(embedding(ids), rows):
                 return scale
-    raise QATModelError(f"{type(embedding).__name__} overrides nn.Embedding.forward with something other than "
-                        "looking rows up and multiplying them by its embed_scale")
+    raise QATModelError(f"{kind} overrides nn.Embedding.forward with something other than looking rows up and "
+                        "multiplying them by its embed_scale")
 
 
 class QATWeightMixin:
@@ -147,8 +151,8 @@ class QATEmbedding(QATWeightMixin, nn.Embedding):
             setattr(module, attr, getattr(embedding, attr))
         module.embedding_class = type(embedding)
         # the class's own settings (Gemma's scalar_embed_scale), given back by to_embedding
-        module.embedding_extras = {k: v for k, v in vars(embedding).items()
-                                   if not k.startswith("_") and k not in (*_EMBEDDING_ATTRS, "training")}
+        module.embedding_extras = {k: v for k, v in vars(embedding).items()  # not methods a hook set (accelerate's)
+                                   if not k.startswith("_") and k not in (*_EMBEDDING_ATTRS, "training") and not callable(v)}
         module.register_buffer("embed_scale", scale,
                                persistent="embed_scale" not in embedding._non_persistent_buffers_set)
         module.weight = embedding.weight

@@ -255,7 +255,7 @@ def embedding_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTa
         except QATModelError as refused:
             setting = f"gguf_mix={config.gguf_mix!r} quantizes it" if config.embedding_bits is None else "embedding_bits is set"
             tied = [names.get(id(head), "lm_head")] if head is not None and head.weight is emb.weight else []
-            raise QATModelError(f"{name}: {refused}, so hf_qat cannot quantize it ({setting}); keep it in float with "
+            raise QATModelError(f"{name}: {refused}. hf_qat cannot quantize it ({setting}); keep it in float with "
                                 f"exclude_modules={[name, *tied]!r}") from None
         if emb.max_norm is not None or emb.sparse:
             raise QATModelError(f"{name}: embeddings with max_norm or sparse gradients cannot be quantized by hf_qat")

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import hf_qat
 from hf_qat import QATConfig
@@ -74,6 +75,13 @@ def test_a_native_export_refuses_to_load_where_hf_qat_is_not_imported(tmp_path):
     assert guard == "model.layers.0.self_attn.q_proj.weight"
     with torch.no_grad():
         assert torch.equal(load_exported(tmp_path / "native")(INPUT).logits, reference_logits(model))
+    # a loaded native checkpoint saved again keeps its guard
+    AutoModelForCausalLM.from_pretrained(tmp_path / "native").save_pretrained(tmp_path / "again")
+    with pytest.raises(AssertionError, match="ignore_mismatched_sizes"):
+        logits_in_fresh_process(tmp_path / "again", "hf-qat", INPUT, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "again")(INPUT).logits, reference_logits(model))
+
 
 def test_bitnet_reloads_without_hf_qat(tmp_path):
     model = qat_trained_model(QATConfig(start=0, bits="ternary", group_size="tensor", activation_bits=8))
