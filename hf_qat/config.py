@@ -272,8 +272,8 @@ class QATConfig:
         when only the lower-case spelling is registered (a registered name is never changed)."""
         from .quantizers import available_quantizers
 
-        for name, known in (("method", available_quantizers()), ("embedding_method", available_quantizers()),
-                            ("export_format", list(FORMATS))):
+        families = ["auto", *available_quantizers()]
+        for name, known in (("method", families), ("embedding_method", families), ("export_format", list(FORMATS))):
             value = getattr(self, name)
             if isinstance(value, str) and value not in known and value.lower() in known:
                 setattr(self, name, value.lower())

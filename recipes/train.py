@@ -72,7 +72,9 @@ def load_recipe(path: str, overrides: list[str]) -> dict:
 def qat_config(recipe: dict) -> hf_qat.QATConfig:
     """The qat section, with the export section's format as ``export_format`` (checked before the first step)."""
     fields = dict(recipe.get("qat") or {})
-    fmt = str((recipe.get("export") or {}).get("format", "auto"))
+    fmt = (recipe.get("export") or {}).get("format") or "auto"
+    if not isinstance(fmt, str):
+        raise SystemExit(f"export.format={fmt!r} is not allowed; allowed: auto, none, or a format's name")
     if fmt not in ("auto", "none") and str(fields.setdefault("export_format", fmt)).lower() != fmt.lower():
         raise SystemExit(f"export.format={fmt!r} but qat.export_format={fields['export_format']!r}: name one format")
     return hf_qat.QATConfig(**fields)

@@ -46,6 +46,7 @@ def test_presets_are_valid(name):
 def test_names_of_families_and_formats_take_any_case():
     config = QATConfig(bits=4, method="MXFP4", embedding_bits=4, embedding_method="LSQ", export_format="GGUF")
     assert (config.method, config.embedding_method, config.export_format) == ("mxfp4", "lsq", "gguf")
+    assert QATConfig(method="AUTO", embedding_method="Auto").method == "auto"
     assert config.to_dict() == QATConfig(bits=4, method="mxfp4", embedding_bits=4, embedding_method="lsq",
                                          export_format="gguf").to_dict()
 

@@ -197,6 +197,8 @@ def test_a_quantized_scaled_embedding_goes_to_gguf_and_the_native_format_refuses
                                      QATConfig(bits=4, group_size=32, embedding_bits=4, export_format="hf-qat"))
     info = export_checkpoint(model, tmp_path / "g", format="auto", tokenizer=byte_level_bpe("gpt-2"))
     assert info.format == "gguf" and (tmp_path / "g" / "model.gguf").is_file()  # the one format that holds it
+    assert "format='auto' chose 'gguf': the first format that holds every layer exactly" in info.notes
+    assert not any("passed over 'gguf'" in note for note in info.notes)
 
 # ---------------------------------------------------------------------------------------- fuzz of the new options
 FUZZ_OPTIONS = {

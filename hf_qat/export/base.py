@@ -51,7 +51,8 @@ class ExportFormat:
     library_name: ClassVar[str] = "transformers"
     needs_hf_qat: ClassVar[bool] = False
     tags: ClassVar[tuple[str, ...]] = ()
-    # format="auto" tries the formats in this order (None: never chosen automatically)
+    # format="auto" tries the formats in this order (None: never chosen automatically), each by auto_accepts, then,
+    # when none accepts, takes the first that holds every layer exactly (choose_format)
     auto_priority: ClassVar[int | None] = None
     # the options a format takes (export_checkpoint(format_options=...)): name -> allowed values, the
     # first one the default
@@ -75,7 +76,8 @@ class ExportFormat:
         self.options = {key: options.get(key, allowed[0]) for key, allowed in self.OPTIONS.items()}
 
     def auto_accepts(self, layers: list[QuantizedLayer]) -> bool:
-        """Whether format="auto" may choose this format for ``layers`` (default: every layer exact here)."""
+        """Whether format="auto" chooses this format for ``layers`` in its first pass (default: every layer exact
+        here); :func:`choose_format` falls back to an exact format when none does."""
         return all(refusal(self, layer) is None for layer in layers)
 
     def problem(self, layer: QuantizedLayer) -> str | None:
@@ -138,7 +140,8 @@ def choose_format(layers: list[QuantizedLayer]) -> tuple[str, list[str]]:
         skipped.append(f"format='auto' passed over {fmt.name!r}: {reason}")
     exact = next((fmt for fmt in candidates if all(refusal(fmt, layer) is None for layer in layers)), None)
     if exact is not None:
-        return exact.name, skipped
+        return exact.name, [note for note in skipped if not note.startswith(f"format='auto' passed over {exact.name!r}")] + [
+            f"format='auto' chose {exact.name!r}: the first format that holds every layer exactly"]
     raise ExportFormatError(f"no registered format accepts these layers ({'; '.join(skipped) or 'none tried'}); "
                             f"formats: {', '.join(FORMATS)}")
 

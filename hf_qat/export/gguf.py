@@ -91,7 +91,7 @@ class GGUFFormat(ExportFormat):
     load_requires = ("gguf",)  # transformers' GGUF reader
 
     OPTIONS = {"ternary_type": TERNARY_TYPES}
-    auto_priority = 2  # for the ggml families only (auto_accepts): the others load in transformers first
+    auto_priority = 2  # the ggml families and file types (auto_accepts); the others load in transformers first
     writes_llama_cpp_files = True
 
     def qtype(self, layer: QuantizedLayer) -> str | None:

@@ -69,8 +69,9 @@ class NativeFormat(ExportFormat):
                 tensors[f"{prefix}.weight_step"] = layer.step.to(layer.step_dtype)
             if layer.bias is not None:
                 tensors[f"{layer.name}.bias"] = layer.bias
-        guard = next(layer.name if layer.kind == "experts" else f"{layer.name}.weight" for layer in layers
-                     if layer.tied_to is None)
+        # a Linear's or embedding's weight key first: plain transformers may rename an experts key on load
+        stored = sorted((layer for layer in layers if layer.tied_to is None), key=lambda layer: layer.kind == "experts")
+        guard = stored[0].name if stored[0].kind == "experts" else f"{stored[0].name}.weight"
         cfg = get_qat_config(model)
         quantization_config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "modules": modules,
                                "qat_config": cfg.to_dict() if cfg else {}, "guard": guard}

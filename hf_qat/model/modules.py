@@ -28,16 +28,17 @@ _EMBEDDING_ATTRS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm"
                     "scale_grad_by_freq", "sparse")
 
 
-def embedding_scale(embedding: nn.Embedding) -> torch.Tensor | None:
+def embedding_scale(embedding: nn.Embedding, name: str = "", advice: str = "") -> torch.Tensor | None:
     """What ``embedding``'s forward multiplies the rows it looks up by: None for nn.Embedding's own forward; the
     one-element ``embed_scale`` of transformers' scaled word embeddings (Gemma 2 and 3: ``rows *
     embed_scale.to(weight dtype)``, sqrt(hidden)), checked on the module's own output. Raises QATModelError for
-    any other forward (and on the meta device, where nothing can be checked): hf_qat could not reproduce it."""
+    any other forward, which hf_qat could not reproduce (ending with ``advice``), and on the meta device, where
+    nothing can be checked (``name``: the module's, for the messages)."""
     if type(embedding).forward is nn.Embedding.forward:
         return None
     scale = getattr(embedding, "embed_scale", None)
     weight = embedding.weight
-    kind = f"{type(embedding).__module__}.{type(embedding).__qualname__}"
+    kind = f"{name + ': ' if name else ''}{type(embedding).__module__}.{type(embedding).__qualname__}"
     if weight.is_meta or (isinstance(scale, torch.Tensor) and scale.is_meta):
         raise QATModelError(f"{kind} overrides nn.Embedding.forward and is on the meta device, where what it computes "
                             "cannot be checked: prepare the model for QAT once its weights are loaded")
@@ -48,7 +49,7 @@ def embedding_scale(embedding: nn.Embedding) -> torch.Tensor | None:
             if torch.equal(embedding(ids), rows):
                 return scale
     raise QATModelError(f"{kind} overrides nn.Embedding.forward with something other than looking rows up and "
-                        "multiplying them by its embed_scale")
+                        f"multiplying them by its embed_scale{advice}")
 
 
 class QATWeightMixin:

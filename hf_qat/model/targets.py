@@ -250,13 +250,10 @@ def embedding_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTa
     out: dict[str, WeightTarget] = {}
     if emb is not None:
         name = names.get(id(emb), "embed_tokens")
-        try:
-            embedding_scale(emb)
-        except QATModelError as refused:
-            setting = f"gguf_mix={config.gguf_mix!r} quantizes it" if config.embedding_bits is None else "embedding_bits is set"
-            tied = [names.get(id(head), "lm_head")] if head is not None and head.weight is emb.weight else []
-            raise QATModelError(f"{name}: {refused}. hf_qat cannot quantize it ({setting}); keep it in float with "
-                                f"exclude_modules={[name, *tied]!r}") from None
+        setting = f"gguf_mix={config.gguf_mix!r} quantizes it" if config.embedding_bits is None else "embedding_bits is set"
+        tied = [names.get(id(head), "lm_head")] if head is not None and head.weight is emb.weight else []
+        embedding_scale(emb, name, f". hf_qat cannot quantize it ({setting}); keep it in float with "
+                                   f"exclude_modules={[name, *tied]!r}")
         if emb.max_norm is not None or emb.sparse:
             raise QATModelError(f"{name}: embeddings with max_norm or sparse gradients cannot be quantized by hf_qat")
         out[name] = WeightTarget(name, name, emb, "weight", "embedding", embedding=True)
