@@ -567,6 +567,15 @@ class QATConfig:
                                  detail=nearest(str(name).lower(), PRESETS))
         return cls(**{**PRESETS[key], **overrides})
 
+    def __getattr__(self, name: str) -> Any:
+        """Only for attributes a QATConfig lacks: a Trainer event (``on_init_end``, ...) asked of a config passed
+        as a callback is the common slip, answered with the fix."""
+        if name.startswith("on_"):  # an AttributeError still (hasattr stays a question)
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}: a QATConfig was passed to "
+                                 "the Trainer as a callback; pass callbacks=[hf_qat.QATCallback(config)], the callback "
+                                 "that carries it")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def replace(self, **changes: Any) -> "QATConfig":
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)

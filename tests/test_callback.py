@@ -47,6 +47,13 @@ def losses(trainer):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
+def test_a_config_passed_as_a_callback_is_answered_with_the_callback_to_pass(tmp_path):
+    with pytest.raises(AttributeError, match=r"a QATConfig was passed to the Trainer as a callback; pass "
+                                             r"callbacks=\[hf_qat\.QATCallback\(config\)\]"):
+        make_trainer(tmp_path, [QATConfig(bits=4, group_size=16)])
+    assert not hasattr(QATConfig(), "on_train_begin") and not hasattr(QATConfig(), "anything_else")
+
+
 def test_identical_to_plain_trainer_before_the_switch_and_on_grid_after(tmp_path):
     plain_snap, qat_snap = Snapshots([10]), Snapshots([10, 20])
     plain = make_trainer(tmp_path / "plain", [plain_snap], logging_steps=1)
