@@ -127,22 +127,23 @@ def choose_format(layers: list[QuantizedLayer]) -> tuple[str, list[str]]:
     """format="auto": the registered format of lowest ``auto_priority`` that accepts every layer (failing that, the
     first that holds every layer exactly: a Gemma embedding with embedding_bits, which only GGUF holds), and why
     each format tried before it did not (one reason each, for the export's notes)."""
-    skipped = []
     file_type = next((layer.gguf_mix for layer in layers if layer.gguf_mix), None)
     candidates = [cls() for cls in sorted((c for c in FORMATS.values() if c.auto_priority is not None),
                                           key=lambda c: c.auto_priority)
                   if file_type is None or cls.writes_llama_cpp_files]  # a file type: only a format that writes it
+    skipped: dict[str, str] = {}  # format name -> why auto passed over it
     for fmt in candidates:
         if fmt.auto_accepts(layers):
-            return fmt.name, skipped
+            return fmt.name, list(skipped.values())
         reason = next((f"{layer.name}: {p}" for layer in layers if (p := refusal(fmt, layer)) is not None),
                       "not chosen automatically for these layers")
-        skipped.append(f"format='auto' passed over {fmt.name!r}: {reason}")
+        skipped[fmt.name] = f"format='auto' passed over {fmt.name!r}: {reason}"
     exact = next((fmt for fmt in candidates if all(refusal(fmt, layer) is None for layer in layers)), None)
     if exact is not None:
-        return exact.name, [note for note in skipped if not note.startswith(f"format='auto' passed over {exact.name!r}")] + [
-            f"format='auto' chose {exact.name!r}: the first format that holds every layer exactly"]
-    raise ExportFormatError(f"no registered format accepts these layers ({'; '.join(skipped) or 'none tried'}); "
+        del skipped[exact.name]
+        return exact.name, [*skipped.values(), f"format='auto' chose {exact.name!r}: the first format that holds every "
+                                               "layer exactly"]
+    raise ExportFormatError(f"no registered format accepts these layers ({'; '.join(skipped.values()) or 'none tried'}); "
                             f"formats: {', '.join(FORMATS)}")
 
 
