@@ -34,8 +34,9 @@ from . import experts
 from .coverage import Coverage, coverage
 from .experts import QATExperts
 from .file_type import WeightFamily, mix_families
+from .lora import attach_lora, detach_lora, refuse_expert_adapters, weight_deltas
 from .modules import QATEmbedding, QATLinear
-from .targets import WeightTarget, check_uncovered, embedding_targets, find_targets, name_matches
+from .targets import WeightTarget, find_targets, name_matches, select_targets
 from .unit import WeightQuantizer
 from .weights import (QuantizedWeight, get_qat_config, qat_modules, quantized_weights, quantizer_units,
                       require_qat_modules)
@@ -74,8 +75,6 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
     config = QATConfig.from_dict(config) if isinstance(config, dict) else config
     if not isinstance(config, QATConfig):
         raise TypeError(f"config must be a QATConfig or a dict, got {type(config).__name__}")
-    from .lora import refuse_expert_adapters
-
     refuse_expert_adapters(model)
     restored = None
     for restore in RESTORERS:
@@ -84,7 +83,7 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
     if existing is not None or any(True for _ in qat_modules(model)):
         here, there = config.to_dict(), ({} if existing is None else existing.to_dict())
         if here == there:
-            _link_adapters(model, config)
+            attach_lora(model, config.lora_mode)
             return model
         listed = "".join(f"; {name}: {there.get(name)!r} there, {value!r} here" for name, value in here.items()
                          if there and value != there.get(name))
@@ -92,8 +91,7 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
         raise QATModelError(f"the model already holds QAT modules prepared with another config{listed}.{same} "
                             "call hf_qat.remove_qat(model) first")
 
-    targets = {**find_targets(model, config), **embedding_targets(model, config)}
-    check_uncovered(model, config, targets)
+    targets = select_targets(model, config)
     families = None
     if config.gguf_mix is not None:
         families = mix_families(model, [name for name, t in targets.items() if t.tied_to is None], config.gguf_mix)
@@ -112,9 +110,9 @@ def prepare_model_for_qat(model: nn.Module, config: QATConfig | dict) -> nn.Modu
                             "QAT would be full-precision training")
     units = make_units(targets, config, families)
     _attach(model, targets, units, config)
-    _link_adapters(model, config)
+    attach_lora(model, config.lora_mode)
     if restored is not None and restored[0] == config.to_dict():
-        _resume_from_steps(model, restored[1])
+        _resume_from_steps(units, restored[1])
     logger.info("hf_qat: %d weights prepared for QAT (%s); %s", len({id(u) for u in units.values()}),
                 config.resolved_method, coverage(model))
     if config.export_format is not None:
@@ -182,27 +180,16 @@ def _replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> No
                 parent._modules[child_name] = replacements[id(child)]
 
 
-def _resume_from_steps(model: nn.Module, steps: dict[str, torch.Tensor]) -> None:
+def _resume_from_steps(units: dict[str, WeightQuantizer], steps: dict[str, torch.Tensor]) -> None:
     """A native checkpoint re-prepared with the config it was trained with continues its QAT: scales
-    from the stored steps (s = step / level) and QAT on."""
-    for name, weight in quantizer_units(model):
-        step = steps.get(name)
-        unit = weight.weight_quantizer
+    from the stored steps (s = step / level) and QAT on (``units`` by weight name, as :func:`make_units`: a
+    tied head's is its embedding's, taken once)."""
+    for unit in {id(unit): unit for unit in units.values()}.values():
+        step = steps.get(unit.name)
         if step is not None and unit.log_scale_ratio is not None:
             unit.set_scale(step.float() / unit.spec.grid.level)
         unit.set_active(True)
         unit.mark_initialized()
-
-
-def _link_adapters(model: nn.Module, config: QATConfig) -> None:
-    """With PEFT LoRA: link adapters to the QAT layers (lora_mode) and keep the scales trainable even
-    if PEFT froze the base model after the QAT layers were installed."""
-    from .lora import attach_lora
-
-    if attach_lora(model, config.lora_mode):
-        for _, weight in quantizer_units(model):
-            if weight.weight_quantizer.log_scale_ratio is not None:
-                weight.weight_quantizer.log_scale_ratio.requires_grad_(True)
 
 
 # ---------------------------------------------------------------------------------------- state
@@ -227,8 +214,6 @@ def initialize_scales(model: nn.Module, force: bool = False) -> int:
     Under FSDP2 this all-gathers each weight, so call it on every rank (QATCallback does, at the
     switch). Raises QATRuntimeError if a weight holds NaN/Inf.
     """
-    from .lora import weight_deltas
-
     require_qat_modules(model, "initialize_scales")
     deltas = weight_deltas(model)
     todo = [weight for _, weight in quantizer_units(model) if force or not weight.weight_quantizer.is_initialized]
@@ -277,8 +262,6 @@ def remove_qat(model: nn.Module, bake_weights: bool = False) -> nn.Module:
     only), so the plain model computes what the QAT model computed. With PEFT LoRA in merged mode the
     baked weight is ``Q(W + delta)`` and the adapters are marked merged (the delta counted once).
     """
-    from .lora import detach_lora, weight_deltas
-
     if bake_weights:
         deltas = weight_deltas(model)
         for _, weight in quantizer_units(model):
@@ -302,8 +285,6 @@ def quantization_error(model: nn.Module) -> float:
     is initialised). A full pass over the weights: the callback calls it at the switch and at
     evaluation only. Under FSDP2 it all-gathers each weight: call on every rank.
     """
-    from .lora import weight_deltas
-
     require_qat_modules(model, "quantization_error")
     deltas = weight_deltas(model)
     errors = [weight.weight_quantizer.error(weight.full_weight(deltas.get(id(weight.module))))

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import QATModelError
 from .modules import QATLinear
+from .unit import WeightQuantizer
 
 
 
@@ -58,7 +59,9 @@ def refuse_expert_adapters(model: nn.Module) -> None:
 
 
 def attach_lora(model: nn.Module, mode: str) -> int:
-    """Link every PEFT LoRA Linear that wraps a QATLinear to it according to ``mode``; returns how many."""
+    """Link every PEFT LoRA Linear that wraps a QATLinear to it according to ``mode``; returns how many.
+    Where there is one, every unit's scale is made trainable again (PEFT freezes the whole base model,
+    scales included, when it is applied after the QAT layers were installed)."""
     lora_linear = _lora_linear_type()
     if lora_linear is None:
         return 0
@@ -68,6 +71,10 @@ def attach_lora(model: nn.Module, mode: str) -> int:
             if mode == "merged":
                 _quantize_merged_weight(module, name)
             count += 1
+    if count:
+        for module in model.modules():
+            if isinstance(module, WeightQuantizer) and module.log_scale_ratio is not None:
+                module.log_scale_ratio.requires_grad_(True)
     return count
 
 

@@ -106,32 +106,63 @@ def adapter_module_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def _router_names(model: nn.Module) -> set[str]:
-    """Every module name inside a router (the router itself and e.g. gemma4's ``router.proj``)."""
+@dataclass(frozen=True)
+class _Survey:
+    """What selecting the targets reads of a model, gathered in one pass over it.
+
+    Attributes:
+        modules: ``model.named_modules()`` (the root's name is "").
+        parameter_names: ``model.named_parameters()``'s names (what ``exclude_modules`` may also name).
+        names: module name by ``id(module)``.
+        embedding, head: the input embedding and the LM head (None where the model has none).
+        adapters: ``id`` of every module PEFT adds inside its tuner layers (:func:`adapter_module_ids`).
+        routers: the MoE routers by module name (:func:`hf_qat.model.experts.router_modules`).
+        router_names: every module name inside a router (the router itself and e.g. gemma4's ``router.proj``).
+        stacks: the fused experts modules' 3-D weights by parameter name, by module name.
+    """
+
+    modules: tuple[tuple[str, nn.Module], ...]
+    parameter_names: tuple[str, ...]
+    names: dict[int, str]
+    embedding: nn.Module | None
+    head: nn.Module | None
+    adapters: frozenset[int]
+    routers: dict[str, nn.Module]
+    router_names: frozenset[str]
+    stacks: dict[str, dict[str, nn.Parameter]]
+
+
+def _survey(model: nn.Module) -> _Survey:
+    modules = tuple(model.named_modules())
+    stacks = {name: fused_weights(module) for name, module in modules if is_fused_experts(module)}
     routers = router_modules(model)
-    return {name for name, _ in model.named_modules()
-            if any(name == r or name.startswith(r + ".") for r in map(unwrapped_name, routers))}
+    prefixes = [unwrapped_name(r) for r in routers]
+    return _Survey(
+        modules=modules, parameter_names=tuple(n for n, _ in model.named_parameters()),
+        names={id(module): name for name, module in modules},
+        embedding=input_embedding(model), head=output_embedding(model),
+        adapters=frozenset(adapter_module_ids(model)), routers=routers,
+        router_names=frozenset(name for name, _ in modules if any(name == r or name.startswith(r + ".") for r in prefixes)),
+        stacks=stacks,
+    )
 
 
 # ---------------------------------------------------------------------------------------- finding
-def _candidates(model: nn.Module) -> tuple[dict[str, WeightTarget], dict[str, WeightTarget]]:
+def _candidates(survey: _Survey) -> tuple[dict[str, WeightTarget], dict[str, WeightTarget]]:
     """``(default targets, every selectable target)`` at ``config.bits``, by weight name: Linear layers
     and fused expert weights (the LM head and the routers are selectable, never default)."""
-    head = output_embedding(model)
-    adapters = adapter_module_ids(model)
-    routers = _router_names(model)
     default: dict[str, WeightTarget] = {}
     selectable: dict[str, WeightTarget] = {}
-    for name, module in model.named_modules():
-        if not name or id(module) in adapters:
+    for name, module in survey.modules:
+        if not name or id(module) in survey.adapters:
             continue
         if isinstance(module, nn.Linear):
             target = WeightTarget(name, name, module, "weight", "linear")
             selectable[name] = target
-            if module is not head and unwrapped_name(name) not in routers:
+            if module is not survey.head and unwrapped_name(name) not in survey.router_names:
                 default[name] = target
-        elif is_fused_experts(module):
-            for parameter in fused_weights(module):
+        elif name in survey.stacks:
+            for parameter in survey.stacks[name]:
                 weight_name = f"{name}.{parameter}"
                 default[weight_name] = selectable[weight_name] = WeightTarget(
                     weight_name, name, module, parameter, "experts", transposed=bool(module.is_transposed))
@@ -147,16 +178,25 @@ def _selected(targets: dict[str, WeightTarget], patterns: list[str]) -> dict[str
     return {n: t for n, t in targets.items() if any(_matches(t, p) for p in patterns)}
 
 
-def _names_in(model: nn.Module) -> list[str]:
-    """Every module and parameter name (what exclude_modules may name)."""
-    return [n for n, _ in model.named_modules() if n] + [n for n, _ in model.named_parameters()]
+def select_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTarget]:
+    """Every weight ``config`` quantizes, by weight name: :func:`find_targets`, then the check that no
+    floating weight is left uncovered, then the embeddings' (``embedding_bits`` or ``gguf_mix``; a tied
+    LM head ``tied_to`` its embedding). Raises QATModelError where the model and the config disagree."""
+    survey = _survey(model)
+    targets = _found(survey, config)
+    _check_uncovered(survey, config, targets)
+    return {**targets, **_embedding_targets(survey, config)}
 
 
 def find_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTarget]:
     """The weights ``config`` quantizes at ``config.bits``, by weight name (the LM head and the
     embeddings are handled by ``embedding_bits``). Raises QATModelError for entries that match
     nothing, for module types hf_qat cannot quantize and when nothing is left to quantize."""
-    default, selectable = _candidates(model)
+    return _found(_survey(model), config)
+
+
+def _found(survey: _Survey, config: QATConfig) -> dict[str, WeightTarget]:
+    default, selectable = _candidates(survey)
     suffixes = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in selectable})) or "(none)"
     if config.target_modules is None:
         candidates = default
@@ -165,9 +205,9 @@ def find_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTarget]
         for pattern in config.target_modules:
             found = _selected(selectable, [pattern])
             if not found:
-                raise QATModelError(_no_match_message(model, pattern, "target_modules", suffixes))
+                raise QATModelError(_no_match_message(survey, pattern, "target_modules", suffixes))
             candidates.update(found)
-    names = _names_in(model) if config.exclude_modules else []
+    names = [n for n, _ in survey.modules if n] + list(survey.parameter_names)
     for pattern in config.exclude_modules or []:
         if not any(name_matches(unwrapped_name(n), pattern) for n in names):
             raise QATModelError(f"QATConfig.exclude_modules entry {pattern!r} matches no module or parameter of the "
@@ -184,11 +224,10 @@ def find_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTarget]
                 f"{name} is a {type(target.module).__name__}, which overrides nn.Linear.forward; hf_qat can only "
                 "quantize plain nn.Linear layers. Remove it from target_modules"
             )
-    head = output_embedding(model)
-    if head is not None and any(t.module is head for t in targets.values()):
-        _check_head_target(model, head, config)
+    if survey.head is not None and any(t.module is survey.head for t in targets.values()):
+        _check_head_target(survey, config)
     if not targets and config.embedding_bits is None:
-        conv1d = _conv1d_names(model)
+        conv1d = _conv1d_names(survey)
         if conv1d:
             raise QATModelError(_conv1d_message(conv1d))
         raise QATModelError(
@@ -198,11 +237,11 @@ def find_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTarget]
     return targets
 
 
-def _conv1d_names(model: nn.Module) -> list[str]:
+def _conv1d_names(survey: _Survey) -> list[str]:
     """The modules that are transformers' ``Conv1D`` (GPT-2 and its kin: ``c_attn``, ``c_fc``, ``c_proj``)."""
     from transformers.pytorch_utils import Conv1D
 
-    return [name for name, module in model.named_modules() if isinstance(module, Conv1D)]
+    return [name for name, module in survey.modules if isinstance(module, Conv1D)]
 
 
 def _conv1d_message(names: list[str]) -> str:
@@ -213,8 +252,8 @@ def _conv1d_message(names: list[str]) -> str:
             "layers in FP with QATConfig(exclude_modules=[...]) and quantize the rest")
 
 
-def _no_match_message(model: nn.Module, pattern: str, field: str, suffixes: str) -> str:
-    for name, module in router_modules(model).items():
+def _no_match_message(survey: _Survey, pattern: str, field: str, suffixes: str) -> str:
+    for name, module in survey.routers.items():
         if name_matches(unwrapped_name(name), pattern):
             return (f"QATConfig.{field} entry {pattern!r} names the router {name}, a {type(module).__name__} that "
                     "computes with its own weight Parameter; hf_qat quantizes routers only where they are nn.Linear "
@@ -222,14 +261,14 @@ def _no_match_message(model: nn.Module, pattern: str, field: str, suffixes: str)
     return f"QATConfig.{field} entry {pattern!r} matches no quantizable weight in the model; their names end in: {suffixes}"
 
 
-def _check_head_target(model: nn.Module, head: nn.Module, config: QATConfig) -> None:
+def _check_head_target(survey: _Survey, config: QATConfig) -> None:
     """The LM head listed in target_modules: refused with embedding_bits, or when tied to the embedding."""
     if config.embedding_bits is not None:
         raise QATModelError(
             "the LM head is in target_modules and also quantized by embedding_bits; choose one "
             "(embedding_bits quantizes the input embedding and the LM head)"
         )
-    emb = input_embedding(model)
+    emb, head = survey.embedding, survey.head
     if emb is not None and getattr(emb, "weight", None) is head.weight:
         raise QATModelError(
             "the LM head shares its weight with the input embedding (tied); quantize both with "
@@ -237,13 +276,12 @@ def _check_head_target(model: nn.Module, head: nn.Module, config: QATConfig) -> 
         )
 
 
-def embedding_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTarget]:
+def _embedding_targets(survey: _Survey, config: QATConfig) -> dict[str, WeightTarget]:
     """With ``embedding_bits`` or ``gguf_mix``: the input embedding and the LM head (the head marked
     ``tied_to`` the embedding when they share their weight); empty otherwise."""
     if config.embedding_bits is None and config.gguf_mix is None:
         return {}
-    names = {id(module): name for name, module in model.named_modules()}
-    emb, head = input_embedding(model), output_embedding(model)
+    names, emb, head = survey.names, survey.embedding, survey.head
     if emb is None and head is None:
         raise QATModelError("QATConfig.embedding_bits is set but the model exposes no input or output embedding")
     emb, head = _unless_excluded(emb, head, names, config)
@@ -289,19 +327,18 @@ def _unless_excluded(emb: nn.Module | None, head: nn.Module | None, names: dict[
     return None if emb_out else emb, None if head_out else head
 
 
-def check_uncovered(model: nn.Module, config: QATConfig, targets: dict[str, WeightTarget]) -> None:
+def _check_uncovered(survey: _Survey, config: QATConfig, targets: dict[str, WeightTarget]) -> None:
     """Raise QATModelError naming every floating weight of two or more dims that no rule covers and
     nobody excluded (see the module docstring)."""
     if config.target_modules is not None:  # the user chose the weights: the rest stays FP by choice
         return
     quantized = {id(getattr(t.module, t.parameter)) for t in targets.values()}
-    left_fp = {id(m.weight) for m in (input_embedding(model), output_embedding(model)) if m is not None}
-    adapters = adapter_module_ids(model)
-    routers = _router_names(model)
+    left_fp = {id(m.weight) for m in (survey.embedding, survey.head) if m is not None}
     excluded = config.exclude_modules or []
     uncovered = []
-    for module_name, module in model.named_modules():
-        if id(module) in adapters or unwrapped_name(module_name) in routers or isinstance(module, nn.Embedding):
+    for module_name, module in survey.modules:
+        if (id(module) in survey.adapters or unwrapped_name(module_name) in survey.router_names
+                or isinstance(module, nn.Embedding)):
             continue
         for parameter, weight in module.named_parameters(recurse=False):
             full = f"{module_name}.{parameter}" if module_name else parameter
@@ -310,7 +347,7 @@ def check_uncovered(model: nn.Module, config: QATConfig, targets: dict[str, Weig
                     or any(name_matches(unwrapped_name(n), p) for n in (module_name, full) for p in excluded if n)):
                 continue
             uncovered.append((full, module_name, module, weight))
-    conv1d = _conv1d_names(model)
+    conv1d = _conv1d_names(survey)
     if any(module_name in conv1d for _, module_name, _, _ in uncovered):
         raise QATModelError(_conv1d_message(conv1d))
     if uncovered:
