@@ -4,7 +4,7 @@ A weight is what a module computes with, not a module type. The rules:
 
 * every plain ``nn.Linear`` except the LM head and the routers;
 * every fused expert weight (``mlp.experts.gate_up_proj``, ``down_proj``: :mod:`hf_qat.model.experts`);
-* with ``embedding_bits``: the input embedding and the LM head (tied or not);
+* with ``embedding_bits`` (or a ``gguf_mix`` file type): the input embedding and the LM head (tied or not);
 * ``target_modules`` replaces the first two rules by the names it lists (module names, and for fused
   experts also ``<experts module>.<parameter>``), so it can also select a Linear router;
   ``exclude_modules`` removes names (and silences the check below for what it names).
