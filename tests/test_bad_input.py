@@ -134,6 +134,30 @@ def test_head_both_targeted_and_embedding_bits():
         prepare_model_for_qat(tiny_llama(tie=False), QATConfig(target_modules=["lm_head", "q_proj"], embedding_bits=4))
 
 
+@pytest.mark.parametrize("uncovered", [False, True])
+def test_an_embedding_hf_qat_cannot_quantize_is_named_before_any_uncovered_weight(uncovered):
+    """embedding_bits on an embedding with max_norm, or on a model without embeddings: the embedding's own
+    reason, also where another weight no rule covers would be refused (its refusal is the general one)."""
+    def model(**embedding):
+        m = tiny_llama()
+        if uncovered:
+            m.model.extra = torch.nn.Conv1d(4, 4, 1)
+        for key, value in embedding.items():
+            setattr(m.model.embed_tokens, key, value)
+        return m
+
+    with pytest.raises(QATModelError, match="max_norm or sparse gradients"):
+        prepare_model_for_qat(model(max_norm=1.0), QATConfig(embedding_bits=8, start=0))
+    no_embeddings = model()
+    no_embeddings.get_input_embeddings = no_embeddings.get_output_embeddings = lambda: None
+    no_embeddings.lm_head = torch.nn.Identity()
+    with pytest.raises(QATModelError, match="exposes no input or output embedding"):
+        prepare_model_for_qat(no_embeddings, QATConfig(embedding_bits=8, start=0))
+    if uncovered:  # without embedding_bits the extra weight is what is refused
+        with pytest.raises(QATModelError, match=r"model\.extra\.weight .*no rule to quantize"):
+            prepare_model_for_qat(model(), QATConfig(start=0))
+
+
 def test_preparing_again_with_another_config():
     model = prepare_model_for_qat(tiny_llama(), QATConfig(bits=4, start=0))
     assert prepare_model_for_qat(model, QATConfig(bits=4, start=0)) is model  # same config: no-op

@@ -16,6 +16,7 @@ dimensions (any module type, any shape) is a QATModelError naming it, never a si
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -106,45 +107,40 @@ def adapter_module_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-@dataclass(frozen=True)
 class _Survey:
-    """What selecting the targets reads of a model, gathered in one pass over it.
+    """What selecting the targets reads of a model, each read once (the input embedding and the parameter
+    names only when a rule asks for them).
 
     Attributes:
         modules: ``model.named_modules()`` (the root's name is "").
-        parameter_names: ``model.named_parameters()``'s names (what ``exclude_modules`` may also name).
         names: module name by ``id(module)``.
-        embedding, head: the input embedding and the LM head (None where the model has none).
-        adapters: ``id`` of every module PEFT adds inside its tuner layers (:func:`adapter_module_ids`).
+        stacks: the fused experts modules' 3-D weights by parameter name, by module name.
         routers: the MoE routers by module name (:func:`hf_qat.model.experts.router_modules`).
         router_names: every module name inside a router (the router itself and e.g. gemma4's ``router.proj``).
-        stacks: the fused experts modules' 3-D weights by parameter name, by module name.
+        head: the LM head (None where the model has none).
+        adapters: ``id`` of every module PEFT adds inside its tuner layers (:func:`adapter_module_ids`).
     """
 
-    modules: tuple[tuple[str, nn.Module], ...]
-    parameter_names: tuple[str, ...]
-    names: dict[int, str]
-    embedding: nn.Module | None
-    head: nn.Module | None
-    adapters: frozenset[int]
-    routers: dict[str, nn.Module]
-    router_names: frozenset[str]
-    stacks: dict[str, dict[str, nn.Parameter]]
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = tuple(model.named_modules())
+        self.names = {id(module): name for name, module in self.modules}
+        self.stacks = {name: fused_weights(module) for name, module in self.modules if is_fused_experts(module)}
+        self.routers = router_modules(model)
+        prefixes = [unwrapped_name(r) for r in self.routers]
+        self.router_names = {name for name, _ in self.modules if any(name == r or name.startswith(r + ".") for r in prefixes)}
+        self.head = output_embedding(model)
+        self.adapters = adapter_module_ids(model)
 
+    @functools.cached_property
+    def embedding(self) -> nn.Module | None:
+        """The input embedding (None where the model has none)."""
+        return input_embedding(self.model)
 
-def _survey(model: nn.Module) -> _Survey:
-    modules = tuple(model.named_modules())
-    stacks = {name: fused_weights(module) for name, module in modules if is_fused_experts(module)}
-    routers = router_modules(model)
-    prefixes = [unwrapped_name(r) for r in routers]
-    return _Survey(
-        modules=modules, parameter_names=tuple(n for n, _ in model.named_parameters()),
-        names={id(module): name for name, module in modules},
-        embedding=input_embedding(model), head=output_embedding(model),
-        adapters=frozenset(adapter_module_ids(model)), routers=routers,
-        router_names=frozenset(name for name, _ in modules if any(name == r or name.startswith(r + ".") for r in prefixes)),
-        stacks=stacks,
-    )
+    @functools.cached_property
+    def parameter_names(self) -> list[str]:
+        """``model.named_parameters()``'s names (what ``exclude_modules`` may also name)."""
+        return [name for name, _ in self.model.named_parameters()]
 
 
 # ---------------------------------------------------------------------------------------- finding
@@ -179,20 +175,21 @@ def _selected(targets: dict[str, WeightTarget], patterns: list[str]) -> dict[str
 
 
 def select_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTarget]:
-    """Every weight ``config`` quantizes, by weight name: :func:`find_targets`, then the check that no
-    floating weight is left uncovered, then the embeddings' (``embedding_bits`` or ``gguf_mix``; a tied
-    LM head ``tied_to`` its embedding). Raises QATModelError where the model and the config disagree."""
-    survey = _survey(model)
+    """Every weight ``config`` quantizes, by weight name: :func:`find_targets`, then the embeddings'
+    (``embedding_bits`` or ``gguf_mix``; a tied LM head ``tied_to`` its embedding), then the check that no
+    floating weight is left uncovered. Raises QATModelError where the model and the config disagree."""
+    survey = _Survey(model)
     targets = _found(survey, config)
+    embeddings = _embedding_targets(survey, config)
     _check_uncovered(survey, config, targets)
-    return {**targets, **_embedding_targets(survey, config)}
+    return {**targets, **embeddings}
 
 
 def find_targets(model: nn.Module, config: QATConfig) -> dict[str, WeightTarget]:
     """The weights ``config`` quantizes at ``config.bits``, by weight name (the LM head and the
     embeddings are handled by ``embedding_bits``). Raises QATModelError for entries that match
     nothing, for module types hf_qat cannot quantize and when nothing is left to quantize."""
-    return _found(_survey(model), config)
+    return _found(_Survey(model), config)
 
 
 def _found(survey: _Survey, config: QATConfig) -> dict[str, WeightTarget]:
@@ -207,7 +204,7 @@ def _found(survey: _Survey, config: QATConfig) -> dict[str, WeightTarget]:
             if not found:
                 raise QATModelError(_no_match_message(survey, pattern, "target_modules", suffixes))
             candidates.update(found)
-    names = [n for n, _ in survey.modules if n] + list(survey.parameter_names)
+    names = [n for n, _ in survey.modules if n] + survey.parameter_names if config.exclude_modules else []
     for pattern in config.exclude_modules or []:
         if not any(name_matches(unwrapped_name(n), pattern) for n in names):
             raise QATModelError(f"QATConfig.exclude_modules entry {pattern!r} matches no module or parameter of the "

@@ -101,6 +101,7 @@ def quantizer_units(model: nn.Module) -> Iterator[tuple[str, QuantizedWeight]]:
 
 
 def get_qat_config(model: nn.Module):
-    """The QATConfig a model was prepared with (None if it was not): its first unit's."""
-    unit = next((module for module in model.modules() if isinstance(module, WeightQuantizer)), None)
-    return None if unit is None else unit.config
+    """The QATConfig a model was prepared with (None if it was not)."""
+    for _, weight in quantized_weights(model):
+        return weight.weight_quantizer.config
+    return None
