@@ -112,6 +112,7 @@ class _Survey:
     names only when a rule asks for them).
 
     Attributes:
+        model: the surveyed model.
         modules: ``model.named_modules()`` (the root's name is "").
         names: module name by ``id(module)``.
         stacks: the fused experts modules' 3-D weights by parameter name, by module name.
@@ -204,7 +205,7 @@ def _found(survey: _Survey, config: QATConfig) -> dict[str, WeightTarget]:
             if not found:
                 raise QATModelError(_no_match_message(survey, pattern, "target_modules", suffixes))
             candidates.update(found)
-    names = [n for n, _ in survey.modules if n] + survey.parameter_names if config.exclude_modules else []
+    names = ([n for n, _ in survey.modules if n] + survey.parameter_names) if config.exclude_modules else []
     for pattern in config.exclude_modules or []:
         if not any(name_matches(unwrapped_name(n), pattern) for n in names):
             raise QATModelError(f"QATConfig.exclude_modules entry {pattern!r} matches no module or parameter of the "
