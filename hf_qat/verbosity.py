@@ -18,7 +18,7 @@ import sys
 LOGGER_NAME = "hf_qat"
 ENV_VAR = "HF_QAT_VERBOSITY"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
-          "critical": logging.CRITICAL}
+          "critical": logging.CRITICAL, "warn": logging.WARNING}  # "warn": logging's own alias of warning
 
 __all__ = ["ENV_VAR", "LEVELS", "get_verbosity", "set_verbosity"]
 
@@ -36,8 +36,6 @@ class _DefaultHandler(logging.StreamHandler):
 
 
 def _level(level: int | str, source: str) -> int:
-    if isinstance(level, str) and level.strip().lower() == "warn":  # logging's own alias of warning
-        level = "warning"
     if isinstance(level, str) and level.strip().lower() in LEVELS:
         return LEVELS[level.strip().lower()]
     if isinstance(level, int) and not isinstance(level, bool) and level in LEVELS.values():

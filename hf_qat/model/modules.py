@@ -32,8 +32,11 @@ def embedding_scale(embedding: nn.Embedding, name: str = "", advice: str = "") -
     """What ``embedding``'s forward multiplies the rows it looks up by: None for nn.Embedding's own forward; the
     one-element ``embed_scale`` of transformers' scaled word embeddings (Gemma 2 and 3: ``rows *
     embed_scale.to(weight dtype)``, sqrt(hidden)), checked on the module's own output. Raises QATModelError for
-    any other forward, which hf_qat could not reproduce (ending with ``advice``), and on the meta device, where
-    nothing can be checked (``name``: the module's, for the messages)."""
+    an embedding hf_qat cannot quantize: max_norm or sparse gradients, any other forward, which hf_qat could not
+    reproduce (ending with ``advice``), and the meta device, where nothing can be checked (``name``: the
+    module's, for the messages)."""
+    if embedding.max_norm is not None or embedding.sparse:
+        raise QATModelError(f"{name}: embeddings with max_norm or sparse gradients cannot be quantized by hf_qat")
     if type(embedding).forward is nn.Embedding.forward:
         return None
     scale = getattr(embedding, "embed_scale", None)
@@ -143,9 +146,7 @@ class QATEmbedding(QATWeightMixin, nn.Embedding):
         """A QATEmbedding holding ``embedding``'s own table Parameter (no copy) and ``unit``; a scaled word
         embedding (:func:`embedding_scale`) keeps its ``embed_scale``, which multiplies the (fake-quantized)
         rows, and :meth:`to_embedding` gives its class back."""
-        if embedding.max_norm is not None or embedding.sparse:
-            raise QATModelError(f"{unit.name}: embeddings with max_norm or sparse gradients cannot be quantized by hf_qat")
-        scale = embedding_scale(embedding)
+        scale = embedding_scale(embedding, unit.name)
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         for attr in _EMBEDDING_ATTRS:

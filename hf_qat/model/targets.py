@@ -290,8 +290,6 @@ def _embedding_targets(survey: _Survey, config: QATConfig) -> dict[str, WeightTa
         tied = [names.get(id(head), "lm_head")] if head is not None and head.weight is emb.weight else []
         embedding_scale(emb, name, f". hf_qat cannot quantize it ({setting}); keep it in float with "
                                    f"exclude_modules={[name, *tied]!r}")
-        if emb.max_norm is not None or emb.sparse:
-            raise QATModelError(f"{name}: embeddings with max_norm or sparse gradients cannot be quantized by hf_qat")
         out[name] = WeightTarget(name, name, emb, "weight", "embedding", embedding=True)
     if head is not None:
         name = names.get(id(head), "lm_head")
